@@ -1,0 +1,60 @@
+"""Problem plug-ins, found through the entry-point group ``qd.problems``.
+
+A third-party package registers its problems in its own ``pyproject.toml``::
+
+    [project.entry-points."qd.problems"]
+    my-problem = "my_package.module:MyProblem"
+"""
+
+from __future__ import annotations
+
+import inspect
+from importlib.metadata import entry_points
+from typing import Any
+
+from qd.problem import Problem
+
+GROUP = "qd.problems"
+
+
+def _entry_points() -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=GROUP)}
+
+
+def problem_names() -> list[str]:
+    return sorted(_entry_points())
+
+
+def problem_class(name: str) -> type[Problem]:
+    eps = _entry_points()
+    if name not in eps:
+        raise ValueError(f"problem {name!r} is not registered; registered problems: {sorted(eps)}")
+    cls = eps[name].load()
+    if not (inspect.isclass(cls) and issubclass(cls, Problem)):
+        raise TypeError(f"entry point {name!r} ({eps[name].value}) is not a qd.Problem subclass")
+    return cls
+
+
+def get_problem(name: str, **options: Any) -> Problem:
+    """Build a registered problem; unknown options are rejected with the allowed ones."""
+    cls = problem_class(name)
+    params = inspect.signature(cls.__init__).parameters
+    allowed = [p for p in params if p != "self" and params[p].kind in (params[p].KEYWORD_ONLY, params[p].POSITIONAL_OR_KEYWORD)]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        raise ValueError(f"problem {name!r}: unknown option(s) {unknown}; allowed options: {allowed}")
+    problem = cls(**options)
+    problem.name = name
+    problem.options = dict(options)
+    return problem
+
+
+def list_problems() -> list[dict[str, Any]]:
+    """One description per registered problem; a plug-in that fails to load is listed with its error."""
+    out = []
+    for name in problem_names():
+        try:
+            out.append(get_problem(name).describe())
+        except Exception as e:  # a broken plug-in must not hide the others
+            out.append({"name": name, "error": f"{type(e).__name__}: {e}"})
+    return out

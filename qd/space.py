@@ -1,0 +1,348 @@
+"""Configuration spaces: typed parameters, conditions, and the [0, 1]^d encoding.
+
+Every parameter owns exactly one coordinate of the encoded vector, whatever its type, so a
+space of ``d`` parameters is always searched as the unit cube ``[0, 1]^d``:
+
+- ``Float``: linear, or logarithmic when ``log=True``; ``encode`` is the position in the range.
+- ``Int``: the range is cut into ``high - low + 1`` equal bins (on a log scale when ``log=True``);
+  decoding takes the bin, encoding returns the bin's centre.
+- ``Categorical`` (and ``Bool``): *ordinal index* encoding, ``n`` equal bins in choice order.
+  Index rather than one-hot keeps ``d`` fixed and small for pyribs emitters and lets BoTorch
+  treat the coordinate as a categorical feature (see ``categorical_dims``).
+- A parameter that is inactive (its condition does not hold) encodes to 0.5 and is dropped when
+  decoding, so any vector decodes to a valid configuration.
+
+``decode(encode(c)) == c`` for every valid configuration ``c``; ``snap(x)`` maps any vector to the
+vector of the configuration it decodes to.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+
+Config = dict[str, Any]
+Scalar = bool | int | float | str | None
+
+INACTIVE = 0.5
+
+
+class SpaceError(ValueError):
+    """A configuration or a space definition that breaks the rules; the message says how."""
+
+
+@dataclass(frozen=True)
+class Param(ABC):
+    """One named parameter. ``active_if`` maps parent names to the parent values that activate it."""
+
+    name: str
+    active_if: Mapping[str, Sequence[Scalar]] = field(default_factory=dict, kw_only=True)
+
+    @abstractmethod
+    def check(self, value: Any) -> Any:
+        """Return ``value`` normalised to this parameter's type, or raise ``SpaceError``."""
+
+    @abstractmethod
+    def encode(self, value: Any) -> float:
+        """Map a valid value into [0, 1]."""
+
+    @abstractmethod
+    def decode(self, u: float) -> Any:
+        """Map any number (clipped to [0, 1]) to a valid value."""
+
+    @abstractmethod
+    def distribution(self) -> BaseDistribution:
+        """The equivalent Optuna distribution."""
+
+    @abstractmethod
+    def allowed(self) -> str:
+        """Human description of the allowed values, for error messages."""
+
+    def _reject(self, value: Any) -> SpaceError:
+        return SpaceError(f"parameter {self.name!r}: value {value!r} is not allowed; allowed: {self.allowed()}")
+
+
+def _clip01(u: float) -> float:
+    return min(max(float(u), 0.0), 1.0)
+
+
+@dataclass(frozen=True)
+class Float(Param):
+    low: float
+    high: float
+    log: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.low < self.high:
+            raise SpaceError(f"parameter {self.name!r}: low={self.low} must be < high={self.high}")
+        if self.log and self.low <= 0:
+            raise SpaceError(f"parameter {self.name!r}: log scale needs low > 0, got low={self.low}")
+
+    def check(self, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise self._reject(value)
+        v = float(value)
+        if not (self.low <= v <= self.high):
+            raise self._reject(value)
+        return v
+
+    def _t(self, v: float) -> float:
+        return math.log(v) if self.log else v
+
+    def encode(self, value: Any) -> float:
+        lo, hi = self._t(self.low), self._t(self.high)
+        return _clip01((self._t(float(value)) - lo) / (hi - lo))
+
+    def decode(self, u: float) -> float:
+        lo, hi = self._t(self.low), self._t(self.high)
+        v = lo + _clip01(u) * (hi - lo)
+        v = math.exp(v) if self.log else v
+        return min(max(v, self.low), self.high)
+
+    def distribution(self) -> FloatDistribution:
+        return FloatDistribution(self.low, self.high, log=self.log)
+
+    def allowed(self) -> str:
+        return f"a float in [{self.low}, {self.high}]" + (" (log scale)" if self.log else "")
+
+
+@dataclass(frozen=True)
+class Int(Param):
+    low: int
+    high: int
+    log: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.low <= self.high:
+            raise SpaceError(f"parameter {self.name!r}: low={self.low} must be <= high={self.high}")
+        if self.log and self.low <= 0:
+            raise SpaceError(f"parameter {self.name!r}: log scale needs low > 0, got low={self.low}")
+
+    def check(self, value: Any) -> int:
+        if isinstance(value, bool):
+            raise self._reject(value)
+        if isinstance(value, (float, np.floating)) and float(value).is_integer():
+            value = int(value)
+        if not isinstance(value, (int, np.integer)) or not (self.low <= value <= self.high):
+            raise self._reject(value)
+        return int(value)
+
+    # Bins are equal in t-space, with edges at t(v -/+ 0.5) so every integer gets a bin.
+    def _edges(self) -> tuple[float, float]:
+        if self.log:
+            return math.log(self.low - 0.5) if self.low > 0.5 else math.log(0.5), math.log(self.high + 0.5)
+        return self.low - 0.5, self.high + 0.5
+
+    def encode(self, value: Any) -> float:
+        lo, hi = self._edges()
+        t = math.log(value) if self.log else float(value)
+        return _clip01((t - lo) / (hi - lo))
+
+    def decode(self, u: float) -> int:
+        lo, hi = self._edges()
+        t = lo + _clip01(u) * (hi - lo)
+        v = math.exp(t) if self.log else t
+        return int(min(max(round(v), self.low), self.high))
+
+    def distribution(self) -> IntDistribution:
+        return IntDistribution(self.low, self.high, log=self.log)
+
+    def allowed(self) -> str:
+        return f"an integer in [{self.low}, {self.high}]" + (" (log scale)" if self.log else "")
+
+
+@dataclass(frozen=True)
+class Categorical(Param):
+    choices: tuple[Scalar, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "choices", tuple(self.choices))
+        if len(self.choices) < 1:
+            raise SpaceError(f"parameter {self.name!r}: needs at least one choice")
+        if len(set(map(repr, self.choices))) != len(self.choices):
+            raise SpaceError(f"parameter {self.name!r}: choices {self.choices!r} repeat a value")
+
+    def index(self, value: Any) -> int:
+        for i, c in enumerate(self.choices):
+            if type(c) is type(value) and c == value:
+                return i
+        # Accept numpy scalars and ints for float choices, but never bools for ints (True == 1).
+        if not isinstance(value, bool):
+            for i, c in enumerate(self.choices):
+                if not isinstance(c, bool) and isinstance(c, (int, float)) and isinstance(value, (int, float, np.number)) and c == value:
+                    return i
+        raise self._reject(value)
+
+    def check(self, value: Any) -> Scalar:
+        return self.choices[self.index(value)]
+
+    def encode(self, value: Any) -> float:
+        return (self.index(value) + 0.5) / len(self.choices)
+
+    def decode(self, u: float) -> Scalar:
+        return self.choices[min(int(_clip01(u) * len(self.choices)), len(self.choices) - 1)]
+
+    def distribution(self) -> CategoricalDistribution:
+        return CategoricalDistribution(self.choices)
+
+    def allowed(self) -> str:
+        return f"one of {list(self.choices)!r}"
+
+
+def Bool(name: str, **kw: Any) -> Categorical:  # noqa: N802 - reads like the other parameter types
+    """A boolean parameter: a categorical over (False, True)."""
+    return Categorical(name, (False, True), **kw)
+
+
+class Space:
+    """An ordered set of parameters; parents come before the parameters they condition."""
+
+    def __init__(self, params: Sequence[Param]):
+        self.params: tuple[Param, ...] = tuple(params)
+        self._by_name: dict[str, Param] = {}
+        for p in self.params:
+            if p.name in self._by_name:
+                raise SpaceError(f"parameter {p.name!r} is defined twice")
+            for parent, values in p.active_if.items():
+                if parent not in self._by_name:
+                    raise SpaceError(
+                        f"parameter {p.name!r}: condition parent {parent!r} must be defined before it; "
+                        f"defined so far: {list(self._by_name)}"
+                    )
+                for v in values:
+                    self._by_name[parent].check(v)
+            self._by_name[p.name] = p
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def __iter__(self):
+        return iter(self.params)
+
+    def __getitem__(self, name: str) -> Param:
+        return self._by_name[name]
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+    @property
+    def dim(self) -> int:
+        return len(self.params)
+
+    @property
+    def is_conditional(self) -> bool:
+        return any(p.active_if for p in self.params)
+
+    def is_active(self, param: Param, config: Mapping[str, Any]) -> bool:
+        for parent, values in param.active_if.items():
+            if parent not in config or not self.is_active(self._by_name[parent], config):
+                return False
+            parent_param = self._by_name[parent]
+            if parent_param.check(config[parent]) not in [parent_param.check(v) for v in values]:
+                return False
+        return True
+
+    def validate(self, config: Mapping[str, Any]) -> Config:
+        """Return the normalised configuration, or raise ``SpaceError`` naming the parameter."""
+        if not isinstance(config, Mapping):
+            raise SpaceError(f"a configuration must be a mapping of parameter names to values, got {config!r}")
+        unknown = sorted(set(config) - set(self._by_name))
+        if unknown:
+            raise SpaceError(f"unknown parameter(s) {unknown}; the space has {self.names}")
+        out: Config = {}
+        for p in self.params:
+            active = self.is_active(p, out)
+            if not active:
+                if p.name in config:
+                    cond = ", ".join(f"{k} in {list(v)!r}" for k, v in p.active_if.items())
+                    raise SpaceError(f"parameter {p.name!r} is given but inactive: it is active only when {cond}")
+                continue
+            if p.name not in config:
+                raise SpaceError(f"parameter {p.name!r} is missing; allowed: {p.allowed()}")
+            out[p.name] = p.check(config[p.name])
+        return out
+
+    def encode(self, config: Mapping[str, Any]) -> np.ndarray:
+        """Config -> vector of shape (d,) in [0, 1]."""
+        config = self.validate(config)
+        return np.array([p.encode(config[p.name]) if p.name in config else INACTIVE for p in self.params])
+
+    def encode_many(self, configs: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """Configs -> array of shape (n, d)."""
+        return np.array([self.encode(c) for c in configs]).reshape(len(configs), self.dim)
+
+    def decode(self, x: Sequence[float]) -> Config:
+        """Vector of shape (d,) (values outside [0, 1] are clipped) -> valid config."""
+        x = np.asarray(x, dtype=float).reshape(-1)
+        if x.shape[0] != self.dim:
+            raise SpaceError(f"a vector for this space has length {self.dim}, got {x.shape[0]}")
+        out: Config = {}
+        for p, u in zip(self.params, x):
+            if self.is_active(p, out):
+                out[p.name] = p.decode(u)
+        return out
+
+    def decode_many(self, X: np.ndarray) -> list[Config]:
+        """Array of shape (n, d) -> list of n configs."""
+        return [self.decode(x) for x in np.atleast_2d(X)]
+
+    def snap(self, X: np.ndarray) -> np.ndarray:
+        """Array (n, d) -> array (n, d) of the vectors of the configurations they decode to."""
+        return self.encode_many(self.decode_many(X))
+
+    def sample(self, n: int, rng: np.random.Generator) -> list[Config]:
+        return self.decode_many(rng.random((n, self.dim)))
+
+    # --- Optuna -------------------------------------------------------------------------
+    def distributions(self) -> dict[str, BaseDistribution]:
+        return {p.name: p.distribution() for p in self.params}
+
+    def suggest(self, trial: optuna.Trial) -> Config:
+        """Define-by-run suggestion: only active parameters are suggested, in order."""
+        out: Config = {}
+        for p in self.params:
+            if self.is_active(p, out):
+                d = p.distribution()
+                if isinstance(d, FloatDistribution):
+                    out[p.name] = trial.suggest_float(p.name, d.low, d.high, log=d.log)
+                elif isinstance(d, IntDistribution):
+                    out[p.name] = trial.suggest_int(p.name, d.low, d.high, log=d.log)
+                else:
+                    out[p.name] = trial.suggest_categorical(p.name, d.choices)
+        return out
+
+    def active_distributions(self, config: Mapping[str, Any]) -> dict[str, BaseDistribution]:
+        return {p.name: p.distribution() for p in self.params if p.name in config}
+
+    # --- structure for vector optimisers ---------------------------------------------------
+    @property
+    def categorical_dims(self) -> dict[int, int]:
+        """Index of each categorical coordinate -> its number of choices."""
+        return {i: len(p.choices) for i, p in enumerate(self.params) if isinstance(p, Categorical)}
+
+    @property
+    def integer_dims(self) -> dict[int, int]:
+        """Index of each integer coordinate -> its number of values."""
+        return {i: p.high - p.low + 1 for i, p in enumerate(self.params) if isinstance(p, Int)}
+
+    def describe(self) -> list[dict[str, Any]]:
+        rows = []
+        for p in self.params:
+            row = {"name": p.name, "type": type(p).__name__.lower(), "allowed": p.allowed()}
+            if p.active_if:
+                row["active_if"] = {k: list(v) for k, v in p.active_if.items()}
+            rows.append(row)
+        return rows
