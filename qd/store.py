@@ -178,6 +178,10 @@ class Store:
         trial.metadata = dict(metadata or {})
         return trial
 
+    def update_metadata(self, trial: Trial, metadata: dict[str, Any]) -> None:
+        self._storage.set_trial_user_attr(trial._id, "metadata", _jsonable(metadata))
+        trial.metadata = dict(metadata)
+
     def set_attr(self, key: str, value: Any) -> None:
         """Store run-level data (e.g. metric history) as a study user attribute."""
         self.study.set_user_attr(key, _jsonable(value))

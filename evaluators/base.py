@@ -1,0 +1,73 @@
+"""Evaluators: where evaluations run. One interface for in-process, process-pool and Ray.
+
+The run loop submits ``Job``s and collects ``Outcome``s as they finish, in any order. An
+evaluator never raises for a failing evaluation: exceptions, timeouts, crashed workers and
+out-of-memory all come back as an ``Outcome`` with ``error`` set and a ``kind`` that says which.
+"""
+
+from __future__ import annotations
+
+import traceback
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from qd.problem import Evaluation, Problem
+from qd.space import Config
+
+FailureKind = Literal["exception", "timeout", "crash", "oom", "system"]
+
+
+@dataclass(frozen=True)
+class Job:
+    key: int  # the trial number
+    config: Config
+    seed: int
+
+
+@dataclass
+class Outcome:
+    key: int
+    evaluation: Evaluation | None = None
+    error: str | None = None
+    kind: FailureKind | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)  # wall_time_s, worker, peak_rss_mb, ...
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def error_text(exc: BaseException, limit: int = 2000) -> str:
+    """The exception line first, then the end of its traceback (where the cause usually is)."""
+    tb = "".join(traceback.format_exception(exc))
+    head = f"{type(exc).__name__}: {exc}"
+    return head if len(tb) <= len(head) else f"{head}\n{tb[-limit:]}"
+
+
+class Evaluator(ABC):
+    """Runs up to ``workers`` evaluations at once."""
+
+    name = ""
+
+    @abstractmethod
+    def start(self, problem: Problem, workers: int, timeout_s: float | None = None) -> None:
+        """Prepare workers for ``problem``. ``timeout_s`` bounds one evaluation (None: no bound)."""
+
+    @abstractmethod
+    def submit(self, job: Job) -> None:
+        """Start an evaluation; returns at once."""
+
+    @abstractmethod
+    def wait(self, timeout: float | None = None) -> list[Outcome]:
+        """Block until at least one evaluation finishes (or ``timeout`` seconds); return those finished."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop every worker and abandon unfinished evaluations."""
+
+    def __enter__(self) -> Evaluator:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,201 @@
+"""``process``: a pool of long-lived worker processes on this machine.
+
+Workers stay alive between evaluations, so a problem's lazy caches (a loaded model, tokenised
+data, embeddings) are paid for once per worker. Each worker runs one evaluation at a time; the
+driver watches its pipe and its process sentinel, so that:
+
+- an exception (or ``MemoryError`` under the memory limit) comes back as a failed outcome;
+- an evaluation past its timeout is ended by killing the worker, which is then replaced;
+- a worker that dies (segfault, ``os._exit``, the kernel's OOM killer) is reported with its exit
+  code or signal, and replaced.
+
+Workers are started with ``spawn`` (no fork of a driver that may hold threads) and limit
+BLAS/OpenMP/torch to ``threads`` threads each: on a few shared cores, oversubscription costs
+more than it gives.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait as wait_any
+from typing import Any
+
+from evaluators.base import Evaluator, Job, Outcome, error_text
+from qd.problem import Problem
+
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "QD_TORCH_THREADS")
+
+
+def _worker_main(conn: Connection, problem_bytes: bytes, memory_mb: int | None, threads: int) -> None:
+    for var in _THREAD_VARS:
+        os.environ[var] = str(threads)
+    if memory_mb:
+        import resource
+
+        limit = int(memory_mb) * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    problem = pickle.loads(problem_bytes)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:
+        pass
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, KeyboardInterrupt):
+            return
+        if job is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            evaluation = problem.evaluate(job.config, job.seed)
+            reply: tuple[Any, ...] = ("ok", job.key, evaluation)
+        except MemoryError as e:
+            reply = ("oom", job.key, error_text(e))
+        except BaseException as e:  # noqa: BLE001 - everything the evaluation raises is its failure
+            reply = ("exception", job.key, error_text(e))
+        meta = {"wall_time_s": time.perf_counter() - t0, "worker_pid": os.getpid(), "peak_rss_mb": _peak_rss_mb()}
+        try:
+            conn.send((*reply, meta))
+        except Exception as e:  # an unpicklable result
+            conn.send(("exception", job.key, f"result could not be sent back: {error_text(e)}", meta))
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "worker process died"
+    if code < 0:
+        name = signal.Signals(-code).name
+        hint = " (killed: often the out-of-memory killer)" if -code == signal.SIGKILL else ""
+        return f"worker process died with signal {name}{hint}"
+    return f"worker process exited with code {code} during the evaluation"
+
+
+@dataclass
+class _Worker:
+    process: mp.Process
+    conn: Connection
+    job: Job | None = None
+    started: float = 0.0
+
+
+class ProcessPoolEvaluator(Evaluator):
+    name = "process"
+
+    def __init__(self, threads: int = 1):
+        self.threads = threads
+        self._ctx = mp.get_context("spawn")
+        self._workers: list[_Worker] = []
+        self._queue: deque[Job] = deque()
+        self._problem_bytes = b""
+        self._memory_mb: int | None = None
+        self._timeout_s: float | None = None
+        self._size = 0
+
+    def start(self, problem: Problem, workers: int, timeout_s: float | None = None) -> None:
+        self._problem_bytes = pickle.dumps(problem)
+        # A memory cap on the address space breaks CUDA's large virtual reservations.
+        self._memory_mb = problem.resources.memory_mb if not problem.resources.gpus else None
+        self._timeout_s = timeout_s if timeout_s is not None else problem.resources.timeout_s
+        self._size = workers
+
+    def _spawn(self) -> _Worker:
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_worker_main, args=(child, self._problem_bytes, self._memory_mb, self.threads),
+                                 daemon=True)
+        proc.start()
+        child.close()
+        return _Worker(proc, parent)
+
+    def _dispatch(self) -> None:
+        while self._queue:
+            idle = next((w for w in self._workers if w.job is None), None)
+            if idle is None:
+                if len(self._workers) >= self._size:
+                    return
+                idle = self._spawn()
+                self._workers.append(idle)
+            job = self._queue.popleft()
+            idle.job, idle.started = job, time.monotonic()
+            idle.conn.send(job)
+
+    def submit(self, job: Job) -> None:
+        self._queue.append(job)
+        self._dispatch()
+
+    def _retire(self, worker: _Worker) -> None:
+        if worker.process.is_alive():
+            worker.process.kill()
+        worker.process.join(timeout=5)
+        worker.conn.close()
+        self._workers.remove(worker)
+
+    def wait(self, timeout: float | None = None) -> list[Outcome]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            busy = [w for w in self._workers if w.job is not None]
+            if not busy:
+                return []
+            now = time.monotonic()
+            horizon = [deadline] if deadline is not None else []
+            if self._timeout_s is not None:
+                horizon += [w.started + self._timeout_s for w in busy]
+            block = max(0.0, min(horizon) - now) if horizon else None
+            ready = set(wait_any([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=block))
+            outcomes = []
+            for w in busy:
+                job = w.job
+                if w.conn in ready:
+                    try:
+                        status, key, payload, meta = w.conn.recv()
+                    except (EOFError, OSError):  # died while sending
+                        w.process.join(timeout=5)
+                        outcomes.append(Outcome(job.key, error=_describe_exit(w.process.exitcode), kind="crash"))
+                        self._retire(w)
+                        continue
+                    w.job = None
+                    if status == "ok":
+                        outcomes.append(Outcome(key, evaluation=payload, metadata=meta))
+                    else:
+                        outcomes.append(Outcome(key, error=payload, kind=status, metadata=meta))
+                elif w.process.sentinel in ready:
+                    w.process.join(timeout=5)
+                    elapsed = time.monotonic() - w.started
+                    outcomes.append(Outcome(job.key, error=_describe_exit(w.process.exitcode), kind="crash",
+                                            metadata={"wall_time_s": elapsed}))
+                    self._retire(w)
+                elif self._timeout_s is not None and time.monotonic() - w.started >= self._timeout_s:
+                    outcomes.append(Outcome(job.key, error=f"timeout: evaluation exceeded {self._timeout_s:g} s and was killed",
+                                            kind="timeout", metadata={"wall_time_s": time.monotonic() - w.started}))
+                    self._retire(w)
+            self._dispatch()
+            if outcomes:
+                return outcomes
+            if deadline is not None and time.monotonic() >= deadline:
+                return []
+
+    def close(self) -> None:
+        for w in list(self._workers):
+            if w.job is None and w.process.is_alive():
+                try:
+                    w.conn.send(None)
+                except OSError:
+                    pass
+        for w in list(self._workers):
+            w.process.join(timeout=2 if w.job is None else 0)
+            self._retire(w)
+        self._queue.clear()

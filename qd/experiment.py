@@ -1,0 +1,137 @@
+"""Experiment files (TOML) and their validation, done before any evaluation starts.
+
+```toml
+[run]
+name = "quickstart"            # the Optuna study name
+storage = "sqlite:///qd.db"    # any Optuna storage URL
+budget = 60                    # finished evaluations
+workers = 2                    # evaluations in flight
+evaluator = "process"          # inprocess | process | ray
+seed = 0
+time_limit_s = 600             # optional wall-time limit
+timeout_s = 120                # optional per-evaluation timeout
+
+[problem]
+name = "zdt1"
+options = { dim = 6 }          # or a [problem.options] table
+
+[strategy]
+name = "tpe"
+options = {}
+
+[evaluator]
+options = {}                   # e.g. { address = "auto" } for ray
+```
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_STORAGE = "sqlite:///qd.db"
+
+
+class ExperimentError(ValueError):
+    """An experiment file or flag that is wrong; the message names field, value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    problem: str
+    name: str = ""
+    storage: str = DEFAULT_STORAGE
+    budget: int = 100
+    workers: int = 1
+    evaluator: str = "process"
+    seed: int = 0
+    time_limit_s: float | None = None
+    timeout_s: float | None = None
+    resume: bool = False
+    progress: bool = True
+    strategy: str = "random"
+    problem_options: dict[str, Any] = field(default_factory=dict)
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    evaluator_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.problem}-{self.strategy}-s{self.seed}"
+
+    def with_overrides(self, **overrides: Any) -> Experiment:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+_RUN_KEYS = {"name": str, "storage": str, "budget": int, "workers": int, "evaluator": str, "seed": int,
+             "time_limit_s": float, "timeout_s": float, "resume": bool, "progress": bool}
+_ALLOWED_TEXT = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table"}
+
+
+def _typed(where: str, value: Any, kind: type) -> Any:
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok, value = True, float(value)
+    if not ok:
+        raise ExperimentError(f"{where} = {value!r} is not allowed; allowed: {_ALLOWED_TEXT[kind]}")
+    return value
+
+
+def _section(doc: dict[str, Any], name: str, keys: dict[str, type], source: str) -> dict[str, Any]:
+    table = doc.get(name, {})
+    if not isinstance(table, dict):
+        raise ExperimentError(f"{source}: [{name}] = {table!r} is not allowed; allowed: a table")
+    unknown = sorted(set(table) - set(keys))
+    if unknown:
+        raise ExperimentError(f"{source}: [{name}] has unknown key(s) {unknown}; allowed keys: {sorted(keys)}")
+    return {k: _typed(f"{source}: [{name}].{k}", v, keys[k]) for k, v in table.items()}
+
+
+def load(path: str | Path) -> Experiment:
+    """Read and check an experiment file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExperimentError(f"experiment file {str(path)!r} does not exist")
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ExperimentError(f"{path}: not valid TOML: {e}") from None
+    return from_dict(doc, source=str(path))
+
+
+def from_dict(doc: dict[str, Any], source: str = "experiment") -> Experiment:
+    unknown = sorted(set(doc) - {"run", "problem", "strategy", "evaluator"})
+    if unknown:
+        raise ExperimentError(f"{source}: unknown section(s) {unknown}; allowed: [run], [problem], [strategy], [evaluator]")
+    run = _section(doc, "run", _RUN_KEYS, source)
+    problem = _section(doc, "problem", {"name": str, "options": dict}, source)
+    strategy = _section(doc, "strategy", {"name": str, "options": dict}, source)
+    evaluator = _section(doc, "evaluator", {"name": str, "options": dict}, source)
+    if "name" not in problem:
+        raise ExperimentError(f"{source}: [problem].name is missing; allowed: a registered problem (see `qd problems`)")
+    if "name" in evaluator:
+        if "evaluator" in run and run["evaluator"] != evaluator["name"]:
+            raise ExperimentError(f"{source}: [run].evaluator and [evaluator].name disagree")
+        run["evaluator"] = evaluator["name"]
+    return Experiment(problem=problem["name"], problem_options=problem.get("options", {}),
+                      strategy=strategy.get("name", "random"), strategy_options=strategy.get("options", {}),
+                      evaluator_options=evaluator.get("options", {}), **run)
+
+
+def check(exp: Experiment) -> None:
+    """Value checks that need no imports of plug-ins (those are checked when built)."""
+    if exp.budget < 1:
+        raise ExperimentError(f"budget = {exp.budget} is not allowed; allowed: an integer >= 1")
+    if exp.workers < 1:
+        raise ExperimentError(f"workers = {exp.workers} is not allowed; allowed: an integer >= 1")
+    for name in ("time_limit_s", "timeout_s"):
+        v = getattr(exp, name)
+        if v is not None and v <= 0:
+            raise ExperimentError(f"{name} = {v} is not allowed; allowed: a number of seconds > 0")
+    if "://" not in exp.storage:
+        raise ExperimentError(f"storage = {exp.storage!r} is not allowed; allowed: an Optuna storage URL such as "
+                              f"'sqlite:///qd.db' or 'postgresql://user:pass@host/db'")
+
+
+__all__ = ["Experiment", "ExperimentError", "load", "from_dict", "check", "DEFAULT_STORAGE"]

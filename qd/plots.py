@@ -1,0 +1,94 @@
+"""Plots a person looks at: Pareto fronts and hypervolume history (PNG, matplotlib)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from qd.problem import Problem  # noqa: E402
+from qd.results import hypervolume_history, pareto_trials, reference_point  # noqa: E402
+from qd.store import Store, Trial  # noqa: E402
+
+
+def pareto_figure(trials: Sequence[Trial], names: Sequence[str], directions: Sequence[str], title: str = "") -> plt.Figure:
+    """2 objectives: scatter with the front as a step line; 3: 3-D scatter; more: parallel coordinates."""
+    done = [t for t in trials if t.state == "complete"]
+    front = pareto_trials(done, directions)
+    Y = np.array([t.values for t in done]) if done else np.empty((0, len(names)))
+    F = np.array([t.values for t in front]) if front else np.empty((0, len(names)))
+    m = len(names)
+    if m == 2:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        ax.scatter(Y[:, 0], Y[:, 1], s=12, c="lightgray", label="evaluated")
+        if len(F):
+            order = np.argsort(F[:, 0])
+            ax.step(F[order, 0], F[order, 1], where="post" if directions[0] == directions[1] else "pre",
+                    color="C0", lw=1)
+            ax.scatter(F[:, 0], F[:, 1], s=24, c="C0", label=f"Pareto set ({len(F)})")
+        ax.set_xlabel(f"{names[0]} ({directions[0][:3]})")
+        ax.set_ylabel(f"{names[1]} ({directions[1][:3]})")
+        ax.legend()
+    elif m == 3:
+        fig = plt.figure(figsize=(6, 5))
+        ax = fig.add_subplot(projection="3d")
+        ax.scatter(*Y.T, s=8, c="lightgray", label="evaluated")
+        if len(F):
+            ax.scatter(*F.T, s=20, c="C0", label=f"Pareto set ({len(F)})")
+        ax.set_xlabel(names[0]), ax.set_ylabel(names[1]), ax.set_zlabel(names[2])
+        ax.legend()
+    else:
+        fig, ax = plt.subplots(figsize=(1.6 * m + 2, 4.5))
+        lo, hi = Y.min(axis=0), Y.max(axis=0)
+        scale = np.where(hi > lo, hi - lo, 1.0)
+        for row in (Y - lo) / scale:
+            ax.plot(range(m), row, color="lightgray", lw=0.5)
+        for row in (F - lo) / scale:
+            ax.plot(range(m), row, color="C0", lw=1.2)
+        ax.set_xticks(range(m), [f"{n}\n({d[:3]})" for n, d in zip(names, directions)])
+        ax.set_ylabel("normalised value (0 = min seen, 1 = max seen)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def hypervolume_figure(counts: np.ndarray, hvs: np.ndarray, reference: Sequence[float], title: str = "") -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(counts, hvs, color="C0")
+    ax.set_xlabel("finished evaluations")
+    ax.set_ylabel(f"hypervolume (reference {tuple(round(r, 4) for r in reference)})")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_run(store: Store, problem: Problem | None, out: str | Path) -> list[Path]:
+    """Write the run's standard figures into ``out``; return their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    trials = store.trials()
+    names = store.study.metric_names or [f"objective_{i}" for i in range(len(store.study.directions))]
+    directions = [d.name.lower() for d in store.study.directions]
+    title = f"{store.info.name}: {store.info.problem} / {store.info.strategy}"
+    written = []
+    fig = pareto_figure(trials, names, directions, title)
+    written.append(_save(fig, out / "pareto_front.png"))
+    ref = reference_point(problem, trials, directions)
+    if ref is not None:
+        counts, hvs = hypervolume_history(trials, directions, ref.point)
+        written.append(_save(hypervolume_figure(counts, hvs, ref.point, title), out / "hypervolume.png"))
+    return written
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

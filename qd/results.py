@@ -1,0 +1,108 @@
+"""Pareto sets and hypervolume from recorded trials (moocore's routines; nothing re-written)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import moocore
+import numpy as np
+
+from qd.problem import Problem
+from qd.store import Store, Trial
+
+
+def _minimised(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
+    """(n, m) objective values -> (n, m) values to minimise."""
+    signs = np.array([1.0 if d == "minimize" else -1.0 for d in directions])
+    return values * signs
+
+
+def feasible(trials: Sequence[Trial]) -> list[Trial]:
+    return [t for t in trials if t.feasible]
+
+
+def pareto_trials(trials: Sequence[Trial], directions: Sequence[str]) -> list[Trial]:
+    """The non-dominated trials among the complete, feasible ones (duplicates of a point kept once)."""
+    ok = feasible(trials)
+    if not ok:
+        return []
+    Y = _minimised(np.array([t.values for t in ok]), directions)
+    mask = moocore.is_nondominated(Y)
+    seen, out = set(), []
+    for t, keep in zip(ok, mask):
+        if keep and tuple(t.values) not in seen:
+            seen.add(tuple(t.values))
+            out.append(t)
+    return out
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A hypervolume reference point in objective units, and where it came from."""
+
+    point: tuple[float, ...]
+    source: str  # "problem" or "data"
+
+
+def reference_point(problem: Problem | None, trials: Sequence[Trial], directions: Sequence[str]) -> Reference | None:
+    """The problem's declared point, else the worst feasible value per objective pushed 10% of the range out."""
+    if problem is not None and problem.reference_point is not None:
+        return Reference(tuple(float(v) for v in problem.reference_point), "problem")
+    ok = feasible(trials)
+    if not ok:
+        return None
+    Y = _minimised(np.array([t.values for t in ok]), directions)
+    worst, best = Y.max(axis=0), Y.min(axis=0)
+    span = np.where(worst > best, worst - best, np.maximum(np.abs(worst), 1.0))
+    ref_min = worst + 0.1 * span
+    return Reference(tuple(float(v) for v in _minimised(ref_min[None, :], directions)[0]), "data")
+
+
+def hypervolume(values: np.ndarray, directions: Sequence[str], reference: Sequence[float]) -> float:
+    """Hypervolume of (n, m) objective values against ``reference`` (points beyond it add nothing)."""
+    values = np.asarray(values, dtype=float).reshape(-1, len(directions))
+    Y = _minimised(values, directions)
+    ref = _minimised(np.asarray(reference, dtype=float)[None, :], directions)[0]
+    Y = Y[np.all(Y < ref, axis=1)]
+    if len(Y) == 0:
+        return 0.0
+    return float(moocore.hypervolume(Y, ref=ref))
+
+
+def hypervolume_history(trials: Sequence[Trial], directions: Sequence[str], reference: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Hypervolume after each finished evaluation: (k,) evaluation counts and (k,) hypervolumes."""
+    counts, hvs, points = [], [], []
+    finished = [t for t in trials if t.finished]
+    for i, t in enumerate(finished, start=1):
+        if t.feasible:
+            points.append(t.values)
+        counts.append(i)
+        hvs.append(hypervolume(np.array(points), directions, reference) if points else 0.0)
+    return np.array(counts), np.array(hvs)
+
+
+def summary(store: Store, problem: Problem | None = None) -> dict[str, Any]:
+    """What ``qd show --json`` prints."""
+    trials = store.trials()
+    directions = [d.name.lower() for d in store.study.directions]
+    front = pareto_trials(trials, directions)
+    ref = reference_point(problem, trials, directions)
+    hv = hypervolume(np.array([t.values for t in front]), directions, ref.point) if (ref and front) else None
+    return {
+        "name": store.info.name,
+        "problem": store.info.problem,
+        "problem_options": store.info.problem_options,
+        "strategy": store.info.strategy,
+        "strategy_options": store.info.strategy_options,
+        "seed": store.info.seed,
+        "objectives": [{"name": n, "direction": d} for n, d in zip(store.study.metric_names or [], directions)],
+        **store.counts(),
+        "pareto_front": [{"number": t.number, "params": t.params, "values": t.values,
+                          **({"measures": t.measures} if t.measures else {})} for t in front],
+        "hypervolume": hv,
+        "hypervolume_reference": {"point": list(ref.point), "source": ref.source} if ref else None,
+        "failures": [{"number": t.number, "reason": (t.reason or "").split("\n")[0]} for t in trials
+                     if t.state == "failed" and not t.stale],
+    }

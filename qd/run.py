@@ -1,0 +1,181 @@
+"""The run loop: keep ``workers`` evaluations in flight, record and tell each one as it finishes.
+
+There is no batch barrier: as soon as one evaluation finishes, its result is written to the
+store, told to the strategy, and a new configuration is asked for its slot.
+
+Budget: the number of *finished* evaluations (complete, or failed by the evaluation itself).
+Resume: trials left RUNNING by a driver that died are marked failed and ``stale`` (they do not
+count towards the budget) and their configurations are evaluated again first; everything else
+is replayed into the strategy with ``Strategy.restore``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from evaluators.base import Evaluator, Job, Outcome
+from qd.problem import EvaluationError, Problem
+from qd.results import hypervolume, pareto_trials, reference_point
+from qd.space import Config
+from qd.store import Store, Trial
+from qd.strategy import Strategy
+
+Callback = Callable[[Store, Trial], None]
+
+STALE_REASON = "stale: the driver stopped while this evaluation was running; its configuration was queued again"
+CANCELLED_REASON = "cancelled: the wall-time limit was reached while this evaluation was running"
+
+
+@dataclass
+class RunReport:
+    finished: int
+    complete: int
+    failed: int
+    requeued: int
+    elapsed_s: float
+    stopped_by: str  # "budget", "time", "strategy"
+
+
+def evaluation_seed(run_seed: int, trial_number: int) -> int:
+    return int(np.random.SeedSequence([run_seed, trial_number]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+class _Progress:
+    """A tqdm bar over the budget, with counts, the best values or hypervolume, and strategy state."""
+
+    def __init__(self, store: Store, problem: Problem, strategy: Strategy, budget: int, initial: int, enabled: bool):
+        self.store, self.problem, self.strategy = store, problem, strategy
+        self.bar = tqdm(total=budget, initial=initial, desc=store.info.name, disable=not enabled, file=sys.stderr,
+                        dynamic_ncols=True)
+        self.complete: list[Trial] = []
+        self.failed = 0
+        self._last = 0.0
+
+    def update(self, trial: Trial, running: int, force: bool = False) -> None:
+        if trial.state == "complete":
+            self.complete.append(trial)
+        else:
+            self.failed += 1
+        self.bar.update(1)
+        if self.bar.disable or (not force and time.monotonic() - self._last < 1.0):
+            return
+        self._last = time.monotonic()
+        post = {"done": len(self.complete), "failed": self.failed, "running": running}
+        directions = self.problem.directions
+        if len(directions) == 1 and self.complete:
+            best = (min if directions[0] == "minimize" else max)(t.values[0] for t in self.complete if t.feasible) \
+                if any(t.feasible for t in self.complete) else None
+            post["best"] = f"{best:.4g}" if best is not None else "-"
+        elif self.complete:
+            front = pareto_trials(self.complete, directions)
+            ref = reference_point(self.problem, self.complete, directions)
+            if ref and front:
+                post["hv"] = f"{hypervolume(np.array([t.values for t in front]), directions, ref.point):.4g}"
+            post["pareto"] = len(front)
+        post.update({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in self.strategy.state().items()})
+        self.bar.set_postfix(post, refresh=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run(
+    problem: Problem,
+    strategy: Strategy,
+    evaluator: Evaluator,
+    store: Store,
+    *,
+    budget: int,
+    workers: int = 1,
+    time_limit_s: float | None = None,
+    timeout_s: float | None = None,
+    progress: bool = True,
+    callbacks: Sequence[Callback] = (),
+) -> RunReport:
+    """Run until ``budget`` evaluations have finished (or ``time_limit_s`` passed); resumable."""
+    if budget < 1:
+        raise ValueError(f"budget={budget}: must be >= 1")
+    if workers < 1:
+        raise ValueError(f"workers={workers}: must be >= 1")
+    t_start = time.monotonic()
+    history = store.trials()
+    for t in history:
+        if t.state == "running":
+            store.fail(t, STALE_REASON, stale=True, metadata={"requeue": True})
+    # Stale trials not yet evaluated again (also those cancelled at a previous wall-time limit).
+    requeue: deque[Trial] = deque(t for t in history if t.stale and t.metadata.get("requeue"))
+    strategy.restore(history)
+    finished = sum(t.finished for t in history)
+    in_flight: dict[int, Trial] = {}
+    bar = _Progress(store, problem, strategy, budget, min(finished, budget), progress)
+    stopped_by = "budget"
+    n_requeued = len(requeue)
+
+    def launch(config: Config, origin: str) -> None:
+        config = problem.space.validate(config)
+        number = store.study._storage.get_n_trials(store.study._study_id)
+        trial = store.start(config, problem.space.active_distributions(config), origin=origin,
+                            seed=evaluation_seed(store.info.seed, number))
+        in_flight[trial.number] = trial
+        evaluator.submit(Job(trial.number, config, trial.seed))
+
+    def record(outcome: Outcome) -> Trial:
+        trial = in_flight.pop(outcome.key)
+        meta = dict(outcome.metadata)
+        if outcome.ok:
+            try:
+                values, measures, constraints = problem.normalise(outcome.evaluation)
+            except EvaluationError as e:
+                return store.fail(trial, f"invalid result: {e}", metadata=meta)
+            meta.update(outcome.evaluation.metadata or {})
+            return store.complete(trial, values, measures, constraints, meta)
+        return store.fail(trial, f"{outcome.kind}: {outcome.error}", metadata=meta)
+
+    evaluator.start(problem, workers, timeout_s)
+    try:
+        while True:
+            out_of_time = time_limit_s is not None and time.monotonic() - t_start >= time_limit_s
+            slots = min(workers - len(in_flight), budget - finished - len(in_flight))
+            if slots > 0 and not out_of_time:
+                while requeue and slots > 0:
+                    stale = requeue.popleft()
+                    launch(stale.params, "requeue")
+                    store.update_metadata(stale, {**stale.metadata, "requeue": False})
+                    slots -= 1
+                if slots > 0:
+                    asked = strategy.ask(slots, pending=[t.params for t in in_flight.values()])
+                    for config in asked[:slots]:
+                        launch(config, "strategy")
+            if not in_flight:
+                if out_of_time:
+                    stopped_by = "time"
+                elif finished < budget:
+                    stopped_by = "strategy"
+                break
+            if out_of_time:
+                stopped_by = "time"
+                for trial in list(in_flight.values()):
+                    store.fail(trial, CANCELLED_REASON, stale=True, metadata={"requeue": True})
+                in_flight.clear()
+                break
+            wait_for = None if time_limit_s is None else max(0.05, time_limit_s - (time.monotonic() - t_start))
+            for outcome in evaluator.wait(timeout=wait_for):
+                trial = record(outcome)
+                finished += 1
+                strategy.tell(trial)
+                for cb in callbacks:
+                    cb(store, trial)
+                bar.update(trial, len(in_flight), force=finished >= budget)
+    finally:
+        evaluator.close()
+        bar.close()
+    counts = store.counts()
+    return RunReport(finished=finished, complete=counts["n_complete"], failed=counts["n_failed"],
+                     requeued=n_requeued, elapsed_s=time.monotonic() - t_start, stopped_by=stopped_by)

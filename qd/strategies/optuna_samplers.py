@@ -1,0 +1,113 @@
+"""Optuna's samplers behind the ask/tell contract: ``tpe``, ``nsga2``, ``nsga3``, ``gp``.
+
+Each adapter drives a private in-memory Optuna study (its *mirror*): the run's store remains the
+only record, and the mirror is rebuilt from it on resume. Optuna's define-by-run suggestion
+handles conditional parameters natively (inactive ones are simply not suggested).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from qd.problem import Problem
+from qd.space import Config
+from qd.strategy import Strategy
+from qd.store import Trial
+
+
+def _key(config: Config) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in config.items()))
+
+
+def _constraints(ft: optuna.trial.FrozenTrial) -> Sequence[float]:
+    return ft.user_attrs.get("constraints", ())
+
+
+class OptunaSampler(Strategy):
+    """Base adapter; subclasses build the sampler. Options are passed to the sampler."""
+
+    sampler_class: type[optuna.samplers.BaseSampler]
+
+    def __init__(self, problem: Problem, seed: int = 0, **sampler_options: Any):
+        super().__init__(problem, seed)
+        self._options = sampler_options
+        self._study = optuna.create_study(directions=problem.directions, sampler=self._sampler(seed))
+        self._running: dict[tuple, list[optuna.Trial]] = defaultdict(list)
+
+    def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        raise TypeError(f"{type(self).__name__} must define _sampler")
+
+    @property
+    def _constraints_func(self) -> Callable | None:
+        return _constraints if self.problem.constraints else None
+
+    def ask(self, n: int, pending: Sequence[Config] = ()) -> list[Config]:
+        out = []
+        for _ in range(n):
+            trial = self._study.ask()
+            config = self.space.suggest(trial)
+            self._running[_key(config)].append(trial)
+            out.append(config)
+        return out
+
+    def tell(self, trial: Trial) -> None:
+        waiting = self._running.get(_key(trial.params))
+        if waiting:
+            mirror = waiting.pop(0)
+            if trial.constraints:
+                mirror.set_user_attr("constraints", trial.constraints)
+            if trial.state == "complete":
+                self._study.tell(mirror, trial.values)
+            else:
+                self._study.tell(mirror, state=TrialState.FAIL)
+            return
+        # A configuration this mirror never proposed (resume, requeue): add it as history.
+        self._study.add_trial(optuna.trial.create_trial(
+            state=TrialState.COMPLETE if trial.state == "complete" else TrialState.FAIL,
+            params=trial.params, distributions=self.space.active_distributions(trial.params),
+            values=trial.values if trial.state == "complete" else None,
+            user_attrs={"constraints": trial.constraints} if trial.constraints else {},
+        ))
+
+    def restore(self, trials: Sequence[Trial]) -> None:
+        super().restore(trials)
+        # Re-seed past the history: the same seed would re-propose the first configurations.
+        self._study.sampler = self._sampler(self.seed + 7919 * (len(trials) + 1))
+
+
+class TPE(OptunaSampler):
+    sampler_class = optuna.samplers.TPESampler
+    name = "tpe"
+
+    def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        opts = {"multivariate": True, "constant_liar": True, **self._options}
+        return optuna.samplers.TPESampler(seed=seed, constraints_func=self._constraints_func, **opts)
+
+
+class NSGA2(OptunaSampler):
+    sampler_class = optuna.samplers.NSGAIISampler
+    name = "nsga2"
+
+    def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=self._constraints_func, **self._options)
+
+
+class NSGA3(OptunaSampler):
+    sampler_class = optuna.samplers.NSGAIIISampler
+    name = "nsga3"
+
+    def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.NSGAIIISampler(seed=seed, constraints_func=self._constraints_func, **self._options)
+
+
+class GP(OptunaSampler):
+    sampler_class = optuna.samplers.GPSampler
+    name = "gp"
+
+    def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.GPSampler(seed=seed, constraints_func=self._constraints_func, **self._options)

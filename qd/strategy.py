@@ -1,0 +1,45 @@
+"""Strategies: where to evaluate next. The ask/tell contract shared by every search method.
+
+- ``ask(n, pending)`` returns up to ``n`` valid configurations. ``pending`` holds the
+  configurations being evaluated right now, so a strategy can avoid proposing them again.
+- ``tell(trial)`` reports one finished trial (complete or failed). Tells arrive one at a time,
+  in any order, possibly while other asks are outstanding: there is no batch barrier.
+- ``restore(trials)`` rebuilds the state from a store's finished trials on resume; a strategy
+  must also advance its random state there, so a resumed run does not repeat itself.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from qd.problem import Problem
+from qd.space import Config
+from qd.store import Trial
+
+
+class Strategy(ABC):
+    name: ClassVar[str] = ""
+
+    def __init__(self, problem: Problem, seed: int = 0):
+        self.problem = problem
+        self.space = problem.space
+        self.seed = seed
+
+    @abstractmethod
+    def ask(self, n: int, pending: Sequence[Config] = ()) -> list[Config]:
+        """Up to ``n`` configurations to evaluate next."""
+
+    def tell(self, trial: Trial) -> None:
+        """Learn from one finished trial. The default ignores it."""
+
+    def restore(self, trials: Sequence[Trial]) -> None:
+        """Replay a resumed run's recorded trials (creation order; stale ones included, never told)."""
+        for t in trials:
+            if t.finished:
+                self.tell(t)
+
+    def state(self) -> dict[str, Any]:
+        """Optional numbers for progress displays (e.g. archive coverage)."""
+        return {}
