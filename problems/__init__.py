@@ -1,0 +1,1 @@
+"""Built-in problems: benchmarks with known answers, and ML configuration problems."""

@@ -1,0 +1,48 @@
+"""Planar arm repertoire (Cully et al. 2015; Vassiliades & Mouret 2018; pyribs' arm tutorial).
+
+An arm of ``dof`` links of length 1, joint angles ``theta_i`` in [-pi, pi], fixed at the origin.
+Link ``i`` points at the cumulative angle ``theta_0 + ... + theta_i``; the measures are the
+end-effector position ``(x, y) = (sum cos(cum_theta), sum sin(cum_theta))``, bounded by
+``[-dof, dof]`` each (the reachable set is the disk of radius ``dof``).
+
+The objective, as in pyribs' tutorial, prefers arms whose joints bend evenly:
+``score = (1 - var(theta)) * 100``, maximised. It is 100 exactly when all angles are equal (the
+end-effector then lies on one curve through ``(dof, 0)``; other cells have a lower best) and falls
+to ``(1 - pi^2) * 100 ~ -887`` when the angles split evenly between -pi and pi.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from qd.problem import Evaluation, Measure, Objective, Problem
+from qd.space import Config, Float, Space
+
+
+def arm_score(theta: np.ndarray) -> np.ndarray:
+    """Joint angles (n, dof) -> (n,) score (1 - variance) * 100, 100 when all angles are equal."""
+    return (1.0 - np.var(np.atleast_2d(theta), axis=1)) * 100.0
+
+
+def arm_end_effector(theta: np.ndarray) -> np.ndarray:
+    """Joint angles (n, dof) -> (n, 2) end-effector position with unit links."""
+    cumulative = np.cumsum(np.atleast_2d(np.asarray(theta, dtype=float)), axis=1)
+    return np.stack([np.cos(cumulative).sum(axis=1), np.sin(cumulative).sum(axis=1)], axis=1)
+
+
+class Arm(Problem):
+    """Planar arm repertoire (pyribs tutorial): maximise joint evenness, map end-effector (x, y)."""
+
+    def __init__(self, dof: int = 12):
+        if isinstance(dof, bool) or not isinstance(dof, (int, np.integer)) or dof < 2:
+            raise ValueError(f"arm: option dof={dof!r} is not allowed; allowed: an integer >= 2")
+        self.dof = int(dof)
+        self.space = Space([Float(f"theta{i}", -math.pi, math.pi) for i in range(self.dof)])
+        self.objectives = (Objective("score", "maximize"),)
+        self.measures = (Measure("x", -float(self.dof), float(self.dof)), Measure("y", -float(self.dof), float(self.dof)))
+
+    def evaluate(self, config: Config, seed: int) -> Evaluation:
+        theta = np.array([[config[f"theta{i}"] for i in range(self.dof)]], dtype=float)
+        return Evaluation(values=[float(arm_score(theta)[0])], measures=arm_end_effector(theta)[0].tolist())
