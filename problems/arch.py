@@ -1,0 +1,330 @@
+"""Small-network architecture search on handwritten digits: accuracy vs parameters vs latency.
+
+Each evaluation builds an MLP or a CNN from the configuration, trains it with Adam for a few
+epochs and reports its validation accuracy, its parameter count and its inference latency. Two
+datasets, both offline:
+
+- ``digits`` (default): scikit-learn's 1,797 8x8 digits. An evaluation takes about a second on
+  one CPU core for typical configurations (the widest, deepest CNN for 10 epochs takes longer).
+- ``mnist``: the vendored MNIST test split (10,000 28x28 digits, ``data/mnist_test``), read from
+  its IDX files with numpy. Wide CNNs at 28x28 are slow on a CPU; use a GPU or a small budget.
+
+Each dataset is split once (stratified, fixed by ``data_seed``) into train (60 %), validation
+(20 %) and test (20 %) parts, so every evaluation of a run is scored on the same validation
+examples; ``accuracy`` is validation accuracy and the test accuracy is kept in the metadata for
+reporting the final set. The evaluation ``seed`` sets the weight initialisation and batch order.
+
+Measures: ``log10_params`` and ``depth``. Size is the axis people trade against accuracy; depth
+is the axis they argue about. At equal size, a deep narrow network and a shallow wide one land in
+different cells, so the map shows, for each size, whether depth or width buys more accuracy.
+``params`` is cheap (counted on the built module, untrained, through ``cheap_values``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qd.problem import Evaluation, Measure, Objective, Problem, Resources
+from qd.space import Categorical, Config, Float, Int, Space
+
+DATA_DIR = Path(__file__).parent / "data" / "mnist_test"
+THREADS_ENV = "QD_TORCH_THREADS"
+DATASETS = ("digits", "mnist")
+NUM_CLASSES = 10
+SPLIT_FRACTIONS = (0.6, 0.2, 0.2)  # train, validation, test
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+NORMS = ("none", "batch", "layer")
+
+
+@dataclass(frozen=True)
+class Split:
+    """One part of a dataset as tensors: images ``(n, 1, side, side)`` float32, labels ``(n,)`` int64."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read a gzip-compressed IDX file (the MNIST format) into a uint8 array of its declared shape."""
+    raw = gzip.decompress(path.read_bytes())
+    magic = int.from_bytes(raw[0:4], "big")
+    if magic >> 8 != 0x08:  # 0x08: unsigned bytes; the low byte is the number of dimensions
+        raise ValueError(f"{path}: IDX magic {magic:#x} is not an unsigned-byte array")
+    ndim = magic & 0xFF
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != math.prod(shape):
+        raise ValueError(f"{path}: header declares shape {shape} but holds {data.size} values")
+    return data.reshape(shape)
+
+
+def load_dataset(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images as float32 ``(n, side, side)`` in [0, 1] and labels as int64 ``(n,)``."""
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return (digits.images / 16.0).astype(np.float32), digits.target.astype(np.int64)
+    if name == "mnist":
+        images = read_idx(DATA_DIR / "t10k-images-idx3-ubyte.gz")
+        labels = read_idx(DATA_DIR / "t10k-labels-idx1-ubyte.gz")
+        return (images / 255.0).astype(np.float32), labels.astype(np.int64)
+    raise ValueError(f"arch option dataset={name!r} is not allowed; allowed: {list(DATASETS)}")
+
+
+def stratified_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row indices of the train, validation and test parts, each with every class in proportion."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[], [], []]
+    bounds = np.cumsum(SPLIT_FRACTIONS)[:-1]
+    for label in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        for part, chunk in zip(parts, np.split(rows, (bounds * len(rows)).round().astype(int))):
+            part.append(chunk)
+    train, val, test = (rng.permutation(np.concatenate(p)) for p in parts)
+    return train, val, test
+
+
+def _norm(kind: str, width: int, conv: bool) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(width) if conv else nn.BatchNorm1d(width)
+    if kind == "layer":
+        # GroupNorm with one group normalises over (channels, height, width): LayerNorm for feature maps.
+        return nn.GroupNorm(1, width) if conv else nn.LayerNorm(width)
+    return nn.Identity()
+
+
+def build_network(config: Mapping[str, Any], side: int) -> nn.Sequential:
+    """The network a (validated) configuration describes, for ``side`` x ``side`` one-channel images.
+
+    MLP: ``depth`` x [Linear(width), norm, activation, dropout], then Linear(10).
+    CNN: ``depth`` x [Conv(width, kernel_size, same padding), norm, activation, 2x2 max-pool while
+    the map is at least 2x2, dropout], then global average pooling and Linear(10), so the head's
+    size does not depend on the input size.
+    """
+    depth, width, activation = config["depth"], config["width"], ACTIVATIONS[config["activation"]]
+    layers: list[nn.Module] = []
+    if config["family"] == "mlp":
+        layers.append(nn.Flatten())
+        features = side * side
+        for _ in range(depth):
+            layers += [nn.Linear(features, width), _norm(config["norm"], width, conv=False), activation(),
+                       nn.Dropout(config["dropout"])]
+            features = width
+        layers.append(nn.Linear(features, NUM_CLASSES))
+    else:
+        kernel, channels, size = config["kernel_size"], 1, side
+        for _ in range(depth):
+            layers += [nn.Conv2d(channels, width, kernel, padding=kernel // 2),
+                       _norm(config["norm"], width, conv=True), activation()]
+            if size >= 2:
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+            layers.append(nn.Dropout(config["dropout"]))
+            channels = width
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, NUM_CLASSES)]
+    return nn.Sequential(*layers)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class ArchProblem(Problem):
+    """Train small MLPs/CNNs on handwritten digits: accuracy vs parameter count vs inference latency."""
+
+    def __init__(
+        self,
+        dataset: str = "digits",
+        batch_size: int = 64,
+        latency_batch: int = 256,
+        device: str = "cpu",
+        gpus_per_eval: float = 0.25,
+        data_seed: int = 0,
+    ):
+        """Options:
+
+        - ``dataset``: "digits" (scikit-learn 8x8, fast on a CPU) or "mnist" (vendored 28x28 test split).
+        - ``batch_size``: training batch size.
+        - ``latency_batch``: images per timed inference batch (``latency_ms`` is per batch).
+        - ``device``: "cpu" (default: these networks are too small to gain from a GPU on digits),
+          "auto" (cuda when available), "cuda" or "cuda:N".
+        - ``gpus_per_eval``: the GPU share one evaluation declares when it will run on a GPU.
+        - ``data_seed``: fixes the train/validation/test split.
+        """
+        if dataset not in DATASETS:
+            raise ValueError(f"arch option dataset={dataset!r} is not allowed; allowed: {list(DATASETS)}")
+        for name, value in (("batch_size", batch_size), ("latency_batch", latency_batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"arch option {name}={value!r} is not allowed; allowed: an integer >= 1")
+        if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(device))):
+            raise ValueError(f"arch option device={device!r} is not allowed; allowed: 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if isinstance(gpus_per_eval, bool) or not isinstance(gpus_per_eval, (int, float)) or not 0 < gpus_per_eval <= 1:
+            raise ValueError(f"arch option gpus_per_eval={gpus_per_eval!r} is not allowed; allowed: a number in (0, 1]")
+        if isinstance(data_seed, bool) or not isinstance(data_seed, int):
+            raise ValueError(f"arch option data_seed={data_seed!r} is not allowed; allowed: an integer")
+        self.dataset, self.batch_size, self.latency_batch = dataset, batch_size, latency_batch
+        self.device_option, self.data_seed = device, data_seed
+        self.side = 8 if dataset == "digits" else 28
+
+        self.space = Space([
+            Categorical("family", ("mlp", "cnn")),
+            Int("depth", 1, 4),
+            Int("width", 8, 256, log=True),
+            Categorical("kernel_size", (3, 5), active_if={"family": ["cnn"]}),
+            Categorical("activation", tuple(ACTIVATIONS)),
+            Categorical("norm", NORMS),
+            Float("dropout", 0.0, 0.5),
+            Float("lr", 1e-4, 3e-2, log=True),
+            Int("epochs", 1, 10),
+        ])
+        self.objectives = (
+            Objective("accuracy", "maximize"),
+            Objective("params", "minimize", cheap=True),
+            Objective("latency_ms", "minimize"),
+        )
+        # 10^2..10^7 covers both datasets: the smallest CNN has 170 parameters, the largest ~4.9M.
+        self.measures = (Measure("log10_params", 2.0, 7.0), Measure("depth", 0.5, 4.5))
+        will_use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        self.resources = Resources(cpus=1, gpus=float(gpus_per_eval) if will_use_cuda else 0.0, memory_mb=3000)
+        self._splits: dict[str, Split] = {}
+
+    # The loaded splits stay out of pickles sent to workers; each worker loads them once.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_splits"] = {}
+        return state
+
+    # --- objectives ------------------------------------------------------------------------
+    def build(self, config: Config) -> nn.Sequential:
+        """The untrained network of a configuration (validated here)."""
+        return build_network(self.space.validate(config), self.side)
+
+    def cheap_values(self, config: Config) -> dict[str, float]:
+        return {"params": float(count_params(self.build(config)))}
+
+    def evaluate(self, config: Config, seed: int) -> Evaluation:
+        config = self.space.validate(config)
+        self._set_threads()
+        device = self._device()
+        train, val, test = self._split("train"), self._split("val"), self._split("test")
+
+        started = time.perf_counter()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            model = build_network(config, self.side).to(device)
+            final_loss = self._train(model, config, train, device, np.random.default_rng(seed))
+        train_time_s = time.perf_counter() - started
+
+        accuracy = self._accuracy(model, val, device)
+        params = count_params(model)
+        latency_ms = self._latency_ms(model, val, device)
+        return Evaluation(
+            values={"accuracy": accuracy, "params": float(params), "latency_ms": latency_ms},
+            measures=[math.log10(params), float(config["depth"])],
+            metadata={
+                "test_accuracy": self._accuracy(model, test, device),
+                "train_time_s": train_time_s,
+                "final_train_loss": final_loss,
+                "device": str(device),
+                "dataset": self.dataset,
+                "n_train": len(train),
+                "n_val": len(val),
+            },
+        )
+
+    # --- internals -------------------------------------------------------------------------
+    @staticmethod
+    def _set_threads() -> None:
+        threads = os.environ.get(THREADS_ENV, "1")
+        if not threads.isdigit() or int(threads) < 1:
+            raise ValueError(f"environment variable {THREADS_ENV}={threads!r} is not allowed; allowed: an integer >= 1")
+        torch.set_num_threads(int(threads))
+
+    def _device(self) -> torch.device:
+        if self.device_option == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device_option)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"arch option device={self.device_option!r} but no CUDA device is available")
+        return device
+
+    def _split(self, name: str) -> Split:
+        if not self._splits:
+            images, labels = load_dataset(self.dataset)
+            rows = dict(zip(("train", "val", "test"), stratified_split(labels, self.data_seed)))
+            # Standardise with the training part's statistics only.
+            mean, std = float(images[rows["train"]].mean()), float(images[rows["train"]].std())
+            for part, index in rows.items():
+                x = torch.from_numpy((images[index] - mean) / std).unsqueeze(1)
+                self._splits[part] = Split(x.contiguous(), torch.from_numpy(labels[index]))
+        return self._splits[name]
+
+    def _train(self, model: nn.Module, config: Config, train: Split, device: torch.device,
+               rng: np.random.Generator) -> float:
+        """Adam on cross-entropy for ``epochs`` passes; returns the mean loss of the last epoch."""
+        optimiser = torch.optim.Adam(model.parameters(), lr=config["lr"])
+        images, labels = train.images.to(device), train.labels.to(device)
+        model.train()
+        epoch_loss = float("nan")
+        for _ in range(config["epochs"]):
+            order = torch.from_numpy(rng.permutation(len(train))).to(device)
+            total, batches = 0.0, 0
+            for start in range(0, len(train), self.batch_size):
+                rows = order[start : start + self.batch_size]
+                if len(rows) < 2 and config["norm"] == "batch":
+                    continue  # BatchNorm cannot train on a batch of one
+                loss = nn.functional.cross_entropy(model(images[rows]), labels[rows])
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                total, batches = total + loss.item(), batches + 1
+            epoch_loss = total / max(batches, 1)
+        return epoch_loss
+
+    @staticmethod
+    @torch.inference_mode()
+    def _accuracy(model: nn.Module, split: Split, device: torch.device, batch_size: int = 1024) -> float:
+        model.eval()
+        correct = 0
+        for start in range(0, len(split), batch_size):
+            logits = model(split.images[start : start + batch_size].to(device))
+            correct += int((logits.argmax(dim=1).cpu() == split.labels[start : start + batch_size]).sum())
+        return correct / len(split)
+
+    @torch.inference_mode()
+    def _latency_ms(self, model: nn.Module, split: Split, device: torch.device, repeats: int = 7) -> float:
+        """Median wall time of one forward pass over ``latency_batch`` images, after two warm-up passes."""
+        model.eval()
+        rows = torch.arange(self.latency_batch) % len(split)
+        batch = split.images[rows].to(device)
+        times = []
+        for i in range(repeats + 2):
+            _sync(device)
+            started = time.perf_counter()
+            model(batch)
+            _sync(device)
+            if i >= 2:
+                times.append((time.perf_counter() - started) * 1000.0)
+        return float(np.median(times))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
