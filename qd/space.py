@@ -154,7 +154,7 @@ class Int(Param):
         lo, hi = self._edges()
         t = lo + _clip01(u) * (hi - lo)
         v = math.exp(t) if self.log else t
-        return int(min(max(round(v), self.low), self.high))
+        return int(min(max(math.floor(v + 0.5), self.low), self.high))  # half-up: equal bins
 
     def distribution(self) -> IntDistribution:
         return IntDistribution(self.low, self.high, log=self.log)

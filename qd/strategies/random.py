@@ -27,4 +27,6 @@ class RandomSearch(Strategy):
 
     def restore(self, trials: Sequence[Trial]) -> None:
         # Continue the same sequence: every configuration this strategy proposed was one Sobol point.
-        self._sobol.fast_forward(sum(t.origin == "strategy" for t in trials))
+        proposed = sum(t.origin == "strategy" for t in trials)
+        if proposed:  # scipy rejects fast_forward(0)
+            self._sobol.fast_forward(proposed)
