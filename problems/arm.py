@@ -41,7 +41,8 @@ class Arm(Problem):
         self.dof = int(dof)
         self.space = Space([Float(f"theta{i}", -math.pi, math.pi) for i in range(self.dof)])
         self.objectives = (Objective("score", "maximize"),)
-        self.measures = (Measure("x", -float(self.dof), float(self.dof)), Measure("y", -float(self.dof), float(self.dof)))
+        reach = float(self.dof)
+        self.measures = (Measure("x", -reach, reach), Measure("y", -reach, reach))
 
     def evaluate(self, config: Config, seed: int) -> Evaluation:
         theta = np.array([[config[f"theta{i}"] for i in range(self.dof)]], dtype=float)

@@ -30,8 +30,8 @@ def botorch_values(function: botorch_mo.MultiObjectiveTestProblem, X: np.ndarray
         return function(torch.tensor(X, dtype=torch.double)).numpy()
 
 
-def unit_configs(problem: Problem, X: np.ndarray) -> list[dict]:
-    """Points of [0, 1]^d -> configs; for problems whose params are x0..x{d-1} in [0, 1]."""
+def x_configs(X: np.ndarray) -> list[dict]:
+    """Points (n, d) -> configs, for problems whose parameters are x0 .. x{d-1}."""
     return [{f"x{i}": float(v) for i, v in enumerate(row)} for row in X]
 
 
@@ -74,12 +74,12 @@ def test_zdt_front_and_botorch_agreement(name: str, front) -> None:
     rng = np.random.default_rng(0)
     on_front = np.zeros((50, 6))
     on_front[:, 0] = rng.random(50)
-    values, measures = values_of(problem, unit_configs(problem, on_front))
+    values, measures = values_of(problem, x_configs(on_front))
     np.testing.assert_allclose(values[:, 1], front(values[:, 0]), atol=1e-12)
     np.testing.assert_array_equal(measures, 0.0)
     X = rng.random((200, 6))
     reference = botorch_values(getattr(botorch_mo, name.upper())(dim=6), X)
-    np.testing.assert_allclose(values_of(problem, unit_configs(problem, X))[0], reference, rtol=1e-12)
+    np.testing.assert_allclose(values_of(problem, x_configs(X))[0], reference, rtol=1e-12)
 
 
 def test_zdt3_is_the_original_g_times_h_and_matches_botorch_on_the_front() -> None:
@@ -88,11 +88,12 @@ def test_zdt3_is_the_original_g_times_h_and_matches_botorch_on_the_front() -> No
     X = rng.random((200, 5))
     reference = botorch_values(botorch_mo.ZDT3(dim=5), X)  # BoTorch leaves g out of f2
     g = 1 + 9 * X[:, 1:].mean(axis=1)
-    ours = values_of(problem, unit_configs(problem, X))[0]
+    ours = values_of(problem, x_configs(X))[0]
     np.testing.assert_allclose(ours[:, 0], reference[:, 0])
     np.testing.assert_allclose(ours[:, 1], g * reference[:, 1], rtol=1e-12, atol=1e-12)
     X[:, 1:] = 0.0
-    np.testing.assert_allclose(values_of(problem, unit_configs(problem, X))[0], botorch_values(botorch_mo.ZDT3(dim=5), X))
+    on_front, _ = values_of(problem, x_configs(X))
+    np.testing.assert_allclose(on_front, botorch_values(botorch_mo.ZDT3(dim=5), X))
 
 
 @pytest.mark.parametrize("name", ["zdt1", "zdt2", "zdt3"])
@@ -110,7 +111,7 @@ def test_zdt_front_reaches_botorchs_maximum_hypervolume(name: str) -> None:
 def test_zdt_measures_split_the_distance_variables() -> None:
     problem = get_problem("zdt1", dim=6)  # distance variables x1..x5: halves x1..x2 and x3..x5
     x = np.array([[0.3, 0.2, 0.4, 0.1, 0.1, 0.7]])
-    _, measures = values_of(problem, unit_configs(problem, x))
+    _, measures = values_of(problem, x_configs(x))
     np.testing.assert_allclose(measures[0], [0.3, 0.3])
     assert [m.name for m in get_problem("zdt1", dim=2, measures=False).measures] == []
 
@@ -135,10 +136,10 @@ def test_dtlz2_matches_botorch_and_its_front_lies_on_the_unit_sphere(dim: int, n
     reference_function = botorch_mo.DTLZ2(dim=dim, num_objectives=n_objectives)
     rng = np.random.default_rng(dim)
     X = rng.random((200, dim))
-    values, _ = values_of(problem, unit_configs(problem, X))
+    values, _ = values_of(problem, x_configs(X))
     np.testing.assert_allclose(values, botorch_values(reference_function, X), rtol=1e-12, atol=1e-15)
     X[:, n_objectives - 1 :] = 0.5
-    front_values, measures = values_of(problem, unit_configs(problem, X))
+    front_values, measures = values_of(problem, x_configs(X))
     np.testing.assert_allclose(np.linalg.norm(front_values, axis=1), 1.0)
     np.testing.assert_allclose(measures, 0.5)
     assert problem.reference_point == (1.1,) * n_objectives
@@ -154,7 +155,7 @@ def test_branin_currin_matches_botorch_including_the_x1_zero_edge() -> None:
     X = np.random.default_rng(3).random((300, 2))
     X[:5, 1] = 0.0
     X[5:10, 0] = 0.0
-    values, _ = values_of(problem, unit_configs(problem, X))
+    values, _ = values_of(problem, x_configs(X))
     np.testing.assert_allclose(values, botorch_values(botorch_mo.BraninCurrin(), X), rtol=1e-12)
     assert problem.reference_point == tuple(botorch_mo.BraninCurrin._ref_point)
     assert problem.max_hypervolume == botorch_mo.BraninCurrin._max_hv
@@ -185,10 +186,6 @@ def pyribs_sphere(solutions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     clipped[mask] = 5.12 / clipped[mask]
     measures = np.stack([clipped[:, : dim // 2].sum(axis=1), clipped[:, dim // 2 :].sum(axis=1)], axis=1)
     return objectives, measures
-
-
-def x_configs(X: np.ndarray) -> list[dict]:
-    return [{f"x{i}": float(v) for i, v in enumerate(row)} for row in X]
 
 
 @pytest.mark.parametrize("dim", [20, 7])
@@ -272,9 +269,9 @@ def assert_exact_front(problem: Problem, n_random: int) -> tuple[list[dict], np.
         random_values[:, None, :] < front[None, :, :]
     ).any(axis=2)
     assert not beats.any()
-    assert moocore.hypervolume(random_values, ref=problem.reference_point) < moocore.hypervolume(
-        front, ref=problem.reference_point
-    )
+    front_hypervolume = moocore.hypervolume(front, ref=problem.reference_point)
+    assert moocore.hypervolume(random_values, ref=problem.reference_point) < front_hypervolume
+    assert problem.max_hypervolume == pytest.approx(front_hypervolume)
     return configs, front
 
 
@@ -322,7 +319,8 @@ def test_conditional_nested_condition_and_measures() -> None:
     for config in configs:
         assert ("mlp_rank_ratio" in config) == (config.get("lora_targets") == "all")
         assert ("n_prefix" in config) == (config["method"] == "prefix")
-    config = {"method": "lora", "rank": 8, "lora_targets": "all", "mlp_rank_ratio": 2.0, "lora_dropout": 0.1, "lr": 1e-3}
+    config = {"method": "lora", "rank": 8, "lora_targets": "all", "mlp_rank_ratio": 2.0}
+    config |= {"lora_dropout": 0.1, "lr": 1e-3}
     values, measures = values_of(problem, [config])
     assert values[0, 1] == pytest.approx(math.log10(8 * 5e-4))
     np.testing.assert_allclose(measures[0], [values[0, 1], -3.0])
