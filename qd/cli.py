@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     except ExperimentError as e:
         print(f"qd: error: {e}", file=sys.stderr)
         return 2
-    except LookupError as e:  # a run or problem that does not exist
+    except (LookupError, ValueError) as e:  # a run, problem or option that does not exist
         print(f"qd: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
