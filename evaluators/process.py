@@ -12,6 +12,11 @@ driver watches its pipe and its process sentinel, so that:
 Workers are started with ``spawn`` (no fork of a driver that may hold threads) and limit
 BLAS/OpenMP/torch to ``threads`` threads each: on a few shared cores, oversubscription costs
 more than it gives.
+
+A worker's start-up (a new interpreter, unpickling the problem and importing its modules) does
+not count towards the per-evaluation timeout: the worker reports when it is ready, and the clock
+of the job it was given starts then. A worker whose driver has died ends itself, so a killed
+driver leaves no evaluation running (its trials are re-queued on resume).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -41,12 +48,12 @@ def _worker_main(conn: Connection, problem_bytes: bytes, memory_mb: int | None, 
         limit = int(memory_mb) * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     problem = pickle.loads(problem_bytes)
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-    except ImportError:
-        pass
+    # Only when the problem's module already imported torch: importing it here costs seconds per
+    # worker for problems that never use it (torch takes OMP_NUM_THREADS from the environment).
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    _exit_with_parent()
+    conn.send(("ready", None, None, {"worker_pid": os.getpid()}))
     while True:
         try:
             job = conn.recv()
@@ -67,6 +74,20 @@ def _worker_main(conn: Connection, problem_bytes: bytes, memory_mb: int | None, 
             conn.send((*reply, meta))
         except Exception as e:  # an unpicklable result
             conn.send(("exception", job.key, f"result could not be sent back: {error_text(e)}", meta))
+
+
+def _exit_with_parent(interval_s: float = 1.0) -> None:
+    """End this worker when its driver dies (a SIGKILLed driver cannot stop it; a hung evaluation would
+    otherwise run on, holding memory or a GPU that the resumed run needs)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="qd-exit-with-parent", daemon=True).start()
 
 
 def _peak_rss_mb() -> float:
@@ -90,11 +111,14 @@ class _Worker:
     process: mp.Process
     conn: Connection
     job: Job | None = None
-    started: float = 0.0
+    started: float = 0.0  # when its job's clock started: dispatch, or start-up end if it was not ready then
+    ready: bool = False  # it has finished starting up
 
 
 class ProcessPoolEvaluator(Evaluator):
     name = "process"
+    #: A worker that has not finished starting up after this long is reported as a system failure.
+    start_timeout_s = 300.0
 
     def __init__(self, threads: int = 1):
         self.threads = threads
@@ -124,14 +148,22 @@ class ProcessPoolEvaluator(Evaluator):
     def _dispatch(self) -> None:
         while self._queue:
             idle = next((w for w in self._workers if w.job is None), None)
+            if idle is not None and not idle.process.is_alive():  # died between evaluations
+                self._retire(idle)
+                continue
             if idle is None:
                 if len(self._workers) >= self._size:
                     return
                 idle = self._spawn()
                 self._workers.append(idle)
             job = self._queue.popleft()
+            try:
+                idle.conn.send(job)
+            except OSError:  # its pipe broke: replace the worker, keep the job
+                self._queue.appendleft(job)
+                self._retire(idle)
+                continue
             idle.job, idle.started = job, time.monotonic()
-            idle.conn.send(job)
 
     def submit(self, job: Job) -> None:
         self._queue.append(job)
@@ -152,8 +184,9 @@ class ProcessPoolEvaluator(Evaluator):
                 return []
             now = time.monotonic()
             horizon = [deadline] if deadline is not None else []
+            horizon += [w.started + self.start_timeout_s for w in busy if not w.ready]
             if self._timeout_s is not None:
-                horizon += [w.started + self._timeout_s for w in busy]
+                horizon += [w.started + self._timeout_s for w in busy if w.ready]
             block = max(0.0, min(horizon) - now) if horizon else None
             ready = set(wait_any([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=block))
             outcomes = []
@@ -164,8 +197,12 @@ class ProcessPoolEvaluator(Evaluator):
                         status, key, payload, meta = w.conn.recv()
                     except (EOFError, OSError):  # died while sending
                         w.process.join(timeout=5)
-                        outcomes.append(Outcome(job.key, error=_describe_exit(w.process.exitcode), kind="crash"))
+                        outcomes.append(Outcome(job.key, error=_describe_exit(w.process.exitcode), kind="crash",
+                                                metadata={"wall_time_s": time.monotonic() - w.started}))
                         self._retire(w)
+                        continue
+                    if status == "ready":  # start-up done: the job's clock starts now
+                        w.ready, w.started = True, time.monotonic()
                         continue
                     w.job = None
                     if status == "ok":
@@ -178,8 +215,12 @@ class ProcessPoolEvaluator(Evaluator):
                     outcomes.append(Outcome(job.key, error=_describe_exit(w.process.exitcode), kind="crash",
                                             metadata={"wall_time_s": elapsed}))
                     self._retire(w)
-                elif self._timeout_s is not None and time.monotonic() - w.started >= self._timeout_s:
-                    outcomes.append(Outcome(job.key, error=f"timeout: evaluation exceeded {self._timeout_s:g} s and was killed",
+                elif not w.ready and time.monotonic() - w.started >= self.start_timeout_s:
+                    outcomes.append(Outcome(job.key, error=f"worker process did not start within "
+                                            f"{self.start_timeout_s:g} s", kind="system"))
+                    self._retire(w)
+                elif w.ready and self._timeout_s is not None and time.monotonic() - w.started >= self._timeout_s:
+                    outcomes.append(Outcome(job.key, error=f"evaluation exceeded {self._timeout_s:g} s and was killed",
                                             kind="timeout", metadata={"wall_time_s": time.monotonic() - w.started}))
                     self._retire(w)
             self._dispatch()
