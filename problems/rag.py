@@ -87,7 +87,8 @@ _TERM = re.compile(r"\w+")
 # A sentence ends at . ! or ? (and any closing quotes or brackets) followed by space and a capital,
 # digit or opening quote, unless the word before the stop is a known abbreviation or an initial.
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s+(?=[A-Z0-9\"'(])")
-_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "no", "mt", "ft", "co", "inc", "ltd", "gen", "col", "gov", "rev", "prof", "u.s", "e.g", "i.e", "c"}
+_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "no", "mt", "ft", "co", "inc", "ltd",
+                  "gen", "col", "gov", "rev", "prof", "u.s", "e.g", "i.e"}
 
 
 # --- data --------------------------------------------------------------------------------
@@ -133,6 +134,8 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
 # --- chunking ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Chunking:
+    """How the corpus is cut: ``unit`` "word" or "sentence", ``size`` in words, ``overlap`` as a fraction of it."""
+
     unit: str
     size: int
     overlap: float
@@ -568,6 +571,8 @@ class RagProblem(Problem):
 def _rerank(candidates: np.ndarray, query_vector: np.ndarray, chunk_vectors: np.ndarray,
             piece_vectors: np.ndarray, piece_offsets: np.ndarray) -> np.ndarray:
     """Order ``candidates`` by cosine(query, chunk) + max cosine(query, sentence of the chunk); ties keep the order."""
+    if len(candidates) == 0:  # IVF probing only empty lists finds nothing
+        return candidates
     starts, ends = piece_offsets[candidates], piece_offsets[candidates + 1]
     rows = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)])
     similarities = piece_vectors[rows] @ query_vector

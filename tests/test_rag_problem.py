@@ -14,6 +14,7 @@ from problems.rag import (
     Bm25Index,
     Chunking,
     RagProblem,
+    _rerank,
     chunk_corpus,
     load_xquad,
     sentence_spans,
@@ -121,6 +122,16 @@ def test_bm25_evaluation_on_the_full_corpus(full):
     assert twenty.values["mrr"] >= one.values["mrr"]
     assert twenty.measures == [6.0, 20.0]
     assert one.values["index_mb"] == twenty.values["index_mb"]
+
+
+def test_rerank_scores_chunk_plus_best_sentence():
+    query = np.array([1.0, 0.0, 0.0])
+    chunk_vectors = np.array([[0.6, 0.8, 0.0], [0.5, 0.0, 0.866], [0.7, 0.714, 0.0]])
+    # Chunk 0: 0.6 + best sentence 0.0; chunk 1: 0.5 + best sentence 1.0; chunk 2: 0.7 + 0.6.
+    piece_vectors = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.6, 0.8, 0.0]])
+    piece_offsets = np.array([0, 1, 3, 4])
+    assert _rerank(np.array([0, 1, 2]), query, chunk_vectors, piece_vectors, piece_offsets).tolist() == [1, 2, 0]
+    assert _rerank(np.array([], dtype=np.int64), query, chunk_vectors, piece_vectors, piece_offsets).size == 0
 
 
 # --- dense, hybrid, re-ranking (small corpus) ---------------------------------------------------
