@@ -1,0 +1,297 @@
+"""BoTorch pieces shared by surrogate-assisted strategies: the space as BoTorch sees it, GP
+models built from encoded configurations, cheap objectives as deterministic models, and
+acquisition optimisation over mixed (continuous, integer, categorical, conditional) spaces.
+
+Conventions (all tensors are float64 on the CPU):
+
+- Inputs are the space's own encoding, ``X`` of shape ``(n, d)`` in ``[0, 1]^d`` (see
+  ``qd.space``). It already is the unit cube, so no ``Normalize`` input transform is needed.
+- Integer coordinates hold bin centres: the GP treats them as ordinal (continuous kernel),
+  the optimiser as discrete values. Categorical coordinates hold index-bin centres
+  ``(k + 0.5) / n``: the GP (``MixedSingleTaskGP``) compares them with a categorical
+  (Hamming) kernel, the optimiser enumerates them.
+- Conditional parameters: an inactive coordinate is the 0.5 placeholder. The GP sees the
+  encoded vectors (the common flattening of a hierarchical space) through a
+  ``ConditionalProjection`` input transform that sets inactive coordinates to 0.5, so the
+  acquisition function scores a candidate exactly as the configuration it decodes to, and an
+  inactive coordinate has no gradient (the optimiser leaves it alone).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from botorch.acquisition import AcquisitionFunction
+from botorch.exceptions.errors import ModelFittingError
+from botorch.exceptions.warnings import BadInitialCandidatesWarning, InputDataWarning, OptimizationWarning
+from botorch.fit import fit_gpytorch_mll
+from botorch.models import GenericDeterministicModel, MixedSingleTaskGP, SingleTaskGP
+from botorch.models.model import Model
+from botorch.models.transforms.input import InputTransform
+from botorch.models.transforms.outcome import Standardize
+from botorch.optim import optimize_acqf, optimize_acqf_mixed_alternating
+from gpytorch.mlls import ExactMarginalLogLikelihood
+from torch import Tensor
+
+from qd.problem import Problem
+from qd.space import INACTIVE, Categorical, Config, Int, Param, Space
+
+DTYPE = torch.float64
+#: Integer parameters with more values than this are optimised as continuous, then snapped.
+MAX_ENUMERATED_INT_VALUES = 1000
+#: Warnings BoTorch raises during routine fitting and optimisation, not actionable by a user.
+QUIET_WARNINGS: tuple[type[Warning], ...] = (OptimizationWarning, BadInitialCandidatesWarning, InputDataWarning)
+
+
+def as_tensor(x: np.ndarray | Sequence[Sequence[float]]) -> Tensor:
+    """Array-like of shape (n, d) -> float64 tensor of shape (n, d)."""
+    return torch.as_tensor(np.asarray(x, dtype=float), dtype=DTYPE)
+
+
+def _parent_decoder(param: Param, allowed: Sequence[Any]) -> Callable[[np.ndarray], np.ndarray]:
+    """A vectorised test ``u (n,) -> bool (n,)``: does the coordinate decode to an allowed value?"""
+    if isinstance(param, Categorical):
+        n = len(param.choices)
+        ok = np.zeros(n, dtype=bool)
+        ok[[param.index(v) for v in allowed]] = True
+        # Categorical.decode: choices[min(int(clip(u) * n), n - 1)]
+        return lambda u: ok[np.minimum((np.clip(u, 0.0, 1.0) * n).astype(int), n - 1)]
+    values = [param.check(v) for v in allowed]
+    decode = np.vectorize(param.decode, otypes=[float])
+    return lambda u: np.isin(decode(u), values)
+
+
+class ConditionalProjection(InputTransform):
+    """Sets the coordinates of inactive parameters to the 0.5 placeholder.
+
+    ``X`` of shape ``batch x n x d`` -> same shape. Which parameters are active depends only on
+    the parents' coordinates, through piecewise-constant decoding, so the mask is computed
+    without gradient; active coordinates pass through with their gradient, inactive ones get
+    none. Idempotent, so it is applied to training inputs too (they are already projected).
+    """
+
+    is_one_to_many = False
+
+    def __init__(self, space: Space):
+        super().__init__()
+        self.transform_on_train = True
+        self.transform_on_eval = True
+        self.transform_on_fantasize = True
+        self._space = space
+        index = {p.name: i for i, p in enumerate(space.params)}
+        # (child index, [(parent index, test), ...]) in space order: parents come first.
+        self._rules: list[tuple[int, list[tuple[int, Callable[[np.ndarray], np.ndarray]]]]] = [
+            (i, [(index[parent], _parent_decoder(space[parent], values)) for parent, values in p.active_if.items()])
+            for i, p in enumerate(space.params) if p.active_if
+        ]
+
+    def active_mask(self, X: Tensor) -> Tensor:
+        """``batch x n x d`` -> bool tensor of the same shape, True where the parameter is active."""
+        flat = X.detach().reshape(-1, X.shape[-1]).cpu().numpy()
+        active = np.ones(flat.shape, dtype=bool)
+        for child, parents in self._rules:
+            ok = np.ones(len(flat), dtype=bool)
+            for parent, test in parents:
+                ok &= active[:, parent] & test(flat[:, parent])
+            active[:, child] = ok
+        return torch.as_tensor(active, device=X.device).reshape(X.shape)
+
+    def transform(self, X: Tensor) -> Tensor:
+        return torch.where(self.active_mask(X), X, torch.full_like(X, INACTIVE))
+
+    def equals(self, other: InputTransform) -> bool:
+        return isinstance(other, ConditionalProjection) and other._space is self._space
+
+
+class SpaceGeometry:
+    """A ``Space`` as BoTorch's optimisers see it.
+
+    Attributes:
+        bounds: ``2 x d``; for an integer or categorical coordinate, its lowest and highest
+            encoded value (BoTorch's mixed optimiser wants discrete values to span the bounds).
+        discrete_dims: integer coordinate -> its sorted encoded values (ordinal).
+        cat_dims: categorical coordinate -> its encoded values (unordered).
+        fixed_features: coordinates with a single possible value -> that value.
+        projection: the conditional projection, or None for a space without conditions.
+    """
+
+    def __init__(self, space: Space):
+        self.space = space
+        self.dim = space.dim
+        lower, upper = np.zeros(self.dim), np.ones(self.dim)
+        self.discrete_dims: dict[int, list[float]] = {}
+        self.cat_dims: dict[int, list[float]] = {}
+        self.fixed_features: dict[int, float] = {}
+        for i, p in enumerate(space.params):
+            if isinstance(p, Categorical):
+                values = [(k + 0.5) / len(p.choices) for k in range(len(p.choices))]
+            elif isinstance(p, Int) and p.high - p.low < MAX_ENUMERATED_INT_VALUES:
+                values = sorted({p.encode(v) for v in range(p.low, p.high + 1)})
+            else:
+                continue
+            lower[i], upper[i] = values[0], values[-1]
+            if len(values) == 1:
+                self.fixed_features[i] = values[0]
+            elif isinstance(p, Categorical):
+                self.cat_dims[i] = values
+            else:
+                self.discrete_dims[i] = values
+        self.bounds = torch.tensor(np.stack([lower, upper]), dtype=DTYPE)
+        self.projection = ConditionalProjection(space) if space.is_conditional else None
+
+    @property
+    def is_continuous(self) -> bool:
+        return not self.discrete_dims and not self.cat_dims
+
+    @property
+    def has_categoricals(self) -> bool:
+        return bool(self.cat_dims)
+
+    def encode(self, configs: Sequence[Config]) -> Tensor:
+        """n configs -> ``n x d``."""
+        return as_tensor(self.space.encode_many(configs)) if configs else torch.empty(0, self.dim, dtype=DTYPE)
+
+    def decode(self, X: Tensor) -> list[Config]:
+        """``n x d`` -> n configs."""
+        return self.space.decode_many(X.detach().cpu().numpy())
+
+    def snap(self, X: Tensor) -> Tensor:
+        """``n x d`` -> ``n x d``: the vectors of the configurations ``X`` decodes to."""
+        return as_tensor(self.space.snap(X.detach().cpu().numpy()))
+
+
+def fit_gp(
+    X: Tensor,
+    Y: Tensor,
+    geometry: SpaceGeometry,
+    Yvar: Tensor | None = None,
+    warm_start: dict[str, Tensor] | None = None,
+) -> SingleTaskGP:
+    """Fit a GP with one output per column of ``Y``.
+
+    Args:
+        X: ``n x d`` encoded inputs.
+        Y: ``n x m`` outcomes (any units; standardised inside the model).
+        geometry: decides the kernel (``MixedSingleTaskGP`` when there are categoricals) and the
+            conditional projection.
+        Yvar: ``n x m`` known observation noise variances, or None to infer a noise level.
+        warm_start: hyperparameters of a previous fit of the same shape (``hyperparameters``),
+            used as the starting point of this fit: refits stay quick as data accumulate.
+
+    Returns:
+        The fitted model, in eval mode.
+    """
+    kwargs: dict[str, Any] = {"train_Yvar": Yvar, "outcome_transform": Standardize(m=Y.shape[-1]),
+                              "input_transform": geometry.projection}
+    if geometry.has_categoricals:
+        model: SingleTaskGP = MixedSingleTaskGP(X, Y, cat_dims=sorted(geometry.cat_dims), **kwargs)
+    else:
+        model = SingleTaskGP(X, Y, **kwargs)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    if warm_start is not None:
+        try:
+            model.load_state_dict(warm_start, strict=False)
+        except RuntimeError:  # shapes changed (another output count): start from the defaults
+            model.load_state_dict(initial)
+    mll = ExactMarginalLogLikelihood(model.likelihood, model)
+    try:
+        fit_gpytorch_mll(mll)
+    except ModelFittingError:
+        if warm_start is None:
+            raise
+        model.load_state_dict(initial)  # a bad warm start: refit from the defaults
+        fit_gpytorch_mll(mll)
+    return model.eval()
+
+
+def hyperparameters(model: Model) -> dict[str, Tensor]:
+    """The learned parameters of a fitted GP (not its transforms' data statistics), for warm starts."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if not k.startswith(("outcome_transform", "input_transform"))}
+
+
+class CheapValues:
+    """Problem.cheap_values as a batched function of encoded inputs, memoised per configuration.
+
+    ``X`` of shape ``batch x q x d`` -> ``batch x q x k`` values of the ``names`` objectives,
+    multiplied by ``signs`` (so that larger is better when ``signs`` turn minimised into
+    maximised). Candidates are decoded first, so inactive and off-grid coordinates do not matter.
+    """
+
+    def __init__(self, problem: Problem, names: Sequence[str], signs: Sequence[float], cache_size: int = 100_000):
+        self.problem = problem
+        self.names = list(names)
+        self.signs = torch.tensor(list(signs), dtype=DTYPE)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple, list[float]] = OrderedDict()
+        self.calls = 0  # calls into the problem (cache misses)
+
+    def _values(self, config: Config) -> list[float]:
+        key = tuple(sorted((k, repr(v)) for k, v in config.items()))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        self.calls += 1
+        got = self.problem.cheap_values(config)
+        missing = [n for n in self.names if n not in got]
+        if missing:
+            raise ValueError(f"{type(self.problem).__name__}.cheap_values() lacks objective(s) {missing}; "
+                             f"it returned {sorted(got)}")
+        row = [float(got[n]) for n in self.names]
+        self._cache[key] = row
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return row
+
+    def __call__(self, X: Tensor) -> Tensor:
+        flat = X.detach().reshape(-1, X.shape[-1]).cpu().numpy()
+        rows = [self._values(c) for c in self.problem.space.decode_many(flat)]
+        out = torch.tensor(rows, dtype=DTYPE).reshape(*X.shape[:-1], len(self.names))
+        return out * self.signs.to(out)
+
+    def model(self) -> GenericDeterministicModel:
+        return GenericDeterministicModel(self, num_outputs=len(self.names))
+
+
+def optimize_candidate(
+    acqf: AcquisitionFunction,
+    geometry: SpaceGeometry,
+    *,
+    num_restarts: int,
+    raw_samples: int,
+    maxiter: int = 100,
+) -> Tensor:
+    """Maximise ``acqf`` for one candidate over the space; return it snapped, shape ``1 x d``.
+
+    Continuous spaces use ``optimize_acqf`` (L-BFGS-B from the best of ``raw_samples`` Sobol
+    points); spaces with integers or categoricals use ``optimize_acqf_mixed_alternating``
+    (alternating discrete neighbourhood search and continuous L-BFGS-B steps).
+    """
+    with warnings.catch_warnings():
+        for category in QUIET_WARNINGS:
+            warnings.simplefilter("ignore", category)
+        if geometry.is_continuous:
+            X, _ = optimize_acqf(acqf, geometry.bounds, q=1, num_restarts=num_restarts, raw_samples=raw_samples,
+                                 fixed_features=geometry.fixed_features or None, options={"maxiter": maxiter})
+        else:
+            X, _ = optimize_acqf_mixed_alternating(
+                acqf, geometry.bounds, discrete_dims=geometry.discrete_dims, cat_dims=geometry.cat_dims,
+                q=1, num_restarts=num_restarts, raw_samples=raw_samples,
+                fixed_features=geometry.fixed_features or None,
+                options={"maxiter_continuous": 8, "maxiter_alternating": 16, "maxiter_init": maxiter},
+            )
+    return geometry.snap(X.reshape(1, -1))
+
+
+def row_keys(X: Tensor, decimals: int = 9) -> set[tuple[float, ...]]:
+    """``n x d`` -> a set of hashable rows, for duplicate checks on snapped vectors."""
+    return {tuple(r) for r in np.round(X.detach().cpu().numpy(), decimals)}
+
+
+__all__ = ["DTYPE", "CheapValues", "ConditionalProjection", "SpaceGeometry", "as_tensor", "fit_gp",
+           "hyperparameters", "optimize_candidate", "row_keys"]

@@ -1,0 +1,351 @@
+"""``botorch``: Bayesian optimisation with BoTorch, for one or many objectives.
+
+What it does on each ``ask`` once the warm-up is over:
+
+1. Fit a GP to the complete trials: one output per expensive objective and per constraint
+   (``SingleTaskGP``, or ``MixedSingleTaskGP`` with a categorical kernel when the space has
+   categoricals), outcomes standardised, observation noise inferred unless ``noise`` is given.
+   Minimised objectives are negated: everything is maximised inside.
+2. Build the acquisition function: ``qLogNEHVI`` for 2 to 4 objectives, ``qLogNParEGO`` (a
+   random Chebyshev scalarisation per candidate) beyond, ``qLogNEI`` for one objective
+   (``acquisition`` forces a choice). Constraints (feasible when <= 0) are modelled outcomes
+   passed as ``constraints``; the configurations being evaluated now (``pending``) are
+   ``X_pending``, so parallel workers get different configurations.
+3. Optimise it one candidate at a time (sequential greedy: each chosen candidate joins
+   ``X_pending`` for the next), with ``optimize_acqf`` on continuous spaces and
+   ``optimize_acqf_mixed_alternating`` when there are integers or categoricals, then snap it
+   to the configuration it decodes to.
+
+Details:
+
+- Warm-up: the first ``n_init`` configurations (default ``min(2 (d + 1), 20)``) are scrambled
+  Sobol points, as is every ask until two trials have completed.
+- Reference point (NEHVI): the problem's ``reference_point`` if it declares one (the point its
+  hypervolume is measured against), else BoTorch's ``infer_reference_point`` on the observed
+  feasible front (the nadir pushed out by 10% of the range).
+- Cheap objectives (``Objective(cheap=True)``) are not modelled: a ``GenericDeterministicModel``
+  calls ``problem.cheap_values`` on each decoded candidate (memoised per configuration), so
+  the acquisition knows them exactly. ``cheap_values`` should therefore be fast.
+- Conditional spaces: the GP sees the encoded vectors, with inactive coordinates at the 0.5
+  placeholder (also for candidates, through ``ConditionalProjection``).
+- Failed trials are left out of the objective model. With ``avoid_failures`` (default) and at
+  least one failure, a GP on a success (-1) / failure (+1) label over all finished trials is an
+  extra constraint, so the acquisition is weighted by the modelled chance of not failing:
+  regions that fail (out of memory at large sizes, diverging learning rates) are avoided.
+- A configuration is never proposed twice (evaluated, pending or in the same batch): if the
+  acquisition's optimum is one, a fresh Sobol point is used instead.
+- Randomness (Sobol warm-up, MC base samples, raw samples) comes from ``seed`` and the ask
+  count, so runs repeat, and a resumed run (``restore``) does not replay its first asks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from botorch.acquisition import AcquisitionFunction
+from botorch.acquisition.logei import qLogNoisyExpectedImprovement
+from botorch.acquisition.multi_objective import qLogNoisyExpectedHypervolumeImprovement
+from botorch.acquisition.multi_objective.objective import IdentityMCMultiOutputObjective
+from botorch.acquisition.multi_objective.parego import qLogNParEGO
+from botorch.acquisition.objective import GenericMCObjective
+from botorch.models import ModelList, ModelListGP
+from botorch.models.model import Model
+from botorch.sampling.get_sampler import get_sampler
+from botorch.utils.multi_objective.hypervolume import infer_reference_point
+from botorch.utils.multi_objective.pareto import is_non_dominated
+from botorch.utils.sampling import sample_simplex
+from scipy.stats import qmc
+from torch import Tensor
+
+from qd.problem import Problem
+from qd.space import Config
+from qd.strategies._botorch_common import (
+    DTYPE,
+    QUIET_WARNINGS,
+    CheapValues,
+    SpaceGeometry,
+    as_tensor,
+    fit_gp,
+    hyperparameters,
+    optimize_candidate,
+    row_keys,
+)
+from qd.strategy import Strategy
+from qd.store import Trial
+
+#: Up to this many objectives, qLogNEHVI; beyond, its box decompositions grow too costly: ParEGO.
+NEHVI_MAX_OBJECTIVES = 4
+MIN_OBSERVATIONS = 2
+#: A GP is fitted from scratch (not warm-started) once its data have grown by this factor.
+COLD_REFIT_GROWTH = 1.25
+ACQUISITIONS_MULTI = ("auto", "nehvi", "parego")
+ACQUISITIONS_SINGLE = ("auto", "nei")
+
+
+def _option_error(option: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"strategy 'botorch': option {option}={value!r} is not allowed; allowed: {allowed}")
+
+
+def _check_int(option: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise _option_error(option, value, f"an integer >= {minimum}")
+    return int(value)
+
+
+def _column(index: int, Z: Tensor) -> Tensor:
+    """Constraint callable: ``sample_shape x batch x q x outputs`` -> ``... x q`` (feasible <= 0)."""
+    return Z[..., index]
+
+
+def _pick(index: int, Z: Tensor, X: Tensor | None = None) -> Tensor:
+    return Z[..., index]
+
+
+class BoTorch(Strategy):
+    """Multi-objective (and single-objective) Bayesian optimisation with BoTorch's qLogNEHVI/qLogNParEGO/qLogNEI.
+
+    Options:
+        acquisition: "auto" (qLogNEHVI up to 4 objectives, qLogNParEGO beyond, qLogNEI for one),
+            "nehvi" or "parego" (several objectives), "nei" (one objective).
+        n_init: Sobol warm-up size (default ``min(2 (d + 1), 20)``).
+        num_restarts, raw_samples: acquisition optimisation effort (L-BFGS-B starts, and the
+            Sobol points they are chosen from).
+        mc_samples: quasi-Monte-Carlo samples of the posterior in the acquisition function.
+        noise: "inferred" (a noise level is fitted), or the known noise standard deviation of
+            every modelled outcome in its own units (0 for deterministic evaluations).
+        avoid_failures: model failures as a constraint (see the module docstring).
+    """
+
+    name = "botorch"
+
+    def __init__(
+        self,
+        problem: Problem,
+        seed: int = 0,
+        acquisition: str = "auto",
+        n_init: int | None = None,
+        num_restarts: int = 6,
+        raw_samples: int = 256,
+        mc_samples: int = 128,
+        noise: str | float = "inferred",
+        avoid_failures: bool = True,
+    ):
+        super().__init__(problem, seed)
+        m = len(problem.objectives)
+        allowed = ACQUISITIONS_SINGLE if m == 1 else ACQUISITIONS_MULTI
+        if acquisition not in allowed:
+            raise _option_error("acquisition", acquisition,
+                                f"{list(allowed)} for a problem with {m} objective{'s' if m > 1 else ''}")
+        if acquisition == "auto":
+            acquisition = "nei" if m == 1 else ("nehvi" if m <= NEHVI_MAX_OBJECTIVES else "parego")
+        self.acquisition = acquisition
+        d = self.space.dim
+        self.n_init = min(2 * (d + 1), 20) if n_init is None else _check_int("n_init", n_init, 1)
+        self.num_restarts = _check_int("num_restarts", num_restarts, 1)
+        self.raw_samples = _check_int("raw_samples", raw_samples, 1)
+        if self.raw_samples < self.num_restarts:
+            raise _option_error("raw_samples", raw_samples, f"an integer >= num_restarts={num_restarts}")
+        self.mc_samples = _check_int("mc_samples", mc_samples, 1)
+        if noise == "inferred":
+            self.noise_std: float | None = None
+        elif isinstance(noise, (int, float, np.number)) and not isinstance(noise, bool) and 0 <= noise < math.inf:
+            self.noise_std = float(noise)
+        else:
+            raise _option_error("noise", noise, "'inferred', or a number >= 0 (the known noise standard deviation)")
+        if not isinstance(avoid_failures, (bool, np.bool_)):
+            raise _option_error("avoid_failures", avoid_failures, "true or false")
+        self.avoid_failures = bool(avoid_failures)
+
+        self.geometry = SpaceGeometry(self.space)
+        objectives = problem.objectives
+        self._signs = np.array([-o.sign for o in objectives])  # to maximised units
+        self._expensive = [i for i, o in enumerate(objectives) if not o.cheap]
+        cheap = [i for i, o in enumerate(objectives) if o.cheap]
+        self._cheap = (CheapValues(problem, [objectives[i].name for i in cheap], self._signs[cheap])
+                       if cheap else None)
+        self._cheap_index = cheap
+        self._n_constraints = len(problem.constraints)
+
+        # Observations: encoded inputs, modelled outcomes (expensive objectives maximised, then
+        # constraints), all objectives maximised (for the reference point), feasibility.
+        self._X: list[np.ndarray] = []
+        self._Y: list[list[float]] = []
+        self._F: list[list[float]] = []
+        self._feasible: list[bool] = []
+        self._X_failed: list[np.ndarray] = []
+        self._version = 0
+        self._fitted: tuple[int, Model, list[int], list[int]] | None = None
+        self._warm: dict[str, dict[str, Tensor]] = {}
+        self._cold_fit_size: dict[str, int] = {}
+
+        self._sobol = qmc.Sobol(d=d, scramble=True, seed=seed)
+        self._warmup_issued = 0
+        self._asks = 0
+        self.latencies: list[tuple[int, float]] = []  # (observations, seconds) of model-based asks
+        self.duplicates_replaced = 0
+
+    # --- observations ------------------------------------------------------------------------
+    def tell(self, trial: Trial) -> None:
+        if trial.state == "complete" and trial.values is not None:
+            x = self.space.encode(trial.params)
+            values = np.asarray(trial.values, dtype=float) * self._signs
+            constraints = list(trial.constraints or [])
+            self._X.append(x)
+            self._Y.append([*values[self._expensive].tolist(), *constraints])
+            self._F.append(values.tolist())
+            self._feasible.append(all(c <= 0 for c in constraints))
+            self._version += 1
+        elif trial.state == "failed" and not trial.stale:
+            self._X_failed.append(self.space.encode(trial.params))
+            self._version += 1
+
+    def restore(self, trials: Sequence[Trial]) -> None:
+        super().restore(trials)
+        proposed = sum(t.origin == "strategy" for t in trials)
+        self._warmup_issued = min(self.n_init, proposed)
+        if proposed:  # scipy rejects fast_forward(0)
+            self._sobol.fast_forward(proposed)
+        self._asks += len(trials) + 1  # fresh random streams: a resumed run does not replay its asks
+
+    def state(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"phase": "model" if self._use_model() else "sobol"}
+        if self.latencies:
+            out["ask_s"] = self.latencies[-1][1]
+        return out
+
+    # --- asking ------------------------------------------------------------------------------
+    def _use_model(self) -> bool:
+        return self._warmup_issued >= self.n_init and len(self._X) >= MIN_OBSERVATIONS
+
+    def _sobol_point(self, seen: set) -> Tensor:
+        """One Sobol point, snapped, avoiding ``seen`` rows when possible: ``1 x d``."""
+        with warnings.catch_warnings():  # Sobol prefers powers of two; any count is still low-discrepancy
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(100):
+                x = self.geometry.snap(as_tensor(self._sobol.random(1)))
+                if not row_keys(x) & seen:
+                    break
+        return x
+
+    def ask(self, n: int, pending: Sequence[Config] = ()) -> list[Config]:
+        self._asks += 1
+        t0 = time.perf_counter()
+        X_pending = self.geometry.encode(list(pending))
+        observed = [*self._X, *self._X_failed]
+        seen = row_keys(X_pending) | (row_keys(as_tensor(observed)) if observed else set())
+        use_model = self._use_model()
+        out: list[Config] = []
+        seed = int(np.random.SeedSequence([self.seed, self._asks]).generate_state(1)[0])
+        with torch.random.fork_rng(), warnings.catch_warnings():
+            for category in QUIET_WARNINGS:
+                warnings.simplefilter("ignore", category)
+            torch.manual_seed(seed)
+            for _ in range(n):
+                x = None
+                if use_model:
+                    x = self._propose(X_pending)
+                    if row_keys(x) & seen:
+                        self.duplicates_replaced += 1
+                        x = None
+                if x is None:
+                    x = self._sobol_point(seen)
+                    if self._warmup_issued < self.n_init:
+                        self._warmup_issued += 1
+                seen |= row_keys(x)
+                X_pending = torch.cat([X_pending, x])
+                out.append(self.geometry.decode(x)[0])
+        if use_model:
+            self.latencies.append((len(self._X), time.perf_counter() - t0))
+        return out
+
+    def _fit(self, key: str, X: Tensor, y: Tensor, Yvar: Tensor | None) -> Model:
+        """Fit one single-output GP (``X``: ``n x d``, ``y``/``Yvar``: ``n x 1``), warm-started from its last fit.
+
+        Independent single-output GPs fit several times faster than one batched multi-output
+        GP here. Warm starts make a refit take a few L-BFGS steps; a cold fit whenever the data
+        have grown by a quarter since the last one keeps a poor early optimum from sticking.
+        """
+        cold = len(X) >= COLD_REFIT_GROWTH * self._cold_fit_size.get(key, 0)
+        gp = fit_gp(X, y, self.geometry, Yvar=Yvar, warm_start=None if cold else self._warm.get(key))
+        if cold:
+            self._cold_fit_size[key] = len(X)
+        self._warm[key] = hyperparameters(gp)
+        return gp
+
+    def _model(self) -> tuple[Model, list[int], list[int]]:
+        """The fitted model (refit when data changed) with its objective and constraint output indices.
+
+        Outputs, in order: expensive objectives (maximised), constraints, the failure label
+        (when modelled), cheap objectives (maximised, deterministic).
+        """
+        if self._fitted is not None and self._fitted[0] == self._version:
+            return self._fitted[1:]
+        X = as_tensor(self._X)
+        Y = as_tensor(self._Y).reshape(len(X), -1)
+        models: list[Model] = []
+        objective_outputs = [0] * len(self._signs)
+        for k, i in enumerate(self._expensive):
+            objective_outputs[i] = k
+        constraint_outputs = list(range(len(self._expensive), Y.shape[-1]))
+        for j in range(Y.shape[-1]):
+            y = Y[:, j : j + 1]
+            Yvar = None if self.noise_std is None else torch.full_like(y, max(self.noise_std**2, 1e-6))
+            models.append(self._fit(f"outcome{j}", X, y, Yvar))
+        if self.avoid_failures and self._X_failed:
+            X_all = torch.cat([X, as_tensor(self._X_failed)])
+            label = torch.cat([-torch.ones(len(X), 1, dtype=DTYPE), torch.ones(len(self._X_failed), 1, dtype=DTYPE)])
+            constraint_outputs.append(len(models))
+            models.append(self._fit("failure", X_all, label, None))
+        if self._cheap is not None:
+            for k, i in enumerate(self._cheap_index):
+                objective_outputs[i] = len(models) + k
+            models.append(self._cheap.model())
+            model: Model = models[0] if len(models) == 1 else ModelList(*models)
+        else:
+            model = models[0] if len(models) == 1 else ModelListGP(*models)
+        self._fitted = (self._version, model, objective_outputs, constraint_outputs)
+        return model, objective_outputs, constraint_outputs
+
+    def reference_point(self) -> Tensor:
+        """The NEHVI reference point in maximised units, shape ``(m,)``."""
+        if self.problem.reference_point is not None:
+            return torch.tensor(np.asarray(self.problem.reference_point, dtype=float) * self._signs, dtype=DTYPE)
+        F = as_tensor(self._F)
+        feasible = torch.tensor(self._feasible)
+        if feasible.any():
+            F = F[feasible]
+        return infer_reference_point(F[is_non_dominated(F)])
+
+    def _acquisition(self, X_pending: Tensor) -> AcquisitionFunction:
+        model, objective_outputs, constraint_outputs = self._model()
+        X_baseline = as_tensor(self._X)
+        constraints: list[Callable[[Tensor], Tensor]] | None = (
+            [partial(_column, i) for i in constraint_outputs] or None
+        )
+        sampler = get_sampler(model.posterior(X_baseline[:1]), sample_shape=torch.Size([self.mc_samples]),
+                              seed=int(torch.randint(2**31 - 1, (1,)).item()))
+        pending = X_pending if len(X_pending) else None
+        common = {"X_baseline": X_baseline, "sampler": sampler, "constraints": constraints, "X_pending": pending,
+                  "prune_baseline": True}
+        if self.acquisition == "nei":
+            objective = GenericMCObjective(partial(_pick, objective_outputs[0]))
+            return qLogNoisyExpectedImprovement(model, objective=objective, **common)
+        objective = IdentityMCMultiOutputObjective(outcomes=objective_outputs)
+        if self.acquisition == "nehvi":
+            return qLogNoisyExpectedHypervolumeImprovement(model, ref_point=self.reference_point(),
+                                                           objective=objective, **common)
+        weights = sample_simplex(len(objective_outputs), dtype=DTYPE).view(-1)
+        return qLogNParEGO(model, scalarization_weights=weights, objective=objective, **common)
+
+    def _propose(self, X_pending: Tensor) -> Tensor:
+        """One candidate given the pending ones (``k x d``): ``1 x d``, snapped."""
+        acqf = self._acquisition(X_pending)
+        return optimize_candidate(acqf, self.geometry, num_restarts=self.num_restarts,
+                                  raw_samples=self.raw_samples)
