@@ -7,12 +7,21 @@ Budget: the number of *finished* evaluations (complete, or failed by the evaluat
 Resume: trials left RUNNING by a driver that died are marked failed and ``stale`` (they do not
 count towards the budget) and their configurations are evaluated again first; everything else
 is replayed into the strategy with ``Strategy.restore``.
+
+Each trial records the driver that started it (host, pid, process start time). Resuming a run
+whose RUNNING trials belong to a driver still alive on this host is refused (``RunInUse``), so two
+drivers never evaluate the same run; a driver on another host cannot be checked and is taken as
+dead. A re-queued trial records the stale trial it re-runs (``requeue_of``) in the same write that
+creates it, so a driver killed at any moment never re-queues one configuration twice.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from evaluators.base import Evaluator, Job, Outcome
+from qd.experiment import ExperimentError
 from qd.problem import EvaluationError, Problem
 from qd.results import hypervolume, pareto_trials, reference_point
 from qd.space import Config
@@ -31,6 +41,51 @@ Callback = Callable[[Store, Trial], None]
 
 STALE_REASON = "stale: the driver stopped while this evaluation was running; its configuration was queued again"
 CANCELLED_REASON = "cancelled: the wall-time limit was reached while this evaluation was running"
+
+
+class RunInUse(ExperimentError):
+    """The run has evaluations running in a driver that is still alive."""
+
+
+# Tokens of the run() calls in progress in this process (a trial's driver may be this very process).
+_LIVE_RUNS: set[str] = set()
+
+
+def _process_start(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks since boot) of process ``pid`` from /proc, or None where unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def driver_identity(token: str) -> dict[str, object]:
+    """What a trial records about the driver that starts it."""
+    stat = _process_start(os.getpid())
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": stat[1] if stat else None, "token": token}
+
+
+def driver_alive(driver: dict[str, object] | None) -> bool:
+    """Whether the driver that started a trial is still running (known on its own host only)."""
+    if not driver or driver.get("host") != socket.gethostname() or not isinstance(driver.get("pid"), int):
+        return False
+    pid = driver["pid"]
+    if pid == os.getpid():
+        return driver.get("token") in _LIVE_RUNS
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        pass
+    stat = _process_start(pid)
+    if stat is None:
+        return True
+    state, started = stat
+    # A zombie is dead; a different start time means the pid was reused by another process.
+    return state not in ("Z", "X") and (driver.get("pid_start") is None or started == driver["pid_start"])
 
 
 @dataclass
@@ -105,12 +160,23 @@ def run(
     if workers < 1:
         raise ValueError(f"workers={workers}: must be >= 1")
     t_start = time.monotonic()
+    token = uuid.uuid4().hex
+    driver = driver_identity(token)
     history = store.trials()
+    busy = [t for t in history if t.state == "running" and driver_alive(t.driver)]
+    if busy:
+        d = busy[0].driver or {}
+        raise RunInUse(f"run {store.info.name!r} has {len(busy)} evaluation(s) running in a driver that is still "
+                       f"alive (pid {d.get('pid')} on {d.get('host')}); stop it before resuming this run, or "
+                       f"choose another --name")
     for t in history:
         if t.state == "running":
             store.fail(t, STALE_REASON, stale=True, metadata={"requeue": True})
-    # Stale trials not yet evaluated again (also those cancelled at a previous wall-time limit).
-    requeue: deque[Trial] = deque(t for t in history if t.stale and t.metadata.get("requeue"))
+    # Stale trials not yet evaluated again (also those cancelled at a previous wall-time limit). A trial
+    # re-launched by a driver that died before clearing the stale one's flag is not launched again.
+    relaunched = {t.requeue_of for t in history if t.requeue_of is not None}
+    requeue: deque[Trial] = deque(t for t in history
+                                  if t.stale and t.metadata.get("requeue") and t.number not in relaunched)
     strategy.restore(history)
     finished = sum(t.finished for t in history)
     in_flight: dict[int, Trial] = {}
@@ -118,11 +184,11 @@ def run(
     stopped_by = "budget"
     n_requeued = len(requeue)
 
-    def launch(config: Config, origin: str) -> None:
+    def launch(config: Config, origin: str, requeue_of: int | None = None) -> None:
         config = problem.space.validate(config)
         number = store.study._storage.get_n_trials(store.study._study_id)
         trial = store.start(config, problem.space.active_distributions(config), origin=origin,
-                            seed=evaluation_seed(store.info.seed, number))
+                            seed=evaluation_seed(store.info.seed, number), driver=driver, requeue_of=requeue_of)
         in_flight[trial.number] = trial
         evaluator.submit(Job(trial.number, config, trial.seed))
 
@@ -139,6 +205,7 @@ def run(
         return store.fail(trial, f"{outcome.kind}: {outcome.error}", metadata=meta)
 
     evaluator.start(problem, workers, timeout_s)
+    _LIVE_RUNS.add(token)
     try:
         while True:
             out_of_time = time_limit_s is not None and time.monotonic() - t_start >= time_limit_s
@@ -146,8 +213,9 @@ def run(
             if slots > 0 and not out_of_time:
                 while requeue and slots > 0:
                     stale = requeue.popleft()
-                    launch(stale.params, "requeue")
-                    store.update_metadata(stale, {**stale.metadata, "requeue": False})
+                    # The stale trial is finished and cannot be updated (Optuna refuses): the new trial's
+                    # requeue_of is what marks it as evaluated again.
+                    launch(stale.params, "requeue", requeue_of=stale.number)
                     slots -= 1
                 if slots > 0:
                     asked = strategy.ask(slots, pending=[t.params for t in in_flight.values()])
@@ -174,6 +242,7 @@ def run(
                     cb(store, trial)
                 bar.update(trial, len(in_flight), force=finished >= budget)
     finally:
+        _LIVE_RUNS.discard(token)
         evaluator.close()
         bar.close()
     counts = store.counts()

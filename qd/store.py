@@ -12,7 +12,9 @@ Layout inside the study:
 - trial values: objective values in declared order (Optuna directions match the objectives).
 - trial user attrs: ``measures`` ({name: value}), ``constraints`` (list, feasible when <= 0),
   ``metadata`` (dict), ``fail_reason`` (str), ``origin`` ("strategy" or "requeue"), ``seed``,
-  ``stale`` (True for a trial whose driver died while it was running).
+  ``stale`` (True for a trial whose driver died while it was running), ``driver`` (host, pid and
+  process start time of the driver that started it), ``requeue_of`` (for a re-queued trial, the
+  number of the stale trial it evaluates again).
 """
 
 from __future__ import annotations
@@ -42,6 +44,20 @@ class RunNotFound(LookupError):
     pass
 
 
+def resolve_storage(storage: str) -> str:
+    """The URL to hand to Optuna: a plain ``postgresql://`` names the psycopg2 driver when psycopg 3 is absent.
+
+    SQLAlchemy 2.1 maps ``postgresql://`` to psycopg 3, but the driver this project depends on is
+    psycopg2, so the plain URL, as people write it, failed with "No module named 'psycopg'".
+    """
+    if storage.startswith("postgresql://"):
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+            return "postgresql+psycopg2://" + storage[len("postgresql://"):]
+    return storage
+
+
 @dataclass
 class Trial:
     """One evaluation as recorded."""
@@ -57,6 +73,8 @@ class Trial:
     origin: str = "strategy"
     stale: bool = False
     seed: int = 0
+    driver: dict[str, Any] | None = None
+    requeue_of: int | None = None
     _id: int = -1
 
     @property
@@ -116,7 +134,8 @@ class Store:
                     f"run {info.name!r} was made with strategy {existing.info.strategy!r}, not {info.strategy!r}"
                 )
             return existing
-        study = optuna.create_study(storage=storage, study_name=info.name, directions=problem.directions)
+        study = optuna.create_study(storage=resolve_storage(storage), study_name=info.name,
+                                    directions=problem.directions)
         study.set_metric_names(problem.objective_names)
         study.set_user_attr("qd", info.to_json())
         study.set_user_attr("measure_names", problem.measure_names)
@@ -125,9 +144,9 @@ class Store:
     @classmethod
     def open(cls, storage: str, name: str) -> Store:
         try:
-            study = optuna.load_study(study_name=name, storage=storage)
+            study = optuna.load_study(study_name=name, storage=resolve_storage(storage))
         except KeyError:
-            names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+            names = [s.study_name for s in optuna.get_all_study_summaries(resolve_storage(storage))]
             raise RunNotFound(f"no run named {name!r} in {storage}; runs there: {names}") from None
         attrs = study.user_attrs
         if "qd" not in attrs:
@@ -137,18 +156,28 @@ class Store:
 
     @staticmethod
     def run_names(storage: str) -> list[str]:
-        return [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        return [s.study_name for s in optuna.get_all_study_summaries(resolve_storage(storage))]
 
     # --- writing ----------------------------------------------------------------------------
-    def start(self, params: Config, distributions: dict, *, origin: str = "strategy", seed: int = 0) -> Trial:
-        """Record a RUNNING trial for a configuration about to be evaluated."""
+    def start(self, params: Config, distributions: dict, *, origin: str = "strategy", seed: int = 0,
+              driver: dict[str, Any] | None = None, requeue_of: int | None = None) -> Trial:
+        """Record a RUNNING trial for a configuration about to be evaluated.
+
+        ``driver`` and ``requeue_of`` are written in the same insert as the trial, so a driver killed
+        at any moment leaves either no trial or a trial that says who ran it and what it re-runs.
+        """
+        user_attrs: dict[str, Any] = {"origin": origin, "seed": seed}
+        if driver is not None:
+            user_attrs["driver"] = driver
+        if requeue_of is not None:
+            user_attrs["requeue_of"] = requeue_of
         template = optuna.trial.create_trial(
-            state=TrialState.RUNNING, params=params, distributions=distributions,
-            user_attrs={"origin": origin, "seed": seed},
+            state=TrialState.RUNNING, params=params, distributions=distributions, user_attrs=user_attrs,
         )
         trial_id = self._storage.create_new_trial(self._study_id, template_trial=template)
         number = self._storage.get_trial_number_from_id(trial_id)
-        return Trial(number=number, params=dict(params), state="running", origin=origin, seed=seed, _id=trial_id)
+        return Trial(number=number, params=dict(params), state="running", origin=origin, seed=seed, driver=driver,
+                     requeue_of=requeue_of, _id=trial_id)
 
     def complete(self, trial: Trial, values: Sequence[float], measures: Sequence[float] = (),
                  constraints: Sequence[float] = (), metadata: dict[str, Any] | None = None) -> Trial:
@@ -204,7 +233,7 @@ class Store:
             measures=[measures[n] for n in self.measure_names] if measures else None,
             constraints=ua.get("constraints"), metadata=ua.get("metadata", {}), reason=ua.get("fail_reason"),
             origin=ua.get("origin", "strategy"), stale=bool(ua.get("stale", False)), seed=ua.get("seed", 0),
-            _id=t._trial_id,
+            driver=ua.get("driver"), requeue_of=ua.get("requeue_of"), _id=t._trial_id,
         )
 
     def counts(self) -> dict[str, int]:
