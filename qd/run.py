@@ -103,42 +103,94 @@ def evaluation_seed(run_seed: int, trial_number: int) -> int:
 
 
 class _Progress:
-    """A tqdm bar over the budget, with counts, the best values or hypervolume, and strategy state."""
+    """Progress over the budget: evaluations finished, failed and running, the best values, the
+    hypervolume (several objectives) and the strategy's ``state()`` (e.g. archive coverage).
 
-    def __init__(self, store: Store, problem: Problem, strategy: Strategy, budget: int, initial: int, enabled: bool):
-        self.store, self.problem, self.strategy = store, problem, strategy
-        self.bar = tqdm(total=budget, initial=initial, desc=store.info.name, disable=not enabled, file=sys.stderr,
-                        dynamic_ncols=True)
-        self.complete: list[Trial] = []
-        self.failed = 0
-        self._last = 0.0
+    On a terminal this is a tqdm bar. When stderr is not a terminal (a log file, a CI job, a
+    notebook's captured stream) carriage-return redraws would pile up into one unreadable line,
+    so a plain line is written every ``log_every_s`` seconds and once at the end instead.
+    """
+
+    def __init__(self, store: Store, problem: Problem, strategy: Strategy, budget: int, history: Sequence[Trial],
+                 enabled: bool, log_every_s: float = 10.0):
+        self.store, self.problem, self.strategy, self.budget = store, problem, strategy, budget
+        self.stream = sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and _isatty(self.stream)
+        # Counts include the trials of earlier sessions of a resumed run, so best/hv describe the run.
+        self.complete: list[Trial] = [t for t in history if t.state == "complete"]
+        self.failed = sum(t.state == "failed" and not t.stale for t in history)
+        self.finished = len(self.complete) + self.failed
+        self.bar = tqdm(total=budget, initial=min(self.finished, budget), desc=store.info.name, disable=not self.tty,
+                        file=self.stream, dynamic_ncols=True)
+        self.log_every_s = log_every_s
+        self._t0 = time.monotonic()
+        self._last = 0.0  # last postfix refresh (tty)
+        self._last_line = self._t0  # last log line (not a tty)
+        self._logged = -1  # finished count of the last log line
+        self._running = 0
+
+    def fields(self, running: int) -> dict[str, str]:
+        """The numbers shown, as short strings (also the log line's ``key=value`` pairs)."""
+        post: dict[str, str] = {"failed": str(self.failed), "running": str(running)}
+        directions = self.problem.directions
+        names = self.problem.objective_names
+        ok = [t for t in self.complete if t.feasible]
+        if ok:
+            best = [(min if d == "minimize" else max)(t.values[i] for t in ok) for i, d in enumerate(directions)]
+            if len(best) == 1:
+                post[f"best {names[0]}"] = f"{best[0]:.4g}"
+            else:
+                post["best"] = " ".join(f"{n}:{b:.4g}" for n, b in zip(names, best))
+                front = pareto_trials(ok, directions)
+                ref = reference_point(self.problem, ok, directions)
+                if ref and front:
+                    post["hv"] = f"{hypervolume(np.array([t.values for t in front]), directions, ref.point):.4g}"
+                post["pareto"] = str(len(front))
+        try:
+            state = self.strategy.state()
+        except Exception as e:  # progress must never stop a run
+            state = {"state": f"unavailable ({type(e).__name__})"}
+        for k, v in state.items():
+            post[k] = f"{v:.3g}" if isinstance(v, float) else str(v)
+        return post
 
     def update(self, trial: Trial, running: int, force: bool = False) -> None:
         if trial.state == "complete":
             self.complete.append(trial)
         else:
             self.failed += 1
-        self.bar.update(1)
-        if self.bar.disable or (not force and time.monotonic() - self._last < 1.0):
+        self.finished += 1
+        self._running = running
+        if not self.enabled:
             return
-        self._last = time.monotonic()
-        post = {"done": len(self.complete), "failed": self.failed, "running": running}
-        directions = self.problem.directions
-        if len(directions) == 1 and self.complete:
-            best = (min if directions[0] == "minimize" else max)(t.values[0] for t in self.complete if t.feasible) \
-                if any(t.feasible for t in self.complete) else None
-            post["best"] = f"{best:.4g}" if best is not None else "-"
-        elif self.complete:
-            front = pareto_trials(self.complete, directions)
-            ref = reference_point(self.problem, self.complete, directions)
-            if ref and front:
-                post["hv"] = f"{hypervolume(np.array([t.values for t in front]), directions, ref.point):.4g}"
-            post["pareto"] = len(front)
-        post.update({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in self.strategy.state().items()})
-        self.bar.set_postfix(post, refresh=True)
+        now = time.monotonic()
+        if self.tty:
+            self.bar.update(1)
+            if force or now - self._last >= 1.0:
+                self._last = now
+                self.bar.set_postfix(self.fields(running), refresh=True)
+        elif force or now - self._last_line >= self.log_every_s:
+            self._log_line(running)
+
+    def _log_line(self, running: int) -> None:
+        self._last_line, self._logged = time.monotonic(), self.finished
+        elapsed = self._last_line - self._t0
+        pairs = " ".join(f"{k}={v}" if " " not in v else f"{k}=[{v}]" for k, v in self.fields(running).items())
+        print(f"[{self.store.info.name}] {min(self.finished, self.budget)}/{self.budget} finished "
+              f"({len(self.complete)} complete) {pairs} elapsed={elapsed:.0f}s", file=self.stream, flush=True)
 
     def close(self) -> None:
+        if self.enabled and not self.tty and self._logged != self.finished:
+            self._log_line(self._running)
         self.bar.close()
+
+
+def _isatty(stream: object) -> bool:
+    try:
+        return bool(stream.isatty())  # type: ignore[attr-defined]
+    except (AttributeError, ValueError):
+        return False
 
 
 def run(
@@ -180,7 +232,7 @@ def run(
     strategy.restore(history)
     finished = sum(t.finished for t in history)
     in_flight: dict[int, Trial] = {}
-    bar = _Progress(store, problem, strategy, budget, min(finished, budget), progress)
+    bar = _Progress(store, problem, strategy, budget, history, progress)
     stopped_by = "budget"
     n_requeued = len(requeue)
 

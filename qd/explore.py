@@ -1,0 +1,442 @@
+"""Exploring a finished (or running) run from a notebook.
+
+```python
+from qd.explore import load_run
+
+run = load_run("sqlite:///runs.db", "sphere-map-elites")
+run.trials      # one row per trial (params.*, values.*, measures.*, cell, ...)
+run.elites      # the archive's elites (one per cell; Pareto-archive runs: every cell's front)
+run.pareto      # the non-dominated complete, feasible trials
+run.heatmap()   # the archive as a heatmap (matplotlib)
+run.front()     # the objectives with the Pareto set
+picked = run.select(5, among="elites")              # a small, spread-out subset
+table = run.reevaluate(int(picked.number.iloc[0]), seeds=5, problem_options={"noise": 0.0})
+```
+
+Everything is read from the store, the run's single record; the archive is rebuilt from it with
+``qd.archive.archive_for_run``, exactly as ``qd show`` and resumed strategies do.
+
+Post-hoc selection (``select``) picks ``k`` rows that cover the set rather than cluster in its
+best corner:
+
+- ``maxmin``: greedy max-min distance (farthest-point traversal) in a normalised space
+  (measures scaled by their declared bounds for elites, objectives by the set's range for
+  Pareto members), starting from the best row. Every pick is the row farthest from all picks
+  so far, so the subset's smallest pairwise distance is at least half the optimum's.
+- ``hypervolume``: greedy hypervolume subset selection for fronts: every pick adds the most
+  hypervolume to the picks so far (a (1 - 1/e)-approximation of the best k-subset, since
+  hypervolume is monotone submodular).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from qd.problem import Problem
+from qd.results import Reference, hypervolume, pareto_trials, reference_point
+from qd.space import Config
+from qd.store import Store, Trial
+
+if TYPE_CHECKING:
+    import matplotlib.pyplot as plt
+
+    from qd.archive import RunArchive
+
+Among = Literal["elites", "pareto", "trials"]
+Method = Literal["maxmin", "hypervolume"]
+SELECT_AMONG: tuple[str, ...] = ("elites", "pareto", "trials")
+SELECT_METHODS: tuple[str, ...] = ("maxmin", "hypervolume")
+
+
+# --- archive cells and elites ------------------------------------------------------------------
+def run_archive(store: Store, problem: Problem | None, trials: Sequence[Trial] | None = None) -> RunArchive | None:
+    """The run's archive rebuilt from the store, or None when the problem has no measures."""
+    if problem is None or not problem.measures:
+        return None
+    from qd.archive import archive_for_run
+
+    return archive_for_run(store, problem, trials)
+
+
+def cells_of(archive: RunArchive, measures: np.ndarray) -> np.ndarray:
+    """(n, k) measures -> (n,) integer archive cells (outside the bounds: the edge cells)."""
+    measures = np.atleast_2d(np.asarray(measures, dtype=float))
+    if len(measures) == 0:
+        return np.empty(0, dtype=int)
+    if hasattr(archive, "cell_of"):
+        return np.asarray(archive.cell_of(measures), dtype=int)
+    return np.asarray(archive.result.index_of(measures), dtype=int)
+
+
+def grid_index(archive: RunArchive, cells: np.ndarray) -> np.ndarray | None:
+    """(n,) cells -> (n, k) per-measure bin indices for grid archives (None for a CVT archive)."""
+    grid = getattr(archive, "grid", None) or getattr(archive, "result", None)
+    if grid is None or not hasattr(grid, "int_to_grid_index"):
+        return None
+    cells = np.asarray(cells, dtype=int)
+    if len(cells) == 0:
+        return np.empty((0, len(grid.dims)), dtype=int)
+    return np.asarray(grid.int_to_grid_index(cells), dtype=int)
+
+
+def elite_numbers(archive: RunArchive, trials: Sequence[Trial]) -> dict[int, list[int]]:
+    """Trial numbers of the archive's elites, by cell.
+
+    An elite archive stores encoded solutions, not trial numbers: each elite is matched to the
+    earliest trial in its cell with its objective value (pyribs keeps the first of equal values).
+    A Pareto archive records the numbers of its front members itself.
+    """
+    if hasattr(archive, "fronts"):
+        return {int(c): list(f.numbers) for c, f in archive.fronts.items()}
+    from qd.archive import insertable
+
+    elites = archive.elites()
+    if len(elites["index"]) == 0:
+        return {}
+    good = [t for t in trials if insertable(t)]
+    cells = cells_of(archive, np.array([t.measures for t in good]))
+    i = archive.spec.objective_index
+    out: dict[int, list[int]] = {}
+    for cell, value in zip(elites["index"], elites["objective"]):
+        match = next((t.number for t, c in zip(good, cells) if c == cell and np.isclose(t.values[i], value)), None)
+        if match is not None:
+            out[int(cell)] = [match]
+    return out
+
+
+# --- selection --------------------------------------------------------------------------------
+def maxmin_subset(points: np.ndarray, k: int, start: int = 0,
+                  bounds: tuple[np.ndarray, np.ndarray] | None = None) -> list[int]:
+    """Indices of ``k`` rows of (n, m) ``points`` chosen by greedy max-min distance.
+
+    Columns are scaled to [0, 1] by ``bounds`` (low, high) or else by the points' own range, so
+    no column dominates by its units. The first pick is ``start``; ties go to the lower index.
+    """
+    points = np.asarray(points, dtype=float)
+    n = len(points)
+    if k < 1:
+        raise ValueError(f"k={k}: must be >= 1")
+    if n == 0:
+        return []
+    if not 0 <= start < n:
+        raise ValueError(f"start={start} is not allowed; allowed: 0 <= start < {n}")
+    low, high = (points.min(axis=0), points.max(axis=0)) if bounds is None else map(np.asarray, bounds)
+    scale = np.where(high > low, high - low, 1.0)
+    X = (points - low) / scale
+    picked = [start]
+    dist = np.linalg.norm(X - X[start], axis=1)
+    while len(picked) < min(k, n):
+        nxt = int(np.argmax(dist))
+        if dist[nxt] <= 0:  # only duplicates of picked points are left
+            break
+        picked.append(nxt)
+        dist = np.minimum(dist, np.linalg.norm(X - X[nxt], axis=1))
+    return picked
+
+
+def hypervolume_subset(values: np.ndarray, directions: Sequence[str], reference: Sequence[float], k: int) -> list[int]:
+    """Indices of ``k`` rows of (n, m) objective ``values`` chosen greedily by hypervolume gain.
+
+    Rows that add nothing (dominated by the picks, or beyond the reference point) are never picked,
+    so fewer than ``k`` indices come back when fewer rows add hypervolume.
+    """
+    values = np.asarray(values, dtype=float)
+    if k < 1:
+        raise ValueError(f"k={k}: must be >= 1")
+    picked: list[int] = []
+    current = 0.0
+    while len(picked) < min(k, len(values)):
+        best, best_gain = None, 0.0
+        for i in range(len(values)):
+            if i in picked:
+                continue
+            gain = hypervolume(values[picked + [i]], directions, reference) - current
+            if gain > best_gain + 1e-15:
+                best, best_gain = i, gain
+        if best is None:
+            break
+        picked.append(best)
+        current += best_gain
+    return picked
+
+
+# --- the run ---------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """A run opened for exploration: its store, problem, archive and three DataFrames.
+
+    ``trials``: one row per trial (``Store.dataframe`` plus ``cell`` where the run has an archive).
+    ``elites``: the archive's members, the rows of ``trials`` with their ``cell`` (empty without
+    measures). ``pareto``: the non-dominated complete, feasible trials.
+    """
+
+    store: Store
+    problem: Problem | None
+    archive: RunArchive | None
+    trials: pd.DataFrame
+    elites: pd.DataFrame
+    pareto: pd.DataFrame
+    reference: Reference | None
+
+    @property
+    def name(self) -> str:
+        return self.store.info.name
+
+    @property
+    def objectives(self) -> list[str]:
+        return list(self.store.study.metric_names or [f"value_{i}" for i in range(len(self.directions))])
+
+    @property
+    def directions(self) -> list[str]:
+        return [d.name.lower() for d in self.store.study.directions]
+
+    @property
+    def measures(self) -> list[str]:
+        return list(self.store.measure_names)
+
+    def config(self, number: int) -> Config:
+        """The configuration trial ``number`` evaluated."""
+        by_number = {t.number: t for t in self.store.trials()}
+        if number not in by_number:
+            raise KeyError(f"trial number={number!r} is not in run {self.name!r}; allowed: 0..{len(by_number) - 1}")
+        return dict(by_number[number].params)
+
+    def summary(self) -> dict[str, Any]:
+        """``qd show --json``'s summary, plus the archive's metrics when there is one."""
+        from qd.results import summary
+
+        out = summary(self.store, self.problem)
+        if self.archive is not None:
+            out["archive"] = {**self.archive.describe(), **self.archive.metrics()}
+        return out
+
+    # --- figures ------------------------------------------------------------------------------
+    def heatmap(self) -> plt.Figure:
+        """The archive heatmap of ``qd.plots_archive`` (the map ``qd plot`` and ``qd report`` draw):
+        the objective per cell, or the hypervolume of each cell's front for a Pareto archive."""
+        if self.archive is None:
+            raise ValueError(f"run {self.name!r} has no archive: problem {self.store.info.problem!r} declares no "
+                             f"measures, so there is no map to draw; allowed: runs of problems with measures")
+        from qd.archive import ParetoArchive
+        from qd.plots_archive import elite_heatmap_figure, moqd_heatmap_figure
+
+        draw = moqd_heatmap_figure if isinstance(self.archive, ParetoArchive) else elite_heatmap_figure
+        return draw(self.archive, self.problem, f"{self.name}: {self.store.info.problem} / {self.store.info.strategy}")
+
+    def metrics(self) -> pd.DataFrame:
+        """Archive metrics against finished evaluations (coverage, QD score, ...; ``qd.metrics``)."""
+        if self.archive is None:
+            return pd.DataFrame()
+        from qd.metrics import history
+
+        return pd.DataFrame(history(self.store, self.problem))
+
+    def front(self, highlight: pd.DataFrame | None = None) -> plt.Figure:
+        """All complete trials and the Pareto set; rows of ``highlight`` (e.g. ``select``'s) circled."""
+        from qd.plots import pareto_figure
+
+        fig = pareto_figure(self.store.trials(), self.objectives, self.directions,
+                            f"{self.name}: {self.store.info.problem} / {self.store.info.strategy}")
+        if highlight is not None and len(highlight) and len(self.objectives) == 2:
+            ax = fig.axes[0]
+            cols = [f"values.{n}" for n in self.objectives]
+            ax.scatter(highlight[cols[0]], highlight[cols[1]], s=140, facecolors="none", edgecolors="C3", lw=1.5,
+                       label=f"selected ({len(highlight)})", zorder=5)
+            for _, row in highlight.iterrows():
+                ax.annotate(f"#{int(row['number'])}", (row[cols[0]], row[cols[1]]), textcoords="offset points",
+                            xytext=(6, 6), fontsize=8, color="C3")
+            ax.legend()
+        return fig
+
+    # --- selection ----------------------------------------------------------------------------
+    def select(self, k: int, among: Among = "pareto", method: Method | None = None) -> pd.DataFrame:
+        """``k`` spread-out rows of ``elites``, ``pareto`` or complete ``trials`` (see the module doc).
+
+        ``method``: ``maxmin`` (default for elites and trials: in measure space, scaled by the
+        measures' bounds) or ``hypervolume`` (default for the Pareto set: greedy hypervolume
+        contributions against the run's reference point). For the Pareto set, ``maxmin`` works in
+        objective space scaled by the set's range.
+        """
+        if among not in SELECT_AMONG:
+            raise ValueError(f"select: among={among!r} is not allowed; allowed: {list(SELECT_AMONG)}")
+        if method is None:
+            method = "hypervolume" if among == "pareto" and len(self.objectives) > 1 else "maxmin"
+        if method not in SELECT_METHODS:
+            raise ValueError(f"select: method={method!r} is not allowed; allowed: {list(SELECT_METHODS)}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"select: k={k!r} is not allowed; allowed: an integer >= 1")
+        rows = {"elites": self.elites, "pareto": self.pareto,
+                "trials": self.trials[self.trials["state"] == "complete"] if len(self.trials) else self.trials}[among]
+        if among == "elites" and self.archive is None:
+            raise ValueError(f"select: among='elites' is not allowed for run {self.name!r}, which has no archive "
+                             f"(its problem declares no measures); allowed: 'pareto' or 'trials'")
+        if rows.empty:
+            return rows.copy()
+        rows = rows.reset_index(drop=True)
+        value_cols = [f"values.{n}" for n in self.objectives]
+        Y = rows[value_cols].to_numpy(dtype=float)
+        signs = np.array([1.0 if d == "minimize" else -1.0 for d in self.directions])
+        if method == "hypervolume":
+            if len(self.objectives) < 2:
+                raise ValueError(f"select: method='hypervolume' is not allowed for run {self.name!r} with one "
+                                 f"objective; allowed: 'maxmin'")
+            if self.reference is None:
+                raise ValueError(f"select: run {self.name!r} has no feasible trials, so no hypervolume reference")
+            picked = hypervolume_subset(Y, self.directions, self.reference.point, int(k))
+        else:
+            use_measures = among != "pareto" and self.measures and self.problem is not None
+            if use_measures:
+                points = rows[[f"measures.{m}" for m in self.measures]].to_numpy(dtype=float)
+                bounds = (np.array([m.low for m in self.problem.measures]),
+                          np.array([m.high for m in self.problem.measures]))
+            else:
+                points, bounds = Y, None
+            # Start from the best row: on the first objective for elites/trials, the ideal-nearest for fronts.
+            if use_measures or len(self.objectives) == 1:
+                i = getattr(getattr(self.archive, "spec", None), "objective_index", 0)
+                start = int(np.argmin(Y[:, i] * signs[i]))
+            else:
+                Z = Y * signs
+                span = np.where(Z.max(0) > Z.min(0), Z.max(0) - Z.min(0), 1.0)
+                start = int(np.argmin(np.linalg.norm((Z - Z.min(0)) / span, axis=1)))
+            picked = maxmin_subset(points, int(k), start=start, bounds=bounds)
+        out = rows.iloc[picked].copy()
+        out.insert(0, "pick", range(1, len(out) + 1))
+        return out.reset_index(drop=True)
+
+    # --- re-evaluation ------------------------------------------------------------------------
+    def reevaluate(self, what: int | Mapping[str, Any], seeds: int | Sequence[int] = 5, *,
+                   problem_options: Mapping[str, Any] | None = None, evaluator: str = "inprocess",
+                   evaluator_options: Mapping[str, Any] | None = None, workers: int = 1,
+                   timeout_s: float | None = None) -> pd.DataFrame:
+        """Evaluate one configuration again: a trial ``number`` or a configuration dict.
+
+        ``seeds``: how many (seeds 0..n-1) or which. ``problem_options`` override the run's
+        problem options (e.g. a test split, no noise); ``evaluator`` is where it runs
+        (``inprocess``, ``process``, ``ray``). Returns one row per seed (index: the seed) with
+        ``values.*``, ``measures.*``, ``ok``, ``error`` and ``wall_time_s``, then rows ``mean``
+        and ``std`` (sample standard deviation, ddof=1) over the successful seeds.
+        """
+        return reevaluate(self.store, what, seeds, problem_options=problem_options, evaluator=evaluator,
+                          evaluator_options=evaluator_options, workers=workers, timeout_s=timeout_s)
+
+
+def load_run(storage: str, name: str) -> Run:
+    """Open run ``name`` in ``storage`` (an Optuna storage URL) with its trials, elites and Pareto set."""
+    from qd.session import problem_of
+
+    store = Store.open(storage, name)
+    try:
+        problem: Problem | None = problem_of(store)
+    except Exception as e:  # e.g. a plug-in not installed here: the record can still be read
+        import warnings
+
+        warnings.warn(f"run {name!r}: problem {store.info.problem!r} cannot be rebuilt ({e}); "
+                      f"no archive, and the hypervolume reference comes from the data", stacklevel=2)
+        problem = None
+    return build_run(store, problem)
+
+
+def build_run(store: Store, problem: Problem | None) -> Run:
+    """A ``Run`` from an open store (and its problem, when it can be built)."""
+    trials = store.trials()
+    frame = store.dataframe()
+    if frame.empty:
+        frame = pd.DataFrame(columns=["number", "state"])
+    directions = [d.name.lower() for d in store.study.directions]
+    archive = run_archive(store, problem, trials)
+    frame = frame.set_index("number", drop=False)
+    if archive is not None:
+        frame["cell"] = pd.Series(pd.NA, index=frame.index, dtype="Int64")
+        with_measures = [t for t in trials if t.measures]
+        if with_measures:
+            cells = cells_of(archive, np.array([t.measures for t in with_measures]))
+            frame.loc[[t.number for t in with_measures], "cell"] = cells
+        numbers = [(cell, n) for cell, ns in sorted(elite_numbers(archive, trials).items()) for n in ns]
+        elites = frame.loc[[n for _, n in numbers]].copy()
+        elites["cell"] = [c for c, _ in numbers]
+    else:
+        elites = frame.iloc[0:0].copy()
+    front = pareto_trials(trials, directions)
+    pareto = frame.loc[[t.number for t in front]].copy()
+    ref = reference_point(problem, trials, directions)
+    return Run(store=store, problem=problem, archive=archive, trials=frame.reset_index(drop=True),
+               elites=elites.reset_index(drop=True), pareto=pareto.reset_index(drop=True), reference=ref)
+
+
+def reevaluate(store: Store, what: int | Mapping[str, Any], seeds: int | Sequence[int] = 5, *,
+               problem_options: Mapping[str, Any] | None = None, evaluator: str = "inprocess",
+               evaluator_options: Mapping[str, Any] | None = None, workers: int = 1,
+               timeout_s: float | None = None) -> pd.DataFrame:
+    """See ``Run.reevaluate``."""
+    from evaluators import Job, make_evaluator
+    from qd.registry import get_problem
+
+    if isinstance(seeds, bool) or (isinstance(seeds, (int, np.integer)) and seeds < 1):
+        raise ValueError(f"reevaluate: seeds={seeds!r} is not allowed; allowed: an integer >= 1 or a list of seeds")
+    seed_list = list(range(int(seeds))) if isinstance(seeds, (int, np.integer)) else [int(s) for s in seeds]
+    if not seed_list or len(set(seed_list)) != len(seed_list):
+        raise ValueError(f"reevaluate: seeds={seeds!r} is not allowed; allowed: a non-empty list of distinct seeds")
+    options = {**store.info.problem_options, **dict(problem_options or {})}
+    try:
+        problem = get_problem(store.info.problem, **options)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"reevaluate: problem_options={dict(problem_options or {})!r}: {e}") from None
+    if isinstance(what, (int, np.integer)) and not isinstance(what, bool):
+        by_number = {t.number: t for t in store.trials()}
+        if int(what) not in by_number:
+            raise ValueError(f"reevaluate: trial number {what!r} is not in run {store.info.name!r}; "
+                             f"allowed: 0..{len(by_number) - 1}")
+        config = dict(by_number[int(what)].params)
+    elif isinstance(what, Mapping):
+        config = dict(what)
+    else:
+        raise ValueError(f"reevaluate: what={what!r} is not allowed; allowed: a trial number or a configuration dict")
+    try:
+        config = problem.space.validate(config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"reevaluate: configuration {config!r} is not valid for {store.info.problem!r}: {e}") from None
+
+    engine = make_evaluator(evaluator, **dict(evaluator_options or {}))
+    engine.start(problem, max(1, min(workers, len(seed_list))), timeout_s)
+    outcomes = {}
+    try:
+        for i, seed in enumerate(seed_list):
+            engine.submit(Job(i, config, seed))
+        while len(outcomes) < len(seed_list):
+            got = engine.wait()
+            if not got:
+                raise RuntimeError(f"evaluator {evaluator!r} returned no results for {len(seed_list) - len(outcomes)} "
+                                   f"pending evaluations")
+            outcomes.update({o.key: o for o in got})
+    finally:
+        engine.close()
+
+    rows = []
+    for i, seed in enumerate(seed_list):
+        o = outcomes[i]
+        row: dict[str, Any] = {"seed": seed, "ok": o.ok, "error": None,
+                               "wall_time_s": o.metadata.get("wall_time_s")}
+        values: list[float] = [np.nan] * len(problem.objectives)
+        measures: list[float] = [np.nan] * len(problem.measures)
+        if o.ok:
+            try:
+                values, measures, _ = problem.normalise(o.evaluation)
+            except ValueError as e:
+                row.update(ok=False, error=f"invalid result: {e}")
+        else:
+            row["error"] = f"{o.kind}: {(o.error or '').splitlines()[0]}"
+        row.update({f"values.{n}": v for n, v in zip(problem.objective_names, values)})
+        row.update({f"measures.{n}": v for n, v in zip(problem.measure_names, measures)})
+        rows.append(row)
+    table = pd.DataFrame(rows).set_index("seed", drop=False)
+    numeric = [c for c in table.columns if c.startswith(("values.", "measures.")) or c == "wall_time_s"]
+    good = table[table["ok"]][numeric].astype(float)
+    stats = pd.DataFrame([good.mean(), good.std(ddof=1)], index=["mean", "std"])
+    table.index = table.index.astype(object)
+    return pd.concat([table, stats])
