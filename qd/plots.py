@@ -85,6 +85,10 @@ def plot_run(store: Store, problem: Problem | None, out: str | Path) -> list[Pat
     if ref is not None:
         counts, hvs = hypervolume_history(trials, directions, ref.point)
         written.append(_save(hypervolume_figure(counts, hvs, ref.point, title), out / "hypervolume.png"))
+    if problem is not None and problem.measures:  # archive heatmap and QD metrics (qd.plots_archive)
+        from qd.plots_archive import plot_archive
+
+        written += plot_archive(store, problem, out, trials, title)
     return written
 
 

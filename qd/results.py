@@ -105,4 +105,13 @@ def summary(store: Store, problem: Problem | None = None) -> dict[str, Any]:
         "hypervolume_reference": {"point": list(ref.point), "source": ref.source} if ref else None,
         "failures": [{"number": t.number, "reason": (t.reason or "").split("\n")[0]} for t in trials
                      if t.state == "failed" and not t.stale],
+        **({"archive": _archive_summary(store, problem, trials)} if problem is not None and problem.measures else {}),
     }
+
+
+def _archive_summary(store: Store, problem: Problem, trials: Sequence[Trial]) -> dict[str, Any]:
+    """The run's archive rebuilt from its trials: metrics and what the archive is (qd.archive)."""
+    from qd.archive import archive_for_run
+
+    archive = archive_for_run(store, problem, trials)
+    return {**archive.metrics(), **archive.describe()}

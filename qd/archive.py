@@ -1,0 +1,485 @@
+"""Archives of a run: built from the problem's measures and the strategy's options, rebuilt from the store.
+
+The store is the only record of a run, so an archive is never pickled: ``archive_for_run`` builds
+an empty one from the problem and the run's recorded strategy options, and ``add_trials`` inserts
+the run's complete trials in creation order. The strategies (on resume), the metrics recorder,
+``qd show`` and ``qd plot`` all build their archive this way, so they agree.
+
+Two kinds:
+
+- ``EliteArchive``: one objective, one elite per cell; a pyribs ``GridArchive`` (``bins`` per
+  measure) or ``CVTArchive`` (``cells`` centroids). With CMA-MAE's ``learning_rate`` it holds two
+  pyribs archives: the thresholded one the emitters learn from and a plain *result* archive that
+  keeps the best solution per cell; metrics always come from the result archive.
+- ``ParetoArchive``: MOME's grid (pyribs does not have one). Each cell keeps a Pareto front of
+  at most ``front_size`` points; moocore decides non-domination and computes hypervolumes.
+
+Conventions:
+
+- A solution is the encoded vector of the configuration that was evaluated,
+  ``space.encode(trial.params)``, so a rebuilt archive holds exactly what a live one held.
+- Only complete, feasible trials (constraints <= 0) with measures are inserted; failed and
+  infeasible ones are left out (they are in the store, not in the map).
+- pyribs maximises. An elite archive stores ``sign * value`` (``sign`` = +1 to maximise, -1 to
+  minimise) and reports values back in the objective's own units. ``qd_score_offset`` is given
+  in objective units: the value that counts as zero in the QD score (default: the problem's
+  reference point for that objective if it declares one, else 0), so every elite adds
+  ``|value - offset|`` when it is better than the offset.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import moocore
+import numpy as np
+from ribs.archives import ArchiveBase, CVTArchive, GridArchive
+
+from qd.problem import Problem
+from qd.space import Space
+from qd.store import Store, Trial
+
+ArchiveKind = Literal["grid", "cvt"]
+ARCHIVE_KINDS: tuple[str, ...] = ("grid", "cvt")
+#: Cells per measure when ``bins`` is not given: about 400 cells in all, at most 20 per measure.
+DEFAULT_TOTAL_CELLS = 400
+MAX_DEFAULT_BINS = 20
+#: Uniform samples per centroid for the CVT's k-means (pyribs' default of 100,000 samples takes
+#: seconds; 10 per cell gives centroids whose cell volumes differ by a few percent).
+CVT_SAMPLES_PER_CELL = 10
+
+
+class ArchiveOptionError(ValueError):
+    """A bad archive option; the message names the option, the value and what is allowed."""
+
+
+# --- options ------------------------------------------------------------------------------------
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def default_bins(n_measures: int) -> tuple[int, ...]:
+    per = min(MAX_DEFAULT_BINS, max(2, round(DEFAULT_TOTAL_CELLS ** (1.0 / n_measures))))
+    return (per,) * n_measures
+
+
+def parse_bins(bins: Any, problem: Problem, owner: str) -> tuple[int, ...]:
+    """``bins``: one int for every measure, or one int per measure (None: ``default_bins``)."""
+    m = len(problem.measures)
+    if bins is None:
+        return default_bins(m)
+    allowed = (f"one integer >= 1, or a list of {m} integers >= 1 (one per measure: "
+               f"{', '.join(problem.measure_names)})")
+    if _is_int(bins) and bins >= 1:
+        return (int(bins),) * m
+    if isinstance(bins, Sequence) and not isinstance(bins, str) and len(bins) == m \
+            and all(_is_int(b) and b >= 1 for b in bins):
+        return tuple(int(b) for b in bins)
+    raise ArchiveOptionError(f"{owner}: option bins={bins!r} is not allowed; allowed: {allowed}")
+
+
+def objective_index(problem: Problem, objective: str | None, owner: str) -> int:
+    if objective is None:
+        return 0
+    names = problem.objective_names
+    if objective not in names:
+        raise ArchiveOptionError(f"{owner}: option objective={objective!r} is not allowed; allowed: one of {names}")
+    return names.index(objective)
+
+
+def _finite_number(value: Any, option: str, owner: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value):
+        raise ArchiveOptionError(f"{owner}: option {option}={value!r} is not allowed; allowed: a finite number")
+    return float(value)
+
+
+def require_measures(problem: Problem, owner: str) -> None:
+    if not problem.measures:
+        raise ArchiveOptionError(
+            f"{owner} needs a problem with measures; problem {problem.name or type(problem).__name__!r} declares none "
+            f"(see `qd problems` for the measures of each problem)"
+        )
+
+
+@dataclass(frozen=True)
+class EliteSpec:
+    """What an ``EliteArchive`` is made of. Objective-dependent numbers are in objective units."""
+
+    kind: ArchiveKind
+    bins: tuple[int, ...] | None  # grid
+    cells: int | None  # cvt
+    objective: str
+    objective_index: int
+    direction: str
+    qd_score_offset: float
+    learning_rate: float | None = None  # CMA-MAE: the thresholded archive's learning rate
+    threshold_min: float | None = None  # CMA-MAE: initial cell threshold (objective units)
+    seed: int = 0
+
+    @property
+    def sign(self) -> float:
+        """Multiply an objective value by this to get the number pyribs maximises."""
+        return 1.0 if self.direction == "maximize" else -1.0
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "objective": self.objective, "direction": self.direction,
+                               "qd_score_offset": self.qd_score_offset}
+        out.update({"bins": list(self.bins)} if self.kind == "grid" else {"cells": self.cells})
+        if self.learning_rate is not None:
+            out.update(learning_rate=self.learning_rate, threshold_min=self.threshold_min)
+        return out
+
+
+def elite_spec(problem: Problem, *, archive: str = "grid", bins: Any = None, cells: Any = None,
+               objective: str | None = None, qd_score_offset: Any = None, learning_rate: Any = None,
+               threshold_min: Any = None, seed: int = 0, owner: str = "archive") -> EliteSpec:
+    """Check the archive options of a single-objective QD run and fill in the defaults."""
+    require_measures(problem, owner)
+    if archive not in ARCHIVE_KINDS:
+        raise ArchiveOptionError(f"{owner}: option archive={archive!r} is not allowed; allowed: {list(ARCHIVE_KINDS)}")
+    if archive == "grid":
+        if cells is not None:
+            raise ArchiveOptionError(f"{owner}: option cells={cells!r} is only for archive='cvt'; "
+                                     f"a grid archive takes bins (per measure or one int)")
+        grid_bins, n_cells = parse_bins(bins, problem, owner), None
+    else:
+        if bins is not None:
+            raise ArchiveOptionError(f"{owner}: option bins={bins!r} is only for archive='grid'; "
+                                     f"a CVT archive takes cells (the number of centroids)")
+        if cells is None:
+            cells = int(np.prod(default_bins(len(problem.measures))))
+        if not _is_int(cells) or cells < 2:
+            raise ArchiveOptionError(f"{owner}: option cells={cells!r} is not allowed; allowed: an integer >= 2")
+        grid_bins, n_cells = None, int(cells)
+    index = objective_index(problem, objective, owner)
+    obj = problem.objectives[index]
+    if qd_score_offset is None:
+        ref = problem.reference_point
+        qd_score_offset = float(ref[index]) if ref is not None else 0.0
+    offset = _finite_number(qd_score_offset, "qd_score_offset", owner)
+    if learning_rate is not None:
+        lr = _finite_number(learning_rate, "learning_rate", owner)
+        if not 0.0 <= lr <= 1.0:
+            raise ArchiveOptionError(f"{owner}: option learning_rate={learning_rate!r} is not allowed; "
+                                     f"allowed: a number in [0, 1]")
+        threshold = offset if threshold_min is None else _finite_number(threshold_min, "threshold_min", owner)
+    else:
+        lr, threshold = None, None
+    return EliteSpec(kind=archive, bins=grid_bins, cells=n_cells, objective=obj.name, objective_index=index,
+                     direction=obj.direction, qd_score_offset=offset, learning_rate=lr, threshold_min=threshold,
+                     seed=int(seed))
+
+
+@dataclass(frozen=True)
+class ParetoSpec:
+    """What a ``ParetoArchive`` is made of; ``reference_point`` in objective units."""
+
+    bins: tuple[int, ...]
+    front_size: int
+    reference_point: tuple[float, ...]
+    reference_source: str  # "problem" or "option"
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "pareto-grid", "bins": list(self.bins), "front_size": self.front_size,
+                "reference_point": list(self.reference_point), "reference_source": self.reference_source}
+
+
+def pareto_spec(problem: Problem, *, bins: Any = None, front_size: Any = 10, reference_point: Any = None,
+                owner: str = "archive") -> ParetoSpec:
+    """Check MOME's archive options. The reference point is the option, else the problem's."""
+    require_measures(problem, owner)
+    m = len(problem.objectives)
+    if not _is_int(front_size) or front_size < 1:
+        raise ArchiveOptionError(f"{owner}: option front_size={front_size!r} is not allowed; allowed: an integer >= 1")
+    if reference_point is None:
+        if problem.reference_point is None:
+            raise ArchiveOptionError(
+                f"{owner}: option reference_point is needed because problem "
+                f"{problem.name or type(problem).__name__!r} declares none; allowed: a list of {m} numbers, one per "
+                f"objective ({', '.join(problem.objective_names)}), each worse than every value of interest")
+        ref, source = tuple(float(v) for v in problem.reference_point), "problem"
+    else:
+        if isinstance(reference_point, str) or not isinstance(reference_point, Sequence) or len(reference_point) != m \
+                or not all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)
+                           for v in reference_point):
+            raise ArchiveOptionError(f"{owner}: option reference_point={reference_point!r} is not allowed; allowed: "
+                                     f"a list of {m} finite numbers, one per objective "
+                                     f"({', '.join(problem.objective_names)})")
+        ref, source = tuple(float(v) for v in reference_point), "option"
+    return ParetoSpec(bins=parse_bins(bins, problem, owner), front_size=int(front_size), reference_point=ref,
+                      reference_source=source)
+
+
+# --- archives -----------------------------------------------------------------------------------
+def insertable(trial: Trial) -> bool:
+    """Complete, feasible and with measures: the trials an archive takes."""
+    return trial.feasible and trial.measures is not None and len(trial.measures) > 0
+
+
+def _ranges(problem: Problem) -> list[tuple[float, float]]:
+    return [(m.low, m.high) for m in problem.measures]
+
+
+class EliteArchive:
+    """One objective, one elite per cell, on pyribs archives (see the module docstring)."""
+
+    def __init__(self, problem: Problem, spec: EliteSpec):
+        self.problem, self.spec, self.space = problem, spec, problem.space
+        d, sign = problem.space.dim, spec.sign
+        offset = sign * spec.qd_score_offset
+        common = {"solution_dim": d, "ranges": _ranges(problem), "qd_score_offset": offset, "seed": spec.seed}
+        if spec.kind == "grid":
+            def make(**kw: Any) -> ArchiveBase:
+                return GridArchive(dims=spec.bins, **common, **kw)
+        else:
+            samples = max(1000, CVT_SAMPLES_PER_CELL * spec.cells)
+            # One set of centroids per run seed, so a rebuilt archive has the same cells.
+            centroids = CVTArchive(centroids=spec.cells, samples=samples, **common).centroids
+
+            def make(**kw: Any) -> ArchiveBase:
+                return CVTArchive(centroids=centroids, **common, **kw)
+        #: The plain archive: best solution per cell. Metrics and plots read this one.
+        self.result: ArchiveBase = make()
+        #: The archive emitters learn from: the thresholded one for CMA-MAE, else ``result``.
+        self.archive: ArchiveBase = self.result
+        if spec.learning_rate is not None:
+            self.archive = make(learning_rate=spec.learning_rate, threshold_min=sign * spec.threshold_min)
+        self.n_inserted = 0
+
+    # objective <-> the maximised number pyribs stores
+    def internal_objective(self, trials: Sequence[Trial]) -> np.ndarray:
+        """(n,) maximised objective of complete trials (``sign * value``)."""
+        i = self.spec.objective_index
+        return np.array([self.spec.sign * t.values[i] for t in trials], dtype=float)
+
+    def add(self, solutions: np.ndarray, trials: Sequence[Trial]) -> dict[str, np.ndarray]:
+        """Insert the insertable rows of (n, d) ``solutions`` (results in ``trials``) as one batch.
+
+        Returns pyribs' add info for all n rows: ``status`` (n,) (0 not added, 1 improved, 2 new)
+        and ``value`` (n,); rows not inserted get status 0 and a value below every other, so an
+        emitter ranks them last. Also ``objective`` (n,) and ``measures`` (n, k), finite fillers
+        for the rows without results, ready for ``emitter.tell``.
+        """
+        solutions = np.asarray(solutions, dtype=float).reshape(len(trials), self.space.dim)
+        ok = np.array([insertable(t) for t in trials], dtype=bool)
+        n, k = len(trials), len(self.problem.measures)
+        status = np.zeros(n, dtype=np.int32)
+        value = np.zeros(n, dtype=float)
+        objective = np.zeros(n, dtype=float)
+        measures = np.tile(np.array([m.low for m in self.problem.measures], dtype=float), (n, 1)).reshape(n, k)
+        if ok.any():
+            good = [t for t, keep in zip(trials, ok) if keep]
+            objective[ok] = self.internal_objective(good)
+            measures[ok] = np.array([t.measures for t in good], dtype=float)
+            info = self.archive.add(solution=solutions[ok], objective=objective[ok], measures=measures[ok])
+            if self.result is not self.archive:
+                self.result.add(solution=solutions[ok], objective=objective[ok], measures=measures[ok])
+            status[ok], value[ok] = info["status"], info["value"]
+            self.n_inserted += int(ok.sum())
+        if not ok.all():
+            floor = min(value[ok].min(), 0.0) if ok.any() else 0.0
+            value[~ok] = floor - 1.0
+            objective[~ok] = (objective[ok].min() - 1.0) if ok.any() else 0.0
+        return {"status": status, "value": value, "objective": objective, "measures": measures}
+
+    def add_trials(self, trials: Sequence[Trial]) -> None:
+        """Insert the insertable trials in order (CMA-MAE's thresholds depend on it: one at a time)."""
+        good = [t for t in trials if insertable(t)]
+        if not good:
+            return
+        X = self.space.encode_many([t.params for t in good])
+        if self.spec.learning_rate is None:  # plain elitism: a batch gives the same cells as one by one
+            self.add(X, good)
+        else:
+            for i, t in enumerate(good):
+                self.add(X[i:i + 1], [t])
+
+    @property
+    def empty(self) -> bool:
+        return self.result.empty
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.result.cells)
+
+    def best_value(self) -> float | None:
+        best = self.result.stats.obj_max
+        return None if best is None else float(self.spec.sign * best)
+
+    def metrics(self) -> dict[str, Any]:
+        """Coverage, QD score (offset per ``spec``), normalised QD score, elites, best value."""
+        stats = self.result.stats
+        return {"coverage": float(stats.coverage), "qd_score": float(stats.qd_score),
+                "norm_qd_score": float(stats.norm_qd_score), "num_elites": int(stats.num_elites),
+                "best": self.best_value()}
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.spec.describe(), "cells": self.n_cells}
+
+    def elites(self) -> dict[str, np.ndarray]:
+        """The result archive's elites: ``solution`` (e, d), ``objective`` (e,) in objective units,
+        ``measures`` (e, k), ``index`` (e,)."""
+        data = self.result.data()
+        return {"solution": data["solution"], "objective": self.spec.sign * data["objective"],
+                "measures": data["measures"], "index": data["index"]}
+
+
+@dataclass
+class _Front:
+    """One cell's Pareto front: ``solutions`` (k, d), ``values`` (k, m) in objective units."""
+
+    solutions: np.ndarray
+    values: np.ndarray
+    numbers: list[int] = field(default_factory=list)
+    hypervolume: float = 0.0
+
+
+class ParetoArchive:
+    """MOME's archive: a grid over the measures; each cell keeps a bounded Pareto front.
+
+    Insertion into a cell: the new point joins the cell's front if no member dominates it (or
+    equals it), and removes the members it dominates. When the front then exceeds ``front_size``
+    the member with the smallest exclusive hypervolume contribution (moocore) leaves, so a full
+    cell keeps the subset that covers the most hypervolume; that member may be the new point.
+    """
+
+    def __init__(self, problem: Problem, spec: ParetoSpec):
+        self.problem, self.spec, self.space = problem, spec, problem.space
+        self.signs = np.array([o.sign for o in problem.objectives])  # x sign -> minimised
+        self._ref_min = np.array(spec.reference_point) * self.signs
+        # pyribs' grid does the cell arithmetic (bin edges, clipping, epsilon), and nothing else.
+        self.grid = GridArchive(solution_dim=1, dims=spec.bins, ranges=_ranges(problem))
+        self.fronts: dict[int, _Front] = {}
+        self.n_inserted = 0
+
+    @property
+    def n_cells(self) -> int:
+        return int(np.prod(self.spec.bins))
+
+    @property
+    def empty(self) -> bool:
+        return not self.fronts
+
+    def cell_of(self, measures: np.ndarray) -> np.ndarray:
+        """(n, k) measures -> (n,) integer cell indices (measures outside the bounds go to edge cells)."""
+        return self.grid.index_of(np.atleast_2d(np.asarray(measures, dtype=float)))
+
+    def _hypervolume(self, values: np.ndarray) -> float:
+        Y = values * self.signs
+        Y = Y[np.all(Y < self._ref_min, axis=1)]
+        return float(moocore.hypervolume(Y, ref=self._ref_min)) if len(Y) else 0.0
+
+    def add(self, solutions: np.ndarray, trials: Sequence[Trial]) -> np.ndarray:
+        """Insert (n, d) ``solutions`` one by one; (n,) status: 0 not added, 1 joined a front, 2 new cell."""
+        solutions = np.asarray(solutions, dtype=float).reshape(len(trials), self.space.dim)
+        status = np.zeros(len(trials), dtype=np.int32)
+        for i, t in enumerate(trials):
+            if insertable(t):
+                status[i] = self._add_one(solutions[i], t)
+        return status
+
+    def _add_one(self, solution: np.ndarray, trial: Trial) -> int:
+        self.n_inserted += 1
+        cell = int(self.cell_of(np.array(trial.measures))[0])
+        value = np.asarray(trial.values, dtype=float)
+        front = self.fronts.get(cell)
+        if front is None:
+            self.fronts[cell] = _Front(solution[None].copy(), value[None].copy(), [trial.number],
+                                       self._hypervolume(value[None]))
+            return 2
+        values = np.vstack([front.values, value])
+        keep = moocore.is_nondominated(values * self.signs)  # duplicates: the older copy stays
+        if not keep[-1]:
+            return 0
+        if keep.sum() > self.spec.front_size:
+            contributions = moocore.hv_contributions(values[keep] * self.signs, ref=self._ref_min)
+            # Smallest contribution leaves; among equals (e.g. beyond the reference), the oldest.
+            drop = np.flatnonzero(keep)[int(np.argmin(contributions))]
+            keep[drop] = False
+            if drop == len(values) - 1:
+                return 0
+        solutions = np.vstack([front.solutions, solution])
+        numbers = front.numbers + [trial.number]
+        idx = np.flatnonzero(keep)
+        self.fronts[cell] = _Front(solutions[idx], values[idx], [numbers[j] for j in idx],
+                                   self._hypervolume(values[idx]))
+        return 1
+
+    def add_trials(self, trials: Sequence[Trial]) -> None:
+        good = [t for t in trials if insertable(t)]
+        if good:
+            self.add(self.space.encode_many([t.params for t in good]), good)
+
+    def members(self) -> tuple[np.ndarray, np.ndarray]:
+        """All front members: solutions (e, d) and values (e, m)."""
+        if not self.fronts:
+            return np.empty((0, self.space.dim)), np.empty((0, len(self.signs)))
+        return (np.vstack([f.solutions for f in self.fronts.values()]),
+                np.vstack([f.values for f in self.fronts.values()]))
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """(n, d) solutions drawn uniformly (with replacement) from all front members."""
+        solutions, _ = self.members()
+        return solutions[rng.integers(len(solutions), size=n)]
+
+    def cell_hypervolumes(self) -> dict[int, float]:
+        return {c: f.hypervolume for c, f in self.fronts.items()}
+
+    def metrics(self) -> dict[str, Any]:
+        """Coverage, MOQD score (sum of per-cell hypervolumes; also reported as ``qd_score``),
+        normalised MOQD score, global hypervolume, number of front members, best value per objective."""
+        _, values = self.members()
+        moqd = float(sum(f.hypervolume for f in self.fronts.values()))
+        best = None
+        if len(values):
+            best = [float(v) for v in np.where(self.signs > 0, values.min(axis=0), values.max(axis=0))]
+        return {"coverage": len(self.fronts) / self.n_cells, "qd_score": moqd, "norm_qd_score": moqd / self.n_cells,
+                "num_elites": int(len(values)), "best": best, "moqd_score": moqd,
+                "global_hypervolume": self._hypervolume(values) if len(values) else 0.0}
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.spec.describe(), "cells": self.n_cells}
+
+
+RunArchive = EliteArchive | ParetoArchive
+
+
+# --- a run's archive ----------------------------------------------------------------------------
+def spec_for_run(problem: Problem, strategy: str, options: Mapping[str, Any], seed: int) -> EliteSpec | ParetoSpec:
+    """The archive of a run: the strategy's own when it has one (``archive_spec``), else a default.
+
+    The default, for runs of other strategies on problems with measures, inserts them into the map
+    a QD strategy would use: a Pareto grid for multi-objective problems with a reference point,
+    otherwise a grid on the first objective.
+    """
+    from qd.strategies import strategy_class
+
+    try:
+        cls = strategy_class(strategy)
+    except ValueError:
+        cls = None
+    if cls is not None and hasattr(cls, "archive_spec"):
+        return cls.archive_spec(problem, seed, dict(options))
+    if len(problem.objectives) > 1 and problem.reference_point is not None:
+        return pareto_spec(problem)
+    return elite_spec(problem, seed=seed)
+
+
+def build_archive(problem: Problem, spec: EliteSpec | ParetoSpec) -> RunArchive:
+    return ParetoArchive(problem, spec) if isinstance(spec, ParetoSpec) else EliteArchive(problem, spec)
+
+
+def archive_for_run(store: Store, problem: Problem, trials: Sequence[Trial] | None = None) -> RunArchive:
+    """The run's archive, rebuilt by inserting its complete trials in creation order."""
+    info = store.info
+    archive = build_archive(problem, spec_for_run(problem, info.strategy, info.strategy_options, info.seed))
+    archive.add_trials(store.trials() if trials is None else trials)
+    return archive
+
+
+def encoded_solutions(space: Space, trials: Sequence[Trial]) -> np.ndarray:
+    """(n, d) encoded vectors of the trials' configurations."""
+    return space.encode_many([t.params for t in trials])
