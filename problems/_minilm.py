@@ -41,7 +41,7 @@ def model_path() -> Path:
 
 
 def load_minilm(device: str | torch.device = "cpu"):
-    """Load ``(tokenizer, model)``: a fast BERT tokenizer and a ``BertModel`` in eval mode on ``device``.
+    """Load ``(tokenizer, model)``: a fast BERT tokenizer and a float32 ``BertModel`` in eval mode on ``device``.
 
     Every call reads the folder again and returns fresh objects, so callers that modify the model
     (adapter injection) should load once and copy.
@@ -51,7 +51,9 @@ def load_minilm(device: str | torch.device = "cpu"):
     path = model_path()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True)
-    return tokenizer, model.to(device).eval()
+    # float32 whatever the checkpoint holds (transformers 5 keeps the saved dtype, and a copy may be
+    # stored in bf16): callers choose lower precision through autocast.
+    return tokenizer, model.to(device=device, dtype=torch.float32).eval()
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

