@@ -1,0 +1,515 @@
+"""``ray``: evaluations on a Ray cluster, each with the resources its problem declares.
+
+By default a local Ray is started (and shut down again by ``close``); ``address`` joins a running
+cluster instead (``"auto"``, ``"host:port"`` or ``"ray://host:10001"``; the CLI's
+``--ray-address``). If Ray is already initialised in this process, that Ray is used as it is.
+
+Each evaluation asks Ray for ``problem.resources``: ``num_cpus=cpus``, ``num_gpus=gpus`` (a
+fraction such as 0.25 lets four evaluations share one GPU) and ``memory=memory_mb``.
+
+Workers (``mode``):
+
+- ``"actor"`` (default): one actor per worker slot, each holding the problem, unpickled once.
+  A problem's lazy caches (a loaded model, tokenised data) survive between evaluations, as in the
+  process pool, and a slot's resources (its GPU share) stay reserved while the run lasts. A slot
+  runs one evaluation at a time; a new one is sent the moment one finishes (``ray.wait`` with
+  ``num_returns=1``), so no slot idles while evaluations are queued. An evaluation past its
+  timeout is ended by killing its actor (Ray cannot force-cancel an actor task), which is replaced.
+- ``"task"``: one Ray task per evaluation, scheduled anywhere the resources are free; a timeout
+  ends it with ``ray.cancel(force=True)``. The task is a streaming generator that first reports
+  that it started, so time spent waiting for a worker process does not count as evaluation time. Workers are reused by Ray and keep the unpickled
+  problem in a per-process cache, so caches usually survive too, but without guarantee.
+
+Failures come back as outcomes, never as exceptions, with the process pool's kinds:
+
+- the evaluation raised: ``exception`` (``MemoryError``: ``oom``), with a traceback excerpt;
+- past its timeout (counted from when the evaluation started on a ready worker): ``timeout``;
+- no worker placed and started within ``start_timeout_s`` (the cluster lacks the resources): ``system``;
+- killed by Ray's memory monitor (``OutOfMemoryError``): ``oom``, not retried;
+- its worker or node died (``WorkerCrashedError``, ``ActorDiedError``, ``NodeDiedError``, ...):
+  retried on a new worker up to ``max_retries`` times (a node lost on a cluster is not the
+  evaluation's fault), then ``crash`` (worker died) or ``system`` (anything else from Ray).
+  An evaluation that kills its own process is thus run ``1 + max_retries`` times before it fails.
+
+NaN or infinite results are rejected by the run loop, as for every evaluator.
+
+Memory: Ray's ``memory`` resource only reserves, it does not limit. With ``memory_limit`` (on by
+default) a CPU-only evaluation's worker gets an address-space limit of its size after start-up
+plus ``memory_mb``, so an evaluation that allocates past its declaration fails with
+``MemoryError`` (``oom``) instead of taking memory from its neighbours. It is not applied to GPU
+evaluations (CUDA reserves large virtual ranges).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import socket
+import sys
+import time
+import warnings
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray import exceptions as rex
+
+from evaluators.base import Evaluator, Job, Outcome, error_text
+from qd.problem import Problem, Resources
+
+MODES = ("actor", "task")
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "QD_TORCH_THREADS")
+
+
+# --- worker side --------------------------------------------------------------------------------
+def _set_threads(threads: int) -> None:
+    for var in _THREAD_VARS:
+        os.environ[var] = str(threads)
+    if "torch" in sys.modules:  # importing torch only for this costs seconds per worker
+        sys.modules["torch"].set_num_threads(threads)
+
+
+def _address_space_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) / 1024.0
+    return 0.0
+
+
+def _cap_address_space(extra_mb: int) -> int:
+    """Limit this process's address space to its current size plus ``extra_mb``; returns the limit in MiB.
+
+    Relative, not absolute as in the process pool: a Ray worker already maps hundreds of MiB
+    (its core worker, gRPC threads) before any evaluation runs.
+    """
+    limit_mb = int(_address_space_mb()) + int(extra_mb)
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = limit_mb * 2**20 if hard == resource.RLIM_INFINITY else min(limit_mb * 2**20, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    return limit // 2**20
+
+
+def _evaluate(problem: Problem, job: Job) -> tuple[str, int, Any, dict[str, Any]]:
+    """Run one evaluation; everything it raises becomes ("exception" | "oom", key, reason, meta)."""
+    t0, started_at = time.perf_counter(), time.time()
+    try:
+        reply: tuple[str, int, Any] = ("ok", job.key, problem.evaluate(job.config, job.seed))
+    except MemoryError as e:
+        reply = ("oom", job.key, error_text(e))
+    except BaseException as e:  # noqa: BLE001 - everything the evaluation raises is its failure
+        reply = ("exception", job.key, error_text(e))
+    # Wall-clock start and end (epoch seconds) show how evaluations overlapped, e.g. on a shared GPU.
+    meta = {"wall_time_s": time.perf_counter() - t0, "started_at": started_at, "ended_at": time.time(),
+            "worker_pid": os.getpid(), "host": socket.gethostname(),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    return (*reply, meta)
+
+
+@ray.remote(max_restarts=0, max_task_retries=0)
+class _EvalActor:
+    """One worker slot: holds the problem (and so its caches) for the whole run."""
+
+    def __init__(self, problem: Problem, threads: int, memory_mb: int | None):
+        _set_threads(threads)
+        self.problem = problem
+        self.limit_mb = _cap_address_space(memory_mb) if memory_mb else None
+
+    def ready(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "address_space_limit_mb": self.limit_mb}
+
+    def evaluate(self, job: Job) -> tuple[str, int, Any, dict[str, Any]]:
+        return _evaluate(self.problem, job)
+
+
+# Task mode: problems unpickled in this worker process, by the id of their object in the store.
+_TASK_PROBLEMS: dict[str, Problem] = {}
+_TASK_LIMITED = False
+_STARTED = "started"
+
+
+@ray.remote(max_retries=0, num_returns="streaming")
+def _eval_task(boxed: list[ray.ObjectRef], threads: int, memory_mb: int | None, job: Job):
+    """Yields ``STARTED`` once running (the timeout counts from then, not from a wait for a worker), then the result."""
+    global _TASK_LIMITED
+    yield _STARTED
+    key = boxed[0].hex()  # boxed in a list, so Ray does not fetch the problem for every task
+    if key not in _TASK_PROBLEMS:
+        _set_threads(threads)
+        _TASK_PROBLEMS.clear()
+        _TASK_PROBLEMS[key] = ray.get(boxed[0])
+    if memory_mb and not _TASK_LIMITED:
+        _cap_address_space(memory_mb)
+        _TASK_LIMITED = True
+    yield _evaluate(_TASK_PROBLEMS[key], job)
+
+
+# --- driver side --------------------------------------------------------------------------------
+def ray_options(resources: Resources) -> dict[str, Any]:
+    """Ray's resource options for one evaluation with ``resources``; raises naming a bad field."""
+    cpus, gpus = resources.cpus, resources.gpus
+    if not isinstance(cpus, (int, float)) or isinstance(cpus, bool) or cpus < 0:
+        raise ValueError(f"resources.cpus={cpus!r} is not allowed; allowed: a number >= 0")
+    if not isinstance(gpus, (int, float)) or isinstance(gpus, bool) or gpus < 0:
+        raise ValueError(f"resources.gpus={gpus!r} is not allowed; allowed: a number >= 0")
+    if gpus > 1 and gpus != int(gpus):
+        raise ValueError(f"resources.gpus={gpus!r} is not allowed; allowed: a fraction in [0, 1] (several "
+                         f"evaluations share a GPU) or a whole number of GPUs")
+    options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus}
+    if resources.memory_mb is not None:
+        if isinstance(resources.memory_mb, bool) or not isinstance(resources.memory_mb, int) or resources.memory_mb < 1:
+            raise ValueError(f"resources.memory_mb={resources.memory_mb!r} is not allowed; allowed: an integer >= 1")
+        options["memory"] = resources.memory_mb * 2**20
+    return options
+
+
+def _failure(exc: BaseException) -> tuple[str, bool]:
+    """The outcome kind of a Ray error and whether it is worth a retry on another worker."""
+    if isinstance(exc, rex.RayTaskError):  # our wrapper itself failed (e.g. a result Ray cannot serialise)
+        return "exception", False
+    if isinstance(exc, rex.OutOfMemoryError):
+        return "oom", False
+    if isinstance(exc, rex.RayActorError):
+        if "exit type: NODE_OUT_OF_MEMORY" in str(exc):  # Ray's memory monitor killed the actor
+            return "oom", False
+        if exc.actor_init_failed:  # a new actor would fail the same way
+            return "system", False
+        return ("crash" if not exc.preempted else "system"), True
+    if isinstance(exc, rex.WorkerCrashedError):
+        return "crash", True
+    return "system", True
+
+
+@dataclass
+class _Slot:
+    """An actor and the evaluation it runs (actor mode)."""
+
+    actor: Any
+    ready_ref: Any
+    created: float
+    info: dict[str, Any] = field(default_factory=dict)
+    job: Job | None = None
+    ref: Any = None
+    started: float = 0.0
+
+    @property
+    def ready(self) -> bool:
+        return self.ready_ref is None
+
+
+@dataclass
+class _Task:
+    """A running evaluation (task mode): its job, when it was submitted, and when it started running."""
+
+    job: Job
+    submitted: float
+    started: float | None = None
+
+
+class RayEvaluator(Evaluator):
+    name = "ray"
+    #: How long a worker may take to be placed and started (waiting for free resources included)
+    #: before the evaluation waiting for it is failed as a system failure.
+    start_timeout_s = 600.0
+
+    def __init__(
+        self,
+        address: str | None = None,
+        mode: str = "actor",
+        max_retries: int = 2,
+        num_cpus: int | None = None,
+        num_gpus: int | None = None,
+        memory_limit: bool = True,
+        runtime_env: dict[str, Any] | None = None,
+    ):
+        """Options:
+
+        - ``address``: a Ray cluster to join (None: start a local one; "auto": the one on this machine).
+        - ``mode``: "actor" (one long-lived actor per worker slot) or "task" (one task per evaluation).
+        - ``max_retries``: re-runs of an evaluation whose worker or node died (system failures).
+        - ``num_cpus``, ``num_gpus``: what a local Ray may use (None: all it detects).
+        - ``memory_limit``: cap each CPU-only evaluation's memory at ``resources.memory_mb`` over its
+          worker's start-up size.
+        - ``runtime_env``: Ray's runtime environment for the workers (e.g. ``{"env_vars": {...}}``).
+        """
+        if address is not None and (not isinstance(address, str) or not address):
+            raise ValueError(f"ray option address={address!r} is not allowed; allowed: 'auto', 'host:port', "
+                             f"'ray://host:port' or None (start a local Ray)")
+        if mode not in MODES:
+            raise ValueError(f"ray option mode={mode!r} is not allowed; allowed: {list(MODES)}")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"ray option max_retries={max_retries!r} is not allowed; allowed: an integer >= 0")
+        for opt, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"ray option {opt}={value!r} is not allowed; allowed: an integer >= 0 or None")
+        if not isinstance(memory_limit, bool):
+            raise ValueError(f"ray option memory_limit={memory_limit!r} is not allowed; allowed: true or false")
+        if runtime_env is not None and not isinstance(runtime_env, dict):
+            raise ValueError(f"ray option runtime_env={runtime_env!r} is not allowed; allowed: a table (dict) or None")
+        self.address, self.mode, self.max_retries = address, mode, max_retries
+        self.num_cpus, self.num_gpus = num_cpus, num_gpus
+        self.memory_limit, self.runtime_env = memory_limit, runtime_env
+        self._owns_ray = False
+        self._size = 0
+        self._timeout_s: float | None = None
+        self._options: dict[str, Any] = {}
+        self._threads = 1
+        self._memory_mb: int | None = None
+        self._problem_ref: Any = None
+        self._queue: deque[Job] = deque()
+        self._attempts: dict[int, int] = {}  # job key -> runs started
+        self._slots: list[_Slot] = []
+        self._tasks: dict[Any, _Task] = {}  # task mode: its generator of (STARTED, result) -> running task
+        self._start_failures = 0
+
+    # --- set-up ---------------------------------------------------------------------------------
+    def _connect(self) -> None:
+        if ray.is_initialized():
+            return
+        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
+                                  "runtime_env": self.runtime_env}
+        if self.address is not None:
+            ray.init(address=self.address, **kwargs)
+        else:
+            ray.init(num_cpus=self.num_cpus, num_gpus=self.num_gpus, **kwargs)
+        self._owns_ray = True
+
+    def start(self, problem: Problem, workers: int, timeout_s: float | None = None) -> None:
+        self._options = ray_options(problem.resources)
+        self._connect()
+        self._check_fits(workers)
+        self._size = workers
+        self._timeout_s = timeout_s if timeout_s is not None else problem.resources.timeout_s
+        self._threads = max(1, int(problem.resources.cpus))
+        gpus = problem.resources.gpus
+        self._memory_mb = problem.resources.memory_mb if (self.memory_limit and not gpus) else None
+        self._problem_ref = ray.put(problem)
+
+    def _check_fits(self, workers: int) -> None:
+        """Fail now, not by waiting forever, when one evaluation cannot fit the cluster at all."""
+        total = ray.cluster_resources()
+        needs = {"CPU": self._options["num_cpus"], "GPU": self._options["num_gpus"],
+                 "memory": self._options.get("memory", 0)}
+        short = {k: v for k, v in needs.items() if v and total.get(k, 0) < v}
+        if short:
+            msg = (f"one evaluation needs {short} but the Ray cluster has "
+                   f"{ {k: total.get(k, 0) for k in short} }; lower the problem's resources or add nodes")
+            if self._owns_ray and self.address is None:
+                raise ValueError(msg)
+            warnings.warn(msg + " (waiting for an autoscaler)", RuntimeWarning, stacklevel=3)
+            return
+        fit = min(int(total[k] // v) for k, v in needs.items() if v) if any(needs.values()) else workers
+        if fit < workers:
+            warnings.warn(f"workers={workers} but the Ray cluster fits {fit} evaluations of {needs} at once; "
+                          f"the others wait", RuntimeWarning, stacklevel=3)
+
+    def worker_info(self) -> list[dict[str, Any]]:
+        """Actor mode: one entry per started worker: ``pid``, ``host`` and the ``job`` key it runs (or None)."""
+        return [{**s.info, "job": s.job.key if s.job else None} for s in self._slots if s.ready]
+
+    # --- submitting -----------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        self._queue.append(job)
+        self._dispatch()
+
+    def _new_slot(self) -> _Slot:
+        actor = _EvalActor.options(**self._worker_options()).remote(self._problem_ref, self._threads, self._memory_mb)
+        return _Slot(actor, actor.ready.remote(), created=time.monotonic())
+
+    def _worker_options(self) -> dict[str, Any]:
+        # A Ray we started has the runtime environment job-wide; a Ray found running gets it per worker.
+        if self.runtime_env is not None and not self._owns_ray:
+            return {**self._options, "runtime_env": self.runtime_env}
+        return dict(self._options)
+
+    def _run(self, job: Job) -> None:
+        self._attempts[job.key] = self._attempts.get(job.key, 0) + 1
+
+    def _dispatch(self) -> None:
+        if self.mode == "task":
+            while self._queue and len(self._tasks) < self._size:
+                job = self._queue.popleft()
+                self._run(job)
+                gen = _eval_task.options(**self._worker_options()).remote([self._problem_ref], self._threads,
+                                                                 self._memory_mb, job)
+                self._tasks[gen] = _Task(job, time.monotonic())
+            return
+        while self._queue:
+            idle = next((s for s in self._slots if s.ready and s.job is None), None)
+            if idle is None:
+                # Start actors up to the slot count; a job waits for the first free ready one.
+                if len(self._slots) < min(self._size, len(self._queue) + self._busy()):
+                    self._slots.append(self._new_slot())
+                    continue
+                return
+            job = self._queue.popleft()
+            self._run(job)
+            idle.job, idle.ref, idle.started = job, idle.actor.evaluate.remote(job), time.monotonic()
+
+    def _busy(self) -> int:
+        return sum(s.job is not None for s in self._slots)
+
+    # --- collecting -----------------------------------------------------------------------------
+    def _finish(self, job: Job, get: Any, started: float, extra: dict[str, Any]) -> tuple[Outcome | None, bool]:
+        """Turn a finished ref into an outcome, or re-queue the job; returns (outcome, worker_lost)."""
+        try:
+            status, key, payload, meta = ray.get(get)
+        except rex.RayError as e:
+            kind, retry = _failure(e)
+            attempts = self._attempts.get(job.key, 1)
+            lost = not isinstance(e, rex.RayTaskError)
+            if retry and attempts <= self.max_retries:
+                self._queue.appendleft(job)
+                return None, lost
+            self._attempts.pop(job.key, None)
+            where = "worker or node died" if kind in ("crash", "system") else "ray"
+            note = f" (after {attempts} attempts)" if attempts > 1 else ""
+            meta = {"wall_time_s": time.monotonic() - started, "attempts": attempts, **extra}
+            return Outcome(job.key, error=f"{where}{note}: {error_text(e)}", kind=kind, metadata=meta), lost
+        attempts = self._attempts.pop(job.key, 1)
+        meta = {**meta, **extra, **({"attempts": attempts} if attempts > 1 else {})}
+        if status == "ok":
+            return Outcome(key, evaluation=payload, metadata=meta), False
+        return Outcome(key, error=payload, kind=status, metadata=meta), False
+
+    def _timeout_outcome(self, job: Job, started: float) -> Outcome:
+        self._attempts.pop(job.key, None)
+        return Outcome(job.key, error=f"evaluation exceeded {self._timeout_s:g} s and was cancelled",
+                       kind="timeout", metadata={"wall_time_s": time.monotonic() - started})
+
+    def _kill(self, slot: _Slot) -> None:
+        try:
+            ray.kill(slot.actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already dead
+            pass
+        self._slots.remove(slot)
+
+    def _collect(self, ready: set[Any]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        now = time.monotonic()
+        if self.mode == "task":
+            for gen, task in list(self._tasks.items()):
+                if gen in ready:
+                    try:
+                        ref = next(gen)
+                    except StopIteration:  # cannot happen unless Ray lost the generator's items
+                        ref = None
+                    if task.started is None and ref is not None:
+                        try:
+                            if ray.get(ref) == _STARTED:
+                                task.started = time.monotonic()
+                                continue
+                        except rex.RayError:
+                            pass  # failed before it started: the error is in this ref
+                    del self._tasks[gen]
+                    if ref is None:
+                        outcome: Outcome | None = Outcome(task.job.key, error="the task ended without a result",
+                                                          kind="system")
+                    else:
+                        outcome, _ = self._finish(task.job, ref, task.started or task.submitted, {})
+                    if outcome is not None:
+                        outcomes.append(outcome)
+                elif task.started is not None and self._timeout_s is not None and now - task.started >= self._timeout_s:
+                    ray.cancel(gen, force=True)
+                    del self._tasks[gen]
+                    outcomes.append(self._timeout_outcome(task.job, task.started))
+                elif task.started is None and now - task.submitted >= self.start_timeout_s:
+                    ray.cancel(gen, force=True)
+                    del self._tasks[gen]
+                    outcomes.append(self._not_started(task.job))
+            return outcomes
+        for slot in list(self._slots):
+            if not slot.ready:
+                if slot.ready_ref in ready:
+                    try:
+                        slot.info = ray.get(slot.ready_ref)
+                        slot.ready_ref = None
+                        self._start_failures = 0
+                    except rex.RayError as e:
+                        outcomes += self._start_failed(slot, e)
+                elif now - slot.created >= self.start_timeout_s:
+                    self._kill(slot)
+                    if self._queue:
+                        outcomes.append(self._not_started(self._queue.popleft()))
+                continue
+            if slot.job is None:
+                continue
+            if slot.ref in ready:
+                job = slot.job
+                slot.job = None
+                outcome, lost = self._finish(job, slot.ref, slot.started, {"worker_pid": slot.info.get("pid")})
+                if lost:
+                    self._kill(slot)
+                if outcome is not None:
+                    outcomes.append(outcome)
+            elif self._timeout_s is not None and now - slot.started >= self._timeout_s:
+                outcomes.append(self._timeout_outcome(slot.job, slot.started))
+                self._kill(slot)  # Ray cannot force-cancel an actor task: end the actor
+        return outcomes
+
+    def _not_started(self, job: Job) -> Outcome:
+        self._attempts.pop(job.key, None)
+        return Outcome(job.key, error=f"no worker started within {self.start_timeout_s:g} s: the cluster has no free "
+                       f"{self._options} for it", kind="system")
+
+    def _start_failed(self, slot: _Slot, exc: BaseException) -> list[Outcome]:
+        """An actor failed to start: retry, but fail a queued job rather than loop forever."""
+        self._kill(slot)
+        kind, retry = _failure(exc)
+        self._start_failures += 1
+        if (retry and self._start_failures <= self.max_retries) or not self._queue:
+            return []
+        self._start_failures = 0
+        job = self._queue.popleft()
+        self._attempts.pop(job.key, None)
+        return [Outcome(job.key, error=f"could not start a worker: {error_text(exc)}", kind="system")]
+
+    def _pending(self) -> dict[Any, float | None]:
+        """Refs to wait on -> the deadline after which something must be done about them (None: none)."""
+        if self.mode == "task":
+            return {gen: (t.submitted + self.start_timeout_s if t.started is None
+                          else t.started + self._timeout_s if self._timeout_s is not None else None)
+                    for gen, t in self._tasks.items()}
+        refs: dict[Any, float | None] = {}
+        for s in self._slots:
+            if not s.ready:
+                refs[s.ready_ref] = s.created + self.start_timeout_s
+            elif s.job is not None:
+                refs[s.ref] = s.started + self._timeout_s if self._timeout_s is not None else None
+        return refs
+
+    def wait(self, timeout: float | None = None) -> list[Outcome]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._dispatch()
+            pending = self._pending()
+            if not pending:
+                return []
+            horizon = [d for d in pending.values() if d is not None] + ([deadline] if deadline is not None else [])
+            block = max(0.0, min(horizon) - time.monotonic()) if horizon else None
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=block)
+            if ready:  # take every other one that is done too, in one pass
+                ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+            outcomes = self._collect(set(ready))
+            self._dispatch()
+            if outcomes:
+                return outcomes
+            if deadline is not None and time.monotonic() >= deadline:
+                return []
+
+    def close(self) -> None:
+        for gen in list(self._tasks):
+            try:
+                ray.cancel(gen, force=True)
+            except Exception:  # noqa: BLE001 - finished or gone
+                pass
+        for slot in list(self._slots):
+            self._kill(slot)
+        self._tasks.clear()
+        self._queue.clear()
+        self._attempts.clear()
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+            self._owns_ray = False
