@@ -335,8 +335,7 @@ class PeftProblem(Problem):
         device = self._device()
         train = self._split("train")
         self._split("val")  # tokenise before the clock starts
-        if device.type == "cuda":
-            self._warm_up(device, train)
+        self._warm_up(device, train)
 
         build_start = time.perf_counter()
         model = self.build_model(config, seed).to(device)
@@ -380,11 +379,12 @@ class PeftProblem(Problem):
         return _TrainedRun(model, device, train_time, build_time, steps, steps * self.batch_size / len(train), tail)
 
     def _warm_up(self, device: torch.device, train: Encoded) -> None:
-        """Run one untimed training step per process, so CUDA's start-up cost (context, cuBLAS handles,
-        kernel loading: seconds) is not charged to the first evaluation's ``train_time_s``."""
+        """Run one untimed training step per process, so one-off start-up costs (on a GPU the CUDA context,
+        cuBLAS handles and kernel loading: seconds) are not charged to the first evaluation's ``train_time_s``."""
         if self._cache.get("warm_device") == str(device):
             return
-        with torch.random.fork_rng(devices=[device]):  # leave the seeded streams as they were
+        cuda_devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_devices):  # leave the seeded streams as they were
             model = MiniLMClassifier(copy.deepcopy(self._base()[1])).to(device)
             input_ids, attention_mask, labels = train.batch(np.arange(min(self.batch_size, len(train))), device)
             with _autocast(device):
