@@ -195,11 +195,13 @@ class PeftProblem(Problem):
           knob (a cap: lower ``max_steps`` for quick CPU runs).
         - ``device``: "auto" (cuda when available, else cpu), "cpu", "cuda" or "cuda:N".
         - ``gpus_per_eval``: the GPU share one evaluation declares when it will run on a GPU.
+        - ``data_seed``: fixes which rows form the training and validation sets (the evaluation
+          seed only drives initialisation, batch order and dropout).
         """
         train_rows = 10_003
         for name, value, low in (("train_size", train_size, 1), ("val_size", val_size, 1),
                                  ("max_length", max_length, 2), ("batch_size", batch_size, 1),
-                                 ("min_steps", min_steps, 1)):
+                                 ("min_steps", min_steps, 1), ("data_seed", data_seed, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"peft option {name}={value!r} is not allowed; allowed: an integer >= {low}")
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < min_steps:

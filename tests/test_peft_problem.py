@@ -141,7 +141,7 @@ def test_invalid_configs_are_rejected_naming_the_parameter(problem, config, fiel
     "options, field",
     [({"train_size": 0}, "train_size"), ({"train_size": 9500, "val_size": 1000}, "train_size"),
      ({"device": "tpu"}, "device"), ({"min_steps": 10, "max_steps": 5}, "max_steps"),
-     ({"gpus_per_eval": 0}, "gpus_per_eval"), ({"max_length": 1}, "max_length")],
+     ({"gpus_per_eval": 0}, "gpus_per_eval"), ({"max_length": 1}, "max_length"), ({"data_seed": -1}, "data_seed")],
 )
 def test_bad_options_are_rejected_naming_the_option(options, field):
     with pytest.raises(ValueError, match=field):
