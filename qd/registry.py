@@ -9,7 +9,9 @@ A third-party package registers its problems in its own ``pyproject.toml``::
 from __future__ import annotations
 
 import inspect
-from importlib.metadata import entry_points
+import tomllib
+from importlib.metadata import EntryPoint, PackageNotFoundError, distribution, entry_points
+from pathlib import Path
 from typing import Any
 
 from qd.problem import Problem
@@ -18,7 +20,15 @@ GROUP = "qd.problems"
 
 
 def _entry_points() -> dict[str, Any]:
-    return {ep.name: ep for ep in entry_points(group=GROUP)}
+    found = {ep.name: ep for ep in entry_points(group=GROUP)}
+    try:
+        distribution("qd")
+    except PackageNotFoundError:  # run from a source checkout (PYTHONPATH=.): read our own pyproject
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        if pyproject.is_file():
+            table = tomllib.loads(pyproject.read_text())["project"]["entry-points"].get(GROUP, {})
+            found = {name: EntryPoint(name, value, GROUP) for name, value in table.items()} | found
+    return found
 
 
 def problem_names() -> list[str]:
