@@ -39,7 +39,6 @@ import numpy as np
 from ribs.archives import ArchiveBase, CVTArchive, GridArchive
 
 from qd.problem import Problem
-from qd.space import Space
 from qd.store import Store, Trial
 
 ArchiveKind = Literal["grid", "cvt"]
@@ -478,8 +477,3 @@ def archive_for_run(store: Store, problem: Problem, trials: Sequence[Trial] | No
     archive = build_archive(problem, spec_for_run(problem, info.strategy, info.strategy_options, info.seed))
     archive.add_trials(store.trials() if trials is None else trials)
     return archive
-
-
-def encoded_solutions(space: Space, trials: Sequence[Trial]) -> np.ndarray:
-    """(n, d) encoded vectors of the trials' configurations."""
-    return space.encode_many([t.params for t in trials])

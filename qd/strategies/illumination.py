@@ -238,6 +238,8 @@ class _Illumination(Strategy):
                           add_info={"status": info["status"], "value": info["value"]})
 
     def restore(self, trials: Sequence[Trial]) -> None:
+        if not trials:  # a new run: nothing to rebuild
+            return
         self.archive = EliteArchive(self.problem, self.spec)
         self.archive.add_trials([t for t in trials if t.state == "complete"])
         self._generation = len(trials)
@@ -293,6 +295,8 @@ class MapElites(_Illumination):
         return lane.emitter.ask()
 
     def restore(self, trials: Sequence[Trial]) -> None:
+        if not trials:
+            return
         super().restore(trials)
         proposed = sum(t.origin == "strategy" for t in trials)
         self._n_initial = min(proposed, self.initial_population)

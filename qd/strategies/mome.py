@@ -94,6 +94,8 @@ class Mome(Strategy):
         self.archive.add_trials([trial])
 
     def restore(self, trials: Sequence[Trial]) -> None:
+        if not trials:  # a new run: nothing to rebuild
+            return
         self.archive = ParetoArchive(self.problem, self.spec)
         self.archive.add_trials([t for t in trials if t.state == "complete"])
         self._start(generation=len(trials), proposed=sum(t.origin == "strategy" for t in trials))
