@@ -65,9 +65,19 @@ def _as_recorded(exp: Experiment) -> Experiment:
 
 def execute(prepared: Prepared, callbacks: Sequence[Callback] = ()) -> RunReport:
     exp = prepared.experiment
-    return run(prepared.problem, prepared.strategy, prepared.evaluator, prepared.store, budget=exp.budget,
-               workers=exp.workers, time_limit_s=exp.time_limit_s, timeout_s=exp.timeout_s,
-               progress=exp.progress, callbacks=callbacks)
+    recorder = None
+    if prepared.problem.measures:  # QD metrics over time, stored with the run (qd.metrics)
+        from qd.metrics import MetricsRecorder
+
+        recorder = MetricsRecorder(prepared.store, prepared.problem)
+        callbacks = [*callbacks, recorder]
+    try:
+        return run(prepared.problem, prepared.strategy, prepared.evaluator, prepared.store, budget=exp.budget,
+                   workers=exp.workers, time_limit_s=exp.time_limit_s, timeout_s=exp.timeout_s,
+                   progress=exp.progress, callbacks=callbacks)
+    finally:
+        if recorder is not None:
+            recorder.close()
 
 
 def problem_of(store: Store) -> Problem:
