@@ -1,4 +1,4 @@
-"""The ``qd`` command: ``problems``, ``run``, ``show``, ``plot``."""
+"""The ``qd`` command: ``problems``, ``run``, ``show``, ``plot``, ``dashboard``, ``report``, ``export``."""
 
 from __future__ import annotations
 
@@ -133,6 +133,60 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from qd.dashboard import serve
+
+    try:
+        serve(args.storage, host=args.host, port=args.port, names=[args.name] if args.name else None,
+              update=not args.no_update)
+    except ValueError as e:  # a port in use or out of range
+        raise ExperimentError(str(e)) from None
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from qd.explore import load_run
+    from qd.report import report
+
+    print(report(load_run(args.storage, args.name), args.out))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from qd.explore import load_run
+    from qd.report import export
+
+    for path in export(load_run(args.storage, args.name), args.out, args.format):
+        print(path)
+    return 0
+
+
+def _add_user_surfaces(sub: argparse._SubParsersAction) -> None:
+    """``dashboard``, ``report`` and ``export`` (qd.dashboard, qd.report; imported only when run,
+    so building the parser stays cheap: the port and formats are repeated here)."""
+
+    p = sub.add_parser("dashboard", help="start optuna-dashboard on localhost, with qd's figures and notes")
+    p.add_argument("--storage", default=DEFAULT_STORAGE)
+    p.add_argument("--name", help="only this run (default: every run in the storage)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--no-update", action="store_true", help="do not refresh finished runs' figures first")
+    p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("report", help="write a self-contained report folder (HTML, PNG, CSV)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE)
+    p.add_argument("--name", required=True)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="write trials, elites and the Pareto set as tables")
+    p.add_argument("--storage", default=DEFAULT_STORAGE)
+    p.add_argument("--name", required=True)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", choices=("csv", "parquet", "json"), default="csv")
+    p.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qd", description="Quality-diversity and multi-objective search over "
                                      "ML configuration spaces. Every evaluation is an Optuna trial.")
@@ -172,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--out", default="plots", help="output folder")
         p.set_defaults(func=func)
+    _add_user_surfaces(sub)
     return parser
 
 

@@ -318,9 +318,9 @@ class Run:
 
         ``seeds``: how many (seeds 0..n-1) or which. ``problem_options`` override the run's
         problem options (e.g. a test split, no noise); ``evaluator`` is where it runs
-        (``inprocess``, ``process``, ``ray``). Returns one row per seed (index: the seed) with
-        ``values.*``, ``measures.*``, ``ok``, ``error`` and ``wall_time_s``, then rows ``mean``
-        and ``std`` (sample standard deviation, ddof=1) over the successful seeds.
+        (``inprocess``, ``process``, ``ray``). Returns one row per seed (the index: the seed) with
+        ``ok``, ``error``, ``wall_time_s``, ``values.*`` and ``measures.*``, then rows ``mean``
+        and ``std`` (sample standard deviation, ddof=1) over the seeds that succeeded.
         """
         return reevaluate(self.store, what, seeds, problem_options=problem_options, evaluator=evaluator,
                           evaluator_options=evaluator_options, workers=workers, timeout_s=timeout_s)
@@ -420,8 +420,7 @@ def reevaluate(store: Store, what: int | Mapping[str, Any], seeds: int | Sequenc
     rows = []
     for i, seed in enumerate(seed_list):
         o = outcomes[i]
-        row: dict[str, Any] = {"seed": seed, "ok": o.ok, "error": None,
-                               "wall_time_s": o.metadata.get("wall_time_s")}
+        row: dict[str, Any] = {"seed": seed, "ok": o.ok, "error": None, "wall_time_s": o.metadata.get("wall_time_s")}
         values: list[float] = [np.nan] * len(problem.objectives)
         measures: list[float] = [np.nan] * len(problem.measures)
         if o.ok:
@@ -434,7 +433,7 @@ def reevaluate(store: Store, what: int | Mapping[str, Any], seeds: int | Sequenc
         row.update({f"values.{n}": v for n, v in zip(problem.objective_names, values)})
         row.update({f"measures.{n}": v for n, v in zip(problem.measure_names, measures)})
         rows.append(row)
-    table = pd.DataFrame(rows).set_index("seed", drop=False)
+    table = pd.DataFrame(rows).set_index("seed")
     numeric = [c for c in table.columns if c.startswith(("values.", "measures.")) or c == "wall_time_s"]
     good = table[table["ok"]][numeric].astype(float)
     stats = pd.DataFrame([good.mean(), good.std(ddof=1)], index=["mean", "std"])
