@@ -28,25 +28,31 @@ from qd.problem import Problem  # noqa: E402
 from qd.store import Store, Trial  # noqa: E402
 
 
-def _map_figure(archive: ArchiveBase, df: Any, names: Sequence[str], colour_label: str, title: str) -> plt.Figure:
-    """1-2 measures: heatmap over the measures; more: parallel axes over all of them."""
+def _map_figure(archive: ArchiveBase, df: Any, names: Sequence[str], colour_label: str, title: str,
+                better_is_low: bool = False) -> plt.Figure:
+    """1-2 measures: heatmap over the measures; more: parallel axes over all of them.
+    Bright colours are the better values (the colour map is reversed when lower is better)."""
     k = len(names)
+    cmap = "magma_r" if better_is_low else "magma"
     if k <= 2:
         fig, ax = plt.subplots(figsize=(6.5, 5) if k == 2 else (7, 2.6))
         plot = cvt_archive_heatmap if isinstance(archive, CVTArchive) else grid_archive_heatmap
-        plot(archive, ax, df=df, cbar_kwargs={"label": colour_label})
+        plot(archive, ax, df=df, cmap=cmap, cbar_kwargs={"label": colour_label})
         ax.set_xlabel(names[0])
         if k == 2:
             ax.set_ylabel(names[1])
         else:
             ax.set_yticks([])
+        if title:
+            ax.set_title(title, fontsize=10)
+        fig.tight_layout()
     else:
-        fig, ax = plt.subplots(figsize=(1.6 * k + 2.5, 4.5))
-        parallel_axes_plot(archive, ax, df=df, measure_order=[(i, n) for i, n in enumerate(names)],
-                           cbar_kwargs={"label": colour_label})
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+        fig, ax = plt.subplots(figsize=(1.6 * k + 3.5, 5))
+        fig.subplots_adjust(top=0.8, right=0.85)  # room for the title above the measure names
+        parallel_axes_plot(archive, ax, df=df, cmap=cmap, measure_order=[(i, n) for i, n in enumerate(names)],
+                           cbar_kwargs={"label": colour_label, "orientation": "vertical", "pad": 0.1})
+        if title:
+            fig.suptitle(title, fontsize=10)
     return fig
 
 
@@ -57,7 +63,8 @@ def elite_heatmap_figure(archive: EliteArchive, problem: Problem, title: str = "
     label = f"{archive.spec.objective} ({archive.spec.direction[:3]})"
     m = archive.metrics()
     subtitle = f"coverage {m['coverage']:.1%}, QD score {m['qd_score']:.4g}, {m['num_elites']} elites"
-    return _map_figure(archive.result, df, problem.measure_names, label, f"{title}\n{subtitle}" if title else subtitle)
+    return _map_figure(archive.result, df, problem.measure_names, label, f"{title}\n{subtitle}" if title else subtitle,
+                       better_is_low=archive.spec.direction == "minimize")
 
 
 def moqd_heatmap_figure(archive: ParetoArchive, problem: Problem, title: str = "") -> plt.Figure:

@@ -207,3 +207,35 @@ def test_run_show_plot_and_resume_through_the_cli(tmp_path, capsys):
     written = capsys.readouterr().out.split()
     assert {"archive_heatmap.png", "qd_metrics.png"} <= {p.rsplit("/", 1)[-1] for p in written}
     assert (tmp_path / "p" / "archive_heatmap.png").stat().st_size > 10_000
+
+
+class Measured(Problem):
+    """``k`` measures (the first ``k`` coordinates) and two objectives, for drawing archives of any shape."""
+
+    reference_point = (2.0, 2.0)
+
+    def __init__(self, k: int):
+        self.space = Space([Float(f"x{i}", 0.0, 1.0) for i in range(max(k, 2))])
+        self.objectives = (Objective("a"), Objective("b", "maximize"))
+        self.measures = tuple(Measure(f"m{i}", 0.0, 1.0) for i in range(k))
+
+    def evaluate(self, config, seed):
+        x = np.array(list(config.values()))
+        return Evaluation(values=[float(x.sum()), float(x[0])], measures=list(x[: len(self.measures)]))
+
+
+@pytest.mark.parametrize("k, archive", [(1, "grid"), (2, "cvt"), (3, "grid")])
+def test_archive_figures_for_one_two_and_more_measures(k, archive):
+    from qd.archive import ParetoArchive, pareto_spec
+    from qd.plots_archive import elite_heatmap_figure, metrics_figure, moqd_heatmap_figure
+
+    problem = Measured(k)
+    trials = [evaluate(problem, c, i) for i, c in enumerate(problem.space.sample(60, np.random.default_rng(k)))]
+    options = {"bins": 4} if archive == "grid" else {"archive": "cvt", "cells": 12}
+    elites = EliteArchive(problem, elite_spec(problem, **options))
+    elites.add_trials(trials)
+    fronts = ParetoArchive(problem, pareto_spec(problem, bins=3))
+    fronts.add_trials(trials)
+    for fig in (elite_heatmap_figure(elites, problem, "t"), moqd_heatmap_figure(fronts, problem, "t"),
+                metrics_figure(replay(problem, trials, lambda: fronts.__class__(problem, fronts.spec)), True)):
+        assert fig.axes and any(ax.collections or ax.lines for ax in fig.axes)
