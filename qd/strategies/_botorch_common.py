@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -36,16 +37,35 @@ from botorch.models.transforms.input import InputTransform
 from botorch.models.transforms.outcome import Standardize
 from botorch.optim import optimize_acqf, optimize_acqf_mixed_alternating
 from gpytorch.mlls import ExactMarginalLogLikelihood
+from linear_operator.utils.warnings import NumericalWarning
 from torch import Tensor
 
 from qd.problem import Problem
 from qd.space import INACTIVE, Categorical, Config, Int, Param, Space
 
 DTYPE = torch.float64
+#: L-BFGS-B iterations of one GP fit. Continuous GPs converge in well under this; the categorical
+#: kernel's hyperparameters (no priors) can drift for many hundreds of iterations without
+#: changing the fit. A fit stopped here is kept (BoTorch does not retry a stopped fit), and the
+#: next fit is warm-started from it.
+FIT_MAXITER = 200
+FIT_OPTIONS = {"options": {"maxiter": FIT_MAXITER}}
 #: Integer parameters with more values than this are optimised as continuous, then snapped.
 MAX_ENUMERATED_INT_VALUES = 1000
 #: Warnings BoTorch raises during routine fitting and optimisation, not actionable by a user.
-QUIET_WARNINGS: tuple[type[Warning], ...] = (OptimizationWarning, BadInitialCandidatesWarning, InputDataWarning)
+QUIET_WARNINGS: tuple[type[Warning], ...] = (OptimizationWarning, BadInitialCandidatesWarning, InputDataWarning,
+                                             NumericalWarning)
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Silence BoTorch's routine warnings (a restart of L-BFGS-B that stopped early, and the like)."""
+    with warnings.catch_warnings():
+        for category in QUIET_WARNINGS:
+            warnings.simplefilter("ignore", category)
+        warnings.filterwarnings("ignore", message="Optimization failed",
+                                category=RuntimeWarning)
+        yield
 
 
 def as_tensor(x: np.ndarray | Sequence[Sequence[float]]) -> Tensor:
@@ -200,12 +220,12 @@ def fit_gp(
             model.load_state_dict(initial)
     mll = ExactMarginalLogLikelihood(model.likelihood, model)
     try:
-        fit_gpytorch_mll(mll)
+        fit_gpytorch_mll(mll, optimizer_kwargs=FIT_OPTIONS)
     except ModelFittingError:
         if warm_start is None:
             raise
         model.load_state_dict(initial)  # a bad warm start: refit from the defaults
-        fit_gpytorch_mll(mll)
+        fit_gpytorch_mll(mll, optimizer_kwargs=FIT_OPTIONS)
     return model.eval()
 
 
@@ -272,9 +292,7 @@ def optimize_candidate(
     points); spaces with integers or categoricals use ``optimize_acqf_mixed_alternating``
     (alternating discrete neighbourhood search and continuous L-BFGS-B steps).
     """
-    with warnings.catch_warnings():
-        for category in QUIET_WARNINGS:
-            warnings.simplefilter("ignore", category)
+    with quiet():
         if geometry.is_continuous:
             X, _ = optimize_acqf(acqf, geometry.bounds, q=1, num_restarts=num_restarts, raw_samples=raw_samples,
                                  fixed_features=geometry.fixed_features or None, options={"maxiter": maxiter})
@@ -293,5 +311,5 @@ def row_keys(X: Tensor, decimals: int = 9) -> set[tuple[float, ...]]:
     return {tuple(r) for r in np.round(X.detach().cpu().numpy(), decimals)}
 
 
-__all__ = ["DTYPE", "CheapValues", "ConditionalProjection", "SpaceGeometry", "as_tensor", "fit_gp",
+__all__ = ["DTYPE", "quiet", "CheapValues", "ConditionalProjection", "SpaceGeometry", "as_tensor", "fit_gp",
            "hyperparameters", "optimize_candidate", "row_keys"]

@@ -68,13 +68,13 @@ from qd.problem import Problem
 from qd.space import Config
 from qd.strategies._botorch_common import (
     DTYPE,
-    QUIET_WARNINGS,
     CheapValues,
     SpaceGeometry,
     as_tensor,
     fit_gp,
     hyperparameters,
     optimize_candidate,
+    quiet,
     row_keys,
 )
 from qd.strategy import Strategy
@@ -243,9 +243,7 @@ class BoTorch(Strategy):
         use_model = self._use_model()
         out: list[Config] = []
         seed = int(np.random.SeedSequence([self.seed, self._asks]).generate_state(1)[0])
-        with torch.random.fork_rng(), warnings.catch_warnings():
-            for category in QUIET_WARNINGS:
-                warnings.simplefilter("ignore", category)
+        with torch.random.fork_rng(), quiet():
             torch.manual_seed(seed)
             for _ in range(n):
                 x = None

@@ -1,0 +1,228 @@
+"""Benchmark: the ``botorch`` strategy against Optuna's samplers and random search.
+
+Every run goes through the same loop as ``qd run`` (``qd.session.prepare`` / ``execute``) with
+the in-process evaluator and a temporary SQLite store; ``--workers`` evaluations are in flight
+(default 1). Each finished run appends one JSON line to ``--out``; runs already there are
+skipped, so an interrupted benchmark resumes where it stopped. The table is printed at the end
+(or alone, with ``--report``):
+
+    hypervolume (problem's reference point): median [IQR] over seeds,
+    ratio of medians to the best Optuna sampler on that problem,
+    mean ask latency (seconds per ``ask`` call, wall clock).
+
+``--tutorial`` instead repeats BoTorch's multi-objective tutorial set-up: BraninCurrin with
+Gaussian noise of standard deviation (15.19, 0.63), 2 (d + 1) = 6 Sobol points, then 20
+synchronous batches of q = 4 (ask 4, evaluate, tell), hypervolume of the noise-free values of
+everything evaluated, against reference point (18, 6) (in BoTorch's maximised form (-18, -6)).
+
+Examples::
+
+    python experiments/bench_mobo.py --problems branin-currin zdt1 --seeds 5 --budget 100
+    python experiments/bench_mobo.py --report --out bench_mobo.jsonl
+    python experiments/bench_mobo.py --tutorial --seeds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qd.experiment import Experiment
+from qd.problem import Evaluation, Problem
+from qd.registry import get_problem
+from qd.results import hypervolume, pareto_trials, reference_point
+from qd.session import execute, prepare
+from qd.store import Trial
+from qd.strategies import get_strategy
+
+PROBLEMS = ["branin-currin", "zdt1", "zdt2", "zdt3", "dtlz2", "mixed"]
+PROBLEM_OPTIONS: dict[str, dict[str, Any]] = {"zdt1": {"dim": 6}, "zdt2": {"dim": 6}, "zdt3": {"dim": 6},
+                                              "dtlz2": {"dim": 6, "n_objectives": 3}}
+STRATEGIES = ["botorch", "tpe", "nsga2", "gp", "random"]
+OPTUNA = ("tpe", "nsga2", "nsga3", "gp")
+TUTORIAL_NOISE = (15.19, 0.63)
+TUTORIAL_MAX_HV = 59.36011874867746
+
+
+def run_one(problem: str, strategy: str, seed: int, budget: int, workers: int,
+            strategy_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One run through the standard loop; returns its final hypervolume and ask latencies."""
+    with tempfile.TemporaryDirectory() as tmp:
+        exp = Experiment(problem=problem, problem_options=PROBLEM_OPTIONS.get(problem, {}), strategy=strategy,
+                         strategy_options=strategy_options or {}, seed=seed, budget=budget, workers=workers,
+                         evaluator="inprocess", storage=f"sqlite:///{tmp}/bench.db", name="bench", progress=False)
+        prepared = prepare(exp)
+        latencies: list[float] = []
+        ask = prepared.strategy.ask
+
+        def timed_ask(n: int, pending: Sequence = ()) -> list:
+            t0 = time.perf_counter()
+            out = ask(n, pending)
+            latencies.append(time.perf_counter() - t0)
+            return out
+
+        prepared.strategy.ask = timed_ask  # type: ignore[method-assign]
+        t0 = time.perf_counter()
+        report = execute(prepared)
+        wall = time.perf_counter() - t0
+        trials = prepared.store.trials()
+        directions = prepared.problem.directions
+        ref = reference_point(prepared.problem, trials, directions)
+        front = pareto_trials(trials, directions)
+        hv = hypervolume(np.array([t.values for t in front]), directions, ref.point) if (ref and front) else 0.0
+    return {"problem": problem, "strategy": strategy, "options": strategy_options or {}, "seed": seed,
+            "budget": budget, "workers": workers, "hypervolume": hv, "finished": report.finished,
+            "failed": report.failed, "mean_ask_s": float(np.mean(latencies)) if latencies else 0.0,
+            "max_ask_s": float(np.max(latencies)) if latencies else 0.0, "wall_s": wall}
+
+
+def _key(row: dict[str, Any]) -> tuple:
+    return (row["problem"], row["strategy"], json.dumps(row.get("options", {}), sort_keys=True), row["seed"],
+            row["budget"], row["workers"])
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _label(row: dict[str, Any]) -> str:
+    return row["strategy"] + ("" if not row.get("options") else json.dumps(row["options"], sort_keys=True))
+
+
+def report(rows: list[dict[str, Any]]) -> str:
+    """The benchmark table, one block per (problem, budget, workers)."""
+    groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        groups[(r["problem"], r["budget"], r["workers"])][_label(r)].append(r)
+    lines = []
+    for (problem, budget, workers), by_strategy in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        med = {s: float(np.median([r["hypervolume"] for r in rs])) for s, rs in by_strategy.items()}
+        optuna = {s: v for s, v in med.items() if s in OPTUNA}
+        best_optuna = max(optuna.values()) if optuna else math.nan
+        best_name = max(optuna, key=optuna.get) if optuna else "-"
+        lines.append(f"\n{problem}  (budget {budget}, workers {workers}; best Optuna sampler: {best_name})")
+        lines.append(f"  {'strategy':<28} {'seeds':>5} {'HV median':>11} {'IQR':>21} {'/best Optuna':>12} "
+                     f"{'ask s (mean)':>12} {'ask s (max)':>11}")
+        for s in sorted(by_strategy, key=lambda s: -med[s]):
+            rs = by_strategy[s]
+            hv = np.array([r["hypervolume"] for r in rs])
+            q1, q3 = np.percentile(hv, [25, 75])
+            ratio = med[s] / best_optuna if best_optuna and best_optuna > 0 else math.nan
+            lines.append(f"  {s:<28} {len(rs):>5} {med[s]:>11.4f} [{q1:>9.4f}, {q3:>9.4f}] {ratio:>12.4f} "
+                         f"{np.mean([r['mean_ask_s'] for r in rs]):>12.3f} {np.max([r['max_ask_s'] for r in rs]):>11.2f}")
+    return "\n".join(lines)
+
+
+# --- BoTorch's tutorial set-up ---------------------------------------------------------------
+def tutorial_run(strategy: str, seed: int, n_batches: int = 20, q: int = 4) -> dict[str, Any]:
+    """BraninCurrin with noise (15.19, 0.63), 6 Sobol points then ``n_batches`` synchronous batches of ``q``."""
+    problem = get_problem("branin-currin")
+    rng = np.random.default_rng(seed)
+    options = {"n_init": 6} if strategy == "botorch" else {}
+    strat = get_strategy(strategy, problem, seed=seed, **options)
+    true_values: list[list[float]] = []
+    number = 0
+    asks: list[float] = []
+
+    def evaluate(configs: list[dict]) -> None:
+        nonlocal number
+        for c in configs:
+            ev: Evaluation = problem.evaluate(c, seed)
+            true = np.asarray(ev.values, dtype=float)
+            noisy = true + rng.normal(0.0, TUTORIAL_NOISE)
+            true_values.append(true.tolist())
+            strat.tell(Trial(number=number, params=c, state="complete", values=noisy.tolist()))
+            number += 1
+
+    evaluate(strat.ask(6))
+    for _ in range(n_batches):
+        t0 = time.perf_counter()
+        batch = strat.ask(q)
+        asks.append(time.perf_counter() - t0)
+        evaluate(batch)
+    hv = hypervolume(np.array(true_values), problem.directions, problem.reference_point)
+    return {"tutorial": True, "strategy": strategy, "seed": seed, "hypervolume": hv, "evaluations": number,
+            "mean_ask_s": float(np.mean(asks))}
+
+
+def tutorial_report(rows: list[dict[str, Any]]) -> str:
+    lines = [f"\nBoTorch tutorial set-up (BraninCurrin, noise sd {TUTORIAL_NOISE}, 6 + 20 x 4 evaluations; "
+             f"noise-free HV, max {TUTORIAL_MAX_HV:.2f}; the tutorial's qNEHVI reaches about 57.77)"]
+    by: dict[str, list] = defaultdict(list)
+    for r in rows:
+        by[r["strategy"]].append(r)
+    for s, rs in sorted(by.items()):
+        hv = np.array([r["hypervolume"] for r in rs])
+        q1, q3 = np.percentile(hv, [25, 75])
+        lines.append(f"  {s:<10} seeds {len(rs):>2}  HV median {np.median(hv):.3f} [IQR {q1:.3f}, {q3:.3f}]  "
+                     f"mean {hv.mean():.3f}  ask(4) {np.mean([r['mean_ask_s'] for r in rs]):.2f} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--problems", nargs="+", default=PROBLEMS, help=f"default: {' '.join(PROBLEMS)}")
+    ap.add_argument("--strategies", nargs="+", default=STRATEGIES, help=f"default: {' '.join(STRATEGIES)}")
+    ap.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N-1 (default 5)")
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--budget", type=int, default=100)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--botorch-options", type=json.loads, default={},
+                    help='JSON options for the botorch strategy, e.g. \'{"num_restarts": 4}\'')
+    ap.add_argument("--out", type=Path, default=Path("bench_mobo.jsonl"))
+    ap.add_argument("--report", action="store_true", help="print the table of --out and stop")
+    ap.add_argument("--tutorial", action="store_true", help="run BoTorch's tutorial set-up instead")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = load_rows(args.out)
+    if args.report:
+        print(report([r for r in rows if not r.get("tutorial")]))
+        tut = [r for r in rows if r.get("tutorial")]
+        if tut:
+            print(tutorial_report(tut))
+        return 0
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    if args.tutorial:
+        done = {(r["strategy"], r["seed"]) for r in rows if r.get("tutorial")}
+        for seed in seeds:
+            for strategy in args.strategies:
+                if (strategy, seed) in done:
+                    continue
+                row = tutorial_run(strategy, seed)
+                print(json.dumps(row), flush=True)
+                with args.out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+        print(tutorial_report([r for r in load_rows(args.out) if r.get("tutorial")]))
+        return 0
+    done = {_key(r) for r in rows if not r.get("tutorial")}
+    for seed in seeds:  # seeds outermost: a partial benchmark still compares every strategy
+        for problem in args.problems:
+            for strategy in args.strategies:
+                options = args.botorch_options if strategy == "botorch" else {}
+                key = (problem, strategy, json.dumps(options, sort_keys=True), seed, args.budget, args.workers)
+                if key in done:
+                    continue
+                row = run_one(problem, strategy, seed, args.budget, args.workers, options)
+                print(json.dumps(row), flush=True)
+                with args.out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+    print(report([r for r in load_rows(args.out) if not r.get("tutorial")]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

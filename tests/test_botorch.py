@@ -1,0 +1,378 @@
+"""The ``botorch`` strategy: pending points, constraints, mixed and conditional spaces, cheap
+objectives, failures, options, resume. Small problems and a light optimiser keep this quick."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from qd.problem import Evaluation, Objective, Problem
+from qd.space import Bool, Categorical, Float, Int, Space
+from qd.store import Trial
+from qd.strategies import get_strategy
+from qd.strategies._botorch_common import ConditionalProjection, SpaceGeometry, as_tensor
+from qd.strategies.botorch_mobo import BoTorch
+
+torch.set_num_threads(1)
+LIGHT = {"num_restarts": 2, "raw_samples": 64, "mc_samples": 32}
+
+
+class TwoObjective(Problem):
+    """f1 = x0, f2 = 1 - x0 + 2 (x1 - 0.3)^2 (front: x1 = 0.3); optional constraint 0.5 - x0 <= 0."""
+
+    name = "two-objective"
+
+    def __init__(self, constrained: bool = False, reference: bool = True):
+        self.space = Space([Float("x0", 0.0, 1.0), Float("x1", 0.0, 1.0)])
+        self.objectives = (Objective("f1"), Objective("f2"))
+        self.constraints = ("x0_at_least_half",) if constrained else ()
+        self.reference_point = (1.2, 3.0) if reference else None
+
+    def evaluate(self, config, seed):
+        x0, x1 = config["x0"], config["x1"]
+        return Evaluation(values=[x0, 1.0 - x0 + 2.0 * (x1 - 0.3) ** 2],
+                          constraints=[0.5 - x0] if self.constraints else [])
+
+
+class Quadratic(Problem):
+    """One objective, minimum 0 at (0.8, 0.2)."""
+
+    name = "quadratic"
+
+    def __init__(self):
+        self.space = Space([Float("x0", 0.0, 1.0), Float("x1", 0.0, 1.0)])
+        self.objectives = (Objective("loss"),)
+
+    def evaluate(self, config, seed):
+        return Evaluation(values=[(config["x0"] - 0.8) ** 2 + (config["x1"] - 0.2) ** 2])
+
+
+class MixedNet(Problem):
+    """An int, a categorical, a bool and a float; activation "b" is clearly best."""
+
+    name = "mixed-net"
+
+    def __init__(self):
+        self.space = Space([Int("layers", 1, 6), Categorical("activation", ("a", "b", "c")), Bool("norm"),
+                            Float("lr", 1e-4, 1e-1, log=True)])
+        self.objectives = (Objective("error"), Objective("size"))
+
+    def evaluate(self, config, seed):
+        act = {"a": 0.3, "b": 0.0, "c": 0.5}[config["activation"]]
+        error = act + 0.1 * (math.log10(config["lr"]) + 2.5) ** 2 + 0.3 / config["layers"] + 0.05 * config["norm"]
+        return Evaluation(values=[error, config["layers"] + 0.5 * config["norm"]])
+
+
+class Conditional(Problem):
+    """``method`` chooses which parameters exist; ``rank`` only under "lora", ``tokens`` only under "prefix"."""
+
+    name = "conditional-small"
+
+    def __init__(self):
+        self.space = Space([
+            Categorical("method", ("lora", "prefix", "full")),
+            Int("rank", 1, 16, active_if={"method": ["lora"]}),
+            Bool("all_layers", active_if={"method": ["lora"]}),
+            Float("ratio", 0.5, 2.0, active_if={"all_layers": [True]}),
+            Int("tokens", 1, 32, active_if={"method": ["prefix"]}),
+            Float("lr", 1e-5, 1e-2, log=True),
+        ])
+        self.objectives = (Objective("loss"), Objective("trainable"))
+
+    def evaluate(self, config, seed):
+        lr_term = 0.05 * (math.log10(config["lr"]) + 3.5) ** 2
+        if config["method"] == "lora":
+            r = config["rank"] * (1 + config.get("ratio", 0.0))
+            return Evaluation(values=[0.3 + 0.1 * math.exp(-r / 4) + lr_term, math.log10(r * 1e-4)])
+        if config["method"] == "prefix":
+            return Evaluation(values=[0.35 + 0.1 * math.exp(-config["tokens"] / 8) + lr_term,
+                                      math.log10(config["tokens"] * 2e-5)])
+        return Evaluation(values=[0.28 + lr_term, 0.0])
+
+
+class WithCheap(Problem):
+    """``params`` (cheap, a function of ``width`` alone) against ``error`` (expensive)."""
+
+    name = "with-cheap"
+
+    def __init__(self):
+        self.space = Space([Int("width", 1, 64, log=True), Float("lr", 0.0, 1.0)])
+        self.objectives = (Objective("error"), Objective("params", cheap=True))
+        self.reference_point = (2.0, 2.0)
+        self.cheap_calls = 0
+
+    def cheap_values(self, config):
+        self.cheap_calls += 1
+        return {"params": math.log2(config["width"]) / 6.0}
+
+    def evaluate(self, config, seed):
+        error = 1.0 / (1.0 + math.log2(config["width"])) + (config["lr"] - 0.3) ** 2
+        return Evaluation(values=[error, self.cheap_values(config)["params"]])
+
+
+def _tell(strategy: BoTorch, problem: Problem, configs, start: int = 0) -> None:
+    for i, c in enumerate(configs, start=start):
+        values, _, constraints = problem.normalise(problem.evaluate(c, 0))
+        strategy.tell(Trial(number=i, params=c, state="complete", values=values, constraints=constraints))
+
+
+def _loop(strategy: BoTorch, problem: Problem, steps: int, start: int = 0) -> list[dict]:
+    """Ask one, evaluate, tell, ``steps`` times; return the asked configurations."""
+    asked = []
+    for k in range(steps):
+        c = strategy.ask(1)[0]
+        _tell(strategy, problem, [c], start=start + k)
+        asked.append(c)
+    return asked
+
+
+def _key(config: dict) -> str:
+    return json.dumps(config, sort_keys=True)
+
+
+# --- pending points -------------------------------------------------------------------------
+def test_four_workers_get_four_distinct_configs_from_the_model():
+    problem = TwoObjective()
+    s = get_strategy("botorch", problem, seed=1, n_init=6, **LIGHT)
+    _tell(s, problem, s.ask(6))
+    assert s.state()["phase"] == "model"
+    batch = s.ask(4)
+    assert len({_key(c) for c in batch}) == 4
+    # A fifth worker asking while those four run gets a fifth configuration, away from them:
+    # X_pending lowers the acquisition near the pending points (no duplicate was replaced).
+    fifth = s.ask(1, pending=batch)[0]
+    assert _key(fifth) not in {_key(c) for c in batch}
+    assert s.duplicates_replaced == 0
+    X = problem.space.encode_many(batch)
+    assert np.min(np.linalg.norm(X - problem.space.encode(fifth), axis=1)) > 1e-3
+    assert len(s.latencies) == 2
+
+
+def test_warm_up_is_sobol_and_distinct_with_pending():
+    problem = TwoObjective()
+    s = get_strategy("botorch", problem, seed=0, n_init=4, **LIGHT)
+    first = s.ask(2)
+    second = s.ask(2, pending=first)
+    assert len({_key(c) for c in first + second}) == 4
+    assert s.state()["phase"] == "sobol"  # nothing has completed yet: still no model
+    assert s.latencies == []
+
+
+# --- constraints ----------------------------------------------------------------------------
+def test_constraint_is_modelled_and_respected():
+    problem = TwoObjective(constrained=True)
+    s = get_strategy("botorch", problem, seed=3, n_init=6, **LIGHT)
+    _tell(s, problem, s.ask(6))
+    acqf = s._acquisition(torch.empty(0, 2, dtype=torch.float64))
+    assert acqf.constraints is not None and len(acqf.constraints) == 1
+    asked = _loop(s, problem, 8, start=6)
+    feasible = [c["x0"] >= 0.5 for c in asked]
+    # Half the unit square is infeasible; the modelled constraint keeps proposals out of it.
+    assert sum(feasible) >= 7, asked
+
+
+def test_reference_point_inferred_from_feasible_front_when_problem_has_none():
+    problem = TwoObjective(reference=False)
+    s = get_strategy("botorch", problem, seed=0, n_init=4, **LIGHT)
+    _tell(s, problem, s.ask(4))
+    ref = s.reference_point()
+    F = -np.array(s._F)  # back to minimised units
+    # BoTorch's rule (maximised units): nadir of the front minus 10% of its range, i.e. worse than every point.
+    assert ref.shape == (2,)
+    assert np.all(-ref.numpy() >= F.min(axis=0))
+
+
+# --- single objective -----------------------------------------------------------------------
+def test_single_objective_uses_nei_and_finds_the_minimum():
+    problem = Quadratic()
+    s = get_strategy("botorch", problem, seed=0, n_init=5, **LIGHT)
+    assert s.acquisition == "nei"
+    _tell(s, problem, s.ask(5))
+    asked = _loop(s, problem, 8, start=5)
+    best = min(problem.evaluate(c, 0).values[0] for c in asked)
+    assert best < 1e-2, best
+
+
+# --- mixed spaces ---------------------------------------------------------------------------
+def test_mixed_space_geometry_and_valid_proposals():
+    problem = MixedNet()
+    g = SpaceGeometry(problem.space)
+    assert sorted(g.discrete_dims) == [0] and sorted(g.cat_dims) == [1, 2]
+    assert g.discrete_dims[0][0] == pytest.approx(problem.space["layers"].encode(1))
+    assert g.cat_dims[1] == pytest.approx([1 / 6, 1 / 2, 5 / 6])
+    s = get_strategy("botorch", problem, seed=0, n_init=8, **LIGHT)
+    _tell(s, problem, s.ask(8))
+    model, _, _ = s._model()
+    assert all(type(m).__name__ == "MixedSingleTaskGP" for m in model.models)
+    asked = _loop(s, problem, 4, start=8)
+    for c in asked:
+        assert problem.space.validate(c) == c
+        assert isinstance(c["layers"], int) and c["activation"] in ("a", "b", "c")
+    # The best activation ("b") is learned: the model's proposals mostly use it.
+    assert sum(c["activation"] == "b" for c in asked) >= 3, asked  # 1 in 3 by chance
+
+
+# --- conditional spaces ---------------------------------------------------------------------
+def test_conditional_projection_matches_decoding():
+    space = Conditional().space
+    projection = ConditionalProjection(space)
+    X = torch.rand(200, space.dim, dtype=torch.float64)
+    P = projection.transform(X)
+    snapped = as_tensor(space.snap(X.numpy()))
+    inactive = snapped == 0.5
+    for i, row in enumerate(X.numpy()):
+        present = space.decode(row)
+        for j, p in enumerate(space.params):
+            if p.name in present:
+                assert P[i, j] == X[i, j]  # active: unchanged (the optimiser keeps moving it)
+            else:
+                assert P[i, j] == 0.5 and inactive[i, j]
+    # Gradient flows through active coordinates only.
+    X.requires_grad_(True)
+    projection.transform(X).sum().backward()
+    assert torch.equal(X.grad, projection.active_mask(X).to(X.grad))
+
+
+def test_conditional_space_proposals_are_valid_configs():
+    problem = Conditional()
+    s = get_strategy("botorch", problem, seed=2, n_init=8, **LIGHT)
+    _tell(s, problem, s.ask(8))
+    asked = s.ask(3)
+    assert len({_key(c) for c in asked}) == 3
+    for c in asked:
+        assert problem.space.validate(c) == c  # inactive parameters are absent, active ones valid
+    # The GP inputs hold the 0.5 placeholder for inactive parameters.
+    X = np.array(s._X)
+    for row in X:
+        present = problem.space.decode(row)
+        for j, p in enumerate(problem.space.params):
+            if p.name not in present:
+                assert row[j] == 0.5
+
+
+# --- cheap objectives -----------------------------------------------------------------------
+def test_cheap_objective_is_computed_not_modelled():
+    problem = WithCheap()
+    s = get_strategy("botorch", problem, seed=0, n_init=5, **LIGHT)
+    _tell(s, problem, s.ask(5))
+    model, objective_outputs, _ = s._model()
+    kinds = [type(m).__name__ for m in model.models]
+    assert kinds == ["SingleTaskGP", "GenericDeterministicModel"]  # one GP: the expensive objective
+    assert objective_outputs == [0, 1]
+    X = torch.rand(7, 2, dtype=torch.float64)
+    with torch.no_grad():
+        mean = model.posterior(X).mean[:, 1]
+    exact = [-problem.cheap_values(c)["params"] for c in problem.space.decode_many(X.numpy())]
+    assert torch.allclose(mean, torch.tensor(exact, dtype=torch.float64))  # maximised: negated
+    before = problem.cheap_calls
+    asked = _loop(s, problem, 3, start=5)
+    assert problem.cheap_calls > before + 3  # candidates were scored with cheap_values
+    assert all(problem.space.validate(c) == c for c in asked)
+
+
+# --- failures -------------------------------------------------------------------------------
+def _run_with_failures(avoid_failures: bool) -> tuple[BoTorch, list[dict]]:
+    """TwoObjective where every evaluation with x0 > 0.6 fails: 10 Sobol points, then 6 model asks."""
+    problem = TwoObjective()
+    s = get_strategy("botorch", problem, seed=1, n_init=10, avoid_failures=avoid_failures, **LIGHT)
+
+    def evaluate(c: dict, number: int) -> None:
+        if c["x0"] > 0.6:
+            s.tell(Trial(number=number, params=c, state="failed", reason="exception: boom"))
+        else:
+            _tell(s, problem, [c], start=number)
+
+    for i, c in enumerate(s.ask(10)):
+        evaluate(c, i)
+    asked = []
+    for k in range(6):
+        asked.append(s.ask(1)[0])
+        evaluate(asked[-1], 10 + k)
+    return s, asked
+
+
+def test_failed_trials_are_excluded_and_their_region_avoided():
+    s, asked = _run_with_failures(avoid_failures=True)
+    assert len(s._X) + len(s._X_failed) == 16 and 0 < len(s._X_failed)
+    assert all(x[0] <= 0.6 for x in s._X)  # the objective GPs see complete trials only
+    model, _, constraint_outputs = s._model()
+    assert len(model.models) == 3 and constraint_outputs == [2]  # f1, f2, failure label
+    ok = sum(c["x0"] <= 0.6 for c in asked)
+    # Without the failure model the front's unexplored end (x0 > 0.6) keeps attracting proposals.
+    _, blind = _run_with_failures(avoid_failures=False)
+    assert ok >= 4 and ok > sum(c["x0"] <= 0.6 for c in blind), (asked, blind)
+
+
+# --- options, resume ------------------------------------------------------------------------
+@pytest.mark.parametrize(("option", "value", "allowed"), [
+    ("acquisition", "ehvi", "'auto', 'nehvi', 'parego'"),
+    ("n_init", 0, "an integer >= 1"),
+    ("num_restarts", 2.5, "an integer >= 1"),
+    ("noise", "loud", "'inferred'"),
+    ("avoid_failures", "yes", "true or false"),
+])
+def test_bad_options_name_option_value_and_allowed(option, value, allowed):
+    with pytest.raises(ValueError) as e:
+        get_strategy("botorch", TwoObjective(), **{option: value})
+    assert option in str(e.value) and repr(value) in str(e.value) and allowed in str(e.value)
+
+
+def test_single_objective_rejects_multi_objective_acquisitions():
+    with pytest.raises(ValueError, match="acquisition='nehvi'.*'auto', 'nei'"):
+        get_strategy("botorch", Quadratic(), acquisition="nehvi")
+
+
+def test_unknown_option_is_rejected_by_the_registry():
+    with pytest.raises(ValueError, match="unknown option"):
+        get_strategy("botorch", TwoObjective(), restarts=3)
+
+
+def test_parego_for_many_objectives():
+    from problems.dtlz import DTLZ2
+
+    problem = DTLZ2(dim=6, n_objectives=5, measures=False)
+    s = get_strategy("botorch", problem, seed=0, n_init=8, **LIGHT)
+    assert s.acquisition == "parego"
+    _tell(s, problem, s.ask(8))
+    asked = s.ask(2)
+    assert len({_key(c) for c in asked}) == 2 and s.duplicates_replaced == 0
+
+
+def test_restore_continues_instead_of_repeating():
+    problem = TwoObjective()
+    fresh = get_strategy("botorch", problem, seed=0, n_init=6, **LIGHT)
+    first = fresh.ask(3)
+    history = []
+    for i, c in enumerate(first):
+        values, _, _ = problem.normalise(problem.evaluate(c, 0))
+        history.append(Trial(number=i, params=c, state="complete", values=values))
+    resumed = get_strategy("botorch", problem, seed=0, n_init=6, **LIGHT)
+    resumed.restore(history)
+    assert len(resumed._X) == 3
+    again = resumed.ask(3)
+    assert not ({_key(c) for c in again} & {_key(c) for c in first})
+    assert _key(again[0]) == _key(fresh.ask(1)[0])  # the same Sobol sequence, continued
+
+
+@pytest.mark.slow
+def test_cli_botorch_beats_random_on_branin_currin(tmp_path):
+    from qd.cli import main
+
+    storage = f"sqlite:///{tmp_path}/runs.db"
+    hv = {}
+    for strategy in ("botorch", "random"):
+        assert main(["run", "--problem", "branin-currin", "--strategy", strategy, "--budget", "40", "--seed", "0",
+                     "--storage", storage, "--name", strategy, "--no-progress", "--evaluator", "inprocess"]) == 0
+    import io
+    from contextlib import redirect_stdout
+
+    for strategy in ("botorch", "random"):
+        buf = io.StringIO()
+        with redirect_stdout(buf):
+            main(["show", "--storage", storage, "--name", strategy, "--json"])
+        hv[strategy] = json.loads(buf.getvalue())["hypervolume"]
+    assert hv["botorch"] > hv["random"] + 10, hv
