@@ -274,10 +274,12 @@ def note_markdown(store: Store, problem: Problem | None, trials: Sequence[Trial]
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     figures = "archive heatmap, " if archive is not None else ""
+    attrs = (["measures"] if store.measure_names else []) + (["cell"] if archive is not None else []) + \
+        ["seed", "origin", "metadata", "fail_reason (failed trials)"]
     return (f"## qd run `{info.name}`\n\n| | |\n|---|---|\n{table}\n\n"
             f"Figures on the study page: {figures}{'Pareto set' if len(names) > 1 else 'best value so far'}, metrics. "
-            f"Trial user attributes: `measures`{', `cell`' if archive is not None else ''}, "
-            f"`seed`, `origin`, `metadata`.\n\n*Updated {stamp}.*\n")
+            f"Trial user attributes: {', '.join(f'`{a}`' for a in attrs)}.\n\n"
+            f"*Updated {stamp} by qd; edits here are replaced at the next update while the run progresses.*\n")
 
 
 # --- publishing -------------------------------------------------------------------------------
@@ -397,7 +399,10 @@ def refresh(storage: str, names: Sequence[str] | None = None, out: Any = sys.std
         trials = store.trials()
         finished = sum(t.finished for t in trials)
         system = store.study._storage.get_study_system_attrs(store.study._study_id)
-        if any(t.state == "running" for t in trials) or system.get(PUBLISHED_KEY) == finished:
+        if any(t.state == "running" for t in trials):
+            print(f"run {name!r}: evaluations running; the run itself keeps its figures current", file=out)
+            continue
+        if system.get(PUBLISHED_KEY) == finished:
             continue
         try:
             problem = problem_of(store)

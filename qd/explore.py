@@ -99,11 +99,13 @@ def elite_numbers(archive: RunArchive, trials: Sequence[Trial]) -> dict[int, lis
     if len(elites["index"]) == 0:
         return {}
     good = [t for t in trials if insertable(t)]
-    cells = cells_of(archive, np.array([t.measures for t in good]))
     i = archive.spec.objective_index
+    by_cell: dict[int, list[Trial]] = {}
+    for t, c in zip(good, cells_of(archive, np.array([t.measures for t in good]))):
+        by_cell.setdefault(int(c), []).append(t)
     out: dict[int, list[int]] = {}
     for cell, value in zip(elites["index"], elites["objective"]):
-        match = next((t.number for t, c in zip(good, cells) if c == cell and np.isclose(t.values[i], value)), None)
+        match = next((t.number for t in by_cell.get(int(cell), []) if np.isclose(t.values[i], value)), None)
         if match is not None:
             out[int(cell)] = [match]
     return out
