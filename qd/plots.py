@@ -17,7 +17,7 @@ from qd.store import Store, Trial  # noqa: E402
 
 
 def pareto_figure(trials: Sequence[Trial], names: Sequence[str], directions: Sequence[str], title: str = "") -> plt.Figure:
-    """2 objectives: scatter with the front as a step line; 3: 3-D scatter; more: parallel coordinates."""
+    """2 objectives: scatter with the front as a step line; 3: 3-D and pairwise views; more: parallel coordinates."""
     done = [t for t in trials if t.state == "complete"]
     front = pareto_trials(done, directions)
     Y = np.array([t.values for t in done]) if done else np.empty((0, len(names)))
@@ -35,13 +35,24 @@ def pareto_figure(trials: Sequence[Trial], names: Sequence[str], directions: Seq
         ax.set_ylabel(f"{names[1]} ({directions[1][:3]})")
         ax.legend()
     elif m == 3:
-        fig = plt.figure(figsize=(6, 5))
-        ax = fig.add_subplot(projection="3d")
+        # A 3-D view for the shape, and the three pairwise projections to read values from.
+        fig = plt.figure(figsize=(18, 4.5))
+        ax = fig.add_subplot(1, 4, 1, projection="3d")
         ax.scatter(*Y.T, s=8, c="lightgray", label="evaluated")
         if len(F):
             ax.scatter(*F.T, s=20, c="C0", label=f"Pareto set ({len(F)})")
         ax.set_xlabel(names[0]), ax.set_ylabel(names[1]), ax.set_zlabel(names[2])
-        ax.legend()
+        ax.legend(fontsize=8)
+        for k, (i, j) in enumerate(((0, 1), (0, 2), (1, 2)), start=2):
+            ax = fig.add_subplot(1, 4, k)
+            ax.scatter(Y[:, i], Y[:, j], s=10, c="lightgray")
+            if len(F):
+                ax.scatter(F[:, i], F[:, j], s=22, c="C0")
+            for axis, col in ((ax.set_xscale, i), (ax.set_yscale, j)):
+                if directions[col] == "minimize" and _spans_decades(Y[:, col]):
+                    axis("log")
+            ax.set_xlabel(f"{names[i]} ({directions[i][:3]})")
+            ax.set_ylabel(f"{names[j]} ({directions[j][:3]})")
     else:
         fig, ax = plt.subplots(figsize=(1.6 * m + 2, 4.5))
         lo, hi = Y.min(axis=0), Y.max(axis=0)
@@ -56,6 +67,11 @@ def pareto_figure(trials: Sequence[Trial], names: Sequence[str], directions: Seq
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def _spans_decades(values: np.ndarray) -> bool:
+    """Positive costs (parameters, seconds, bytes) over a wide range read better on a log axis."""
+    return len(values) > 0 and values.min() > 0 and values.max() / values.min() > 30
 
 
 def hypervolume_figure(counts: np.ndarray, hvs: np.ndarray, reference: Sequence[float], title: str = "") -> plt.Figure:
