@@ -17,8 +17,13 @@ Workers (``mode``):
   timeout is ended by killing its actor (Ray cannot force-cancel an actor task), which is replaced.
 - ``"task"``: one Ray task per evaluation, scheduled anywhere the resources are free; a timeout
   ends it with ``ray.cancel(force=True)``. The task is a streaming generator that first reports
-  that it started, so time spent waiting for a worker process does not count as evaluation time. Workers are reused by Ray and keep the unpickled
-  problem in a per-process cache, so caches usually survive too, but without guarantee.
+  that it started, so time spent waiting for a worker process does not count towards the
+  timeout. Ray reuses worker processes, which keep the unpickled problem in a per-process cache,
+  so caches usually survive too, without guarantee.
+
+Actors are the default: a loaded model or dataset is the common case for ML configuration
+problems, and a reserved GPU share per slot is what fractional sharing needs. Tasks suit
+clusters whose nodes come and go (an autoscaler), where a long-lived actor ties a slot to a node.
 
 Failures come back as outcomes, never as exceptions, with the process pool's kinds:
 

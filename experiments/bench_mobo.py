@@ -20,6 +20,7 @@ Examples::
     python experiments/bench_mobo.py --problems branin-currin zdt1 --seeds 5 --budget 100
     python experiments/bench_mobo.py --report --out bench_mobo.jsonl
     python experiments/bench_mobo.py --tutorial --seeds 5
+    python experiments/bench_mobo.py --latency --problems branin-currin zdt1 dtlz2 mixed
 """
 
 from __future__ import annotations
@@ -172,6 +173,60 @@ def tutorial_report(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# --- ask latency ------------------------------------------------------------------------------
+def latency(problem_name: str, sizes: Sequence[int] = (50, 100, 200), seed: int = 0,
+            options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Seconds per ``ask(1)`` of ``botorch`` with 50, 100, 200 observations.
+
+    The observations come from a TPE run on the problem (clustered near the front as in a real
+    run, so NEHVI's pruned baseline is realistic). At each size two asks are timed: the first
+    after the observations arrived in bulk (GP fits from scratch) and a steady-state one after one
+    more observation (fits warm-started from the previous ones, as in a run).
+    """
+    problem = get_problem(problem_name, **PROBLEM_OPTIONS.get(problem_name, {}))
+    tpe = get_strategy("tpe", problem, seed=seed)
+    strat = get_strategy("botorch", problem, seed=seed, **(options or {}))
+    strat.n_init = 0
+    number = 0
+    rows = []
+
+    def tell(config: dict, both: bool) -> None:
+        nonlocal number
+        values, _, constraints = problem.normalise(problem.evaluate(config, seed))
+        trial = Trial(number=number, params=config, state="complete", values=values, constraints=constraints)
+        strat.tell(trial)
+        if both:
+            tpe.tell(trial)
+        number += 1
+
+    for size in sizes:
+        while number < size:
+            tell(tpe.ask(1)[0], both=True)
+        t0 = time.perf_counter()
+        c0 = time.process_time()
+        config = strat.ask(1)[0]
+        cold, cold_cpu = time.perf_counter() - t0, time.process_time() - c0
+        tell(config, both=False)
+        t0 = time.perf_counter()
+        c0 = time.process_time()
+        config = strat.ask(1)[0]
+        warm, warm_cpu = time.perf_counter() - t0, time.process_time() - c0
+        tell(config, both=False)
+        rows.append({"latency": True, "problem": problem_name, "observations": size, "cold_s": cold,
+                     "cold_cpu_s": cold_cpu, "warm_s": warm, "warm_cpu_s": warm_cpu, "options": options or {}})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def latency_report(rows: list[dict[str, Any]]) -> str:
+    lines = ["\nbotorch ask(1) latency, seconds: wall (CPU of this process); 'first' = fits from scratch, "
+             "'steady' = warm-started fits as in a run"]
+    for r in rows:
+        lines.append(f"  {r['problem']:<14} {r['observations']:>4} observations: first {r['cold_s']:6.2f} "
+                     f"({r['cold_cpu_s']:6.2f})   steady {r['warm_s']:6.2f} ({r['warm_cpu_s']:6.2f})")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--problems", nargs="+", default=PROBLEMS, help=f"default: {' '.join(PROBLEMS)}")
@@ -185,15 +240,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench_mobo.jsonl"))
     ap.add_argument("--report", action="store_true", help="print the table of --out and stop")
     ap.add_argument("--tutorial", action="store_true", help="run BoTorch's tutorial set-up instead")
+    ap.add_argument("--latency", action="store_true", help="time botorch asks at 50, 100, 200 observations instead")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = load_rows(args.out)
+    bench = [r for r in rows if not r.get("tutorial") and not r.get("latency")]
     if args.report:
-        print(report([r for r in rows if not r.get("tutorial")]))
-        tut = [r for r in rows if r.get("tutorial")]
-        if tut:
-            print(tutorial_report(tut))
+        print(report(bench))
+        for kind, show in (("tutorial", tutorial_report), ("latency", latency_report)):
+            chosen = [r for r in rows if r.get(kind)]
+            if chosen:
+                print(show(chosen))
+        return 0
+    if args.latency:
+        new = []
+        for problem in args.problems:
+            new += latency(problem, options=args.botorch_options)
+        with args.out.open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in new)
+        print(latency_report(new))
         return 0
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     if args.tutorial:
@@ -208,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                     f.write(json.dumps(row) + "\n")
         print(tutorial_report([r for r in load_rows(args.out) if r.get("tutorial")]))
         return 0
-    done = {_key(r) for r in rows if not r.get("tutorial")}
+    done = {_key(r) for r in bench}
     for seed in seeds:  # seeds outermost: a partial benchmark still compares every strategy
         for problem in args.problems:
             for strategy in args.strategies:
@@ -220,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(row), flush=True)
                 with args.out.open("a") as f:
                     f.write(json.dumps(row) + "\n")
-    print(report([r for r in load_rows(args.out) if not r.get("tutorial")]))
+    print(report([r for r in load_rows(args.out) if not r.get("tutorial") and not r.get("latency")]))
     return 0
 
 

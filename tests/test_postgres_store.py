@@ -123,3 +123,17 @@ def test_plain_postgresql_url_uses_the_installed_driver():
         assert resolved.startswith("postgresql+psycopg2://")
     assert resolve_storage("sqlite:///x.db") == "sqlite:///x.db"
     assert resolve_storage("postgresql+psycopg2://u@h/db") == "postgresql+psycopg2://u@h/db"
+
+
+def test_sqlite_storage_is_opened_in_wal_mode(tmp_path):
+    # WAL: commits without an fsync each (the run loop's critical path) and readers that do not block writers.
+    import sqlite3
+
+    problem = get_problem("zdt1", dim=4)
+    info = RunInfo(name="w", problem="zdt1", problem_options={"dim": 4}, strategy="random", strategy_options={},
+                   seed=0)
+    store = Store.create(f"sqlite:///{tmp_path}/w.db", info, problem)
+    store.start({f"x{i}": 0.5 for i in range(4)}, problem.space.active_distributions({f"x{i}": 0.5 for i in range(4)}))
+    with sqlite3.connect(tmp_path / "w.db") as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert Store.open(f"sqlite:///{tmp_path}/w.db", "w").counts()["n_running"] == 1
