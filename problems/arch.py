@@ -194,6 +194,7 @@ class ArchProblem(Problem):
             Float("lr", 1e-4, 3e-2, log=True),
             Int("epochs", 1, 10),
         ])
+        self.fidelity = "epochs"  # more epochs: dearer and more faithful
         self.objectives = (
             Objective("accuracy", "maximize"),
             Objective("params", "minimize", cheap=True),

@@ -231,6 +231,7 @@ class PeftProblem(Problem):
             Float("lr", 1e-5, 1e-2, log=True),
             Int("steps", min_steps, max_steps, log=True),
         ])
+        self.fidelity = "steps"  # more steps: dearer and more faithful
         self.objectives = (
             Objective("accuracy", "maximize"),
             Objective("trainable_params", "minimize", cheap=True),

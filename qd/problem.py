@@ -84,6 +84,9 @@ class Problem(ABC):
     measures: tuple[Measure, ...] = ()
     constraints: tuple[str, ...] = ()
     resources: Resources = Resources()
+    #: Name of a parameter that sets an evaluation's cost and fidelity (training steps, data
+    #: fraction), larger meaning dearer and more faithful; strategies may evaluate cheaply first.
+    fidelity: str | None = None
     #: Hypervolume reference point in objective units (None: derived from the data, and stated).
     reference_point: tuple[float, ...] | None = None
     #: Options it was built with; set by ``qd.registry.get_problem`` so a run can rebuild it.
