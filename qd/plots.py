@@ -5,15 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt  # without a display matplotlib falls back to Agg by itself
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from qd.problem import Problem  # noqa: E402
-from qd.results import hypervolume_history, pareto_trials, reference_point  # noqa: E402
-from qd.store import Store, Trial  # noqa: E402
+from qd.problem import Problem
+from qd.results import hypervolume_history, pareto_trials, reference_point
+from qd.store import Store, Trial
 
 
 def pareto_figure(trials: Sequence[Trial], names: Sequence[str], directions: Sequence[str], title: str = "") -> plt.Figure:
