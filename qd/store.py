@@ -20,6 +20,7 @@ Layout inside the study:
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -169,7 +170,9 @@ class Store:
             return existing
         study = optuna.create_study(storage=optuna_storage(storage), study_name=info.name,
                                     directions=problem.directions)
-        study.set_metric_names(problem.objective_names)
+        with warnings.catch_warnings():  # marked experimental in Optuna; the dashboard reads it
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(problem.objective_names)
         study.set_user_attr("qd", info.to_json())
         study.set_user_attr("measure_names", problem.measure_names)
         return cls(study, info, problem.measure_names)
