@@ -14,18 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt  # the backend is the user's (without a display matplotlib uses Agg)
+import numpy as np
+from ribs.archives import ArchiveBase, CVTArchive, GridArchive
+from ribs.visualize import cvt_archive_heatmap, grid_archive_heatmap, parallel_axes_plot
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from ribs.archives import ArchiveBase, CVTArchive, GridArchive  # noqa: E402
-from ribs.visualize import cvt_archive_heatmap, grid_archive_heatmap, parallel_axes_plot  # noqa: E402
-
-from qd.archive import EliteArchive, ParetoArchive, RunArchive, archive_for_run  # noqa: E402
-from qd.metrics import history  # noqa: E402
-from qd.problem import Problem  # noqa: E402
-from qd.store import Store, Trial  # noqa: E402
+from qd.archive import EliteArchive, ParetoArchive, RunArchive, archive_for_run
+from qd.metrics import history
+from qd.problem import Problem
+from qd.store import Store, Trial
 
 
 def _map_figure(archive: ArchiveBase, df: Any, names: Sequence[str], colour_label: str, title: str,
