@@ -236,11 +236,14 @@ def run(
     stopped_by = "budget"
     n_requeued = len(requeue)
 
+    created = len(history)  # this driver's count of the run's trials (the trial number, when it runs alone)
+
     def launch(config: Config, origin: str, requeue_of: int | None = None) -> None:
+        nonlocal created
         config = problem.space.validate(config)
-        number = store.study._storage.get_n_trials(store.study._study_id)
         trial = store.start(config, problem.space.active_distributions(config), origin=origin,
-                            seed=evaluation_seed(store.info.seed, number), driver=driver, requeue_of=requeue_of)
+                            seed=evaluation_seed(store.info.seed, created), driver=driver, requeue_of=requeue_of)
+        created += 1
         in_flight[trial.number] = trial
         evaluator.submit(Job(trial.number, config, trial.seed))
 
