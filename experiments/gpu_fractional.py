@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             problem.resources = dataclasses.replace(problem.resources, gpus=gpus, cpus=1)
             print(f"{phase}: {len(configs)} evaluations, {gpus:g} GPU each, {workers} in flight", file=sys.stderr)
             results.append(run_phase(phase, problem, configs, workers, sampler, args.timeout))
+            if args.out:  # after each phase, so a run cut short still leaves what it measured
+                Path(args.out).write_text(json.dumps({"partial": True, "results": results}, indent=2, default=str))
     ray.shutdown()
 
     print(f"\n{len(configs)} arch evaluations ({args.dataset}, epochs <= {args.max_epochs}) on {n_gpus} "
