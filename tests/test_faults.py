@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from evaluators import Job, make_evaluator
-from problems.faulty import BEHAVIOURS, EXIT_CODE, Faulty, WeightedCategorical
+from problems.faulty import BEHAVIOURS, EXIT_CODE, WeightedCategorical
 from qd.cli import main
 from qd.registry import get_problem
 from qd.run import run
