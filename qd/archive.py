@@ -117,6 +117,13 @@ class EliteSpec:
     learning_rate: float | None = None  # CMA-MAE: the thresholded archive's learning rate
     threshold_min: float | None = None  # CMA-MAE: initial cell threshold (objective units)
     seed: int = 0
+    #: Repeated evaluations of one configuration are averaged (``qd.noise``): it is placed by its
+    #: mean measures and ranked by its mean objective, so one lucky seed cannot hold a cell.
+    aggregate: bool = False
+    #: Only trials whose ``fidelity`` parameter is at ``fidelity_top`` (its most faithful value)
+    #: are inserted: lower-fidelity evaluations of a multi-fidelity search stay out of the map.
+    fidelity: str | None = None
+    fidelity_top: Any = None
 
     @property
     def sign(self) -> float:
@@ -129,13 +136,22 @@ class EliteSpec:
         out.update({"bins": list(self.bins)} if self.kind == "grid" else {"cells": self.cells})
         if self.learning_rate is not None:
             out.update(learning_rate=self.learning_rate, threshold_min=self.threshold_min)
+        if self.aggregate:
+            out["aggregate"] = "mean over repeated evaluations of a configuration"
+        if self.fidelity is not None:
+            out["fidelity"] = {"parameter": self.fidelity, "value": self.fidelity_top}
         return out
 
 
 def elite_spec(problem: Problem, *, archive: str = "grid", bins: Any = None, cells: Any = None,
                objective: str | None = None, qd_score_offset: Any = None, learning_rate: Any = None,
-               threshold_min: Any = None, seed: int = 0, owner: str = "archive") -> EliteSpec:
-    """Check the archive options of a single-objective QD run and fill in the defaults."""
+               threshold_min: Any = None, seed: int = 0, owner: str = "archive", aggregate: bool = False,
+               fidelity: str | None = None) -> EliteSpec:
+    """Check the archive options of a single-objective QD run and fill in the defaults.
+
+    ``aggregate``: average repeated evaluations per configuration (not with ``learning_rate``).
+    ``fidelity``: a parameter name; only trials at its most faithful value (``top_value``) count.
+    """
     require_measures(problem, owner)
     if archive not in ARCHIVE_KINDS:
         raise ArchiveOptionError(f"{owner}: option archive={archive!r} is not allowed; allowed: {list(ARCHIVE_KINDS)}")
@@ -167,9 +183,24 @@ def elite_spec(problem: Problem, *, archive: str = "grid", bins: Any = None, cel
         threshold = offset if threshold_min is None else _finite_number(threshold_min, "threshold_min", owner)
     else:
         lr, threshold = None, None
+    if aggregate and lr is not None:
+        raise ArchiveOptionError(f"{owner}: averaging repeated evaluations needs a plain elitist archive; "
+                                 f"it is not allowed with learning_rate={learning_rate!r}")
+    top = None
+    if fidelity is not None:
+        if fidelity not in problem.space.names:
+            raise ArchiveOptionError(f"{owner}: fidelity parameter {fidelity!r} is not in the space; allowed: one of "
+                                     f"{problem.space.names}")
+        top = top_value(problem.space[fidelity])
     return EliteSpec(kind=archive, bins=grid_bins, cells=n_cells, objective=obj.name, objective_index=index,
                      direction=obj.direction, qd_score_offset=offset, learning_rate=lr, threshold_min=threshold,
-                     seed=int(seed))
+                     seed=int(seed), aggregate=bool(aggregate), fidelity=fidelity, fidelity_top=top)
+
+
+def top_value(param: Any) -> Any:
+    """The most faithful value of a fidelity parameter: the high end of a range, the last choice."""
+    choices = getattr(param, "choices", None)
+    return choices[-1] if choices is not None else param.high
 
 
 @dataclass(frozen=True)
@@ -247,6 +278,18 @@ class EliteArchive:
         if spec.learning_rate is not None:
             self.archive = make(learning_rate=spec.learning_rate, threshold_min=sign * spec.threshold_min)
         self.n_inserted = 0
+        #: Per-configuration sums when ``spec.aggregate`` (``qd.noise``), else None.
+        self.repeats = None
+        if spec.aggregate:
+            from qd.noise import RepeatStats
+
+            self.repeats = RepeatStats(d, len(problem.measures))
+
+    def takes(self, trial: Trial) -> bool:
+        """Whether ``trial`` goes into this archive: insertable, and at the top fidelity when one is set."""
+        if not insertable(trial):
+            return False
+        return self.spec.fidelity is None or trial.params.get(self.spec.fidelity) == self.spec.fidelity_top
 
     # objective <-> the maximised number pyribs stores
     def internal_objective(self, trials: Sequence[Trial]) -> np.ndarray:
@@ -263,7 +306,7 @@ class EliteArchive:
         for the rows without results, ready for ``emitter.tell``.
         """
         solutions = np.asarray(solutions, dtype=float).reshape(len(trials), self.space.dim)
-        ok = np.array([insertable(t) for t in trials], dtype=bool)
+        ok = np.array([self.takes(t) for t in trials], dtype=bool)
         n, k = len(trials), len(self.problem.measures)
         status = np.zeros(n, dtype=np.int32)
         value = np.zeros(n, dtype=float)
@@ -273,6 +316,16 @@ class EliteArchive:
             good = [t for t, keep in zip(trials, ok) if keep]
             objective[ok] = self.internal_objective(good)
             measures[ok] = np.array([t.measures for t in good], dtype=float)
+            if self.repeats is not None:
+                repeated = [self.repeats.add(x, y, m) for x, y, m in zip(solutions[ok], objective[ok], measures[ok])]
+                if any(repeated):  # a mean changed: pyribs cannot lower an elite, so re-insert all means
+                    self.result.clear()
+                    table = self.repeats.table()
+                    self.result.add(solution=table["solution"], objective=table["objective"],
+                                    measures=table["measures"])
+                    self.n_inserted += int(ok.sum())
+                    value[~ok] = -1.0
+                    return {"status": status, "value": value, "objective": objective, "measures": measures}
             info = self.archive.add(solution=solutions[ok], objective=objective[ok], measures=measures[ok])
             if self.result is not self.archive:
                 self.result.add(solution=solutions[ok], objective=objective[ok], measures=measures[ok])
@@ -286,7 +339,7 @@ class EliteArchive:
 
     def add_trials(self, trials: Sequence[Trial]) -> None:
         """Insert the insertable trials in order (CMA-MAE's thresholds depend on it: one at a time)."""
-        good = [t for t in trials if insertable(t)]
+        good = [t for t in trials if self.takes(t)]
         if not good:
             return
         X = self.space.encode_many([t.params for t in good])
@@ -322,8 +375,15 @@ class EliteArchive:
         """The result archive's elites: ``solution`` (e, d), ``objective`` (e,) in objective units,
         ``measures`` (e, k), ``index`` (e,)."""
         data = self.result.data()
-        return {"solution": data["solution"], "objective": self.spec.sign * data["objective"],
-                "measures": data["measures"], "index": data["index"]}
+        out = {"solution": data["solution"], "objective": self.spec.sign * data["objective"],
+               "measures": data["measures"], "index": data["index"]}
+        if self.repeats is not None:  # aggregated: objective and measures are means; add spread and count
+            from qd.noise import config_key
+
+            keys = [config_key(x) for x in data["solution"]]
+            out["std"] = np.array([self.repeats.std(k) for k in keys])
+            out["count"] = np.array([self.repeats.count(k) for k in keys], dtype=int)
+        return out
 
 
 @dataclass

@@ -185,6 +185,15 @@ class SpaceGeometry:
         return as_tensor(self.space.snap(X.detach().cpu().numpy()))
 
 
+def make_gp(X: Tensor, Y: Tensor, geometry: SpaceGeometry, Yvar: Tensor | None = None) -> SingleTaskGP:
+    """An unfitted GP on ``X`` (``n x d``) and ``Y`` (``n x m``), with the kernel ``geometry`` calls for."""
+    kwargs: dict[str, Any] = {"train_Yvar": Yvar, "outcome_transform": Standardize(m=Y.shape[-1]),
+                              "input_transform": geometry.projection}
+    if geometry.has_categoricals:
+        return MixedSingleTaskGP(X, Y, cat_dims=sorted(geometry.cat_dims), **kwargs)
+    return SingleTaskGP(X, Y, **kwargs)
+
+
 def fit_gp(
     X: Tensor,
     Y: Tensor,
@@ -206,12 +215,7 @@ def fit_gp(
     Returns:
         The fitted model, in eval mode.
     """
-    kwargs: dict[str, Any] = {"train_Yvar": Yvar, "outcome_transform": Standardize(m=Y.shape[-1]),
-                              "input_transform": geometry.projection}
-    if geometry.has_categoricals:
-        model: SingleTaskGP = MixedSingleTaskGP(X, Y, cat_dims=sorted(geometry.cat_dims), **kwargs)
-    else:
-        model = SingleTaskGP(X, Y, **kwargs)
+    model = make_gp(X, Y, geometry, Yvar)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     if warm_start is not None:
         try:
@@ -233,6 +237,39 @@ def hyperparameters(model: Model) -> dict[str, Tensor]:
     """The learned parameters of a fitted GP (not its transforms' data statistics), for warm starts."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()
             if not k.startswith(("outcome_transform", "input_transform"))}
+
+
+class WarmFits:
+    """Single-output GPs kept per name and refitted as data grow, warm-started from their last fit.
+
+    A warm start makes a refit take a few L-BFGS steps; a cold fit whenever the data have grown
+    by ``growth`` since the last cold one keeps a poor early optimum from sticking. With
+    ``hyper_growth``, hyperparameters are re-optimised only once the data have grown by that factor
+    since the last optimisation; in between, the GP conditions on the new data with the last
+    hyperparameters (no optimisation: milliseconds instead of a fit).
+    """
+
+    def __init__(self, geometry: SpaceGeometry, growth: float = 1.25, hyper_growth: float | None = None):
+        self.geometry, self.growth, self.hyper_growth = geometry, float(growth), hyper_growth
+        self._warm: dict[str, dict[str, Tensor]] = {}
+        self._cold_size: dict[str, int] = {}
+        self._hyper_size: dict[str, int] = {}
+
+    def fit(self, key: str, X: Tensor, y: Tensor, Yvar: Tensor | None = None) -> SingleTaskGP:
+        """``X``: ``n x d``, ``y`` (and ``Yvar``): ``n x 1`` -> a fitted GP in eval mode."""
+        warm = self._warm.get(key)
+        if warm is not None and self.hyper_growth is not None \
+                and len(X) < self.hyper_growth * self._hyper_size.get(key, 0):
+            gp = make_gp(X, y, self.geometry, Yvar)
+            gp.load_state_dict(warm, strict=False)
+            return gp.eval()
+        cold = len(X) >= self.growth * self._cold_size.get(key, 0)
+        gp = fit_gp(X, y, self.geometry, Yvar=Yvar, warm_start=None if cold else warm)
+        if cold:
+            self._cold_size[key] = len(X)
+        self._hyper_size[key] = len(X)
+        self._warm[key] = hyperparameters(gp)
+        return gp
 
 
 class CheapValues:
@@ -312,4 +349,4 @@ def row_keys(X: Tensor, decimals: int = 9) -> set[tuple[float, ...]]:
 
 
 __all__ = ["DTYPE", "quiet", "CheapValues", "ConditionalProjection", "SpaceGeometry", "as_tensor", "fit_gp",
-           "hyperparameters", "optimize_candidate", "row_keys"]
+           "hyperparameters", "optimize_candidate", "row_keys", "WarmFits", "make_gp"]
