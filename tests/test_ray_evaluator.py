@@ -206,7 +206,8 @@ def _max_overlap(outcomes) -> int:
 
 @pytest.mark.parametrize("gpus, expected", [(0.25, 4), (1.0, 1)])
 def test_fractional_gpus_share_one_gpu(ray_address, gpus, expected):
-    problem = get_problem("faulty", weights={"ok": 1}, sleep_s=1.0)
+    # Long enough that actors starting seconds apart on a loaded machine still overlap.
+    problem = get_problem("faulty", weights={"ok": 1}, sleep_s=4.0 if expected > 1 else 1.0, timeout_s=30.0)
     problem.resources = dataclasses.replace(problem.resources, gpus=gpus, cpus=0.5)
     ev = RayEvaluator()
     if expected < 4:
