@@ -189,3 +189,23 @@ def test_sail_reevaluates_new_elites():
     assert max(counts.values()) >= 3  # some elite was evaluated 1 + 2 times
     assert min(counts.values()) == 1  # configurations that never led their cell were not repeated
     assert any(c >= 3 for c in s.archive.elites()["count"])
+
+
+def test_sail_resumed_mid_repeats_asks_for_the_owed_ones_first():
+    problem = get_problem("zdt1", dim=4, noise=0.5)
+    opts = dict(objective="f2", repeats=3, n_init=4, bins=4, **LIGHT)
+    trials = drive(get_strategy("sail", problem, seed=0, **opts), problem, 7, workers=4)
+    counts: dict[bytes, int] = {}
+    for t in trials:
+        key = config_key(problem.space.encode(t.params))
+        counts[key] = counts.get(key, 0) + 1
+    owed = {k: 3 - c for k, c in counts.items() if c < 3}
+    assert owed
+    resumed = get_strategy("sail", problem, seed=0, **opts)
+    resumed.restore(trials)
+    again = resumed.ask(sum(owed.values()))
+    got: dict[bytes, int] = {}
+    for c in again:
+        key = config_key(problem.space.encode(c))
+        got[key] = got.get(key, 0) + 1
+    assert got == owed

@@ -212,3 +212,25 @@ def test_cli_sail_beats_map_elites_on_arm_at_150_evaluations(tmp_path):
             main(["show", "--storage", storage, "--name", strategy, "--json"])
         score[strategy] = json.loads(buf.getvalue())["archive"]["qd_score"]
     assert score["sail"] > score["map-elites"], score
+
+
+class Constrained(CheapSphere):
+    """Feasible only where x0 <= 0 (half of the box)."""
+
+    constraints = ("x0",)
+
+    def evaluate(self, config, seed):
+        ev = super().evaluate(config, seed)
+        ev.constraints = [config["x0"]]
+        return ev
+
+
+def test_constraints_are_modelled_and_proposals_mostly_feasible():
+    problem = Constrained(dim=3)
+    s = get_strategy("sail", problem, seed=0, n_init=8, bins=6, **LIGHT)
+    trials = drive(s, problem, 24)
+    assert "constraint0" in s._fitted()
+    model_phase = trials[10:]
+    assert sum(t.params["x0"] <= 0 for t in model_phase) >= 0.8 * len(model_phase)
+    assert all(t.feasible for t in trials if config_key(problem.space.encode(t.params))
+               in {config_key(x) for x in s.archive.elites()["solution"]})

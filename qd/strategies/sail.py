@@ -291,9 +291,15 @@ class Sail(Strategy):
         if not trials:
             return
         for t in trials:
+            if t.origin == "strategy" and t.state != "failed":  # repeats still owed when the run stopped
+                key = self._key(t.params)
+                self._configs.setdefault(key, t.params)
+                self._target[key] = max(self._target.get(key, 0), self.repeats)
             if t.finished:
                 self.tell(t)
             self._proposed.add(self._identity(t.params))
+        for key in list(self._target):
+            self._settle(key)
         proposed = {self._identity(t.params) for t in trials if t.origin == "strategy"}
         self._warmup_issued = min(self.n_init, len(proposed))
         self._sobol = qmc.Sobol(d=self.space.dim, scramble=True, seed=self.seed)
