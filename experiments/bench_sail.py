@@ -125,7 +125,8 @@ def run_bop_elites(problem: Problem, spec: EliteSpec, budget: int, batch: int, n
 
 # --- running -------------------------------------------------------------------------------------------
 def run_case(title: str, problem: Problem, cheap: Problem, archive: dict[str, Any], sigma: float, budget: int,
-             seeds: int, workers: int, only: str | None, bop_seeds: int) -> list[tuple[str, dict[str, list[float]]]]:
+             seeds: int, workers: int, only: str | None, bop_seeds: int,
+             skip: str | None = None) -> list[tuple[str, dict[str, list[float]]]]:
     spec = elite_spec(problem, **archive)
     n_init = min(2 * (problem.space.dim + 1), 20)
     methods: dict[str, Callable[[int], tuple[list[Trial], list[float]]]] = {}
@@ -144,7 +145,7 @@ def run_case(title: str, problem: Problem, cheap: Problem, archive: dict[str, An
     methods["sail (cheap measures)"] = through_loop(cheap, "sail")
     rows = []
     for label, go in methods.items():
-        if only and only not in label:
+        if (only and only not in label) or (skip and skip in label):
             continue
         out: dict[str, list[float]] = {"qd_score": [], "coverage": [], "best": [], "seconds": [], "ask_mean_s": [],
                                        "ask_max_s": []}
@@ -170,8 +171,8 @@ def table(title: str, rows: list[tuple[str, dict[str, list[float]]]]) -> str:
     for name, r in rows:
         ratio = f"{np.mean(r['qd_score']) / np.mean(base['qd_score']):.2f}" if base else "-"
         ask = f"{np.mean(r['ask_mean_s']):.2f} / {np.max(r['ask_max_s']):.2f}" if np.max(r["ask_max_s"]) > 0 else "-"
-        lines.append(f"| {name} | {len(r['qd_score'])} | {mean_std(r['qd_score'])} | {ratio} | {mean_std(r['coverage'])} | "
-                     f"{mean_std(r['best'])} | {ask} | {np.mean(r['seconds']):.0f} |")
+        lines.append(f"| {name} | {len(r['qd_score'])} | {mean_std(r['qd_score'])} | {ratio} | "
+                     f"{mean_std(r['coverage'])} | {mean_std(r['best'])} | {ask} | {np.mean(r['seconds']):.0f} |")
     return "\n".join([head, *lines])
 
 
@@ -182,6 +183,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--dim", type=int, default=6, help="joints of the arm, dimensions of sphere/rastrigin")
     parser.add_argument("--only", help="only the methods whose label contains this text")
+    parser.add_argument("--skip", help="leave out the methods whose label contains this text")
     parser.add_argument("--problems", default="arm,sphere,rastrigin,mixed")
     parser.add_argument("--bop-seeds", type=int, default=1,
                         help="seeds for BOP-Elites (pyribs' pattern search takes ~10 s per ask on one core)")
@@ -203,7 +205,7 @@ def main() -> None:
     for key in args.problems.split(","):
         title, problem, cheap, archive, sigma = cases[key]
         rows = run_case(title, problem, cheap, archive, sigma, args.budget, args.seeds, args.workers, args.only,
-                        args.bop_seeds)
+                        args.bop_seeds, args.skip)
         tables.append(table(f"{title}: {args.budget} evaluations, {args.workers} workers, {args.seeds} seeds", rows))
         print(tables[-1], flush=True)
     print("\n## all\n" + "\n".join(tables))
