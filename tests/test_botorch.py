@@ -152,6 +152,36 @@ def test_four_workers_get_four_distinct_configs_from_the_model():
     assert len(s.latencies) == 2
 
 
+def test_run_loop_with_four_workers_never_duplicates_a_running_config(tmp_path):
+    from evaluators.inprocess import InProcessEvaluator
+    from qd.run import run
+    from qd.store import RunInfo, Store
+
+    problem = TwoObjective()
+    s = get_strategy("botorch", problem, seed=5, n_init=4, **LIGHT)
+    seen_pending = []
+    ask = s.ask
+
+    def recording_ask(n, pending=()):
+        out = ask(n, pending)
+        seen_pending.append((list(pending), out))
+        return out
+
+    s.ask = recording_ask
+    info = RunInfo(name="w4", problem="two-objective", problem_options={}, strategy="botorch",
+                   strategy_options={}, seed=5)
+    store = Store.create(f"sqlite:///{tmp_path}/w4.db", info, problem)
+    report = run(problem, s, InProcessEvaluator(), store, budget=8, workers=4, progress=False)
+    assert report.finished == 8
+    trials = store.trials()
+    assert len({_key(t.params) for t in trials}) == len(trials) == 8
+    # After the first batch of 4, each ask comes while 3 others run, and proposes none of them.
+    model_asks = [(p, out) for p, out in seen_pending if len(p) == 3]
+    assert model_asks and len(s.latencies) >= 3
+    for pending, out in model_asks:
+        assert not {_key(c) for c in out} & {_key(c) for c in pending}
+
+
 def test_warm_up_is_sobol_and_distinct_with_pending():
     problem = TwoObjective()
     s = get_strategy("botorch", problem, seed=0, n_init=4, **LIGHT)
