@@ -361,6 +361,16 @@ def test_unknown_option_is_rejected_by_the_registry():
         get_strategy("botorch", TwoObjective(), restarts=3)
 
 
+def test_problem_with_only_cheap_objectives_is_refused():
+    class AllCheap(WithCheap):
+        def __init__(self):
+            super().__init__()
+            self.objectives = (Objective("params", cheap=True),)
+
+    with pytest.raises(ValueError, match="every objective .* is cheap"):
+        get_strategy("botorch", AllCheap())
+
+
 def test_parego_for_many_objectives():
     from problems.dtlz import DTLZ2
 

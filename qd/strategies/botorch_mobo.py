@@ -171,6 +171,12 @@ class BoTorch(Strategy):
         self._cheap = (CheapValues(problem, [objectives[i].name for i in cheap], self._signs[cheap])
                        if cheap else None)
         self._cheap_index = cheap
+        if not self._expensive and not problem.constraints:
+            raise ValueError(
+                f"strategy 'botorch': every objective of problem {problem.name or type(problem).__name__!r} is cheap "
+                f"and it has no constraints, so there is nothing to model; allowed: a problem with at least one "
+                f"objective that is not cheap, or with constraints"
+            )
         self._n_constraints = len(problem.constraints)
 
         # Observations: encoded inputs, modelled outcomes (expensive objectives maximised, then
