@@ -322,23 +322,29 @@ def optimize_candidate(
     num_restarts: int,
     raw_samples: int,
     maxiter: int = 100,
+    local_starts: bool = True,
 ) -> Tensor:
     """Maximise ``acqf`` for one candidate over the space; return it snapped, shape ``1 x d``.
 
     Continuous spaces use ``optimize_acqf`` (L-BFGS-B from the best of ``raw_samples`` Sobol
     points); spaces with integers or categoricals use ``optimize_acqf_mixed_alternating``
-    (alternating discrete neighbourhood search and continuous L-BFGS-B steps).
+    (alternating discrete neighbourhood search and continuous L-BFGS-B steps). With
+    ``local_starts``, start points are also drawn close to the incumbents (the modelled Pareto
+    set or best points of ``X_baseline``): space-filling points alone rarely land close enough
+    to refine a front that is already good (the last digits of hypervolume are won there).
     """
     with quiet():
         if geometry.is_continuous:
             X, _ = optimize_acqf(acqf, geometry.bounds, q=1, num_restarts=num_restarts, raw_samples=raw_samples,
-                                 fixed_features=geometry.fixed_features or None, options={"maxiter": maxiter})
+                                 fixed_features=geometry.fixed_features or None,
+                                 options={"maxiter": maxiter, "sample_around_best": local_starts})
         else:
             X, _ = optimize_acqf_mixed_alternating(
                 acqf, geometry.bounds, discrete_dims=geometry.discrete_dims, cat_dims=geometry.cat_dims,
                 q=1, num_restarts=num_restarts, raw_samples=raw_samples,
                 fixed_features=geometry.fixed_features or None,
-                options={"maxiter_continuous": 8, "maxiter_alternating": 16, "maxiter_init": maxiter},
+                options={"maxiter_continuous": 8, "maxiter_alternating": 16, "maxiter_init": maxiter,
+                         "num_spray_points": 20 if local_starts else 0},
             )
     return geometry.snap(X.reshape(1, -1))
 
