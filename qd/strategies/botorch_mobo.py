@@ -13,8 +13,9 @@ What it does on each ``ask`` once the warm-up is over:
    ``X_pending``, so parallel workers get different configurations.
 3. Optimise it one candidate at a time (sequential greedy: each chosen candidate joins
    ``X_pending`` for the next), with ``optimize_acqf`` on continuous spaces and
-   ``optimize_acqf_mixed_alternating`` when there are integers or categoricals, then snap it
-   to the configuration it decodes to.
+   ``optimize_acqf_mixed_alternating`` when there are integers or categoricals, from Sobol
+   points and points next to the incumbents (the modelled Pareto set), then snap it to the
+   configuration it decodes to.
 
 Details:
 
