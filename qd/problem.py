@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
+
+import numpy as np
 
 from qd.space import Config, Space
 
@@ -70,6 +73,22 @@ class Evaluation:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class BatchEvaluation:
+    """What ``Problem.evaluate_batch`` returns for n configurations, as arrays.
+
+    ``values``: (n, m) objective values in declared order. ``measures``: (n, k) or None when the
+    problem has none. ``constraints``: (n, c) or None, feasible when <= 0. ``errors``: None, or n
+    entries, each None for a row that evaluated or the reason it failed (its numbers are then
+    ignored). A row whose numbers are not finite is recorded as failed, as for ``evaluate``.
+    """
+
+    values: np.ndarray
+    measures: np.ndarray | None = None
+    constraints: np.ndarray | None = None
+    errors: Sequence[str | None] | None = None
+
+
 class EvaluationError(ValueError):
     """An evaluation result that cannot be recorded as complete (wrong shape, NaN, inf)."""
 
@@ -91,10 +110,41 @@ class Problem(ABC):
     reference_point: tuple[float, ...] | None = None
     #: Options it was built with; set by ``qd.registry.get_problem`` so a run can rebuild it.
     options: dict[str, Any]
+    #: True when ``evaluate_batch`` computes a whole batch with array operations: the in-process
+    #: evaluator then hands it every batch a strategy proposes, and nothing per configuration is
+    #: built on the way (see ``experiments/bench_scale.py``).
+    vectorized: ClassVar[bool] = False
 
     @abstractmethod
     def evaluate(self, config: Config, seed: int) -> Evaluation:
         """Evaluate one valid configuration. Exceptions become failed trials with their reason."""
+
+    def evaluate_batch(self, X: np.ndarray, seeds: np.ndarray) -> BatchEvaluation:
+        """Evaluate n valid configurations at once.
+
+        Args:
+            X: (n, d) raw values, one column per parameter in space order (``Space.to_raw``:
+                floats as they are, integers as float-valued integers, categoricals as the index of
+                their choice, NaN for inactive conditional parameters).
+            seeds: (n,) integer seeds, one per row.
+
+        Returns:
+            A ``BatchEvaluation`` with n rows. The default calls ``evaluate`` row by row; an
+            exception fails that row only. Vectorised problems override it and set ``vectorized``.
+        """
+        configs = self.space.from_raw(X)
+        n, m, k, c = len(configs), len(self.objectives), len(self.measures), len(self.constraints)
+        values, measures, constraints = np.full((n, m), np.nan), np.full((n, k), np.nan), np.full((n, c), np.nan)
+        errors: list[str | None] = [None] * n
+        for i, (config, seed) in enumerate(zip(configs, np.asarray(seeds).tolist())):
+            try:
+                v, mm, cc = self.normalise(self.evaluate(config, int(seed)))
+                values[i], measures[i], constraints[i] = v, mm, cc
+            except EvaluationError as e:
+                errors[i] = f"invalid result: {e}"
+            except Exception as e:
+                errors[i] = f"exception: {type(e).__name__}: {e}\n" + "".join(traceback.format_exception(e))[-2000:]
+        return BatchEvaluation(values, measures if k else None, constraints if c else None, errors)
 
     def cheap_values(self, config: Config) -> dict[str, float]:
         """Values of the objectives declared ``cheap``, computed without an evaluation."""

@@ -306,6 +306,84 @@ class Space:
     def sample(self, n: int, rng: np.random.Generator) -> list[Config]:
         return self.decode_many(rng.random((n, self.dim)))
 
+    # --- raw matrices: one row per configuration, one float column per parameter -----------
+    # A raw row holds each parameter in its own units: floats as they are, integers as
+    # float-valued integers, categoricals as the index of their choice, and NaN where a
+    # conditional parameter is inactive. It is how the record stores configurations (exact, and
+    # columnar) and what vectorised problems (``Problem.evaluate_batch``) receive.
+    def to_raw(self, configs: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """Valid configs -> array (n, d) of raw values (see above)."""
+        R = np.full((len(configs), self.dim), np.nan)
+        for i, c in enumerate(configs):
+            for j, p in enumerate(self.params):
+                if p.name in c:
+                    v = c[p.name]
+                    R[i, j] = p.index(v) if isinstance(p, Categorical) else float(v)
+        return R
+
+    def from_raw(self, R: np.ndarray) -> list[Config]:
+        """Array (n, d) of raw values -> n configs (NaN columns left out)."""
+        R = np.atleast_2d(np.asarray(R, dtype=float))
+        cols = []
+        for j, p in enumerate(self.params):
+            col = R[:, j]
+            if isinstance(p, Categorical):
+                cols.append([None if v != v else p.choices[int(v)] for v in col.tolist()])
+            elif isinstance(p, Int):
+                cols.append([None if v != v else int(v) for v in col.tolist()])
+            else:
+                cols.append([None if v != v else v for v in col.tolist()])
+        names = self.names
+        return [{n: v for n, v in zip(names, row) if v is not None} for row in zip(*cols)] if cols else \
+            [{} for _ in range(len(R))]
+
+    def decode_raw(self, X: np.ndarray) -> np.ndarray:
+        """Encoded array (n, d) (clipped to [0, 1]) -> raw array (n, d); row-wise equal to
+        ``to_raw(decode_many(X))``, without building configurations."""
+        U = np.clip(np.atleast_2d(np.asarray(X, dtype=float)), 0.0, 1.0)
+        R = np.empty_like(U)
+        active = np.ones(U.shape, dtype=bool)
+        index = {p.name: j for j, p in enumerate(self.params)}
+        for j, p in enumerate(self.params):
+            u = U[:, j]
+            if isinstance(p, Float):
+                lo, hi = p._t(p.low), p._t(p.high)
+                v = lo + u * (hi - lo)
+                R[:, j] = np.clip(np.exp(v) if p.log else v, p.low, p.high)
+            elif isinstance(p, Int):
+                lo, hi = p._edges()
+                t = lo + u * (hi - lo)
+                v = np.exp(t) if p.log else t
+                R[:, j] = np.clip(np.floor(v + 0.5), p.low, p.high)
+            else:
+                k = len(p.choices)
+                R[:, j] = np.minimum((u * k).astype(np.int64), k - 1)
+            for parent, values in p.active_if.items():
+                q = index[parent]
+                parent_param = self.params[q]
+                allowed = [_raw_value(parent_param, v) for v in values]
+                active[:, j] &= active[:, q] & np.isin(R[:, q], allowed)
+        R[~active] = np.nan
+        return R
+
+    def encode_raw(self, R: np.ndarray) -> np.ndarray:
+        """Raw array (n, d) -> encoded array (n, d); row-wise equal to ``encode_many(from_raw(R))``."""
+        R = np.atleast_2d(np.asarray(R, dtype=float))
+        X = np.empty_like(R)
+        for j, p in enumerate(self.params):
+            r = R[:, j]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                if isinstance(p, Float):
+                    lo, hi = p._t(p.low), p._t(p.high)
+                    x = ((np.log(r) if p.log else r) - lo) / (hi - lo)
+                elif isinstance(p, Int):
+                    lo, hi = p._edges()
+                    x = ((np.log(r) if p.log else r) - lo) / (hi - lo)
+                else:
+                    x = (r + 0.5) / len(p.choices)
+            X[:, j] = np.where(np.isnan(r), INACTIVE, np.clip(x, 0.0, 1.0))
+        return X
+
     # --- Optuna -------------------------------------------------------------------------
     def distributions(self) -> dict[str, BaseDistribution]:
         return {p.name: p.distribution() for p in self.params}
@@ -346,3 +424,8 @@ class Space:
                 row["active_if"] = {k: list(v) for k, v in p.active_if.items()}
             rows.append(row)
         return rows
+
+
+def _raw_value(param: Param, value: Any) -> float:
+    """One value of ``param`` in raw units (see ``Space.to_raw``)."""
+    return float(param.index(value)) if isinstance(param, Categorical) else float(param.check(value))
