@@ -49,6 +49,8 @@ class Evaluator(ABC):
     """Runs up to ``workers`` evaluations at once."""
 
     name = ""
+    #: True when evaluations run inside ``wait`` (the run loop then need not flush before it).
+    synchronous: bool = False
 
     @abstractmethod
     def start(self, problem: Problem, workers: int, timeout_s: float | None = None) -> None:

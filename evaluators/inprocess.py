@@ -12,6 +12,8 @@ from qd.problem import Problem
 
 class InProcessEvaluator(Evaluator):
     name = "inprocess"
+    #: Evaluations run inside ``wait``: the run loop need not flush before it (nothing idles).
+    synchronous = True
 
     def __init__(self) -> None:
         self._queue: deque[Job] = deque()

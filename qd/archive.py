@@ -29,6 +29,8 @@ Conventions:
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ import moocore
 import numpy as np
 from ribs.archives import ArchiveBase, CVTArchive, GridArchive
 
+from qd.columns import Columns
 from qd.problem import Problem
 from qd.store import Store, Trial
 
@@ -285,6 +288,49 @@ class EliteArchive:
 
             self.repeats = RepeatStats(d, len(problem.measures))
 
+    def spec_json(self) -> dict[str, Any]:
+        return spec_to_json(self.spec)
+
+    def _takes_rows(self, cols: Columns) -> np.ndarray:
+        """(n,) which rows go into this archive (feasible, finite measures, top fidelity)."""
+        ok = cols.feasible & np.isfinite(cols.measures).all(axis=1)
+        if self.spec.fidelity is not None:
+            j = self.space.names.index(self.spec.fidelity)
+            from qd.space import _raw_value
+
+            ok &= cols.raw[:, j] == _raw_value(self.space.params[j], self.spec.fidelity_top)
+        return ok
+
+    def add_columns(self, cols: Columns) -> None:
+        """Insert the rows of ``cols`` this archive takes, in order (one pyribs batch when the
+        archive is plainly elitist; one at a time for CMA-MAE's thresholds and averaged repeats)."""
+        ok = self._takes_rows(cols)
+        if not ok.any():
+            return
+        if self.repeats is not None:
+            from qd.store import trials_of
+
+            self.add_trials(trials_of(cols.select(ok), self.space))
+            return
+        X = self.space.encode_raw(cols.raw[ok])
+        objective = self.spec.sign * cols.values[ok, self.spec.objective_index]
+        measures = cols.measures[ok]
+        if self.spec.learning_rate is None:
+            self.archive.add(solution=X, objective=objective, measures=measures)
+        else:
+            for i in range(len(X)):
+                self.archive.add(solution=X[i:i + 1], objective=objective[i:i + 1], measures=measures[i:i + 1])
+            self.result.add(solution=X, objective=objective, measures=measures)
+        self.n_inserted += int(ok.sum())
+
+    def cells_of(self, cols: Columns) -> np.ndarray:
+        """(n,) the cell of each row this archive takes, else -1."""
+        out = np.full(len(cols), -1, dtype=np.int64)
+        ok = self._takes_rows(cols)
+        if ok.any():
+            out[ok] = self.result.index_of(cols.measures[ok])
+        return out
+
     def takes(self, trial: Trial) -> bool:
         """Whether ``trial`` goes into this archive: insertable, and at the top fidelity when one is set."""
         if not insertable(trial):
@@ -440,7 +486,26 @@ class ParetoArchive:
                 status[i] = self._add_one(solutions[i], t)
         return status
 
-    def _add_one(self, solution: np.ndarray, trial: Trial) -> int:
+    def spec_json(self) -> dict[str, Any]:
+        return spec_to_json(self.spec)
+
+    def add_columns(self, cols: Columns) -> None:
+        """Insert the feasible rows of ``cols`` with measures, in order."""
+        ok = cols.feasible & np.isfinite(cols.measures).all(axis=1)
+        if not ok.any():
+            return
+        X = self.space.encode_raw(cols.raw[ok])
+        for x, v, mm, number in zip(X, cols.values[ok], cols.measures[ok], cols.number[ok].tolist()):
+            self._add_one(x, _Row(number, v, mm))
+
+    def cells_of(self, cols: Columns) -> np.ndarray:
+        out = np.full(len(cols), -1, dtype=np.int64)
+        ok = cols.feasible & np.isfinite(cols.measures).all(axis=1)
+        if ok.any():
+            out[ok] = self.cell_of(cols.measures[ok])
+        return out
+
+    def _add_one(self, solution: np.ndarray, trial: Any) -> int:
         self.n_inserted += 1
         cell = int(self.cell_of(np.array(trial.measures))[0])
         value = np.asarray(trial.values, dtype=float)
@@ -503,7 +568,39 @@ class ParetoArchive:
         return {**self.spec.describe(), "cells": self.n_cells}
 
 
+@dataclass
+class _Row:
+    """The fields of a trial ``ParetoArchive`` reads, for rows that come as columns."""
+
+    number: int
+    values: np.ndarray
+    measures: np.ndarray
+
+
 RunArchive = EliteArchive | ParetoArchive
+
+
+# --- archive specs as recorded with a run -------------------------------------------------------
+def spec_to_json(spec: EliteSpec | ParetoSpec) -> dict[str, Any]:
+    """A spec as plain JSON (what the record keeps; equal specs give equal JSON)."""
+    kind = "pareto" if isinstance(spec, ParetoSpec) else "elite"
+    return json.loads(json.dumps({"type": kind, **dataclasses.asdict(spec)}))
+
+
+def spec_from_json(data: Mapping[str, Any]) -> EliteSpec | ParetoSpec:
+    data = dict(data)
+    kind = data.pop("type")
+    if kind == "pareto":
+        return ParetoSpec(bins=tuple(data["bins"]), front_size=int(data["front_size"]),
+                          reference_point=tuple(data["reference_point"]), reference_source=data["reference_source"])
+    if data.get("bins") is not None:
+        data["bins"] = tuple(data["bins"])
+    return EliteSpec(**data)
+
+
+def archive_from_spec_json(problem: Problem, data: Mapping[str, Any]) -> RunArchive:
+    """An empty archive of the spec a run recorded."""
+    return build_archive(problem, spec_from_json(data))
 
 
 # --- a run's archive ----------------------------------------------------------------------------
@@ -531,9 +628,15 @@ def build_archive(problem: Problem, spec: EliteSpec | ParetoSpec) -> RunArchive:
     return ParetoArchive(problem, spec) if isinstance(spec, ParetoSpec) else EliteArchive(problem, spec)
 
 
-def archive_for_run(store: Store, problem: Problem, trials: Sequence[Trial] | None = None) -> RunArchive:
-    """The run's archive, rebuilt by inserting its complete trials in creation order."""
-    info = store.info
-    archive = build_archive(problem, spec_for_run(problem, info.strategy, info.strategy_options, info.seed))
-    archive.add_trials(store.trials() if trials is None else trials)
+def archive_for_run(store: Store, problem: Problem, cols: Columns | None = None) -> RunArchive:
+    """The run's archive (the spec it recorded), rebuilt by inserting its trials in number order.
+
+    Raises:
+        ValueError: the run records no archive (its problem has no measures).
+    """
+    spec = store.archive_spec_json
+    if spec is None:
+        raise ValueError(f"run {store.info.name!r} has no archive: its problem declares no measures")
+    archive = archive_from_spec_json(problem, spec)
+    archive.add_columns(store.columns() if cols is None else cols)
     return archive

@@ -9,13 +9,15 @@ what the dashboard cannot work out itself, written into the study where the dash
   (one objective); ``qd-metrics``, coverage and QD score against evaluations (archives) or the
   hypervolume history (several objectives);
 - a study note (``optuna_dashboard.save_note``): problem, strategy, budget, counts and metrics;
-- trial user attributes: the store writes ``measures``; ``CellStore`` adds ``cell``, the integer
-  archive cell (pyribs' index; for a grid, ``int_to_grid_index`` gives the bin per measure).
-  Optuna freezes a trial once it is complete, so the cell is written just before completion.
+- trials: ``qd.mirror`` copies them from the record (every trial of a small run, then the elites
+  and the Pareto set), each with its measures, ``cell``, per-measure ``bins`` and ``is_elite``.
 
-``Publisher`` is the run-loop callback that refreshes figures and note while a run progresses
-(every ``every_s`` seconds, or ``every_n`` evaluations, and at the end); ``serve`` starts the
-dashboard (``qd dashboard``) after bringing finished runs' figures up to date.
+Figures draw at most ``MAX_POINTS`` evaluated points (an even sample) besides the Pareto set, so
+a study page stays small whatever the size of the run.
+
+``Publisher`` is the run loop's listener that refreshes figures, note and mirror while a run
+progresses (every ``every_s`` seconds, and at the end); ``serve`` starts the dashboard
+(``qd dashboard``) after bringing finished runs' figures up to date.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from qd.columns import Columns
 from qd.problem import Problem
-from qd.results import hypervolume, hypervolume_history, pareto_trials, reference_point
-from qd.store import RunInfo, Store, Trial
+from qd.results import Reference, hypervolume, pareto_front_mask, reference_point_of_values
+from qd.run import Listener, RunState
+from qd.store import Store
 
 if TYPE_CHECKING:
     import optuna
@@ -53,46 +57,20 @@ CARD_HEIGHT_PX = 440
 DEFAULT_PORT = 8080
 #: A live publish may take at most this share of the run's wall time (figures of big runs cost more).
 MAX_PUBLISH_SHARE = 0.05
-
-
-# --- cells in trial user attributes ------------------------------------------------------------
-class CellStore(Store):
-    """The same run's store, recording each completed trial's archive cell as user attributes.
-
-    Used by the run loop in place of the plain store for problems with measures. The cell is the
-    one ``qd.archive`` would put the trial in (measures outside the bounds go to an edge cell),
-    whether or not the trial became an elite.
-    """
-
-    def __init__(self, study: optuna.Study, info: RunInfo, measure_names: Sequence[str], archive: RunArchive):
-        super().__init__(study, info, measure_names)
-        self.archive = archive
-
-    @classmethod
-    def wrap(cls, store: Store, problem: Problem) -> Store:
-        """``store`` itself when the problem has no measures, else a ``CellStore`` on the same study."""
-        if not problem.measures:
-            return store
-        from qd.archive import build_archive, spec_for_run
-
-        info = store.info
-        archive = build_archive(problem, spec_for_run(problem, info.strategy, info.strategy_options, info.seed))
-        return cls(store.study, info, store.measure_names, archive)
-
-    def complete(self, trial: Trial, values: Sequence[float], measures: Sequence[float] = (),
-                 constraints: Sequence[float] = (), metadata: dict[str, Any] | None = None) -> Trial:
-        if measures:  # one attribute: every extra write is a database commit per trial
-            from qd.explore import cells_of
-
-            cell = cells_of(self.archive, np.array([measures], dtype=float))
-            self._storage.set_trial_user_attr(trial._id, "cell", int(cell[0]))
-        return super().complete(trial, values, measures, constraints, metadata)
+#: Evaluated points drawn besides the Pareto set (an even sample of the run's trials).
+MAX_POINTS = 2000
 
 
 # --- figures ------------------------------------------------------------------------------------
 def _names(store: Store) -> tuple[list[str], list[str]]:
-    directions = [d.name.lower() for d in store.study.directions]
-    return list(store.study.metric_names or [f"value_{i}" for i in range(len(directions))]), directions
+    return list(store.objective_names), list(store.directions)
+
+
+def _sample(index: np.ndarray, n: int = MAX_POINTS) -> np.ndarray:
+    """At most ``n`` entries of ``index``, evenly spread."""
+    if len(index) <= n:
+        return index
+    return index[np.linspace(0, len(index) - 1, n).astype(int)]
 
 
 def _title(store: Store) -> str:
@@ -127,69 +105,85 @@ def archive_figure(store: Store, problem: Problem, archive: RunArchive) -> go.Fi
     return out
 
 
-def pareto_plotly(store: Store, trials: Sequence[Trial], reference: Sequence[float] | None = None) -> go.Figure:
+def pareto_plotly(store: Store, cols: Columns, reference: Sequence[float] | None = None) -> go.Figure:
     """Several objectives: evaluated points and the Pareto set (2-D, 3-D or parallel coordinates),
     trial numbers on hover. One objective: the best value so far against finished evaluations."""
     import plotly.graph_objects as go
 
     names, directions = _names(store)
-    done = [t for t in trials if t.feasible]
-    front = pareto_trials(done, directions)
-    on_front = {t.number for t in front}
-    rest = [t for t in done if t.number not in on_front]
+    ok = np.flatnonzero(cols.feasible)
+    on_front = ok[pareto_front_mask(cols.values[ok], directions)] if len(ok) else ok
+    rest = _sample(np.setdiff1d(ok, on_front))
     labels = [f"{n} ({d[:3]})" for n, d in zip(names, directions)]
     fig = go.Figure()
     m = len(names)
+    V, N = cols.values, cols.number
     if m == 1:
-        finished = [t for t in trials if t.finished]
-        better = min if directions[0] == "minimize" else max
-        best, xs, ys = None, [], []
-        for i, t in enumerate(finished, start=1):
-            if t.feasible:
-                best = t.values[0] if best is None else better(best, t.values[0])
-            if best is not None:
-                xs.append(i), ys.append(best)
-        fig.add_trace(go.Scatter(x=list(range(1, len(finished) + 1)),
-                                 y=[t.values[0] if t.feasible else None for t in finished], mode="markers",
-                                 marker={"color": "lightgray", "size": 5}, name="evaluated"))
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"color": "#1f77b4"}, name="best so far"))
+        fin = np.flatnonzero(cols.finished)
+        y = np.where(cols.feasible[fin], V[fin, 0], np.nan)
+        sign = 1.0 if directions[0] == "minimize" else -1.0
+        best = sign * np.fmin.accumulate(sign * y) if len(y) else y
+        x = np.arange(1, len(fin) + 1)
+        pick = _sample(np.arange(len(fin)))
+        fig.add_trace(go.Scatter(x=x[pick].tolist(), y=[None if v != v else v for v in y[pick].tolist()],
+                                 mode="markers", marker={"color": "lightgray", "size": 5}, name="evaluated"))
+        fig.add_trace(go.Scatter(x=x[pick].tolist(), y=[None if v != v else v for v in best[pick].tolist()],
+                                 mode="lines", line={"color": "#1f77b4"}, name="best so far"))
         fig.update_layout(title={"text": f"Best {names[0]} so far", "x": 0.02}, xaxis_title="finished evaluations",
                           yaxis_title=labels[0])
         return fig
     hover = "trial #%{customdata}<br>" + "<br>".join(f"{n}=%{{{a}:.4g}}" for n, a in zip(names[:3], "xyz"))
     if m == 2:
-        order = sorted(front, key=lambda t: t.values[0])
-        fig.add_trace(go.Scatter(x=[t.values[0] for t in rest], y=[t.values[1] for t in rest], mode="markers",
+        order = on_front[np.argsort(V[on_front, 0])]
+        fig.add_trace(go.Scatter(x=V[rest, 0].tolist(), y=V[rest, 1].tolist(), mode="markers",
                                  marker={"color": "lightgray", "size": 6}, name="evaluated",
-                                 customdata=[t.number for t in rest], hovertemplate=hover))
+                                 customdata=N[rest].tolist(), hovertemplate=hover))
         shape = "hv" if directions[0] == directions[1] else "vh"
-        fig.add_trace(go.Scatter(x=[t.values[0] for t in order], y=[t.values[1] for t in order],
+        fig.add_trace(go.Scatter(x=V[order, 0].tolist(), y=V[order, 1].tolist(),
                                  mode="lines+markers", line={"shape": shape, "color": "#1f77b4"},
-                                 marker={"size": 8}, name=f"Pareto set ({len(front)})",
-                                 customdata=[t.number for t in order], hovertemplate=hover))
+                                 marker={"size": 8}, name=f"Pareto set ({len(on_front)})",
+                                 customdata=N[order].tolist(), hovertemplate=hover))
         fig.update_layout(xaxis_title=labels[0], yaxis_title=labels[1])
     elif m == 3:
         for group, color, size, label in ((rest, "lightgray", 3, "evaluated"),
-                                          (front, "#1f77b4", 5, f"Pareto set ({len(front)})")):
-            fig.add_trace(go.Scatter3d(x=[t.values[0] for t in group], y=[t.values[1] for t in group],
-                                       z=[t.values[2] for t in group], mode="markers", name=label,
-                                       marker={"color": color, "size": size},
-                                       customdata=[t.number for t in group], hovertemplate=hover))
+                                          (on_front, "#1f77b4", 5, f"Pareto set ({len(on_front)})")):
+            fig.add_trace(go.Scatter3d(x=V[group, 0].tolist(), y=V[group, 1].tolist(), z=V[group, 2].tolist(),
+                                       mode="markers", name=label, marker={"color": color, "size": size},
+                                       customdata=N[group].tolist(), hovertemplate=hover))
         fig.update_layout(scene={"xaxis_title": labels[0], "yaxis_title": labels[1], "zaxis_title": labels[2]})
     else:
-        rows = rest + front
+        rows = np.concatenate([rest, on_front])
         fig.add_trace(go.Parcoords(
-            line={"color": [1 if t.number in on_front else 0 for t in rows], "colorscale": [[0, "lightgray"],
-                                                                                              [1, "#1f77b4"]]},
-            dimensions=[{"label": labels[i], "values": [t.values[i] for t in rows]} for i in range(m)]))
-    text = f"Pareto set: {len(front)} of {len(done)} feasible evaluations"
-    if reference is not None and front:
-        text += f", hypervolume {hypervolume(np.array([t.values for t in front]), directions, reference):.5g}"
+            line={"color": [0] * len(rest) + [1] * len(on_front), "colorscale": [[0, "lightgray"], [1, "#1f77b4"]]},
+            dimensions=[{"label": labels[i], "values": V[rows, i].tolist()} for i in range(m)]))
+    text = f"Pareto set: {len(on_front)} of {len(ok)} feasible evaluations"
+    if reference is not None and len(on_front):
+        text += f", hypervolume {hypervolume(V[on_front], directions, reference):.5g}"
     fig.update_layout(title={"text": text, "x": 0.02})
     return fig
 
 
-def metrics_plotly(store: Store, problem: Problem | None, trials: Sequence[Trial],
+def hypervolume_curve(cols: Columns, directions: Sequence[str], reference: Sequence[float],
+                      points: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """Hypervolume after k finished evaluations at up to ``points`` values of k: (p,) counts, (p,) values."""
+    fin = np.flatnonzero(cols.finished)
+    if not len(fin):
+        return np.array([], dtype=int), np.array([])
+    ks = np.unique(np.linspace(1, len(fin), min(points, len(fin))).astype(int))
+    front = np.empty((0, len(directions)))
+    out, done = [], 0
+    for k in ks:
+        rows = fin[done:k]
+        rows = rows[cols.feasible[rows]]
+        if len(rows):
+            Y = np.vstack([front, cols.values[rows]])
+            front = Y[pareto_front_mask(Y, directions)]
+        done = k
+        out.append(hypervolume(front, directions, reference) if len(front) else 0.0)
+    return ks, np.array(out)
+
+
+def metrics_plotly(store: Store, problem: Problem | None, cols: Columns,
                    reference: Sequence[float] | None) -> go.Figure | None:
     """Archives: coverage and QD score against evaluations (``qd.metrics``). Several objectives
     without an archive: the hypervolume history. None when there is nothing to draw."""
@@ -199,7 +193,7 @@ def metrics_plotly(store: Store, problem: Problem | None, trials: Sequence[Trial
     if problem is not None and problem.measures:
         from qd.metrics import history
 
-        rows = history(store, problem, trials)
+        rows = history(store, problem, cols)
         if not rows:
             return None
         pareto = "moqd_score" in rows[-1]
@@ -215,7 +209,7 @@ def metrics_plotly(store: Store, problem: Problem | None, trials: Sequence[Trial
     names, directions = _names(store)
     if len(names) < 2 or reference is None:
         return None
-    counts, hvs = hypervolume_history(trials, directions, reference)
+    counts, hvs = hypervolume_curve(cols, directions, reference)
     if not len(counts):
         return None
     fig = go.Figure(go.Scatter(x=counts.tolist(), y=hvs.tolist(), mode="lines", name="hypervolume"))
@@ -233,14 +227,13 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def note_markdown(store: Store, problem: Problem | None, trials: Sequence[Trial], archive: RunArchive | None,
-                  reference: Any, budget: int | None) -> str:
+def note_markdown(store: Store, problem: Problem | None, cols: Columns, archive: RunArchive | None,
+                  reference: Reference | None, budget: int | None, mirrored: int | None = None) -> str:
     """The study note: what the run is, how far it got and how good it is (Markdown)."""
     info = store.info
     names, directions = _names(store)
-    counts = {"complete": sum(t.state == "complete" for t in trials),
-              "failed": sum(t.state == "failed" and not t.stale for t in trials),
-              "running": sum(t.state == "running" for t in trials), "stale": sum(t.stale for t in trials)}
+    c = cols.counts()
+    counts = {"complete": c["n_complete"], "failed": c["n_failed"], "running": c["n_running"], "stale": c["n_stale"]}
     finished = counts["complete"] + counts["failed"]
     rows: list[tuple[str, str]] = [
         ("problem", f"`{info.problem}` {info.problem_options or ''}".strip()),
@@ -250,16 +243,18 @@ def note_markdown(store: Store, problem: Problem | None, trials: Sequence[Trial]
         ("evaluations", ", ".join(f"{v} {k}" for k, v in counts.items())),
         ("objectives", ", ".join(f"{n} ({d[:3]})" for n, d in zip(names, directions))),
     ]
-    ok = [t for t in trials if t.feasible]
-    if ok:
-        best = [(min if d == "minimize" else max)(t.values[i] for t in ok) for i, d in enumerate(directions)]
+    ok = np.flatnonzero(cols.feasible)
+    if len(ok):
+        V = cols.values[ok]
+        best = [(V[:, i].min() if d == "minimize" else V[:, i].max()) for i, d in enumerate(directions)]
         rows.append(("best values", ", ".join(f"{n} = {b:.5g}" for n, b in zip(names, best))))
-    if len(names) > 1 and ok:
-        front = pareto_trials(ok, directions)
-        rows.append(("Pareto set", f"{len(front)} trials: " + ", ".join(f"#{t.number}" for t in front[:12])
+    if len(names) > 1 and len(ok):
+        front = ok[pareto_front_mask(cols.values[ok], directions)]
+        numbers = cols.number[front].tolist()
+        rows.append(("Pareto set", f"{len(front)} trials: " + ", ".join(f"#{n}" for n in numbers[:12])
                      + (" ..." if len(front) > 12 else "")))
         if reference is not None:
-            hv = hypervolume(np.array([t.values for t in front]), directions, reference.point)
+            hv = hypervolume(cols.values[front], directions, reference.point)
             rows.append(("hypervolume", f"{hv:.6g} (reference {_fmt(list(reference.point))}, from the "
                                         f"{reference.source})"))
     if archive is not None:
@@ -271,10 +266,14 @@ def note_markdown(store: Store, problem: Problem | None, trials: Sequence[Trial]
         rows.append(("QD score" if "moqd_score" not in m else "MOQD score", f"{m['qd_score']:.6g}"))
         if "global_hypervolume" in m:
             rows.append(("global hypervolume", f"{m['global_hypervolume']:.6g}"))
+    if mirrored is not None and mirrored < len(cols):
+        rows.append(("trials shown", f"{mirrored} of {len(cols)} (the first ones, then elites and the Pareto set); "
+                                     f"`qd show` and `qd export` read them all"))
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     figures = "archive heatmap, " if archive is not None else ""
-    attrs = (["measures"] if store.measure_names else []) + (["cell"] if archive is not None else []) + \
+    attrs = ["qd_number"] + (["measures"] if store.measure_names else []) + \
+        (["cell", "bins", "is_elite"] if archive is not None else []) + \
         ["seed", "origin", "metadata", "fail_reason (failed trials)"]
     return (f"## qd run `{info.name}`\n\n| | |\n|---|---|\n{table}\n\n"
             f"Figures on the study page: {figures}{'Pareto set' if len(names) > 1 else 'best value so far'}, metrics. "
@@ -283,33 +282,83 @@ def note_markdown(store: Store, problem: Problem | None, trials: Sequence[Trial]
 
 
 # --- publishing -------------------------------------------------------------------------------
+def featured_numbers(cols: Columns, archive: RunArchive | None, directions: Sequence[str]) -> tuple[list[int], set[int]]:
+    """(trial numbers worth mirroring beyond the first ones, the numbers of the elites): the
+    archive's elites (the best trial of each cell) and the Pareto set."""
+    elites: set[int] = set()
+    ok = np.flatnonzero(cols.feasible)
+    if archive is not None and len(ok):
+        from qd.archive import ParetoArchive
+
+        if isinstance(archive, ParetoArchive):
+            elites = {n for f in archive.fronts.values() for n in f.numbers}
+        else:
+            rows = ok[cols.cell[ok] >= 0]
+            if len(rows):
+                sign = archive.spec.sign
+                score = sign * cols.values[rows, archive.spec.objective_index]
+                order = np.lexsort((-score, cols.cell[rows]))  # by cell, best first
+                cells = cols.cell[rows][order]
+                first = np.r_[True, cells[1:] != cells[:-1]]
+                elites = set(cols.number[rows][order][first].tolist())
+    front: list[int] = []
+    if len(directions) > 1 and len(ok):
+        front = cols.number[ok[pareto_front_mask(cols.values[ok], directions)]].tolist()
+    return sorted(set(front) | elites), elites
+
+
 def publish(store: Store, problem: Problem | None = None, *, budget: int | None = None,
-            trials: Sequence[Trial] | None = None) -> list[str]:
-    """Write the run's figures and note into its study; returns the figure ids written."""
+            cols: Columns | None = None, archive: RunArchive | None = None,
+            mirror_budget_s: float | None = None) -> list[str]:
+    """Write the run's figures and note into its study, and mirror its trials there (``qd.mirror``).
+    Returns the figure ids written."""
     from optuna_dashboard import save_note, save_plotly_graph_object
 
-    from qd.explore import run_archive
+    from qd.mirror import Mirror
 
-    trials = store.trials() if trials is None else list(trials)
+    cols = store.columns() if cols is None else cols
     names, directions = _names(store)
-    reference = reference_point(problem, trials, directions)
-    archive = run_archive(store, problem, trials)
+    ok = cols.feasible
+    reference = reference_point_of_values(problem, cols.values[ok], directions)
+    if archive is None and problem is not None and store.archive_spec_json is not None:
+        from qd.archive import archive_for_run
+
+        archive = archive_for_run(store, problem, cols)
     if budget is None:
         budget = store.attrs().get(BUDGET_KEY)
+    mirrored = None
+    if problem is not None:
+        featured, elites = featured_numbers(cols, archive, directions)
+        bins = _cell_bins(archive)
+        mirror = Mirror(store, problem)
+        mirror.sync(cols, featured, elites, bins, time_budget_s=mirror_budget_s)
+        mirrored = len(mirror.mirrored())
     written = []
     figures: list[tuple[str, go.Figure | None]] = []
     if archive is not None and not archive.empty:
         figures.append((ARCHIVE_ID, archive_figure(store, problem, archive)))
-    figures.append((PARETO_ID, pareto_plotly(store, trials, reference.point if reference else None)))
-    figures.append((METRICS_ID, metrics_plotly(store, problem, trials, reference.point if reference else None)))
+    figures.append((PARETO_ID, pareto_plotly(store, cols, reference.point if reference else None)))
+    figures.append((METRICS_ID, metrics_plotly(store, problem, cols, reference.point if reference else None)))
     for graph_id, fig in figures:
         if fig is not None:
             save_plotly_graph_object(store.study, fig, graph_object_id=graph_id)
             written.append(graph_id)
-    save_note(store.study, note_markdown(store, problem, trials, archive, reference, budget))
-    store.study._storage.set_study_system_attr(store.study._study_id, PUBLISHED_KEY,
-                                               sum(t.finished for t in trials))
+    save_note(store.study, note_markdown(store, problem, cols, archive, reference, budget, mirrored))
+    store.study._storage.set_study_system_attr(store.study._study_id, PUBLISHED_KEY, int(cols.finished.sum()))
     return written
+
+
+def _cell_bins(archive: RunArchive | None) -> dict[int, list[int]] | None:
+    """cell -> per-measure bin indices, for grid archives."""
+    if archive is None:
+        return None
+    from qd.archive import ParetoArchive
+
+    grid = archive.grid if isinstance(archive, ParetoArchive) else archive.result
+    if not hasattr(grid, "int_to_grid_index"):
+        return None
+    cells = np.arange(int(np.prod(grid.dims)))
+    return {int(c): [int(b) for b in row] for c, row in zip(cells, grid.int_to_grid_index(cells))}
 
 
 def published_figures(store: Store) -> dict[str, dict[str, Any]]:
@@ -322,54 +371,46 @@ def published_figures(store: Store) -> dict[str, dict[str, Any]]:
     return {k: json.loads(v) for k, v in get_plotly_graph_objects(attrs).items()}
 
 
-class Publisher:
-    """Run-loop callback that keeps the dashboard's figures and note current.
+class Publisher(Listener):
+    """The run loop's listener that keeps the dashboard's figures, note and mirrored trials current.
 
-    Publishes at most every ``every_s`` seconds (or every ``every_n`` finished evaluations when
-    given), and never spends more than ``MAX_PUBLISH_SHARE`` of the run's time doing it: the
-    interval stretches when figures get expensive. ``close()`` publishes the final state.
-    Publishing errors are reported once on stderr and never stop the run.
+    Publishes every ``every_s`` seconds and at the end, and never spends more than
+    ``MAX_PUBLISH_SHARE`` of the run's time doing it: the interval stretches when figures get
+    expensive. Publishing errors are reported once on stderr and never stop the run.
     """
 
-    def __init__(self, store: Store, problem: Problem, budget: int | None = None, every_s: float = 10.0,
-                 every_n: int | None = None):
-        if every_s is not None and every_s <= 0:
+    def __init__(self, store: Store, problem: Problem, budget: int | None = None, every_s: float = 10.0):
+        if every_s is None or every_s <= 0:
             raise ValueError(f"dashboard: every_s={every_s!r} is not allowed; allowed: a number of seconds > 0")
-        if every_n is not None and (isinstance(every_n, bool) or not isinstance(every_n, int) or every_n < 1):
-            raise ValueError(f"dashboard: every_n={every_n!r} is not allowed; allowed: an integer >= 1 or None")
         self.store, self.problem, self.budget = store, problem, budget
-        self.every_s, self.every_n = every_s, every_n
-        self._since = 0
-        self._last = time.monotonic()
-        self._cost = 0.0
+        self.base_every_s = self.every_s = float(every_s)
         self._failed = False
         self.published = 0
+        self._published_at = -1
         if budget is not None:
             store.set_attr(BUDGET_KEY, int(budget))
 
-    def __call__(self, store: Store, trial: Trial) -> None:
-        self._since += 1
-        due = self.every_n is not None and self._since >= self.every_n
-        interval = max(self.every_s or 0.0, self._cost / MAX_PUBLISH_SHARE)
-        if due or (self.every_n is None and time.monotonic() - self._last >= interval):
-            self.publish()
+    def update(self, state: RunState) -> None:
+        self.publish(state, mirror_budget_s=1.0)
 
-    def publish(self) -> None:
+    def publish(self, state: RunState, mirror_budget_s: float | None = None) -> None:
         t0 = time.monotonic()
         try:
-            publish(self.store, self.problem, budget=self.budget)
+            self.store.flush()
+            publish(self.store, self.problem, budget=self.budget, cols=state.columns(), archive=state.archive,
+                    mirror_budget_s=mirror_budget_s)
             self.published += 1
+            self._published_at = state.n_finished
         except Exception as e:  # the dashboard is a view: it must never stop a run
             if not self._failed:
                 print(f"qd: dashboard figures not updated: {type(e).__name__}: {e}", file=sys.stderr)
             self._failed = True
-        self._cost = time.monotonic() - t0
-        self._last, self._since = time.monotonic(), 0
+        self.every_s = max(self.base_every_s, (time.monotonic() - t0) / MAX_PUBLISH_SHARE)
 
-    def close(self) -> None:
-        """Publish the final state (unless nothing finished since the last publish)."""
-        if self._since or not self.published:
-            self.publish()
+    def close(self, state: RunState) -> None:
+        """Publish the final state (after the metrics' last row, which the loop writes first)."""
+        if self._published_at != state.n_finished or not self.published:
+            self.publish(state, mirror_budget_s=10.0)
 
 
 # --- serving ----------------------------------------------------------------------------------
@@ -396,10 +437,10 @@ def refresh(storage: str, names: Sequence[str] | None = None, out: Any = sys.std
             print(f"skipping study {name!r}: {e}", file=out)
             continue
         stores.append(store)
-        trials = store.trials()
-        finished = sum(t.finished for t in trials)
+        cols = store.columns()
+        finished = int(cols.finished.sum())
         system = store.study._storage.get_study_system_attrs(store.study._study_id)
-        if any(t.state == "running" for t in trials):
+        if (cols.state == 0).any():
             print(f"run {name!r}: evaluations running; the run itself keeps its figures current", file=out)
             continue
         if system.get(PUBLISHED_KEY) == finished:
@@ -409,7 +450,7 @@ def refresh(storage: str, names: Sequence[str] | None = None, out: Any = sys.std
         except Exception as e:  # the problem's plug-in may be missing here
             print(f"run {name!r}: problem {store.info.problem!r} cannot be built ({e}); no archive figure", file=out)
             problem = None
-        publish(store, problem, trials=trials)
+        publish(store, problem, cols=cols)
         print(f"run {name!r}: figures and note updated ({finished} evaluations)", file=out)
     return stores
 

@@ -19,6 +19,37 @@ def _minimised(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
     return values * signs
 
 
+def pareto_front_mask(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
+    """(n,) True for the non-dominated rows of (n, m) ``values`` (a repeated point kept once)."""
+    values = np.asarray(values, dtype=float).reshape(-1, len(directions))
+    mask = np.zeros(len(values), dtype=bool)
+    if not len(values):
+        return mask
+    Y = _minimised(values, directions)
+    if Y.shape[1] == 1:
+        mask[int(np.argmin(Y[:, 0]))] = True
+        return mask
+    candidates = np.flatnonzero(moocore.is_nondominated(Y))
+    _, first = np.unique(Y[candidates], axis=0, return_index=True)
+    mask[candidates[np.sort(first)]] = True
+    return mask
+
+
+def reference_point_of_values(problem: Problem | None, values: np.ndarray, directions: Sequence[str]) -> Reference | None:
+    """The problem's declared point, else the worst of (n, m) feasible ``values`` per objective
+    pushed 10% of the range out (None when there are none)."""
+    if problem is not None and problem.reference_point is not None:
+        return Reference(tuple(float(v) for v in problem.reference_point), "problem")
+    values = np.asarray(values, dtype=float).reshape(-1, len(directions))
+    if not len(values):
+        return None
+    Y = _minimised(values, directions)
+    worst, best = Y.max(axis=0), Y.min(axis=0)
+    span = np.where(worst > best, worst - best, np.maximum(np.abs(worst), 1.0))
+    ref_min = worst + 0.1 * span
+    return Reference(tuple(float(v) for v in _minimised(ref_min[None, :], directions)[0]), "data")
+
+
 def feasible(trials: Sequence[Trial]) -> list[Trial]:
     return [t for t in trials if t.feasible]
 

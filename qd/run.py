@@ -8,11 +8,23 @@ Resume: trials left RUNNING by a driver that died are marked failed and ``stale`
 count towards the budget) and their configurations are evaluated again first; everything else
 is replayed into the strategy with ``Strategy.restore``.
 
-Each trial records the driver that started it (host, pid, process start time). Resuming a run
-whose RUNNING trials belong to a driver still alive on this host is refused (``RunInUse``), so two
-drivers never evaluate the same run; a driver on another host cannot be checked and is taken as
-dead. A re-queued trial records the stale trial it re-runs (``requeue_of``) in the same write that
-creates it, so a driver killed at any moment never re-queues one configuration twice.
+One driver per run: a driver *claims* the run in the record before anything else (a
+compare-and-set on the run's row: of two drivers started at the same instant exactly one wins),
+and refreshes a heartbeat with every flush. A claim held by a driver still alive on this host,
+or by one on another host whose heartbeat is recent (``CLAIM_STALE_S``), is refused
+(``RunInUse``). A re-queued trial records the stale trial it re-runs (``requeue_of``) in the same
+write that creates it, so a driver killed at any moment never re-queues one configuration twice.
+
+Writes are grouped (``Store.flush``): cheap outcomes are flushed every ``Store.flush_s`` seconds
+or ``Store.flush_rows`` outcomes, an outcome whose evaluation took ``EXPENSIVE_S`` or more at
+once, and anything buffered before the loop blocks waiting for workers. A ``kill -9`` therefore
+costs at most the cheap outcomes of the last ``flush_s`` seconds (resume evaluates new
+configurations in their place: the budget counts what is recorded), never an expensive result,
+never a half-written trial (each flush is one transaction).
+
+A vectorised problem (``Problem.vectorized``) on the in-process evaluator is evaluated a
+strategy's batch at a time, as arrays (``Strategy.ask_raw`` / ``tell_columns``), with no Python
+object per configuration on the way.
 """
 
 from __future__ import annotations
@@ -25,14 +37,16 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from evaluators.base import Evaluator, Job, Outcome
+from qd.columns import COMPLETE, FAILED, ORIGIN_REQUEUE, Columns, dumps_metadata
 from qd.experiment import ExperimentError
-from qd.problem import EvaluationError, Problem
-from qd.results import hypervolume, pareto_trials, reference_point
+from qd.problem import BatchEvaluation, EvaluationError, Problem
+from qd.results import hypervolume, pareto_front_mask, reference_point_of_values
 from qd.space import Config
 from qd.store import Store, Trial
 from qd.strategy import Strategy
@@ -41,6 +55,10 @@ Callback = Callable[[Store, Trial], None]
 
 STALE_REASON = "stale: the driver stopped while this evaluation was running; its configuration was queued again"
 CANCELLED_REASON = "cancelled: the wall-time limit was reached while this evaluation was running"
+#: An evaluation that took this long is written at once, with everything buffered before it.
+EXPENSIVE_S = 1.0
+#: A claim whose heartbeat is older than this is taken as dead (drivers on other hosts).
+CLAIM_STALE_S = 60.0
 
 
 class RunInUse(ExperimentError):
@@ -98,54 +116,68 @@ class RunReport:
     stopped_by: str  # "budget", "time", "strategy"
 
 
+def evaluation_seeds(run_seed: int, numbers: np.ndarray) -> np.ndarray:
+    """(n,) seeds of the evaluations of trials ``numbers`` of a run: splitmix64 of (seed, number),
+    31 bits, so every trial has its own stream and a resumed run gives the same seeds."""
+    with np.errstate(over="ignore"):
+        z = (np.asarray(numbers, dtype=np.uint64) + np.uint64(run_seed & 0xFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15)
+             + np.uint64(0x9E3779B97F4A7C15))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z & np.uint64(0x7FFFFFFF)).astype(np.int64)
+
+
 def evaluation_seed(run_seed: int, trial_number: int) -> int:
-    return int(np.random.SeedSequence([run_seed, trial_number]).generate_state(1)[0] & 0x7FFFFFFF)
+    return int(evaluation_seeds(run_seed, np.array([trial_number]))[0])
 
 
 class _Progress:
     """Progress over the budget: evaluations finished, failed and running, the best values, the
     hypervolume (several objectives) and the strategy's ``state()`` (e.g. archive coverage).
 
-    On a terminal this is a tqdm bar. When stderr is not a terminal (a log file, a CI job, a
-    notebook's captured stream) carriage-return redraws would pile up into one unreadable line,
-    so a plain line is written every ``log_every_s`` seconds and once at the end instead.
+    It reads the run's ``RunState`` (counts and the Pareto front kept there), so a refresh costs
+    the same at 10 and at 10^6 trials. On a terminal this is a tqdm bar. When stderr is not a
+    terminal (a log file, a CI job, a notebook's captured stream) carriage-return redraws would
+    pile up into one unreadable line, so a plain line is written every ``log_every_s`` seconds
+    and once at the end instead.
     """
 
-    def __init__(self, store: Store, problem: Problem, strategy: Strategy, budget: int, history: Sequence[Trial],
+    def __init__(self, store: Store, problem: Problem, strategy: Strategy, budget: int, state: RunState,
                  enabled: bool, log_every_s: float = 10.0):
-        self.store, self.problem, self.strategy, self.budget = store, problem, strategy, budget
+        self.store, self.problem, self.strategy, self.budget, self.state = store, problem, strategy, budget, state
         self.stream = sys.stderr
         self.enabled = enabled
         self.tty = enabled and _isatty(self.stream)
-        # Counts include the trials of earlier sessions of a resumed run, so best/hv describe the run.
-        self.complete: list[Trial] = [t for t in history if t.state == "complete"]
-        self.failed = sum(t.state == "failed" and not t.stale for t in history)
-        self.finished = len(self.complete) + self.failed
-        self.bar = tqdm(total=budget, initial=min(self.finished, budget), desc=store.info.name, disable=not self.tty,
-                        file=self.stream, dynamic_ncols=True)
+        self.bar = tqdm(total=budget, initial=min(state.n_finished, budget), desc=store.info.name,
+                        disable=not self.tty, file=self.stream, dynamic_ncols=True)
         self.log_every_s = log_every_s
         self._t0 = time.monotonic()
         self._last = 0.0  # last postfix refresh (tty)
         self._last_line = self._t0  # last log line (not a tty)
         self._logged = -1  # finished count of the last log line
         self._running = 0
+        self._shown = state.n_finished
+
+    @property
+    def finished(self) -> int:
+        return self.state.n_finished
 
     def fields(self, running: int) -> dict[str, str]:
         """The numbers shown, as short strings (also the log line's ``key=value`` pairs)."""
-        post: dict[str, str] = {"failed": str(self.failed), "running": str(running)}
+        post: dict[str, str] = {"failed": str(self.state.n_failed), "running": str(running)}
         directions = self.problem.directions
         names = self.problem.objective_names
-        ok = [t for t in self.complete if t.feasible]
-        if ok:
-            best = [(min if d == "minimize" else max)(t.values[i] for t in ok) for i, d in enumerate(directions)]
+        front = self.state.front
+        if len(front):
+            best = [(front[:, i].min() if d == "minimize" else front[:, i].max()) for i, d in enumerate(directions)]
             if len(best) == 1:
                 post[f"best {names[0]}"] = f"{best[0]:.4g}"
             else:
                 post["best"] = " ".join(f"{n}:{b:.4g}" for n, b in zip(names, best))
-                front = pareto_trials(ok, directions)
-                ref = reference_point(self.problem, ok, directions)
-                if ref and front:
-                    post["hv"] = f"{hypervolume(np.array([t.values for t in front]), directions, ref.point):.4g}"
+                ref = reference_point_of_values(self.problem, front, directions)
+                if ref is not None:
+                    post["hv"] = f"{hypervolume(front, directions, ref.point):.4g}"
                 post["pareto"] = str(len(front))
         try:
             state = self.strategy.state()
@@ -155,18 +187,14 @@ class _Progress:
             post[k] = f"{v:.3g}" if isinstance(v, float) else str(v)
         return post
 
-    def update(self, trial: Trial, running: int, force: bool = False) -> None:
-        if trial.state == "complete":
-            self.complete.append(trial)
-        else:
-            self.failed += 1
-        self.finished += 1
+    def update(self, cols: Columns, running: int, force: bool = False) -> None:
         self._running = running
         if not self.enabled:
             return
         now = time.monotonic()
         if self.tty:
-            self.bar.update(1)
+            self.bar.update(min(self.state.n_finished, self.budget) - min(self._shown, self.budget))
+            self._shown = self.state.n_finished
             if force or now - self._last >= 1.0:
                 self._last = now
                 self.bar.set_postfix(self.fields(running), refresh=True)
@@ -178,7 +206,7 @@ class _Progress:
         elapsed = self._last_line - self._t0
         pairs = " ".join(f"{k}={v}" if " " not in v else f"{k}=[{v}]" for k, v in self.fields(running).items())
         print(f"[{self.store.info.name}] {min(self.finished, self.budget)}/{self.budget} finished "
-              f"({len(self.complete)} complete) {pairs} elapsed={elapsed:.0f}s", file=self.stream, flush=True)
+              f"({self.state.n_complete} complete) {pairs} elapsed={elapsed:.0f}s", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.enabled and not self.tty and self._logged != self.finished:
@@ -193,6 +221,391 @@ def _isatty(stream: object) -> bool:
         return False
 
 
+# --- the claim: one driver per run --------------------------------------------------------------
+def claim_run(store: Store, token: str, driver: dict[str, Any], drivers_in_flight: Sequence[Any] = ()) -> None:
+    """Make this driver the run's only owner, or raise ``RunInUse``.
+
+    Refused when the recorded owner (or the driver of an in-flight trial) is alive: on this host by
+    its pid and start time, elsewhere by a heartbeat younger than ``CLAIM_STALE_S``. The claim
+    itself is a compare-and-set in the record, so of two drivers racing for a dead run one wins.
+    """
+    owner, owner_info, heartbeat = store.record.owner()
+    def refuse(d: dict[str, Any] | None, why: str) -> RunInUse:
+        d = d or {}
+        return RunInUse(f"run {store.info.name!r} is owned by a driver that is still alive (pid {d.get('pid')} on "
+                        f"{d.get('host')}; {why}); stop it before resuming this run, or choose another --name")
+    if owner is not None:
+        here = bool(owner_info) and owner_info.get("host") == socket.gethostname()
+        if here and driver_alive(owner_info):
+            raise refuse(owner_info, "it holds the run's claim")
+        if not here and heartbeat is not None and time.time() - heartbeat < CLAIM_STALE_S:
+            raise refuse(owner_info, f"its heartbeat is {time.time() - heartbeat:.0f} s old")
+    busy = [d for d in drivers_in_flight if d and driver_alive(d)]
+    if busy:
+        raise refuse(busy[0], f"{len(busy)} of its evaluations are running")
+    if not store.record.claim(token, driver, expected=owner):
+        _, other, _ = store.record.owner()
+        raise refuse(other, "it claimed the run a moment ago")
+    store.owner = token
+
+
+def release_run(store: Store, token: str) -> None:
+    try:
+        store.record.release(token)
+    finally:
+        store.owner = None
+
+
+# --- the run's archive and metrics: one per run, shared by strategy, metrics and views -----------
+class RunState:
+    """What the driver holds of a run while it runs: its trials as columns, its archive (the
+    strategy's own when it has the run's spec, else one kept here), the metric history, counts and
+    the Pareto front so far. Views and the dashboard read this; nothing here writes the record
+    except the metric history (``flush_metrics``)."""
+
+    def __init__(self, store: Store, problem: Problem, strategy: Strategy, history: Columns, budget: int):
+        from qd.archive import archive_from_spec_json
+        from qd.metrics import METRICS_KEY, rows_every
+
+        self.store, self.problem, self.budget = store, problem, budget
+        self._chunks: list[Columns] = [history]
+        self.n_finished = int(history.finished.sum())
+        self.n_complete = int(history.complete.sum())
+        self.n_failed = self.n_finished - self.n_complete
+        self.directions = problem.directions
+        self.front = np.empty((0, len(problem.objectives)))
+        self._update_front(history)
+        self.archive = None
+        self.own_archive = False
+        spec = store.archive_spec_json
+        if spec is not None:
+            shared = getattr(strategy, "archive", None)
+            if shared is not None and getattr(shared, "spec_json", lambda: None)() == spec:
+                self.archive = shared  # restored by the strategy from the same history
+            else:
+                self.archive, self.own_archive = archive_from_spec_json(problem, spec), True
+                self.archive.add_columns(history)
+        self.metrics_key = METRICS_KEY
+        self.every = rows_every(budget)
+        self.metrics: list[dict[str, Any]] = [r for r in store.attrs().get(METRICS_KEY, [])
+                                              if r.get("evaluations", 0) <= self.n_finished]
+        self._metrics_dirty, self._metrics_flushed = False, time.monotonic()
+
+    # trials
+    def add(self, cols: Columns) -> None:
+        """Finished trials (already recorded and told to the strategy)."""
+        self._chunks.append(cols)
+        fin = int(cols.finished.sum())
+        comp = int(cols.complete.sum())
+        before = self.n_finished
+        self.n_finished += fin
+        self.n_complete += comp
+        self.n_failed += fin - comp
+        self._update_front(cols)
+        if self.own_archive:
+            self.archive.add_columns(cols)
+        if self.archive is not None and self.n_finished // self.every > before // self.every:
+            self.append_metrics()
+
+    def columns(self) -> Columns:
+        """Every trial finished so far, in the order recorded (one array each; cached)."""
+        if len(self._chunks) > 1:
+            self._chunks = [Columns.concat(self._chunks)]
+        return self._chunks[0]
+
+    def cells(self, cols: Columns) -> np.ndarray:
+        return np.full(len(cols), -1, dtype=np.int64) if self.archive is None else self.archive.cells_of(cols)
+
+    def _update_front(self, cols: Columns) -> None:
+        ok = cols.feasible
+        if not ok.any():
+            return
+        Y = np.vstack([self.front, cols.values[ok]])
+        self.front = Y[pareto_front_mask(Y, self.directions)]
+
+    # metrics
+    def append_metrics(self) -> None:
+        row = {"evaluations": self.n_finished, **self.archive.metrics()}
+        if self.metrics and self.metrics[-1]["evaluations"] == self.n_finished:
+            self.metrics[-1] = row
+        else:
+            self.metrics.append(row)
+        self._metrics_dirty = True
+        if time.monotonic() - self._metrics_flushed >= 5.0:
+            self.flush_metrics()
+
+    def flush_metrics(self) -> None:
+        if self._metrics_dirty:
+            self.store.set_attr(self.metrics_key, self.metrics)
+            self._metrics_dirty, self._metrics_flushed = False, time.monotonic()
+
+    def close(self) -> None:
+        if self.archive is not None and self.n_finished:
+            self.append_metrics()
+        self.flush_metrics()
+
+
+class Listener:
+    """Something that watches a run (the dashboard publisher): ``update`` is called at most every
+    ``every_s`` seconds and ``close`` once at the end, both with the run's ``RunState``."""
+
+    every_s: float = 10.0
+
+    def update(self, state: RunState) -> None:
+        pass
+
+    def close(self, state: RunState) -> None:
+        pass
+
+
+# --- the loop -----------------------------------------------------------------------------------
+class _Loop:
+    """One session of a run: claim, recover, then evaluate until the budget (see the module docstring)."""
+
+    def __init__(self, problem: Problem, strategy: Strategy, evaluator: Evaluator, store: Store, *, budget: int,
+                 workers: int, time_limit_s: float | None, timeout_s: float | None, progress: bool,
+                 callbacks: Sequence[Callback], listeners: Sequence[Listener]):
+        self.problem, self.strategy, self.evaluator, self.store = problem, strategy, evaluator, store
+        self.budget, self.workers, self.time_limit_s, self.timeout_s = budget, workers, time_limit_s, timeout_s
+        self.callbacks, self.listeners = list(callbacks), list(listeners)
+        self.show_progress = progress
+        self.t_start = time.monotonic()
+        self.token = uuid.uuid4().hex
+        self.driver = driver_identity(self.token)
+        self.in_flight: dict[int, Trial] = {}
+        self.requeue: deque[tuple[int, np.ndarray]] = deque()
+        self.stopped_by = "budget"
+        self._last_listen = time.monotonic()
+        self.space = problem.space
+        self.vectorised = bool(problem.vectorized) and bool(getattr(evaluator, "synchronous", False)) \
+            and not self.callbacks
+
+    # steps
+    def recover(self) -> Columns:
+        """Claim the run, fail trials left in flight as stale, queue their configurations again."""
+        cols, drivers = self.store.columns(with_drivers=True)
+        claim_run(self.store, self.token, self.driver, [d for d, s in zip(drivers, cols.state) if s == 0])
+        running = cols.state == 0
+        if running.any():
+            stale = cols.select(running)
+            stale.state[:] = FAILED
+            stale.stale[:] = True
+            stale.t_end[:] = time.time()
+            stale.reason = [STALE_REASON] * len(stale)
+            stale.metadata = [dumps_metadata({"requeue": True})] * len(stale)
+            self.store.finish_many(stale)
+            self.store.flush()
+            cols = self.store.columns()
+        relaunched = set(cols.requeue_of[cols.requeue_of >= 0].tolist())
+        for i in np.flatnonzero(cols.stale).tolist():
+            number = int(cols.number[i])
+            if number not in relaunched and cols.metadata_of(i).get("requeue"):
+                self.requeue.append((number, cols.raw[i].copy()))
+        return cols
+
+    def out_of_time(self) -> bool:
+        return self.time_limit_s is not None and time.monotonic() - self.t_start >= self.time_limit_s
+
+    def notify(self, force: bool = False) -> None:
+        now = time.monotonic()
+        for listener in self.listeners:
+            if force or now - self._last_listen >= listener.every_s:
+                listener.update(self.state)
+        if self.listeners and (force or now - self._last_listen >= min(l.every_s for l in self.listeners)):
+            self._last_listen = now
+
+    # per-configuration path (any evaluator)
+    def launch(self, config: Config, origin: str, requeue_of: int | None = None, raw: np.ndarray | None = None) -> None:
+        if raw is None:
+            config = self.space.validate(config)
+        number = int(self.store.next_numbers(1)[0])
+        seed = evaluation_seed(self.store.info.seed, number)
+        trial = self.store.start(config, None, origin=origin, seed=seed, driver=self.driver, requeue_of=requeue_of,
+                                 raw=raw, number=number)
+        trial.started = time.time()
+        self.in_flight[number] = trial
+        self.evaluator.submit(Job(number, config, seed))
+
+    def record(self, outcome: Outcome) -> tuple[Trial, Columns]:
+        trial = self.in_flight.pop(outcome.key)
+        meta = dict(outcome.metadata)
+        cols = self.store._finished_row(trial)
+        cols.t_start[0] = getattr(trial, "started", np.nan)
+        ok = False
+        if outcome.ok:
+            try:
+                values, measures, constraints = self.problem.normalise(outcome.evaluation)
+                meta.update(outcome.evaluation.metadata or {})
+                ok = True
+            except EvaluationError as e:
+                reason = f"invalid result: {e}"
+        else:
+            reason = f"{outcome.kind}: {outcome.error}"
+        if ok:
+            cols.state[0] = COMPLETE
+            cols.values[0] = values
+            if measures:
+                cols.measures[0] = measures
+            if constraints:
+                cols.constraints[0] = constraints
+            cols.cell[0] = self.state.cells(cols)[0]
+            trial.state, trial.values = "complete", values
+            trial.measures, trial.constraints = measures, constraints
+        else:
+            cols.state[0] = FAILED
+            cols.reason[0] = reason[-4000:]
+            trial.state, trial.reason = "failed", reason
+        cols.metadata[0] = dumps_metadata(meta)
+        trial.metadata = meta
+        expensive = float(meta.get("wall_time_s", 0.0) or 0.0) >= EXPENSIVE_S
+        self.store.finish_many(cols, urgent=expensive)
+        return trial, cols
+
+    def step(self) -> bool:
+        """Fill free slots, wait for outcomes and record them; False when the run is over."""
+        out_of_time = self.out_of_time()
+        slots = min(self.workers - len(self.in_flight), self.budget - self.state.n_finished - len(self.in_flight))
+        if slots > 0 and not out_of_time:
+            while self.requeue and slots > 0:
+                number, raw = self.requeue.popleft()
+                self.launch(self.space.from_raw(raw[None])[0], "requeue", requeue_of=number, raw=raw)
+                slots -= 1
+            if slots > 0:
+                asked = self.strategy.ask(slots, pending=[t.params for t in self.in_flight.values()])
+                for config in asked[:slots]:
+                    self.launch(config, "strategy")
+        if not self.in_flight:
+            if out_of_time:
+                self.stopped_by = "time"
+            elif self.state.n_finished < self.budget:
+                self.stopped_by = "strategy"
+            return False
+        if out_of_time:
+            self.stopped_by = "time"
+            for trial in list(self.in_flight.values()):
+                self.store.fail(trial, CANCELLED_REASON, stale=True, metadata={"requeue": True})
+            self.in_flight.clear()
+            return False
+        if not getattr(self.evaluator, "synchronous", False):
+            self.store.flush()  # the loop is about to block: in-flight rows and results go now
+        wait_for = None if self.time_limit_s is None else \
+            max(0.05, self.time_limit_s - (time.monotonic() - self.t_start))
+        for outcome in self.evaluator.wait(timeout=wait_for):
+            trial, cols = self.record(outcome)
+            self.strategy.tell(trial)
+            self.state.add(cols)
+            for cb in self.callbacks:
+                cb(self.store, trial)
+            self.progress.update(cols, len(self.in_flight), force=self.state.n_finished >= self.budget)
+        self.store.maybe_flush()
+        self.notify()
+        return True
+
+    # batch path (vectorised problem, in-process evaluator)
+    def step_batch(self) -> bool:
+        if self.out_of_time():
+            self.stopped_by = "time"
+            return False
+        left = self.budget - self.state.n_finished
+        if left <= 0:
+            return False
+        raws, origins, requeue_of = [], [], []
+        while self.requeue and len(raws) < left:
+            number, raw = self.requeue.popleft()
+            raws.append(raw[None])
+            origins.append(1)
+            requeue_of.append(number)
+        if not raws:
+            R = self.strategy.ask_raw(min(left, max(1, self.strategy.batch_hint)))
+            if len(R) == 0:
+                self.stopped_by = "strategy"
+                return False
+            raws, origins, requeue_of = [R[:left]], [0] * min(left, len(R)), [-1] * min(left, len(R))
+        R = np.vstack(raws)
+        n = len(R)
+        d, m, k, c = self.store.dims
+        cols = Columns.empty(d, m, k, c, n=n)
+        cols.number[:] = self.store.next_numbers(n)
+        cols.raw[:] = R
+        cols.origin[:] = origins
+        cols.requeue_of[:] = requeue_of
+        cols.seed[:] = evaluation_seeds(self.store.info.seed, cols.number)
+        cols.t_start[:] = time.time()
+        t0 = time.perf_counter()
+        try:
+            be = self.problem.evaluate_batch(R, cols.seed)
+            batch_error = None
+        except Exception as e:  # a vectorised evaluation that raises fails its whole batch
+            be, batch_error = None, f"exception: {type(e).__name__}: {e}"
+        cols.t_end[:] = time.time()
+        _fill(cols, be, batch_error, self.problem)
+        cols.cell[:] = self.state.cells(cols)
+        wall = time.perf_counter() - t0
+        self.store.finish_many(cols, urgent=wall >= EXPENSIVE_S)
+        self.strategy.tell_columns(cols)
+        self.state.add(cols)
+        self.progress.update(cols, 0, force=self.state.n_finished >= self.budget)
+        self.store.maybe_flush()
+        self.notify()
+        return True
+
+    def execute(self) -> RunReport:
+        history = self.recover()
+        n_requeued = len(self.requeue)
+        if len(history):  # a fresh run keeps the strategy exactly as its seed made it
+            self.strategy.restore_columns(history, self.store)
+        self.state = RunState(self.store, self.problem, self.strategy, history, self.budget)
+        self.progress = _Progress(self.store, self.problem, self.strategy, self.budget, self.state, self.show_progress)
+        self.store.autoflush = False
+        self.evaluator.start(self.problem, self.workers, self.timeout_s)
+        _LIVE_RUNS.add(self.token)
+        try:
+            if self.vectorised:
+                while self.step_batch():
+                    pass
+            else:
+                while self.step():
+                    pass
+        finally:
+            _LIVE_RUNS.discard(self.token)
+            try:
+                self.evaluator.close()
+                self.store.flush()
+                self.state.close()
+                for listener in self.listeners:
+                    listener.close(self.state)
+            finally:
+                self.store.autoflush = True
+                release_run(self.store, self.token)
+                self.progress.close()
+        counts = self.store.columns().counts()
+        return RunReport(finished=self.state.n_finished, complete=counts["n_complete"], failed=counts["n_failed"],
+                         requeued=n_requeued, elapsed_s=time.monotonic() - self.t_start, stopped_by=self.stopped_by)
+
+
+def _fill(cols: Columns, be: BatchEvaluation | None, batch_error: str | None, problem: Problem) -> None:
+    """Write a batch's results into ``cols``: complete rows, and failed ones with their reason."""
+    n = len(cols)
+    m, k, c = len(problem.objectives), len(problem.measures), len(problem.constraints)
+    if be is None:
+        cols.state[:] = FAILED
+        cols.reason = [batch_error] * n
+        return
+    values = np.asarray(be.values, dtype=float).reshape(n, m)
+    measures = np.asarray(be.measures, dtype=float).reshape(n, k) if k else np.empty((n, 0))
+    constraints = np.asarray(be.constraints, dtype=float).reshape(n, c) if c else np.empty((n, 0))
+    finite = np.isfinite(values).all(axis=1) & np.isfinite(measures).all(axis=1) & np.isfinite(constraints).all(axis=1)
+    errors = list(be.errors) if be.errors is not None else [None] * n
+    ok = finite & np.array([e is None for e in errors], dtype=bool)
+    cols.state[:] = np.where(ok, COMPLETE, FAILED)
+    cols.values[ok], cols.measures[ok], cols.constraints[ok] = values[ok], measures[ok], constraints[ok]
+    if not ok.all():
+        for i in np.flatnonzero(~ok).tolist():
+            cols.reason[i] = errors[i] or (f"invalid result: values {values[i].tolist()}, measures "
+                                           f"{measures[i].tolist()}, constraints {constraints[i].tolist()} "
+                                           f"are not all finite")
+
+
 def run(
     problem: Problem,
     strategy: Strategy,
@@ -205,101 +618,30 @@ def run(
     timeout_s: float | None = None,
     progress: bool = True,
     callbacks: Sequence[Callback] = (),
+    listeners: Sequence[Listener] = (),
 ) -> RunReport:
-    """Run until ``budget`` evaluations have finished (or ``time_limit_s`` passed); resumable."""
+    """Run until ``budget`` evaluations have finished (or ``time_limit_s`` passed); resumable.
+
+    Args:
+        problem, strategy, evaluator, store: the run's parts (``qd.session.prepare`` builds them).
+        budget: finished evaluations (complete or failed by the evaluation) the run ends with.
+        workers: evaluations in flight at once.
+        time_limit_s: stop launching after this long; running evaluations are cancelled (stale).
+        timeout_s: bound on one evaluation (evaluators that support it).
+        progress: show a progress bar (a terminal) or log lines (otherwise).
+        callbacks: ``callback(store, trial)`` after each finished trial (forces the per-trial path).
+        listeners: ``Listener`` objects updated every few seconds (the dashboard publisher).
+
+    Returns:
+        A ``RunReport``.
+
+    Raises:
+        ValueError: a budget or workers below 1.
+        RunInUse: another driver owns the run.
+    """
     if budget < 1:
         raise ValueError(f"budget={budget}: must be >= 1")
     if workers < 1:
         raise ValueError(f"workers={workers}: must be >= 1")
-    t_start = time.monotonic()
-    token = uuid.uuid4().hex
-    driver = driver_identity(token)
-    history = store.trials()
-    busy = [t for t in history if t.state == "running" and driver_alive(t.driver)]
-    if busy:
-        d = busy[0].driver or {}
-        raise RunInUse(f"run {store.info.name!r} has {len(busy)} evaluation(s) running in a driver that is still "
-                       f"alive (pid {d.get('pid')} on {d.get('host')}); stop it before resuming this run, or "
-                       f"choose another --name")
-    for t in history:
-        if t.state == "running":
-            store.fail(t, STALE_REASON, stale=True, metadata={"requeue": True})
-    # Stale trials not yet evaluated again (also those cancelled at a previous wall-time limit). A trial
-    # re-launched by a driver that died before clearing the stale one's flag is not launched again.
-    relaunched = {t.requeue_of for t in history if t.requeue_of is not None}
-    requeue: deque[Trial] = deque(t for t in history
-                                  if t.stale and t.metadata.get("requeue") and t.number not in relaunched)
-    strategy.restore(history)
-    finished = sum(t.finished for t in history)
-    in_flight: dict[int, Trial] = {}
-    bar = _Progress(store, problem, strategy, budget, history, progress)
-    stopped_by = "budget"
-    n_requeued = len(requeue)
-
-    created = len(history)  # this driver's count of the run's trials (the trial number, when it runs alone)
-
-    def launch(config: Config, origin: str, requeue_of: int | None = None) -> None:
-        nonlocal created
-        config = problem.space.validate(config)
-        trial = store.start(config, problem.space.active_distributions(config), origin=origin,
-                            seed=evaluation_seed(store.info.seed, created), driver=driver, requeue_of=requeue_of)
-        created += 1
-        in_flight[trial.number] = trial
-        evaluator.submit(Job(trial.number, config, trial.seed))
-
-    def record(outcome: Outcome) -> Trial:
-        trial = in_flight.pop(outcome.key)
-        meta = dict(outcome.metadata)
-        if outcome.ok:
-            try:
-                values, measures, constraints = problem.normalise(outcome.evaluation)
-            except EvaluationError as e:
-                return store.fail(trial, f"invalid result: {e}", metadata=meta)
-            meta.update(outcome.evaluation.metadata or {})
-            return store.complete(trial, values, measures, constraints, meta)
-        return store.fail(trial, f"{outcome.kind}: {outcome.error}", metadata=meta)
-
-    evaluator.start(problem, workers, timeout_s)
-    _LIVE_RUNS.add(token)
-    try:
-        while True:
-            out_of_time = time_limit_s is not None and time.monotonic() - t_start >= time_limit_s
-            slots = min(workers - len(in_flight), budget - finished - len(in_flight))
-            if slots > 0 and not out_of_time:
-                while requeue and slots > 0:
-                    stale = requeue.popleft()
-                    # The stale trial is finished and cannot be updated (Optuna refuses): the new trial's
-                    # requeue_of is what marks it as evaluated again.
-                    launch(stale.params, "requeue", requeue_of=stale.number)
-                    slots -= 1
-                if slots > 0:
-                    asked = strategy.ask(slots, pending=[t.params for t in in_flight.values()])
-                    for config in asked[:slots]:
-                        launch(config, "strategy")
-            if not in_flight:
-                if out_of_time:
-                    stopped_by = "time"
-                elif finished < budget:
-                    stopped_by = "strategy"
-                break
-            if out_of_time:
-                stopped_by = "time"
-                for trial in list(in_flight.values()):
-                    store.fail(trial, CANCELLED_REASON, stale=True, metadata={"requeue": True})
-                in_flight.clear()
-                break
-            wait_for = None if time_limit_s is None else max(0.05, time_limit_s - (time.monotonic() - t_start))
-            for outcome in evaluator.wait(timeout=wait_for):
-                trial = record(outcome)
-                finished += 1
-                strategy.tell(trial)
-                for cb in callbacks:
-                    cb(store, trial)
-                bar.update(trial, len(in_flight), force=finished >= budget)
-    finally:
-        _LIVE_RUNS.discard(token)
-        evaluator.close()
-        bar.close()
-    counts = store.counts()
-    return RunReport(finished=finished, complete=counts["n_complete"], failed=counts["n_failed"],
-                     requeued=n_requeued, elapsed_s=time.monotonic() - t_start, stopped_by=stopped_by)
+    return _Loop(problem, strategy, evaluator, store, budget=budget, workers=workers, time_limit_s=time_limit_s,
+                 timeout_s=timeout_s, progress=progress, callbacks=callbacks, listeners=listeners).execute()

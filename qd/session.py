@@ -64,32 +64,17 @@ def _as_recorded(exp: Experiment) -> Experiment:
 
 
 def execute(prepared: Prepared, callbacks: Sequence[Callback] = (), dashboard_every_s: float | None = 10.0) -> RunReport:
-    """Run a prepared experiment. Figures and a note for optuna-dashboard are refreshed every
+    """Run a prepared experiment. Figures, a note and trials for optuna-dashboard are refreshed every
     ``dashboard_every_s`` seconds and at the end (None: not at all; see ``qd.dashboard``)."""
     exp = prepared.experiment
-    from qd.dashboard import CellStore, Publisher
-
-    # Same study; also records each trial's archive cell, which must happen before it completes.
-    store = CellStore.wrap(prepared.store, prepared.problem)
-    publisher = None
+    listeners = []
     if dashboard_every_s is not None:
-        publisher = Publisher(store, prepared.problem, exp.budget, every_s=dashboard_every_s)
-        callbacks = [*callbacks, publisher]
-    recorder = None
-    if prepared.problem.measures:  # QD metrics over time, stored with the run (qd.metrics)
-        from qd.metrics import MetricsRecorder
+        from qd.dashboard import Publisher
 
-        recorder = MetricsRecorder(prepared.store, prepared.problem)
-        callbacks = [*callbacks, recorder]
-    try:
-        return run(prepared.problem, prepared.strategy, prepared.evaluator, store, budget=exp.budget,
-                   workers=exp.workers, time_limit_s=exp.time_limit_s, timeout_s=exp.timeout_s,
-                   progress=exp.progress, callbacks=callbacks)
-    finally:
-        if recorder is not None:
-            recorder.close()
-        if publisher is not None:  # after the metrics, so the final figures include their last row
-            publisher.close()
+        listeners.append(Publisher(prepared.store, prepared.problem, exp.budget, every_s=dashboard_every_s))
+    return run(prepared.problem, prepared.strategy, prepared.evaluator, prepared.store, budget=exp.budget,
+               workers=exp.workers, time_limit_s=exp.time_limit_s, timeout_s=exp.timeout_s,
+               progress=exp.progress, callbacks=callbacks, listeners=listeners)
 
 
 def problem_of(store: Store) -> Problem:

@@ -1,89 +1,55 @@
-"""The record of a run: one Optuna study, one Optuna trial per evaluation.
+"""The record of a run: qd's own columnar tables (``qd.record``), mirrored into an Optuna study.
 
-The store is the single source of truth. Strategies, archives and metrics are rebuilt from it on
-resume, by ``qd show`` and by ``qd plot``; nothing else is persisted. Any Optuna storage URL works
-(``sqlite:///run.db`` by default, ``postgresql://...`` for a shared server), so every run is
-also visible in optuna-dashboard.
+The record is the single source of truth: strategies, archives and metrics are rebuilt from it
+on resume, and ``qd show``, ``qd plot``, ``qd report``, ``qd export``, ``load_run`` and the
+dashboard all read it (``Store.columns``), so they agree. Each run also has an Optuna study of
+the same name in the same storage, for optuna-dashboard: ``qd.mirror`` copies trials into it in
+batches (every trial of a small run; beyond a cap the elites and the Pareto set only).
 
-Layout inside the study:
+Storage URLs: ``sqlite:///run.db`` (default), ``postgresql://...`` for a shared server, and
+``journal:///path/run.log`` for Optuna's journal file (the record then lives beside it, in
+``run.log.qd.db``). See ``qd.storage_url`` for what is refused and why.
 
-- study user attr ``qd``: the run's identity (problem and options, strategy and options, seed).
-- trial params: the active parameters of the configuration, with Optuna distributions.
-- trial values: objective values in declared order (Optuna directions match the objectives).
-- trial user attrs: ``measures`` ({name: value}), ``constraints`` (list, feasible when <= 0),
-  ``metadata`` (dict), ``fail_reason`` (str), ``origin`` ("strategy" or "requeue"), ``seed``,
-  ``stale`` (True for a trial whose driver died while it was running), ``driver`` (host, pid and
-  process start time of the driver that started it), ``requeue_of`` (for a re-queued trial, the
-  number of the stale trial it evaluates again).
+Writing: the run loop writes through ``start``/``complete``/``fail`` (or their array forms
+``start_many``/``finish_many``) with ``autoflush`` off and calls ``flush`` on its schedule; every
+flush is one transaction. With ``autoflush`` on (the default, for scripts and tests) every call
+is written at once.
 """
 
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import optuna
 import pandas as pd
-from optuna.trial import FrozenTrial, TrialState
 
+from qd.columns import (COMPLETE, FAILED, ORIGIN_CODES, ORIGIN_NAMES, RUNNING, STATE_NAMES, Columns,
+                        dumps_metadata)
 from qd.problem import Problem
+from qd.record import Record, engine_for, running_row
 from qd.space import Config
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 State = Literal["running", "complete", "failed"]
-_STATE = {TrialState.RUNNING: "running", TrialState.COMPLETE: "complete", TrialState.FAIL: "failed",
-          TrialState.WAITING: "running", TrialState.PRUNED: "failed"}
-# Optuna's own key for constraint values; NSGA-II and the dashboard read it.
-_OPTUNA_CONSTRAINTS_KEY = "constraints"
+#: Reasons and metadata longer than this are cut (the end is kept: that is where causes are).
+MAX_REASON_CHARS = 4000
 
 
 class RunNotFound(LookupError):
     pass
 
 
-def optuna_storage(storage: str) -> str | optuna.storages.RDBStorage:
-    """What to hand to Optuna for a storage URL.
-
-    SQLite files are opened in WAL mode with ``synchronous=NORMAL``: with the default rollback
-    journal every commit waits for an fsync (about 7 ms here, five commits per evaluation, on the
-    run loop's critical path), and a reader (``qd show``, the dashboard, another run's driver)
-    blocks writers. In WAL mode a killed process loses nothing committed; only a power cut may
-    lose the last commits, never the file's consistency.
-    """
-    url = resolve_storage(storage)
-    if not url.startswith("sqlite:///") or url in ("sqlite:///", "sqlite:///:memory:"):
-        return url
-    import sqlite3
-
-    from sqlalchemy import event
-
-    rdb = optuna.storages.RDBStorage(url)
-
-    def tune(dbapi_connection: sqlite3.Connection, _record: object) -> None:
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute("PRAGMA journal_mode=WAL")  # persistent in the file; a no-op once set
-            cursor.execute("PRAGMA synchronous=NORMAL")
-        except sqlite3.OperationalError:  # locked by another process right now: keep its journal mode
-            pass
-        finally:
-            cursor.close()
-
-    event.listen(rdb.engine, "connect", tune)
-    rdb.engine.dispose()  # the connections made while creating the tables lack the pragmas
-    return rdb
-
-
 def resolve_storage(storage: str) -> str:
-    """The URL to hand to Optuna: a plain ``postgresql://`` names the psycopg2 driver when psycopg 3 is absent.
-
-    SQLAlchemy 2.1 maps ``postgresql://`` to psycopg 3, but the driver this project depends on is
-    psycopg2, so the plain URL, as people write it, failed with "No module named 'psycopg'".
-    """
+    """The SQLAlchemy URL of a storage: a plain ``postgresql://`` names the psycopg2 driver when
+    psycopg 3 is absent (SQLAlchemy 2.1 maps the plain URL to psycopg 3, which this project does
+    not depend on)."""
     if storage.startswith("postgresql://"):
         import importlib.util
 
@@ -92,9 +58,37 @@ def resolve_storage(storage: str) -> str:
     return storage
 
 
+def journal_path(storage: str) -> str | None:
+    """The journal file of a ``journal:///path`` URL, else None."""
+    return storage[len("journal://"):] if storage.startswith("journal://") else None
+
+
+def record_url(storage: str) -> str:
+    """The database that holds qd's tables for a storage URL."""
+    path = journal_path(storage)
+    if path is not None:
+        return f"sqlite:///{path}.qd.db"
+    return resolve_storage(storage)
+
+
+def optuna_storage(storage: str) -> Any:
+    """What to hand to Optuna for a storage URL (the study the dashboard reads)."""
+    path = journal_path(storage)
+    if path is not None:
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(path))
+    url = resolve_storage(storage)
+    if url.startswith("sqlite"):
+        engine_for(url)  # WAL mode on the file before Optuna opens it
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    return url
+
+
 @dataclass
 class Trial:
-    """One evaluation as recorded."""
+    """One evaluation as recorded (built from ``Columns`` on request; views use the columns)."""
 
     number: int
     params: Config
@@ -109,7 +103,6 @@ class Trial:
     seed: int = 0
     driver: dict[str, Any] | None = None
     requeue_of: int | None = None
-    _id: int = -1
 
     @property
     def feasible(self) -> bool:
@@ -134,169 +127,377 @@ class RunInfo:
         return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "name"}
 
 
+def describe_params(problem: Problem) -> list[dict[str, Any]]:
+    """What the record keeps of a space to turn raw rows back into configurations."""
+    out = []
+    for p in problem.space.params:
+        kind = type(p).__name__.lower()
+        out.append({"name": p.name, "type": kind, **({"choices": list(p.choices)} if kind == "categorical" else {})})
+    return out
+
+
+class _RawDecoder:
+    """Raw rows -> configurations, from the record's parameter description (no problem needed)."""
+
+    def __init__(self, params: list[dict[str, Any]]):
+        self.params = params
+
+    def config(self, row: np.ndarray) -> Config:
+        out: Config = {}
+        for p, v in zip(self.params, row.tolist()):
+            if v != v:
+                continue
+            if p["type"] == "categorical":
+                out[p["name"]] = p["choices"][int(v)]
+            elif p["type"] == "int":
+                out[p["name"]] = int(v)
+            else:
+                out[p["name"]] = v
+        return out
+
+
+class _Buffer:
+    """What the run loop has written but not flushed: in-flight rows and finished rows."""
+
+    def __init__(self) -> None:
+        self.started: dict[int, str] = {}  # number -> in-flight row (JSON), not yet written
+        self.finished: list[Columns] = []
+        self.ended: list[int] = []  # written in-flight rows to delete
+        self.n_finished = 0
+        self.since: float | None = None  # when the oldest unflushed item arrived
+        self.urgent = False  # an expensive outcome waits: flush now
+
+    def __bool__(self) -> bool:
+        return bool(self.started or self.finished or self.ended)
+
+
 class Store:
     """Read and write one run. Build with ``Store.create`` or ``Store.open``."""
 
-    def __init__(self, study: optuna.Study, info: RunInfo, measure_names: Sequence[str]):
-        self.study = study
-        self.info = info
-        self.measure_names = list(measure_names)
-        self._storage = study._storage
-        self._study_id = study._study_id
+    def __init__(self, storage: str, record: Record, info: RunInfo, meta: dict[str, Any]):
+        self.storage, self.record, self.info, self.meta = storage, record, info, meta
+        self.measure_names: list[str] = list(meta["measure_names"])
+        self.objective_names: list[str] = list(meta["objective_names"])
+        self.directions: list[str] = list(meta["directions"])
+        self.dims = record.dims
+        self._decoder = _RawDecoder(meta["params"])
+        self._study: optuna.Study | None = None
+        self._next = record.max_number() + 1
+        self._buffer = _Buffer()
+        self._in_db_running: set[int] = set()
+        #: Write every call at once (scripts, tests); the run loop turns it off and flushes itself.
+        self.autoflush = True
+        #: The claim token of the driver writing through this store (heartbeats go with flushes).
+        self.owner: str | None = None
+        self.flush_s = 0.05
+        self.flush_rows = 4096
+        self.n_flushes = 0
 
     # --- opening ----------------------------------------------------------------------------
     @classmethod
-    def create(cls, storage: str, info: RunInfo, problem: Problem, *, resume: bool = False) -> Store:
-        """Create the run's study; with ``resume`` open an existing one (which must match)."""
+    def create(cls, storage: str, info: RunInfo, problem: Problem, *, resume: bool = False,
+               archive: dict[str, Any] | None = None) -> Store:
+        """Create the run (its record row and its Optuna study); with ``resume`` open an existing
+        one, which must match. ``archive``: the run's archive spec (``qd.archive.spec_to_json``),
+        recorded so every view rebuilds the same map."""
         try:
             existing = cls.open(storage, info.name)
         except RunNotFound:
             existing = None
-        if existing is not None:
-            if not resume:
-                raise ValueError(
-                    f"run {info.name!r} already exists in {storage}; pass --resume to continue it, "
-                    f"or choose another --name"
-                )
-            if (existing.info.problem, existing.info.problem_options) != (info.problem, info.problem_options):
-                raise ValueError(
-                    f"run {info.name!r} was made with problem {existing.info.problem!r} "
-                    f"{existing.info.problem_options}, not {info.problem!r} {info.problem_options}"
-                )
-            if existing.info.strategy != info.strategy:
-                raise ValueError(
-                    f"run {info.name!r} was made with strategy {existing.info.strategy!r}, not {info.strategy!r}"
-                )
-            return existing
-        study = optuna.create_study(storage=optuna_storage(storage), study_name=info.name,
-                                    directions=problem.directions)
-        with warnings.catch_warnings():  # marked experimental in Optuna; the dashboard reads it
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(problem.objective_names)
-        study.set_user_attr("qd", info.to_json())
-        study.set_user_attr("measure_names", problem.measure_names)
-        return cls(study, info, problem.measure_names)
+        if existing is None:
+            if archive is None and problem.measures:
+                from qd.archive import spec_for_run, spec_to_json
+
+                archive = spec_to_json(spec_for_run(problem, info.strategy, info.strategy_options, info.seed))
+            meta = {**info.to_json(), "measure_names": problem.measure_names,
+                    "objective_names": problem.objective_names, "directions": problem.directions,
+                    "constraints": len(problem.constraints), "params": describe_params(problem),
+                    "archive": archive, "created_by": "qd"}
+            engine = engine_for(record_url(storage))
+            run_id = Record.insert_run(engine, info.name, meta)
+            if run_id is not None:
+                store = cls(storage, Record(engine, run_id, _dims(meta)), info, meta)
+                store._create_study()
+                return store
+            existing = cls.open(storage, info.name)  # another driver created it just now
+        if not resume:
+            raise ValueError(f"run {info.name!r} already exists in {storage}; pass --resume to continue it, "
+                             f"or choose another --name")
+        if (existing.info.problem, existing.info.problem_options) != (info.problem, info.problem_options):
+            raise ValueError(f"run {info.name!r} was made with problem {existing.info.problem!r} "
+                             f"{existing.info.problem_options}, not {info.problem!r} {info.problem_options}")
+        if existing.info.strategy != info.strategy:
+            raise ValueError(f"run {info.name!r} was made with strategy {existing.info.strategy!r}, "
+                             f"not {info.strategy!r}")
+        return existing
 
     @classmethod
     def open(cls, storage: str, name: str) -> Store:
-        try:
-            study = optuna.load_study(study_name=name, storage=optuna_storage(storage))
-        except KeyError:
-            names = [s.study_name for s in optuna.get_all_study_summaries(optuna_storage(storage))]
-            raise RunNotFound(f"no run named {name!r} in {storage}; runs there: {names}") from None
-        attrs = study.user_attrs
-        if "qd" not in attrs:
-            raise RunNotFound(f"study {name!r} in {storage} was not made by qd (no 'qd' user attribute)")
-        info = RunInfo(name=name, **attrs["qd"])
-        return cls(study, info, attrs.get("measure_names", []))
+        found = Record.find(engine_for(record_url(storage)), name)
+        if found is None:
+            raise RunNotFound(f"no run named {name!r} in {storage}; runs there: {cls.run_names(storage)}")
+        run_id, meta = found
+        info = RunInfo(name=name, problem=meta["problem"], problem_options=meta["problem_options"],
+                       strategy=meta["strategy"], strategy_options=meta["strategy_options"], seed=meta["seed"])
+        return cls(storage, Record(engine_for(record_url(storage)), run_id, _dims(meta)), info, meta)
 
     @staticmethod
     def run_names(storage: str) -> list[str]:
-        return [s.study_name for s in optuna.get_all_study_summaries(optuna_storage(storage))]
+        return Record.names(engine_for(record_url(storage)))
+
+    # --- the Optuna study (optuna-dashboard's view) -----------------------------------------
+    def _create_study(self) -> None:
+        try:
+            study = optuna.create_study(storage=optuna_storage(self.storage), study_name=self.info.name,
+                                        directions=self.directions)
+        except optuna.exceptions.DuplicatedStudyError:
+            return
+        with warnings.catch_warnings():  # marked experimental in Optuna; the dashboard reads it
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(self.objective_names)
+        study.set_user_attr("qd", self.info.to_json())
+        self._study = study
+
+    @property
+    def study(self) -> optuna.Study:
+        """The run's Optuna study (created on first use if missing)."""
+        if self._study is None:
+            try:
+                self._study = optuna.load_study(study_name=self.info.name, storage=optuna_storage(self.storage))
+            except KeyError:
+                self._create_study()
+                if self._study is None:
+                    self._study = optuna.load_study(study_name=self.info.name, storage=optuna_storage(self.storage))
+        return self._study
+
+    @property
+    def archive_spec_json(self) -> dict[str, Any] | None:
+        """The archive spec recorded when the run was created (None: the problem has no measures)."""
+        return self.meta.get("archive")
 
     # --- writing ----------------------------------------------------------------------------
-    def start(self, params: Config, distributions: dict, *, origin: str = "strategy", seed: int = 0,
-              driver: dict[str, Any] | None = None, requeue_of: int | None = None) -> Trial:
-        """Record a RUNNING trial for a configuration about to be evaluated.
+    def next_numbers(self, n: int) -> np.ndarray:
+        """Reserve the next n trial numbers (the driver that owns a run numbers its trials)."""
+        out = np.arange(self._next, self._next + n, dtype=np.int64)
+        self._next += n
+        return out
 
-        ``driver`` and ``requeue_of`` are written in the same insert as the trial, so a driver killed
-        at any moment leaves either no trial or a trial that says who ran it and what it re-runs.
-        """
-        user_attrs: dict[str, Any] = {"origin": origin, "seed": seed}
-        if driver is not None:
-            user_attrs["driver"] = driver
-        if requeue_of is not None:
-            user_attrs["requeue_of"] = requeue_of
-        template = optuna.trial.create_trial(
-            state=TrialState.RUNNING, params=params, distributions=distributions, user_attrs=user_attrs,
-        )
-        trial_id = self._storage.create_new_trial(self._study_id, template_trial=template)
-        number = self._storage.get_trial_number_from_id(trial_id)
-        return Trial(number=number, params=dict(params), state="running", origin=origin, seed=seed, driver=driver,
-                     requeue_of=requeue_of, _id=trial_id)
+    def start_many(self, cols: Columns, driver: dict[str, Any] | None = None) -> None:
+        """Record in-flight trials (``cols`` in RUNNING state, numbers from ``next_numbers``)."""
+        buf = self._buffer
+        for i in range(len(cols)):
+            buf.started[int(cols.number[i])] = running_row(cols, i, driver)
+        self._touch()
+
+    def finish_many(self, cols: Columns, urgent: bool = False) -> None:
+        """Record finished trials (complete or failed); their in-flight rows, if any, go.
+        ``urgent``: an expensive result, flushed at the next ``maybe_flush``."""
+        buf = self._buffer
+        for number in cols.number.tolist():
+            if buf.started.pop(number, None) is None and number in self._in_db_running:
+                buf.ended.append(number)
+                self._in_db_running.discard(number)
+        buf.finished.append(cols)
+        buf.n_finished += len(cols)
+        buf.urgent |= urgent
+        self._touch()
+
+    def _touch(self) -> None:
+        if self._buffer.since is None:
+            self._buffer.since = time.monotonic()
+        if self.autoflush:
+            self.flush()
+
+    def flush_due(self) -> bool:
+        buf = self._buffer
+        if not buf:
+            return False
+        return buf.urgent or buf.n_finished >= self.flush_rows or time.monotonic() - buf.since >= self.flush_s
+
+    def maybe_flush(self) -> bool:
+        if self.flush_due():
+            self.flush()
+            return True
+        return False
+
+    def flush(self) -> None:
+        """Write everything buffered in one transaction."""
+        buf = self._buffer
+        if not buf and self.owner is None:
+            return
+        finished = Columns.concat(buf.finished) if buf.finished else None
+        started = list(buf.started.items())
+        self.record.write(finished, started, buf.ended, heartbeat_of=self.owner)
+        self._in_db_running.update(buf.started)
+        self._buffer = _Buffer()
+        self.n_flushes += 1
+
+    # Single-trial forms, for scripts, tests and the per-configuration run loop.
+    def start(self, params: Config, distributions: dict | None = None, *, origin: str = "strategy", seed: int = 0,
+              driver: dict[str, Any] | None = None, requeue_of: int | None = None, raw: np.ndarray | None = None,
+              number: int | None = None) -> Trial:
+        """Record a RUNNING trial for a configuration about to be evaluated (``distributions`` is
+        accepted for compatibility and unused: the record knows the space)."""
+        d, m, k, c = self.dims
+        cols = Columns.empty(d, m, k, c, n=1)
+        cols.number[0] = self.next_numbers(1)[0] if number is None else number
+        cols.raw[0] = self._raw_of(params) if raw is None else raw
+        cols.seed[0], cols.origin[0] = seed, ORIGIN_CODES[origin]
+        cols.requeue_of[0] = -1 if requeue_of is None else requeue_of
+        cols.t_start[0] = time.time()
+        self.start_many(cols, driver)
+        return Trial(number=int(cols.number[0]), params=dict(params), state="running", origin=origin, seed=seed,
+                     driver=driver, requeue_of=requeue_of)
+
+    def _raw_of(self, params: Config) -> np.ndarray:
+        row = np.full(self.dims[0], np.nan)
+        for j, p in enumerate(self._decoder.params):
+            if p["name"] in params:
+                v = params[p["name"]]
+                row[j] = _choice_index(p["choices"], v) if p["type"] == "categorical" else float(v)
+        return row
+
+    def _finished_row(self, trial: Trial) -> Columns:
+        d, m, k, c = self.dims
+        cols = Columns.empty(d, m, k, c, n=1)
+        cols.number[0], cols.raw[0] = trial.number, self._raw_of(trial.params)
+        cols.seed[0], cols.origin[0] = trial.seed, ORIGIN_CODES[trial.origin]
+        cols.requeue_of[0] = -1 if trial.requeue_of is None else trial.requeue_of
+        cols.t_end[0] = time.time()
+        return cols
 
     def complete(self, trial: Trial, values: Sequence[float], measures: Sequence[float] = (),
-                 constraints: Sequence[float] = (), metadata: dict[str, Any] | None = None) -> Trial:
-        s, tid = self._storage, trial._id
+                 constraints: Sequence[float] = (), metadata: dict[str, Any] | None = None,
+                 cell: int = -1) -> Trial:
+        """Record ``trial`` as complete with its objective ``values`` (declared order), ``measures``,
+        ``constraints`` (feasible when <= 0) and ``metadata`` (JSON-serialisable). Returns it updated."""
+        cols = self._finished_row(trial)
+        cols.state[0] = COMPLETE
+        cols.values[0] = [float(v) for v in values]
         if measures:
-            s.set_trial_user_attr(tid, "measures", dict(zip(self.measure_names, map(float, measures))))
+            cols.measures[0] = [float(x) for x in measures]
         if constraints:
-            s.set_trial_user_attr(tid, "constraints", [float(c) for c in constraints])
-            s.set_trial_system_attr(tid, _OPTUNA_CONSTRAINTS_KEY, [float(c) for c in constraints])
-        if metadata:
-            s.set_trial_user_attr(tid, "metadata", _jsonable(metadata))
-        s.set_trial_state_values(tid, TrialState.COMPLETE, [float(v) for v in values])
+            cols.constraints[0] = [float(x) for x in constraints]
+        cols.metadata[0] = dumps_metadata(metadata)
+        cols.cell[0] = cell
+        self.finish_many(cols)
         trial.state, trial.values = "complete", [float(v) for v in values]
-        trial.measures, trial.constraints = [float(m) for m in measures], [float(c) for c in constraints]
+        trial.measures, trial.constraints = [float(x) for x in measures], [float(x) for x in constraints]
         trial.metadata = dict(metadata or {})
         return trial
 
     def fail(self, trial: Trial, reason: str, *, stale: bool = False, metadata: dict[str, Any] | None = None) -> Trial:
-        s, tid = self._storage, trial._id
-        s.set_trial_user_attr(tid, "fail_reason", reason[-4000:])
-        if stale:
-            s.set_trial_user_attr(tid, "stale", True)
-        if metadata:
-            s.set_trial_user_attr(tid, "metadata", _jsonable(metadata))
-        s.set_trial_state_values(tid, TrialState.FAIL)
+        """Record ``trial`` as failed with its ``reason``; ``stale``: its driver stopped while it ran
+        (it does not count towards the budget). Returns it updated."""
+        cols = self._finished_row(trial)
+        cols.state[0], cols.stale[0] = FAILED, stale
+        cols.reason[0] = reason[-MAX_REASON_CHARS:]
+        cols.metadata[0] = dumps_metadata(metadata)
+        self.finish_many(cols)
         trial.state, trial.reason, trial.stale = "failed", reason, stale
         trial.metadata = dict(metadata or {})
         return trial
 
-    def update_metadata(self, trial: Trial, metadata: dict[str, Any]) -> None:
-        self._storage.set_trial_user_attr(trial._id, "metadata", _jsonable(metadata))
-        trial.metadata = dict(metadata)
-
     def set_attr(self, key: str, value: Any) -> None:
-        """Store run-level data (e.g. metric history) as a study user attribute."""
-        self.study.set_user_attr(key, _jsonable(value))
+        """Store run-level data (e.g. the metrics history) in the record."""
+        self.record.set_attr(key, value)
 
     def attrs(self) -> dict[str, Any]:
-        return self._storage.get_study_user_attrs(self._study_id)
+        return self.record.attrs()
 
     # --- reading ----------------------------------------------------------------------------
-    def trials(self, states: Sequence[State] | None = None) -> list[Trial]:
-        """All trials in creation order (optionally only those in ``states``)."""
-        out = [self._convert(t) for t in self._storage.get_all_trials(self._study_id, deepcopy=False)]
-        return [t for t in out if states is None or t.state in states]
+    def columns(self, with_drivers: bool = False) -> Columns | tuple[Columns, list[Any]]:
+        """All trials in number order as arrays (``qd.columns``); flushes this store's buffer first."""
+        if self._buffer:
+            self.flush()
+        cols, drivers = self.record.read()
+        return (cols, drivers) if with_drivers else cols
 
-    def _convert(self, t: FrozenTrial) -> Trial:
-        ua = t.user_attrs
-        measures = ua.get("measures")
-        return Trial(
-            number=t.number, params=dict(t.params), state=_STATE[t.state],
-            values=list(t.values) if t.values is not None else None,
-            measures=[measures[n] for n in self.measure_names] if measures else None,
-            constraints=ua.get("constraints"), metadata=ua.get("metadata", {}), reason=ua.get("fail_reason"),
-            origin=ua.get("origin", "strategy"), stale=bool(ua.get("stale", False)), seed=ua.get("seed", 0),
-            driver=ua.get("driver"), requeue_of=ua.get("requeue_of"), _id=t._trial_id,
-        )
+    def trials(self, states: Sequence[State] | None = None) -> list[Trial]:
+        """All trials in number order as ``Trial`` objects (optionally only those in ``states``).
+        One object per trial: for small runs and tests; views read ``columns()``."""
+        cols, drivers = self.columns(with_drivers=True)
+        return [t for t in self.to_trials(cols, drivers) if states is None or t.state in states]
+
+    def to_trials(self, cols: Columns, drivers: Sequence[Any] | None = None) -> list[Trial]:
+        """``Trial`` objects of the rows of ``cols``."""
+        out = []
+        k, c = self.dims[2], self.dims[3]
+        for i in range(len(cols)):
+            state = STATE_NAMES[int(cols.state[i])]
+            complete = state == "complete"
+            requeue_of = int(cols.requeue_of[i])
+            out.append(Trial(
+                number=int(cols.number[i]), params=self._decoder.config(cols.raw[i]), state=state,
+                values=cols.values[i].tolist() if complete else None,
+                measures=cols.measures[i].tolist() if complete and k else None,
+                constraints=cols.constraints[i].tolist() if complete and c else None,
+                metadata=cols.metadata_of(i), reason=cols.reason[i], origin=ORIGIN_NAMES[int(cols.origin[i])],
+                stale=bool(cols.stale[i]), seed=int(cols.seed[i]),
+                driver=drivers[i] if drivers is not None else None,
+                requeue_of=None if requeue_of < 0 else requeue_of))
+        return out
 
     def counts(self) -> dict[str, int]:
-        trials = self.trials()
-        return {
-            "n_complete": sum(t.state == "complete" for t in trials),
-            "n_failed": sum(t.state == "failed" and not t.stale for t in trials),
-            "n_stale": sum(t.stale for t in trials),
-            "n_running": sum(t.state == "running" for t in trials),
-        }
+        return self.columns().counts()
 
-    def dataframe(self) -> pd.DataFrame:
-        """One row per trial: number, state, params.*, values.*, measures.*, constraints, reason, metadata.*."""
-        objective_names = self.study.metric_names or [f"value_{i}" for i in range(len(self.study.directions))]
-        rows = []
-        for t in self.trials():
-            row: dict[str, Any] = {"number": t.number, "state": t.state, "origin": t.origin, "stale": t.stale}
-            row.update({f"params.{k}": v for k, v in t.params.items()})
-            for i, name in enumerate(objective_names):
-                row[f"values.{name}"] = t.values[i] if t.values else None
-            for i, name in enumerate(self.measure_names):
-                row[f"measures.{name}"] = t.measures[i] if t.measures else None
-            row["feasible"] = t.feasible
-            row["reason"] = t.reason
-            row.update({f"metadata.{k}": v for k, v in (t.metadata or {}).items() if not isinstance(v, (dict, list))})
-            rows.append(row)
-        return pd.DataFrame(rows)
+    def dataframe(self, cols: Columns | None = None) -> pd.DataFrame:
+        """One row per trial: number, state, origin, stale, params.*, values.*, measures.*, feasible,
+        reason, metadata.* (scalar entries)."""
+        cols = self.columns() if cols is None else cols
+        frame: dict[str, Any] = {"number": cols.number, "state": [STATE_NAMES[int(s)] for s in cols.state],
+                                 "origin": [ORIGIN_NAMES[int(o)] for o in cols.origin], "stale": cols.stale}
+        configs = [self._decoder.config(r) for r in cols.raw] if len(cols) <= 200_000 else None
+        for j, p in enumerate(self._decoder.params):
+            if configs is None:
+                frame[f"params.{p['name']}"] = cols.raw[:, j]
+            else:
+                frame[f"params.{p['name']}"] = [c.get(p["name"]) for c in configs]
+        for i, name in enumerate(self.objective_names):
+            frame[f"values.{name}"] = cols.values[:, i]
+        for i, name in enumerate(self.measure_names):
+            frame[f"measures.{name}"] = cols.measures[:, i]
+        frame["feasible"] = cols.feasible
+        frame["reason"] = cols.reason
+        df = pd.DataFrame(frame)
+        meta = [cols.metadata_of(i) for i in range(len(cols))] if any(cols.metadata) else []
+        keys = sorted({k for m in meta for k, v in m.items() if not isinstance(v, (dict, list))})
+        for key in keys:
+            df[f"metadata.{key}"] = [m.get(key) for m in meta]
+        return df
+
+
+def trials_of(cols: Columns, space: Any) -> list[Trial]:
+    """``Trial`` objects of the rows of ``cols`` for a ``Space`` (the slow path: one object each)."""
+    configs = space.from_raw(cols.raw) if len(cols) else []
+    k, c = cols.dims[2], cols.dims[3]
+    out = []
+    for i, config in enumerate(configs):
+        state = STATE_NAMES[int(cols.state[i])]
+        complete = state == "complete"
+        requeue_of = int(cols.requeue_of[i])
+        out.append(Trial(number=int(cols.number[i]), params=config, state=state,
+                         values=cols.values[i].tolist() if complete else None,
+                         measures=cols.measures[i].tolist() if complete and k else None,
+                         constraints=cols.constraints[i].tolist() if complete and c else None,
+                         metadata=cols.metadata_of(i), reason=cols.reason[i], origin=ORIGIN_NAMES[int(cols.origin[i])],
+                         stale=bool(cols.stale[i]), seed=int(cols.seed[i]),
+                         requeue_of=None if requeue_of < 0 else requeue_of))
+    return out
+
+
+def _choice_index(choices: list[Any], value: Any) -> int:
+    for i, c in enumerate(choices):
+        if type(c) is type(value) and c == value:
+            return i
+    for i, c in enumerate(choices):
+        if not isinstance(value, bool) and not isinstance(c, bool) and c == value:
+            return i
+    raise ValueError(f"value {value!r} is not one of the recorded choices {choices}")
+
+
+def _dims(meta: dict[str, Any]) -> tuple[int, int, int, int]:
+    return (len(meta["params"]), len(meta["objective_names"]), len(meta["measure_names"]), int(meta["constraints"]))
 
 
 def _jsonable(value: Any) -> Any:

@@ -12,11 +12,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from qd.problem import Problem
 from qd.space import Config
-from qd.store import Trial
+from qd.store import Store, Trial
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from qd.columns import Columns
 
 
 class Strategy(ABC):
@@ -33,6 +38,31 @@ class Strategy(ABC):
 
     def tell(self, trial: Trial) -> None:
         """Learn from one finished trial. The default ignores it."""
+
+    #: How many configurations this strategy proposes at once when asked freely (the batch the
+    #: in-process evaluator hands a vectorised problem).
+    @property
+    def batch_hint(self) -> int:
+        return 1
+
+    def ask_raw(self, n: int) -> np.ndarray:
+        """Up to ``n`` configurations as a raw array (n', d) (``Space.to_raw``), nothing pending.
+        The default converts ``ask``; array-native strategies override it with ``tell_columns``."""
+        return self.space.to_raw(self.ask(n, pending=()))
+
+    def tell_columns(self, cols: Columns) -> None:
+        """Learn from finished trials given as columns, in order. The default tells them one by one."""
+        from qd.store import trials_of
+
+        for trial in trials_of(cols, self.space):
+            self.tell(trial)
+
+    def restore_columns(self, cols: Columns, store: Store | None = None) -> None:
+        """Rebuild from a resumed run's trials as columns (number order, stale ones included).
+        The default builds ``Trial`` objects and calls ``restore``; archive strategies override it."""
+        from qd.store import trials_of
+
+        self.restore(trials_of(cols, self.space))
 
     def restore(self, trials: Sequence[Trial]) -> None:
         """Replay a resumed run's recorded trials (creation order; stale ones included, never told)."""

@@ -1,0 +1,134 @@
+"""Copies a run's finished trials from the record into its Optuna study, for optuna-dashboard.
+
+The record (``qd.store``) is the source of truth; the study is a view, kept small enough for a
+browser: every finished trial of a run up to ``MIRROR_ALL`` trials, in number order (so the
+dashboard's trial numbers are qd's), then only trials the caller features (the archive's elites,
+the Pareto set) up to ``MIRROR_CAP`` in all. Each mirrored trial carries qd's number
+(``qd_number``), its measures, cell and per-measure bins, and ``is_elite`` as it was when it was
+copied. Trials are copied in batches with ``Study.add_trials`` within a time budget, so a
+publish never stalls the run loop for long; what is left waits for the next one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from qd.columns import COMPLETE, FAILED, Columns
+from qd.problem import Problem
+
+MIRROR_ALL = 500
+MIRROR_CAP = 1000
+_KEY = "qd_mirrored"  # study system attr: the qd numbers copied so far
+
+
+class Mirror:
+    """Keeps one run's Optuna study in step with its record."""
+
+    def __init__(self, store: Any, problem: Problem, all_up_to: int = MIRROR_ALL, cap: int = MIRROR_CAP):
+        self.store, self.problem = store, problem
+        self.all_up_to, self.cap = int(all_up_to), int(cap)
+        self._done: set[int] | None = None
+
+    def mirrored(self) -> set[int]:
+        if self._done is None:
+            study = self.store.study
+            self._done = set(study._storage.get_study_system_attrs(study._study_id).get(_KEY, []))
+        return self._done
+
+    def pending(self, cols: Columns, featured: Iterable[int] = ()) -> list[int]:
+        """Row indices of ``cols`` (number order) still to copy: the finished prefix of the run up to
+        ``all_up_to``, then the ``featured`` numbers, within ``cap``."""
+        done = self.mirrored()
+        finished = cols.state != 0
+        # The first finished trials by number (one finishing late joins when it finishes).
+        prefix = np.flatnonzero(finished)[: self.all_up_to]
+        stop = int(prefix[-1]) + 1 if len(prefix) else 0
+        rows = [i for i in prefix.tolist() if int(cols.number[i]) not in done]
+        room = self.cap - len(done) - len(rows)
+        if room > 0:
+            position = {int(n): i for i, n in enumerate(cols.number.tolist())} if featured else {}
+            extra = [position[n] for n in featured if n in position and n not in done and position[n] >= stop
+                     and finished[position[n]]]
+            rows += sorted(set(extra))[:room]
+        return rows[: max(0, self.cap - len(done))]
+
+    def sync(self, cols: Columns, featured: Sequence[int] = (), elites: set[int] | None = None,
+             cell_bins: dict[int, list[int]] | None = None, time_budget_s: float | None = 2.0) -> int:
+        """Copy what ``pending`` names; returns how many trials were copied.
+
+        Args:
+            cols: the run's trials (``Store.columns()``), number order.
+            featured: qd numbers worth showing beyond the prefix (elites, Pareto set).
+            elites: qd numbers that are elites now (``is_elite``).
+            cell_bins: cell -> per-measure bin indices, for the ``bins`` attribute.
+            time_budget_s: stop copying after about this long (None: copy everything pending).
+        """
+        cols = cols.sorted()
+        rows = self.pending(cols, featured)
+        if not rows:
+            return 0
+        study = self.store.study
+        t0 = time.monotonic()
+        copied: list[int] = []
+        for start in range(0, len(rows), 50):
+            batch = rows[start:start + 50]
+            study.add_trials([self._frozen(cols, i, elites, cell_bins) for i in batch])
+            copied += [int(cols.number[i]) for i in batch]
+            if time_budget_s is not None and time.monotonic() - t0 > time_budget_s:
+                break
+        self._done = self.mirrored() | set(copied)
+        study._storage.set_study_system_attr(study._study_id, _KEY, sorted(self._done))
+        return len(copied)
+
+    def _frozen(self, cols: Columns, i: int, elites: set[int] | None,
+                cell_bins: dict[int, list[int]] | None) -> optuna.trial.FrozenTrial:
+        space = self.problem.space
+        config = space.from_raw(cols.raw[i:i + 1])[0]
+        number = int(cols.number[i])
+        attrs: dict[str, Any] = {"qd_number": number, "seed": int(cols.seed[i])}
+        if cols.origin[i]:
+            attrs["origin"] = "requeue"
+        if cols.requeue_of[i] >= 0:
+            attrs["requeue_of"] = int(cols.requeue_of[i])
+        system: dict[str, Any] = {}
+        state = int(cols.state[i])
+        values = None
+        if state == COMPLETE:
+            values = cols.values[i].tolist()
+            if self.problem.measures:
+                attrs["measures"] = dict(zip(self.problem.measure_names, cols.measures[i].tolist()))
+            if cols.constraints.shape[1]:
+                attrs["constraints"] = system["constraints"] = cols.constraints[i].tolist()
+            cell = int(cols.cell[i])
+            if cell >= 0:
+                attrs["cell"] = cell
+                if cell_bins is not None and cell in cell_bins:
+                    attrs["bins"] = cell_bins[cell]
+                if elites is not None:
+                    attrs["is_elite"] = number in elites
+        else:
+            attrs["fail_reason"] = (cols.reason[i] or "")[-2000:]
+            if cols.stale[i]:
+                attrs["stale"] = True
+        meta = cols.metadata_of(i)
+        if meta:
+            attrs["metadata"] = {k: v for k, v in meta.items() if not isinstance(v, (dict, list))}
+        t_start, t_end = cols.t_start[i], cols.t_end[i]
+        trial = optuna.trial.create_trial(
+            state=TrialState.COMPLETE if state == COMPLETE else TrialState.FAIL, values=values, params=config,
+            distributions=space.active_distributions(config), user_attrs=attrs, system_attrs=system)
+        if t_start == t_start and t_end == t_end:
+            import datetime as _dt
+
+            trial.datetime_start = _dt.datetime.fromtimestamp(float(t_start))
+            trial.datetime_complete = _dt.datetime.fromtimestamp(float(max(t_end, t_start)))
+        return trial
+
+
+__all__ = ["Mirror", "MIRROR_ALL", "MIRROR_CAP", "FAILED"]

@@ -1,0 +1,297 @@
+"""The record: qd's own tables, the single source of truth of every run.
+
+A run's finished trials are stored as *segments*: each flush of the run loop writes one row
+holding an Arrow IPC batch of the trials it finished (columns, not one row per trial and
+parameter), in one transaction that also deletes their in-flight rows and refreshes the
+driver's heartbeat. Evaluations in flight are rows of ``qd_running`` until they finish. So a
+flush costs a few statements whatever its size, and reading a run is one query and a
+concatenation of arrays (``qd.columns.Columns``).
+
+Tables (created on first use, in the same database as the Optuna study for ``sqlite:///`` and
+``postgresql://`` URLs; beside the journal file for ``journal:///`` URLs):
+
+- ``qd_runs``: one row per run: ``name`` (unique), ``info`` (JSON: problem, strategy, options,
+  seed, names of parameters, objectives and measures, the archive spec), the claim (``owner``
+  token, ``owner_info``, ``heartbeat``).
+- ``qd_segments``: ``run_id``, ``n``, ``max_number``, ``data`` (Arrow IPC stream, zstd).
+- ``qd_running``: ``run_id``, ``number``, ``data`` (JSON of the in-flight trial).
+- ``qd_attrs``: ``run_id``, ``key``, ``value`` (JSON): run-level data such as the metrics history.
+
+Guarantees: a transaction either lands whole or not at all, so a trial is never half written;
+a flushed trial is never lost or changed (segments are immutable); the claim of a run is a
+compare-and-set on its row, so two drivers never own one run at once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import sqlalchemy as sa
+
+from qd.columns import Columns
+
+_META = sa.MetaData()
+RUNS = sa.Table(
+    "qd_runs", _META,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(512), nullable=False, unique=True),
+    sa.Column("info", sa.Text, nullable=False),
+    sa.Column("owner", sa.String(64), nullable=True),
+    sa.Column("owner_info", sa.Text, nullable=True),
+    sa.Column("heartbeat", sa.Float, nullable=True),
+    sa.Column("created", sa.Float, nullable=False),
+)
+SEGMENTS = sa.Table(
+    "qd_segments", _META,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.Integer, nullable=False, index=True),
+    sa.Column("n", sa.Integer, nullable=False),
+    sa.Column("max_number", sa.BigInteger, nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+RUNNING_ROWS = sa.Table(
+    "qd_running", _META,
+    sa.Column("run_id", sa.Integer, primary_key=True),
+    sa.Column("number", sa.BigInteger, primary_key=True),
+    sa.Column("data", sa.Text, nullable=False),
+)
+ATTRS = sa.Table(
+    "qd_attrs", _META,
+    sa.Column("run_id", sa.Integer, primary_key=True),
+    sa.Column("key", sa.String(128), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+_IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
+_SCALARS = ("number", "state", "stale", "origin", "seed", "requeue_of", "t_start", "t_end", "cell")
+_MATRICES = (("raw", "p"), ("values", "v"), ("measures", "m"), ("constraints", "c"))
+
+
+# --- segments: Columns <-> Arrow IPC bytes ------------------------------------------------------
+def encode_segment(cols: Columns) -> bytes:
+    """n finished trials -> one Arrow IPC stream (one column per scalar field and matrix column)."""
+    arrays, names = [], []
+    for name in _SCALARS:
+        arrays.append(pa.array(getattr(cols, name)))
+        names.append(name)
+    for name, prefix in _MATRICES:
+        matrix = getattr(cols, name)
+        for j in range(matrix.shape[1]):
+            arrays.append(pa.array(matrix[:, j]))
+            names.append(f"{prefix}{j}")
+    arrays.append(pa.array(cols.metadata, type=pa.string()))
+    arrays.append(pa.array(cols.reason, type=pa.string()))
+    names += ["metadata", "reason"]
+    batch = pa.RecordBatch.from_arrays(arrays, names=names)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema, options=_IPC_OPTIONS) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def decode_segments(blobs: Sequence[bytes], dims: tuple[int, int, int, int]) -> Columns:
+    """Arrow IPC streams -> one ``Columns`` (rows in stored order)."""
+    d, m, k, c = dims
+    if not blobs:
+        return Columns.empty(d, m, k, c)
+    table = pa.concat_tables([pa.ipc.open_stream(b).read_all() for b in blobs])
+
+    def col(name: str) -> np.ndarray:
+        return table.column(name).to_numpy()
+
+    def matrix(prefix: str, width: int, n: int) -> np.ndarray:
+        if width == 0:
+            return np.empty((n, 0))
+        return np.column_stack([col(f"{prefix}{j}") for j in range(width)]).astype(np.float64, copy=False)
+
+    n = table.num_rows
+    scalars = {name: col(name) for name in _SCALARS}
+    return Columns(**scalars, raw=matrix("p", d, n), values=matrix("v", m, n), measures=matrix("m", k, n),
+                   constraints=matrix("c", c, n), metadata=table.column("metadata").to_pylist(),
+                   reason=table.column("reason").to_pylist())
+
+
+# --- in-flight rows -----------------------------------------------------------------------------
+def running_row(cols: Columns, i: int, driver: dict[str, Any] | None) -> str:
+    return json.dumps({"raw": cols.raw[i].tolist(), "seed": int(cols.seed[i]), "origin": int(cols.origin[i]),
+                       "requeue_of": int(cols.requeue_of[i]), "t_start": float(cols.t_start[i]), "driver": driver})
+
+
+def running_columns(rows: Sequence[tuple[int, str]], dims: tuple[int, int, int, int]) -> tuple[Columns, list[Any]]:
+    """In-flight rows -> (Columns in RUNNING state, the driver of each row)."""
+    cols = Columns.empty(*dims, n=len(rows))
+    drivers = []
+    for i, (number, text) in enumerate(rows):
+        row = json.loads(text)
+        cols.number[i], cols.seed[i], cols.origin[i] = number, row["seed"], row["origin"]
+        cols.requeue_of[i], cols.t_start[i] = row["requeue_of"], row["t_start"]
+        cols.raw[i] = np.array(row["raw"], dtype=float)
+        drivers.append(row.get("driver"))
+    return cols, drivers
+
+
+# --- the database -------------------------------------------------------------------------------
+_ENGINES: dict[str, sa.Engine] = {}
+
+
+def engine_for(url: str) -> sa.Engine:
+    """One engine per database URL in a process, tables created on first use.
+
+    SQLite files run in WAL mode with ``synchronous=NORMAL``: a killed process loses nothing
+    committed (only a power cut may lose the last commits, never the file's consistency), and
+    readers (``qd show``, the dashboard) never block the driver.
+    """
+    engine = _ENGINES.get(url)
+    if engine is not None:
+        return engine
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 60})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=NORMAL")
+            except Exception:  # locked by another process right now: keep its journal mode
+                pass
+            finally:
+                cursor.close()
+    else:
+        engine = sa.create_engine(url, pool_pre_ping=True)
+    _create_tables(engine)
+    _ENGINES[url] = engine
+    return engine
+
+
+def _create_tables(engine: sa.Engine) -> None:
+    # Two drivers starting on an empty database both try to create the tables: the loser's
+    # CREATE fails on the winner's table (or its type, on PostgreSQL); once created, all is well.
+    for attempt in range(5):
+        try:
+            _META.create_all(engine, checkfirst=True)
+            return
+        except sa.exc.DBAPIError:
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
+class Record:
+    """Reads and writes one run's rows. ``run_id`` is the run's row in ``qd_runs``."""
+
+    def __init__(self, engine: sa.Engine, run_id: int, dims: tuple[int, int, int, int]):
+        self.engine, self.run_id, self.dims = engine, run_id, dims
+
+    # --- runs -------------------------------------------------------------------------------
+    @staticmethod
+    def find(engine: sa.Engine, name: str) -> tuple[int, dict[str, Any]] | None:
+        with engine.connect() as conn:
+            row = conn.execute(sa.select(RUNS.c.id, RUNS.c.info).where(RUNS.c.name == name)).first()
+        return None if row is None else (int(row[0]), json.loads(row[1]))
+
+    @staticmethod
+    def names(engine: sa.Engine) -> list[str]:
+        with engine.connect() as conn:
+            return [r[0] for r in conn.execute(sa.select(RUNS.c.name).order_by(RUNS.c.id))]
+
+    @staticmethod
+    def insert_run(engine: sa.Engine, name: str, info: dict[str, Any]) -> int | None:
+        """Create the run's row; None when a run of that name exists (another driver may have just made it)."""
+        try:
+            with engine.begin() as conn:
+                result = conn.execute(RUNS.insert().values(name=name, info=json.dumps(info), created=time.time()))
+                return int(result.inserted_primary_key[0])
+        except sa.exc.IntegrityError:
+            return None
+
+    def delete(self) -> None:
+        with self.engine.begin() as conn:
+            for table in (SEGMENTS, RUNNING_ROWS, ATTRS):
+                conn.execute(table.delete().where(table.c.run_id == self.run_id))
+            conn.execute(RUNS.delete().where(RUNS.c.id == self.run_id))
+
+    # --- the claim --------------------------------------------------------------------------
+    def owner(self) -> tuple[str | None, dict[str, Any] | None, float | None]:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(RUNS.c.owner, RUNS.c.owner_info, RUNS.c.heartbeat)
+                               .where(RUNS.c.id == self.run_id)).first()
+        return row[0], (json.loads(row[1]) if row[1] else None), row[2]
+
+    def claim(self, token: str, info: dict[str, Any], expected: str | None) -> bool:
+        """Compare-and-set the owner from ``expected`` to ``token``: True if this call won it."""
+        with self.engine.begin() as conn:
+            owner = RUNS.c.owner.is_(None) if expected is None else RUNS.c.owner == expected
+            result = conn.execute(RUNS.update().where(RUNS.c.id == self.run_id, owner)
+                                  .values(owner=token, owner_info=json.dumps(info), heartbeat=time.time()))
+            return result.rowcount == 1
+
+    def release(self, token: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(RUNS.update().where(RUNS.c.id == self.run_id, RUNS.c.owner == token)
+                         .values(owner=None, owner_info=None, heartbeat=None))
+
+    # --- writing ----------------------------------------------------------------------------
+    def write(self, finished: Columns | None, started: Sequence[tuple[int, str]] = (),
+              ended: Sequence[int] = (), heartbeat_of: str | None = None) -> None:
+        """One transaction: a segment of ``finished`` trials, in-flight rows ``started`` (number,
+        JSON), in-flight rows ``ended`` deleted, and the owner's heartbeat."""
+        with self.engine.begin() as conn:
+            if finished is not None and len(finished):
+                conn.execute(SEGMENTS.insert().values(run_id=self.run_id, n=len(finished),
+                                                      max_number=int(finished.number.max()),
+                                                      data=encode_segment(finished)))
+            if ended:
+                ended = [int(x) for x in ended]
+                for i in range(0, len(ended), 500):
+                    conn.execute(RUNNING_ROWS.delete().where(RUNNING_ROWS.c.run_id == self.run_id,
+                                                             RUNNING_ROWS.c.number.in_(ended[i:i + 500])))
+            if started:
+                conn.execute(RUNNING_ROWS.insert(), [{"run_id": self.run_id, "number": int(n), "data": d}
+                                                     for n, d in started])
+            if heartbeat_of is not None:
+                conn.execute(RUNS.update().where(RUNS.c.id == self.run_id, RUNS.c.owner == heartbeat_of)
+                             .values(heartbeat=time.time()))
+
+    def set_attr(self, key: str, value: Any) -> None:
+        text = json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+        with self.engine.begin() as conn:
+            conn.execute(ATTRS.delete().where(ATTRS.c.run_id == self.run_id, ATTRS.c.key == key))
+            conn.execute(ATTRS.insert().values(run_id=self.run_id, key=key, value=text))
+
+    # --- reading ----------------------------------------------------------------------------
+    def attrs(self) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(ATTRS.c.key, ATTRS.c.value).where(ATTRS.c.run_id == self.run_id))
+            return {k: json.loads(v) for k, v in rows}
+
+    def read(self) -> tuple[Columns, list[Any]]:
+        """(all trials in number order, in-flight ones included; the driver of each in-flight row)."""
+        with self.engine.connect() as conn:
+            blobs = [r[0] for r in conn.execute(sa.select(SEGMENTS.c.data).where(SEGMENTS.c.run_id == self.run_id)
+                                                .order_by(SEGMENTS.c.id))]
+            rows = [(int(n), d) for n, d in conn.execute(
+                sa.select(RUNNING_ROWS.c.number, RUNNING_ROWS.c.data).where(RUNNING_ROWS.c.run_id == self.run_id))]
+        done = decode_segments(blobs, self.dims)
+        running, drivers = running_columns(rows, self.dims)
+        if len(running):
+            # A row both finished and in flight cannot be written (one transaction does both); be safe anyway.
+            keep = ~np.isin(running.number, done.number)
+            running, drivers = running.select(keep), [dr for dr, k in zip(drivers, keep) if k]
+        cols = Columns.concat([done, running], like=done)
+        order = np.argsort(cols.number, kind="stable")
+        all_drivers = [None] * len(done) + drivers
+        return cols.select(order), [all_drivers[i] for i in order]
+
+    def max_number(self) -> int:
+        """The largest trial number recorded (finished or in flight), or -1."""
+        with self.engine.connect() as conn:
+            a = conn.execute(sa.select(sa.func.max(SEGMENTS.c.max_number)).where(SEGMENTS.c.run_id == self.run_id)).scalar()
+            b = conn.execute(sa.select(sa.func.max(RUNNING_ROWS.c.number))
+                             .where(RUNNING_ROWS.c.run_id == self.run_id)).scalar()
+        return max(-1 if a is None else int(a), -1 if b is None else int(b))
