@@ -132,7 +132,8 @@ class Conditional(Problem):
         X = np.asarray(X, dtype=float)
         method, rank, _, ratio_index, lora_dropout, n_prefix, freeze, lr = X.T
         # NaN ratio: LoRA on attention only (or another method), ratio 0 as in ``evaluate``.
-        ratio = np.where(np.isnan(ratio_index), 0.0, np.asarray(MLP_RANK_RATIOS)[np.nan_to_num(ratio_index).astype(int)])
+        ratios = np.asarray(MLP_RANK_RATIOS)[np.nan_to_num(ratio_index).astype(int)]
+        ratio = np.where(np.isnan(ratio_index), 0.0, ratios)
         values = conditional_objectives(
             method.astype(int),
             np.where(np.isnan(rank), 1.0, rank),

@@ -26,8 +26,8 @@ metadata under ``noise_free_values``.
 
 ``evaluate_batch`` computes a batch with array operations and equals ``evaluate`` row by row,
 noise included; it leaves out the metadata (the noise-free values can be recomputed from the
-configuration), and with noise it draws each row's noise from that row's own generator, the one
-per-row step (a few microseconds a row).
+configuration). With noise it draws each row's noise from that row's own generator (``noise_rng``,
+so the noise stream is ``evaluate``'s): the one per-row step, which dominates a noisy batch's cost.
 """
 
 from __future__ import annotations

@@ -170,7 +170,8 @@ def test_decode_raw_equals_to_raw_of_decode(space_name: str) -> None:
 def test_encode_raw_equals_encode_many(space_name: str) -> None:
     space = SPACES[space_name]()
     configs = space.decode_many(random_vectors(space, 3000, np.random.default_rng(3)))
-    np.testing.assert_allclose(space.encode_raw(space.to_raw(configs)), space.encode_many(configs), rtol=1e-12, atol=1e-15)
+    encoded = space.encode_raw(space.to_raw(configs))
+    np.testing.assert_allclose(encoded, space.encode_many(configs), rtol=1e-12, atol=1e-15)
 
 
 def test_from_raw_keeps_a_none_choice() -> None:
