@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from qd.problem import Evaluation, Measure, Objective, Problem
+from qd.problem import BatchEvaluation, Evaluation, Measure, Objective, Problem
 from qd.space import Config, Float, Space
 
 
@@ -35,6 +35,8 @@ def arm_end_effector(theta: np.ndarray) -> np.ndarray:
 class Arm(Problem):
     """Planar arm repertoire (pyribs tutorial): maximise joint evenness, map end-effector (x, y)."""
 
+    vectorized = True
+
     def __init__(self, dof: int = 12):
         if isinstance(dof, bool) or not isinstance(dof, (int, np.integer)) or dof < 2:
             raise ValueError(f"arm: option dof={dof!r} is not allowed; allowed: an integer >= 2")
@@ -47,3 +49,8 @@ class Arm(Problem):
     def evaluate(self, config: Config, seed: int) -> Evaluation:
         theta = np.array([[config[f"theta{i}"] for i in range(self.dof)]], dtype=float)
         return Evaluation(values=[float(arm_score(theta)[0])], measures=arm_end_effector(theta)[0].tolist())
+
+    def evaluate_batch(self, X: np.ndarray, seeds: np.ndarray) -> BatchEvaluation:
+        """X (n, dof) joint angles -> values (n, 1), measures (n, 2); seeds unused."""
+        theta = np.asarray(X, dtype=float)
+        return BatchEvaluation(values=arm_score(theta)[:, None], measures=arm_end_effector(theta))

@@ -12,6 +12,7 @@ At ``x_1 = 0`` Currin's factor is taken at its limit, 1.
 
 Option ``noise`` (default 0) adds Gaussian noise of that standard deviation to both objectives,
 drawn from ``(seed, config)``; the noise-free values are in the metadata under ``noise_free_values``.
+``evaluate_batch`` equals ``evaluate`` row by row, noise included, and leaves out the metadata.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from problems.zdt import noise_rng
-from qd.problem import Evaluation, Objective, Problem
+from problems.zdt import batch_noise, noise_rng
+from qd.problem import BatchEvaluation, Evaluation, Objective, Problem
 from qd.space import Config, Float, Space
 
 REFERENCE_POINT = (18.0, 6.0)
@@ -46,6 +47,7 @@ class BraninCurrin(Problem):
     """Branin-Currin (BoTorch): two objectives on [0,1]^2, minimised; reference point (18, 6), max HV 59.36."""
 
     max_hypervolume = 59.36011874867746
+    vectorized = True
 
     def __init__(self, noise: float = 0.0):
         if isinstance(noise, bool) or not isinstance(noise, (int, float, np.number)) or not 0 <= noise < math.inf:
@@ -63,3 +65,11 @@ class BraninCurrin(Problem):
             metadata["noise_free_values"] = values.tolist()
             values = values + noise_rng(seed, x).normal(0.0, self.noise, size=2)
         return Evaluation(values=values.tolist(), metadata=metadata)
+
+    def evaluate_batch(self, X: np.ndarray, seeds: np.ndarray) -> BatchEvaluation:
+        """X (n, 2) -> values (n, 2); seeds (n,) draw the noise, if any. No metadata."""
+        X = np.asarray(X, dtype=float)
+        values = branin_currin_objectives(X)
+        if self.noise > 0:
+            values = values + batch_noise(X, seeds, self.noise, 2)
+        return BatchEvaluation(values=values)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import moocore
 import numpy as np
 
-from qd.problem import Evaluation, Measure, Objective, Problem
+from qd.problem import BatchEvaluation, Evaluation, Measure, Objective, Problem
 from qd.space import Bool, Categorical, Config, Float, Int, Space
 
 METHODS = ("lora", "prefix", "full")
@@ -87,6 +87,7 @@ class Conditional(Problem):
     """Conditional fine-tuning benchmark (lora/prefix/full): minimise (loss, log10 trainable); exact front known."""
 
     reference_point = (1.0, 0.5)
+    vectorized = True
 
     def __init__(self) -> None:
         self.space = Space(
@@ -124,6 +125,25 @@ class Conditional(Problem):
             np.array([config["lr"]]),
         )[0]
         return Evaluation(values=values.tolist(), measures=[float(values[1]), float(np.log10(config["lr"]))])
+
+    def evaluate_batch(self, X: np.ndarray, seeds: np.ndarray) -> BatchEvaluation:
+        """X (n, 8) raw columns in space order, NaN where inactive -> values (n, 2), measures (n, 2);
+        seeds unused. Inactive entries take ``evaluate``'s placeholders."""
+        X = np.asarray(X, dtype=float)
+        method, rank, _, ratio_index, lora_dropout, n_prefix, freeze, lr = X.T
+        # NaN ratio: LoRA on attention only (or another method), ratio 0 as in ``evaluate``.
+        ratios = np.asarray(MLP_RANK_RATIOS)[np.nan_to_num(ratio_index).astype(int)]
+        ratio = np.where(np.isnan(ratio_index), 0.0, ratios)
+        values = conditional_objectives(
+            method.astype(int),
+            np.where(np.isnan(rank), 1.0, rank),
+            ratio,
+            np.where(np.isnan(lora_dropout), BEST_LORA_DROPOUT, lora_dropout),
+            np.where(np.isnan(n_prefix), 1.0, n_prefix),
+            np.nan_to_num(freeze).astype(bool),
+            lr,
+        )
+        return BatchEvaluation(values=values, measures=np.stack([values[:, 1], np.log10(lr)], axis=1))
 
     def pareto_front(self) -> tuple[list[Config], np.ndarray]:
         """The exact Pareto front: its configurations and their values, shape (k, 2), sorted by size."""

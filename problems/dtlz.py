@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from qd.problem import Evaluation, Measure, Objective, Problem
+from qd.problem import BatchEvaluation, Evaluation, Measure, Objective, Problem
 from qd.space import Config, Float, Space
 
 
@@ -57,6 +57,8 @@ def dtlz2_measures(X: np.ndarray, n_objectives: int) -> np.ndarray:
 class DTLZ2(Problem):
     """DTLZ2: M objectives, Pareto front on the positive unit sphere; reference point (1.1, ..., 1.1)."""
 
+    vectorized = True
+
     def __init__(self, dim: int = 6, n_objectives: int = 3, measures: bool = True):
         if isinstance(n_objectives, bool) or not isinstance(n_objectives, (int, np.integer)) or n_objectives < 2:
             raise ValueError(f"dtlz2: option n_objectives={n_objectives!r} is not allowed; allowed: an integer >= 2")
@@ -88,6 +90,12 @@ class DTLZ2(Problem):
         values = dtlz2_objectives(x, self.n_objectives)[0].tolist()
         measures = dtlz2_measures(x, self.n_objectives)[0].tolist() if self.measures else []
         return Evaluation(values=values, measures=measures)
+
+    def evaluate_batch(self, X: np.ndarray, seeds: np.ndarray) -> BatchEvaluation:
+        """X (n, dim) -> values (n, n_objectives), measures (n, 2) or None; seeds unused."""
+        X = np.asarray(X, dtype=float)
+        measures = dtlz2_measures(X, self.n_objectives) if self.measures else None
+        return BatchEvaluation(values=dtlz2_objectives(X, self.n_objectives), measures=measures)
 
     def pareto_front(self, n: int = 100, seed: int = 0) -> np.ndarray:
         """``n`` random points of the true front (positive unit sphere), shape (n, n_objectives)."""

@@ -37,7 +37,7 @@ import math
 import moocore
 import numpy as np
 
-from qd.problem import Evaluation, Measure, Objective, Problem
+from qd.problem import BatchEvaluation, Evaluation, Measure, Objective, Problem
 from qd.space import Bool, Categorical, Config, Float, Int, Space
 
 ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid")
@@ -95,6 +95,7 @@ class Mixed(Problem):
     """Mixed int/categorical/float network benchmark: minimise (error, cost); exact Pareto front known."""
 
     reference_point = (1.1, 1.1)
+    vectorized = True
 
     def __init__(self) -> None:
         self.space = Space(
@@ -128,6 +129,14 @@ class Mixed(Problem):
             np.array([config["dropout"]]),
         )[0]
         return Evaluation(values=values.tolist(), measures=[float(config["layers"]), math.log2(config["width"])])
+
+    def evaluate_batch(self, X: np.ndarray, seeds: np.ndarray) -> BatchEvaluation:
+        """X (n, 6) raw columns in space order (activation and batch_norm as choice indices)
+        -> values (n, 2), measures (n, 2); seeds unused."""
+        X = np.asarray(X, dtype=float)
+        layers, width, activation, batch_norm, lr, dropout = X.T
+        values = mixed_objectives(layers, width, activation.astype(int), batch_norm.astype(bool), lr, dropout)
+        return BatchEvaluation(values=values, measures=np.stack([layers, np.log2(width)], axis=1))
 
     def pareto_front(self) -> tuple[list[Config], np.ndarray]:
         """The exact Pareto front: its configurations and their values, shape (k, 2), sorted by cost."""

@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from qd.problem import Evaluation, Measure, Objective, Problem
+from qd.problem import BatchEvaluation, Evaluation, Measure, Objective, Problem
 from qd.space import Config, Float, Space
 
 BOUND = 5.12
@@ -66,6 +66,7 @@ def projection_measures(X: np.ndarray) -> np.ndarray:
 
 class _Projection(Problem):
     function: ClassVar[str]
+    vectorized = True
 
     def __init__(self, dim: int = 20):
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 2:
@@ -85,6 +86,11 @@ class _Projection(Problem):
             values=[float(projection_score(x, self.function)[0])],
             measures=projection_measures(x)[0].tolist(),
         )
+
+    def evaluate_batch(self, X: np.ndarray, seeds: np.ndarray) -> BatchEvaluation:
+        """X (n, dim) raw values (the x_i in order) -> values (n, 1), measures (n, 2); seeds unused."""
+        X = np.asarray(X, dtype=float)
+        return BatchEvaluation(values=projection_score(X, self.function)[:, None], measures=projection_measures(X))
 
 
 class Sphere(_Projection):

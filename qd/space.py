@@ -37,6 +37,7 @@ Config = dict[str, Any]
 Scalar = bool | int | float | str | None
 
 INACTIVE = 0.5
+_ABSENT = object()  # an inactive entry of a raw row (see ``Space.from_raw``)
 
 
 class SpaceError(ValueError):
@@ -250,8 +251,10 @@ class Space:
         for parent, values in param.active_if.items():
             if parent not in config or not self.is_active(self._by_name[parent], config):
                 return False
+            # Compare in raw units (a categorical by its choice index): for choices (0, False),
+            # False == 0 in Python but is another choice.
             parent_param = self._by_name[parent]
-            if parent_param.check(config[parent]) not in [parent_param.check(v) for v in values]:
+            if _raw_value(parent_param, config[parent]) not in [_raw_value(parent_param, v) for v in values]:
                 return False
         return True
 
@@ -325,16 +328,17 @@ class Space:
         """Array (n, d) of raw values -> n configs (NaN columns left out)."""
         R = np.atleast_2d(np.asarray(R, dtype=float))
         cols = []
+        # ``_ABSENT`` marks inactive entries: None is a value a categorical may take.
         for j, p in enumerate(self.params):
             col = R[:, j]
             if isinstance(p, Categorical):
-                cols.append([None if v != v else p.choices[int(v)] for v in col.tolist()])
+                cols.append([_ABSENT if v != v else p.choices[int(v)] for v in col.tolist()])
             elif isinstance(p, Int):
-                cols.append([None if v != v else int(v) for v in col.tolist()])
+                cols.append([_ABSENT if v != v else int(v) for v in col.tolist()])
             else:
-                cols.append([None if v != v else v for v in col.tolist()])
+                cols.append([_ABSENT if v != v else v for v in col.tolist()])
         names = self.names
-        return [{n: v for n, v in zip(names, row) if v is not None} for row in zip(*cols)] if cols else \
+        return [{n: v for n, v in zip(names, row) if v is not _ABSENT} for row in zip(*cols)] if cols else \
             [{} for _ in range(len(R))]
 
     def decode_raw(self, X: np.ndarray) -> np.ndarray:
