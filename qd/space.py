@@ -350,7 +350,9 @@ class Space:
         index = {p.name: j for j, p in enumerate(self.params)}
         for j, p in enumerate(self.params):
             u = U[:, j]
-            if isinstance(p, Float):
+            if type(p) not in (Float, Int, Categorical):  # a subclass with its own encoding
+                R[:, j] = [_raw_value(p, p.decode(x)) for x in u.tolist()]
+            elif isinstance(p, Float):
                 lo, hi = p._t(p.low), p._t(p.high)
                 v = lo + u * (hi - lo)
                 R[:, j] = np.clip(np.exp(v) if p.log else v, p.low, p.high)
@@ -376,6 +378,9 @@ class Space:
         X = np.empty_like(R)
         for j, p in enumerate(self.params):
             r = R[:, j]
+            if type(p) not in (Float, Int, Categorical):  # a subclass with its own encoding
+                X[:, j] = [INACTIVE if v != v else p.encode(_from_raw_value(p, v)) for v in r.tolist()]
+                continue
             with np.errstate(invalid="ignore", divide="ignore"):
                 if isinstance(p, Float):
                     lo, hi = p._t(p.low), p._t(p.high)
@@ -433,3 +438,10 @@ class Space:
 def _raw_value(param: Param, value: Any) -> float:
     """One value of ``param`` in raw units (see ``Space.to_raw``)."""
     return float(param.index(value)) if isinstance(param, Categorical) else float(param.check(value))
+
+
+def _from_raw_value(param: Param, value: float) -> Any:
+    """One raw value of ``param`` back in its own units."""
+    if isinstance(param, Categorical):
+        return param.choices[int(value)]
+    return int(value) if isinstance(param, Int) else float(value)

@@ -129,9 +129,11 @@ class RunInfo:
 
 def describe_params(problem: Problem) -> list[dict[str, Any]]:
     """What the record keeps of a space to turn raw rows back into configurations."""
+    from qd.space import Categorical, Int
+
     out = []
     for p in problem.space.params:
-        kind = type(p).__name__.lower()
+        kind = "categorical" if isinstance(p, Categorical) else "int" if isinstance(p, Int) else "float"
         out.append({"name": p.name, "type": kind, **({"choices": list(p.choices)} if kind == "categorical" else {})})
     return out
 

@@ -46,14 +46,17 @@ def test_round_trip_through_a_fresh_connection(storage):
     store.complete(t, [0.1, 0.9], measures=[0.2, 0.3], metadata={"wall_time_s": 1.5, "nested": {"a": [1, 2]}})
     f = store.start(config, problem.space.active_distributions(config))
     store.fail(f, "exception: ValueError: boom\n" + "x" * 6000)
-    store.start(config, problem.space.active_distributions(config), origin="requeue", requeue_of=1)
+    store.start(config, problem.space.active_distributions(config), origin="requeue", requeue_of=1,
+                driver={"host": "h", "pid": 2})
 
     again = Store.open(storage[0], info.name)
     assert again.info == info
     trials = again.trials()
     assert [t.state for t in trials] == ["complete", "failed", "running"]
     assert trials[0].params == config and trials[0].values == [0.1, 0.9] and trials[0].seed == 11
-    assert trials[0].measures == [0.2, 0.3] and trials[0].driver == {"host": "h", "pid": 1}
+    # The driver is kept while a trial runs (to tell a live run from a dead one), not after.
+    assert trials[0].measures == [0.2, 0.3] and trials[0].driver is None
+    assert trials[2].driver == {"host": "h", "pid": 2}
     assert trials[0].metadata == {"wall_time_s": 1.5, "nested": {"a": [1, 2]}}
     assert trials[1].reason.startswith("x") and len(trials[1].reason) == 4000  # the end, where the cause is
     assert trials[2].origin == "requeue" and trials[2].requeue_of == 1
