@@ -13,7 +13,7 @@ Tables (created on first use, in the same database as the Optuna study for ``sql
 - ``qd_runs``: one row per run: ``name`` (unique), ``info`` (JSON: problem, strategy, options,
   seed, names of parameters, objectives and measures, the archive spec), the claim (``owner``
   token, ``owner_info``, ``heartbeat``).
-- ``qd_segments``: ``run_id``, ``n``, ``max_number``, ``data`` (Arrow IPC stream, zstd).
+- ``qd_segments``: ``run_id``, ``n``, ``max_number``, ``data`` (Arrow IPC stream).
 - ``qd_running``: ``run_id``, ``number``, ``data`` (JSON of the in-flight trial).
 - ``qd_attrs``: ``run_id``, ``key``, ``value`` (JSON): run-level data such as the metrics history.
 
@@ -67,23 +67,36 @@ ATTRS = sa.Table(
     sa.Column("value", sa.Text, nullable=False),
 )
 
-_IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
+# Uncompressed: per-buffer compression cost more than the disk it saved on float columns.
+_IPC_OPTIONS = pa.ipc.IpcWriteOptions()
 _SCALARS = ("number", "state", "stale", "origin", "seed", "requeue_of", "t_start", "t_end", "cell")
 _MATRICES = (("raw", "p"), ("values", "v"), ("measures", "m"), ("constraints", "c"))
 
 
 # --- segments: Columns <-> Arrow IPC bytes ------------------------------------------------------
+_PA_TYPES = {np.dtype(np.int64): pa.int64(), np.dtype(np.int8): pa.int8(), np.dtype(np.float64): pa.float64()}
+
+
+def _arrow(a: np.ndarray) -> pa.Array:
+    """A numpy array as an Arrow array over its buffer (``pa.array`` infers types slowly here)."""
+    if a.dtype == np.bool_:
+        a = a.astype(np.int8)
+    a = np.ascontiguousarray(a)
+    return pa.Array.from_buffers(_PA_TYPES[a.dtype], len(a), [None, pa.py_buffer(a)])
+
+
 def encode_segment(cols: Columns) -> bytes:
     """n finished trials -> one Arrow IPC stream (one column per scalar field and matrix column)."""
     arrays, names = [], []
     for name in _SCALARS:
-        arrays.append(pa.array(getattr(cols, name)))
+        arrays.append(_arrow(getattr(cols, name)))
         names.append(name)
     for name, prefix in _MATRICES:
-        matrix = getattr(cols, name)
-        for j in range(matrix.shape[1]):
-            arrays.append(pa.array(matrix[:, j]))
-            names.append(f"{prefix}{j}")
+        matrix = np.ascontiguousarray(getattr(cols, name), dtype=np.float64)
+        width = matrix.shape[1]
+        if width:  # one fixed-size list column per matrix: one buffer, not one per matrix column
+            arrays.append(pa.FixedSizeListArray.from_arrays(_arrow(matrix.reshape(-1)), width))
+            names.append(prefix)
     arrays.append(pa.array(cols.metadata, type=pa.string()))
     arrays.append(pa.array(cols.reason, type=pa.string()))
     names += ["metadata", "reason"]
@@ -107,10 +120,13 @@ def decode_segments(blobs: Sequence[bytes], dims: tuple[int, int, int, int]) -> 
     def matrix(prefix: str, width: int, n: int) -> np.ndarray:
         if width == 0:
             return np.empty((n, 0))
-        return np.column_stack([col(f"{prefix}{j}") for j in range(width)]).astype(np.float64, copy=False)
+        chunks = table.column(prefix).chunks
+        flat = np.concatenate([c.flatten().to_numpy(zero_copy_only=False) for c in chunks]) if chunks else np.empty(0)
+        return flat.reshape(n, width)
 
     n = table.num_rows
     scalars = {name: col(name) for name in _SCALARS}
+    scalars["stale"] = scalars["stale"].astype(bool)
     return Columns(**scalars, raw=matrix("p", d, n), values=matrix("v", m, n), measures=matrix("m", k, n),
                    constraints=matrix("c", c, n), metadata=table.column("metadata").to_pylist(),
                    reason=table.column("reason").to_pylist())

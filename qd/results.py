@@ -9,6 +9,7 @@ from typing import Any
 import moocore
 import numpy as np
 
+from qd.columns import Columns
 from qd.problem import Problem
 from qd.store import Store, Trial
 
@@ -114,13 +115,21 @@ def hypervolume_history(trials: Sequence[Trial], directions: Sequence[str], refe
     return np.array(counts), np.array(hvs)
 
 
-def summary(store: Store, problem: Problem | None = None) -> dict[str, Any]:
-    """What ``qd show --json`` prints."""
-    trials = store.trials()
-    directions = [d.name.lower() for d in store.study.directions]
-    front = pareto_trials(trials, directions)
-    ref = reference_point(problem, trials, directions)
-    hv = hypervolume(np.array([t.values for t in front]), directions, ref.point) if (ref and front) else None
+#: Failures listed by ``summary`` (the count covers them all).
+MAX_LISTED_FAILURES = 100
+
+
+def summary(store: Store, problem: Problem | None = None, cols: Columns | None = None) -> dict[str, Any]:
+    """What ``qd show --json`` prints, from the run's columns (one read of the record)."""
+    cols = store.columns() if cols is None else cols
+    directions = list(store.directions)
+    ok = np.flatnonzero(cols.feasible)
+    front = ok[pareto_front_mask(cols.values[ok], directions)] if len(ok) else ok
+    front = front[np.argsort(cols.values[front, 0], kind="stable")] if len(front) else front
+    ref = reference_point_of_values(problem, cols.values[ok], directions)
+    hv = hypervolume(cols.values[front], directions, ref.point) if (ref and len(front)) else None
+    configs = store.to_trials(cols.select(front)) if len(front) else []
+    failed = np.flatnonzero((cols.state == 2) & ~cols.stale)
     return {
         "name": store.info.name,
         "problem": store.info.problem,
@@ -128,21 +137,22 @@ def summary(store: Store, problem: Problem | None = None) -> dict[str, Any]:
         "strategy": store.info.strategy,
         "strategy_options": store.info.strategy_options,
         "seed": store.info.seed,
-        "objectives": [{"name": n, "direction": d} for n, d in zip(store.study.metric_names or [], directions)],
-        **store.counts(),
+        "objectives": [{"name": n, "direction": d} for n, d in zip(store.objective_names, directions)],
+        **cols.counts(),
         "pareto_front": [{"number": t.number, "params": t.params, "values": t.values,
-                          **({"measures": t.measures} if t.measures else {})} for t in front],
+                          **({"measures": t.measures} if t.measures else {})} for t in configs],
         "hypervolume": hv,
         "hypervolume_reference": {"point": list(ref.point), "source": ref.source} if ref else None,
-        "failures": [{"number": t.number, "reason": (t.reason or "").split("\n")[0]} for t in trials
-                     if t.state == "failed" and not t.stale],
-        **({"archive": _archive_summary(store, problem, trials)} if problem is not None and problem.measures else {}),
+        "failures": [{"number": int(cols.number[i]), "reason": (cols.reason[i] or "").split("\n")[0]}
+                     for i in failed[:MAX_LISTED_FAILURES].tolist()],
+        **({"archive": _archive_summary(store, problem, cols)}
+           if problem is not None and store.archive_spec_json is not None else {}),
     }
 
 
-def _archive_summary(store: Store, problem: Problem, trials: Sequence[Trial]) -> dict[str, Any]:
+def _archive_summary(store: Store, problem: Problem, cols: Columns) -> dict[str, Any]:
     """The run's archive rebuilt from its trials: metrics and what the archive is (qd.archive)."""
     from qd.archive import archive_for_run
 
-    archive = archive_for_run(store, problem, trials)
+    archive = archive_for_run(store, problem, cols)
     return {**archive.metrics(), **archive.describe()}

@@ -341,10 +341,22 @@ class Space:
         return [{n: v for n, v in zip(names, row) if v is not _ABSENT} for row in zip(*cols)] if cols else \
             [{} for _ in range(len(R))]
 
+    def _linear_box(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(low, high) arrays when every parameter is a plain linear ``Float`` without conditions."""
+        if not hasattr(self, "_box"):
+            plain = all(type(p) is Float and not p.log and not p.active_if for p in self.params)
+            self._box = (np.array([p.low for p in self.params], dtype=float),
+                         np.array([p.high for p in self.params], dtype=float)) if plain and self.params else None
+        return self._box
+
     def decode_raw(self, X: np.ndarray) -> np.ndarray:
         """Encoded array (n, d) (clipped to [0, 1]) -> raw array (n, d); row-wise equal to
         ``to_raw(decode_many(X))``, without building configurations."""
         U = np.clip(np.atleast_2d(np.asarray(X, dtype=float)), 0.0, 1.0)
+        box = self._linear_box()
+        if box is not None:  # all plain floats: one array operation
+            lo, hi = box
+            return np.clip(lo + U * (hi - lo), lo, hi)
         R = np.empty_like(U)
         active = np.ones(U.shape, dtype=bool)
         index = {p.name: j for j, p in enumerate(self.params)}
@@ -375,6 +387,10 @@ class Space:
     def encode_raw(self, R: np.ndarray) -> np.ndarray:
         """Raw array (n, d) -> encoded array (n, d); row-wise equal to ``encode_many(from_raw(R))``."""
         R = np.atleast_2d(np.asarray(R, dtype=float))
+        box = self._linear_box()
+        if box is not None:
+            lo, hi = box
+            return np.clip((R - lo) / (hi - lo), 0.0, 1.0)
         X = np.empty_like(R)
         for j, p in enumerate(self.params):
             r = R[:, j]

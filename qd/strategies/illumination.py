@@ -61,6 +61,7 @@ from ribs.emitters import EmitterBase, EvolutionStrategyEmitter, GaussianEmitter
 from scipy.stats import qmc
 
 from qd.archive import ArchiveOptionError, EliteArchive, EliteSpec, elite_spec, insertable
+from qd.columns import Columns
 from qd.problem import Problem
 from qd.space import Config
 from qd.store import Trial
@@ -245,6 +246,23 @@ class _Illumination(Strategy):
         self._generation = len(trials)
         self._lanes = []
 
+    def restore_columns(self, cols: Columns, store: Any = None) -> None:
+        """``restore`` from columns: the archive rebuilt in one batch (or in order for CMA-MAE)."""
+        if not len(cols):
+            return
+        self.archive = EliteArchive(self.problem, self.spec)
+        self.archive.add_columns(cols)
+        self._generation = len(cols)
+        self._lanes = []
+        self._after_restore(int((cols.origin == 0).sum()))
+
+    def _after_restore(self, proposed: int) -> None:
+        """Advance what depends on how many configurations were proposed (MAP-Elites' Sobol start)."""
+
+    @property
+    def batch_hint(self) -> int:
+        return self.n_emitters * int(self.batch_size or max(1, 4 + int(3 * np.log(max(self.space.dim, 1)))))
+
     def state(self) -> dict[str, Any]:
         m = self.archive.metrics()
         return {"coverage": m["coverage"], "qd_score": m["qd_score"]}
@@ -298,11 +316,43 @@ class MapElites(_Illumination):
         if not trials:
             return
         super().restore(trials)
-        proposed = sum(t.origin == "strategy" for t in trials)
+        self._after_restore(sum(t.origin == "strategy" for t in trials))
+
+    def _after_restore(self, proposed: int) -> None:
         self._n_initial = min(proposed, self.initial_population)
         self._sobol = qmc.Sobol(d=self.space.dim, scramble=True, seed=self.seed)
         if self._n_initial:
             self._sobol.fast_forward(self._n_initial)
+        self._raw_queue = None
+
+    # Array path (a vectorised problem on the in-process evaluator): steady-state MAP-Elites keeps no
+    # per-solution state between ask and tell, so a batch goes out and comes back as arrays.
+    _raw_queue: np.ndarray | None = None
+
+    def ask_raw(self, n: int) -> np.ndarray:
+        """Up to ``n`` configurations (raw, (n', d)): the lanes' next batches, decoded as arrays."""
+        if not self._lanes:
+            self._build_lanes()
+        parts = [] if self._raw_queue is None else [self._raw_queue]
+        have = sum(len(p) for p in parts)
+        lane = 0
+        while have < n:
+            X = np.asarray(self._propose(self._lanes[lane % len(self._lanes)]), dtype=float)
+            lane += 1
+            if not len(X):
+                break
+            parts.append(self.space.decode_raw(X))
+            have += len(X)
+        if not parts:
+            return np.empty((0, self.space.dim))
+        R = np.vstack(parts)
+        self._raw_queue = R[n:] if len(R) > n else None
+        return R[:n]
+
+    def tell_columns(self, cols: Columns) -> None:
+        """Insert a batch of results into the archive as one pyribs batch (Gaussian and iso-line
+        emitters learn nothing from ``tell``: parents come from the archive)."""
+        self.archive.add_columns(cols)
 
 
 class _Cma(_Illumination):
