@@ -38,7 +38,8 @@ import numpy as np
 import pandas as pd
 
 from qd.problem import Problem
-from qd.results import Reference, hypervolume, pareto_trials, reference_point
+from qd.columns import Columns
+from qd.results import Reference, hypervolume, pareto_front_mask, pareto_trials, reference_point, reference_point_of_values
 from qd.space import Config
 from qd.store import Store, Trial
 
@@ -54,13 +55,34 @@ SELECT_METHODS: tuple[str, ...] = ("maxmin", "hypervolume")
 
 
 # --- archive cells and elites ------------------------------------------------------------------
-def run_archive(store: Store, problem: Problem | None, trials: Sequence[Trial] | None = None) -> RunArchive | None:
-    """The run's archive rebuilt from the store, or None when the problem has no measures."""
-    if problem is None or not problem.measures:
+def run_archive(store: Store, problem: Problem | None, cols: Columns | None = None) -> RunArchive | None:
+    """The run's archive (its recorded spec) rebuilt from the record, or None without measures."""
+    if problem is None or store.archive_spec_json is None:
         return None
     from qd.archive import archive_for_run
 
-    return archive_for_run(store, problem, trials)
+    return archive_for_run(store, problem, cols)
+
+
+def elite_rows(cols: Columns, archive: RunArchive) -> np.ndarray:
+    """Row indices of ``cols`` holding the archive's elites, one per occupied cell (cell order).
+
+    A Pareto archive knows its members' trial numbers. An elite archive keeps encoded solutions,
+    so each cell's elite is the best trial inserted there (the earliest of equal values, as pyribs
+    keeps the first).
+    """
+    if hasattr(archive, "fronts"):
+        wanted = {n for f in archive.fronts.values() for n in f.numbers}
+        return np.flatnonzero(np.isin(cols.number, list(wanted)))
+    cells = archive.cells_of(cols)
+    rows = np.flatnonzero(cells >= 0)
+    if not len(rows):
+        return rows
+    score = archive.spec.sign * cols.values[rows, archive.spec.objective_index]
+    order = np.lexsort((cols.number[rows], -score, cells[rows]))
+    ordered = cells[rows][order]
+    first = np.r_[True, ordered[1:] != ordered[:-1]]
+    return rows[order][first]
 
 
 def cells_of(archive: RunArchive, measures: np.ndarray) -> np.ndarray:
@@ -184,6 +206,8 @@ class Run:
     elites: pd.DataFrame
     pareto: pd.DataFrame
     reference: Reference | None
+    #: The run's trials as columns (``qd.columns``), as read when the run was loaded.
+    columns: Columns | None = None
 
     @property
     def name(self) -> str:
@@ -203,10 +227,11 @@ class Run:
 
     def config(self, number: int) -> Config:
         """The configuration trial ``number`` evaluated."""
-        by_number = {t.number: t for t in self.store.trials()}
-        if number not in by_number:
-            raise KeyError(f"trial number={number!r} is not in run {self.name!r}; allowed: 0..{len(by_number) - 1}")
-        return dict(by_number[number].params)
+        cols = self.store.columns() if self.columns is None else self.columns
+        rows = np.flatnonzero(cols.number == number)
+        if not len(rows):
+            raise KeyError(f"trial number={number!r} is not in run {self.name!r}; allowed: 0..{len(cols) - 1}")
+        return self.store.to_trials(cols.select(rows[:1]))[0].params
 
     def summary(self) -> dict[str, Any]:
         """``qd show --json``'s summary, plus the archive's metrics when there is one."""
@@ -345,30 +370,29 @@ def load_run(storage: str, name: str) -> Run:
 
 
 def build_run(store: Store, problem: Problem | None) -> Run:
-    """A ``Run`` from an open store (and its problem, when it can be built)."""
-    trials = store.trials()
-    frame = store.dataframe()
+    """A ``Run`` from an open store (and its problem, when it can be built): one read of the
+    record's columns, every table derived from them."""
+    cols = store.columns()
+    frame = store.dataframe(cols)
     if frame.empty:
         frame = pd.DataFrame(columns=["number", "state"])
-    directions = [d.name.lower() for d in store.study.directions]
-    archive = run_archive(store, problem, trials)
-    frame = frame.set_index("number", drop=False)
+    directions = list(store.directions)
+    archive = run_archive(store, problem, cols)
     if archive is not None:
-        frame["cell"] = pd.Series(pd.NA, index=frame.index, dtype="Int64")
-        with_measures = [t for t in trials if t.measures]
-        if with_measures:
-            cells = cells_of(archive, np.array([t.measures for t in with_measures]))
-            frame.loc[[t.number for t in with_measures], "cell"] = cells
-        numbers = [(cell, n) for cell, ns in sorted(elite_numbers(archive, trials).items()) for n in ns]
-        elites = frame.loc[[n for _, n in numbers]].copy()
-        elites["cell"] = [c for c, _ in numbers]
+        cells = archive.cells_of(cols)
+        frame["cell"] = pd.array(np.where(cells >= 0, cells, 0), dtype="Int64")
+        frame.loc[cells < 0, "cell"] = pd.NA
+        rows = elite_rows(cols, archive)
+        elites = frame.iloc[rows].copy()
     else:
         elites = frame.iloc[0:0].copy()
-    front = pareto_trials(trials, directions)
-    pareto = frame.loc[[t.number for t in front]].copy()
-    ref = reference_point(problem, trials, directions)
+    ok = np.flatnonzero(cols.feasible)
+    front = ok[pareto_front_mask(cols.values[ok], directions)] if len(ok) else ok
+    pareto = frame.iloc[front].copy()
+    ref = reference_point_of_values(problem, cols.values[ok], directions)
     return Run(store=store, problem=problem, archive=archive, trials=frame.reset_index(drop=True),
-               elites=elites.reset_index(drop=True), pareto=pareto.reset_index(drop=True), reference=ref)
+               elites=elites.reset_index(drop=True), pareto=pareto.reset_index(drop=True), reference=ref,
+               columns=cols)
 
 
 def reevaluate(store: Store, what: int | Mapping[str, Any], seeds: int | Sequence[int] = 5, *,

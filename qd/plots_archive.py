@@ -105,14 +105,14 @@ def plot_archive(store: Store, problem: Problem, out: str | Path, trials: Sequen
     """Write the archive heatmap and the metrics curves of a run whose problem has measures."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    trials = store.trials() if trials is None else trials
-    archive: RunArchive = archive_for_run(store, problem, trials)
+    cols = store.columns()
+    archive: RunArchive = archive_for_run(store, problem, cols)
     written = []
     if isinstance(archive, ParetoArchive):
         written.append(_save(moqd_heatmap_figure(archive, problem, title), out / "moqd_heatmap.png"))
     else:
         written.append(_save(elite_heatmap_figure(archive, problem, title), out / "archive_heatmap.png"))
-    rows = history(store, problem, trials)
+    rows = history(store, problem, cols)
     if rows:
         written.append(_save(metrics_figure(rows, isinstance(archive, ParetoArchive), title), out / "qd_metrics.png"))
     return written

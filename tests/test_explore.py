@@ -79,7 +79,8 @@ def test_elites_are_the_best_trial_of_each_cell(storage):
     best_per_cell = done.groupby("cell")["values.score"].max()  # sphere's score is maximised
     assert np.allclose(run.elites.set_index("cell")["values.score"].sort_index(), best_per_cell.sort_index())
     # The cell the run loop recorded in each trial's user attributes is the one the archive uses.
-    recorded = {t.number: t.user_attrs["cell"] for t in Store.open(storage, "sphere").study.trials}
+    cols = Store.open(storage, "sphere").columns()
+    recorded = dict(zip(cols.number.tolist(), cols.cell.tolist()))
     assert all(recorded[n] == c for n, c in zip(run.trials["number"], run.trials["cell"]))
 
 

@@ -1,0 +1,306 @@
+"""Scale of the record path: qd against bare pyribs and bare Optuna in the same run.
+
+Parts (each prints its table as it finishes):
+
+1. ``vectorised``: MAP-Elites on sphere-20D (vectorised problem, in-process evaluator, SQLite) at
+   each size in ``--sizes``, each as its own ``qd run`` process: evaluations/s, ms per evaluation,
+   driver peak RSS, store size, time to resume (one more evaluation) and to ``qd show --json``;
+   against bare pyribs (the same GridArchive, GaussianEmitter, batch size and function, in this
+   process) and bare Optuna (RandomSampler, ask/tell on a SQLite study, for at most
+   ``--optuna-seconds``).
+2. ``per-config``: the same run with the problem's vectorised path switched off (one Python
+   configuration per evaluation): ms per evaluation.
+3. ``workers``: driver overhead of the process (and, with ``--ray``, Ray) evaluator against a bare
+   ``ProcessPoolExecutor`` (bare Ray tasks) on the same cheap function with 2 workers.
+4. ``simulated``: the driver alone with 1,000 simulated workers, lognormal durations of mean 10 s:
+   sustained records/s and worker idleness over ``--sim-seconds``.
+
+    python experiments/bench_scale.py --sizes 10000 100000 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from evaluators.base import Evaluator, Job, Outcome  # noqa: E402
+from qd.problem import Problem  # noqa: E402
+from qd.registry import get_problem  # noqa: E402
+
+
+def _qd(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
+    """Run ``qd ARGS`` in a fresh process: (wall s, its peak RSS in MB, stdout)."""
+    t0 = time.perf_counter()
+    code = ("import resource, sys; from qd.cli import main; rc = main(sys.argv[1:]); "
+            "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, **(env or {})})
+    wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"qd {' '.join(args)} failed ({out.returncode}): {out.stderr[-2000:]}")
+    rss = [line for line in out.stderr.splitlines() if line.startswith("PEAK_RSS_KB")]
+    return wall, (int(rss[-1].split()[1]) / 1024 if rss else float("nan")), out.stdout
+
+
+def _import_seconds() -> float:
+    """What starting a qd process costs before any evaluation (subtracted from the run's wall time)."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import qd.cli, qd.session, qd.strategies.illumination, qd.dashboard, "
+                    "problems.projection"], check=True, cwd=ROOT)
+    return time.perf_counter() - t0
+
+
+def bare_pyribs(n: int, batch: int = 8, seed: int = 0) -> float:
+    """Evaluations/s of pyribs' own Scheduler loop: the archive and emitter qd's map-elites builds."""
+    from ribs.archives import GridArchive
+    from ribs.emitters import GaussianEmitter
+    from ribs.schedulers import Scheduler
+
+    problem = get_problem("sphere", dim=20)
+    d = problem.space.dim
+    archive = GridArchive(solution_dim=d, dims=(20, 20), ranges=[(m.low, m.high) for m in problem.measures],
+                          seed=seed)
+    emitter = GaussianEmitter(archive, sigma=0.1, x0=np.full(d, 0.5), bounds=[(0.0, 1.0)] * d, batch_size=batch,
+                              seed=seed)
+    scheduler = Scheduler(archive, [emitter])
+    lo = np.array([p.low for p in problem.space.params])
+    hi = np.array([p.high for p in problem.space.params])
+    seeds = np.zeros(batch, dtype=np.int64)
+    t0 = time.perf_counter()
+    for _ in range(n // batch):
+        X = scheduler.ask()
+        ev = problem.evaluate_batch(np.clip(lo + X * (hi - lo), lo, hi), seeds)
+        scheduler.tell(ev.values[:, 0], ev.measures)
+    return (n // batch) * batch / (time.perf_counter() - t0)
+
+
+def bare_optuna(n: int, seconds: float, path: str) -> float:
+    """Evaluations/s of Optuna's own ask/tell loop on a SQLite study (RandomSampler, sphere-20D)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    problem = get_problem("sphere", dim=20)
+    study = optuna.create_study(storage=f"sqlite:///{path}", direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    done, t0 = 0, time.perf_counter()
+    while done < n and time.perf_counter() - t0 < seconds:
+        trial = study.ask()
+        config = problem.space.suggest(trial)
+        ev = problem.evaluate(config, 0)
+        trial.set_user_attr("measures", list(ev.measures))
+        study.tell(trial, ev.values[0])
+        done += 1
+    return done / (time.perf_counter() - t0)
+
+
+def part_vectorised(sizes: list[int], optuna_s: float, tmp: Path) -> None:
+    startup = _import_seconds()
+    print(f"\n## vectorised: map-elites, sphere-20D, in-process, SQLite (process start-up {startup:.1f} s subtracted)")
+    print("| evaluations | qd eval/s | bare pyribs eval/s | qd / pyribs | qd ms/eval | bare Optuna eval/s | "
+          "qd / Optuna | driver peak RSS MB | store MB | resume s | qd show s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for n in sizes:
+        db = tmp / f"scale{n}.db"
+        url = f"sqlite:///{db}"
+        args = ["run", "--problem", "sphere", "--strategy", "map-elites", "--budget", str(n), "--evaluator",
+                "inprocess", "--storage", url, "--name", "big", "--no-progress"]
+        wall, rss, _ = _qd(args)
+        qd_rate = n / max(wall - startup, 1e-9)
+        ribs_rate = bare_pyribs(n)
+        opt_rate = bare_optuna(n, optuna_s, str(tmp / f"optuna{n}.db"))
+        size_mb = sum(p.stat().st_size for p in tmp.glob(f"scale{n}.db*")) / 2**20
+        resume_wall, _, _ = _qd(["run", "--resume", "--name", "big", "--storage", url, "--budget", str(n + 1),
+                                 "--no-progress"])
+        show_wall, _, out = _qd(["show", "--storage", url, "--name", "big", "--json"])
+        complete = json.loads(out)["n_complete"]
+        assert complete == n + 1, complete
+        print(f"| {n:,} | {qd_rate:,.0f} | {ribs_rate:,.0f} | {qd_rate / ribs_rate:.2f} | {1e3 / qd_rate:.3f} | "
+              f"{opt_rate:,.1f} | {qd_rate / opt_rate:,.0f}x | {rss:,.0f} | {size_mb:,.1f} | {resume_wall:.1f} | "
+              f"{show_wall:.1f} |", flush=True)
+
+
+def part_per_config(n: int, tmp: Path) -> None:
+    """The in-process path with one configuration at a time (the problem's batch path off)."""
+    from evaluators import make_evaluator
+    from qd.run import run
+    from qd.store import RunInfo, Store
+    from qd.strategies import get_strategy
+
+    problem = get_problem("sphere", dim=20)
+    problem.vectorized = False  # this instance only
+    info = RunInfo(name="scalar", problem="sphere", problem_options=problem.options, strategy="map-elites",
+                   strategy_options={}, seed=0)
+    store = Store.create(f"sqlite:///{tmp}/scalar.db", info, problem)
+    t0 = time.perf_counter()
+    run(problem, get_strategy("map-elites", problem, seed=0), make_evaluator("inprocess"), store, budget=n,
+        progress=False)
+    ms = (time.perf_counter() - t0) / n * 1e3
+    print(f"\n## per-config: map-elites, sphere-20D, in-process, one configuration per evaluation\n"
+          f"{n:,} evaluations: {ms:.3f} ms per evaluation (target at most 2 ms)", flush=True)
+
+
+def _cheap(x: float) -> float:
+    return (x - 0.3) ** 2
+
+
+def part_workers(n: int, tmp: Path, with_ray: bool) -> None:
+    """Driver overhead per evaluation: qd's process (Ray) evaluator against the bare pool (tasks)."""
+    from evaluators import make_evaluator
+    from qd.run import run
+    from qd.store import RunInfo, Store
+    from qd.strategies import get_strategy
+
+    problem = get_problem("faulty", weights={"ok": 1}, sleep_s=0.0)
+    rows = []
+    with ProcessPoolExecutor(2) as pool:
+        list(pool.map(_cheap, [0.0] * 4))  # workers up
+        t0 = time.perf_counter()
+        list(pool.map(_cheap, np.random.default_rng(0).random(n).tolist(), chunksize=1))
+        bare = (time.perf_counter() - t0) / n
+    kinds = [("process", bare, "ProcessPoolExecutor")]
+    if with_ray:
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        task = ray.remote(_cheap)
+        ray.get([task.remote(0.0) for _ in range(4)])
+        t0 = time.perf_counter()
+        pending, done = [], 0
+        for x in np.random.default_rng(0).random(n).tolist():  # two in flight, as qd keeps two
+            pending.append(task.remote(x))
+            if len(pending) >= 2:
+                _, pending = ray.wait(pending, num_returns=1)
+                done += 1
+        ray.get(pending)
+        kinds.append(("ray", (time.perf_counter() - t0) / n, "Ray tasks"))
+        ray.shutdown()
+    for kind, bare_s, peer in kinds:
+        info = RunInfo(name=f"w-{kind}", problem="faulty", problem_options=problem.options, strategy="random",
+                       strategy_options={}, seed=0)
+        store = Store.create(f"sqlite:///{tmp}/workers.db", info, problem)
+        evaluator = make_evaluator(kind)
+        # Warm the workers with a first short run, then time a resumed one (start-up paid once).
+        run(problem, get_strategy("random", problem, seed=0), evaluator, store, budget=10, workers=2, progress=False)
+        store = Store.open(f"sqlite:///{tmp}/workers.db", info.name)
+        evaluator = make_evaluator(kind)
+        t0 = time.perf_counter()
+        run(problem, get_strategy("random", problem, seed=0), evaluator, store, budget=10 + n, workers=2,
+            progress=False)
+        ours = (time.perf_counter() - t0) / n
+        rows.append((kind, ours, bare_s, peer))
+    print("\n## workers: driver overhead per evaluation, 2 workers, a microsecond function (includes worker start)")
+    print("| evaluator | qd ms/eval | peer | peer ms/eval | qd / peer |")
+    print("|---|---|---|---|---|")
+    for kind, ours, bare_s, peer in rows:
+        print(f"| {kind} | {ours * 1e3:.3f} | {peer} | {bare_s * 1e3:.3f} | {ours / bare_s:.2f} |", flush=True)
+
+
+class SimulatedEvaluator(Evaluator):
+    """Evaluations that take lognormal wall times (mean ``mean_s``) on ``workers`` simulated
+    workers; the result is the problem's, computed when the evaluation is due. Measures idleness:
+    the time workers spend between finishing one evaluation and receiving the next."""
+
+    name = "simulated"
+
+    def __init__(self, mean_s: float = 10.0, sigma: float = 0.5, seed: int = 0):
+        self.mean_s, self.sigma = mean_s, sigma
+        self.rng = np.random.default_rng(seed)
+        self.mu = np.log(mean_s) - sigma**2 / 2
+        self.heap: list[tuple[float, int, Job]] = []
+        self.free_since: list[float] = []
+        self.idle_s = 0.0
+        self.busy_s = 0.0
+
+    def start(self, problem: Problem, workers: int, timeout_s: float | None = None) -> None:
+        self.problem, self.workers = problem, workers
+        self.t0 = time.monotonic()
+        self.free_since = [self.t0] * workers
+
+    def submit(self, job: Job) -> None:
+        now = time.monotonic()
+        self.idle_s += now - self.free_since.pop()
+        duration = float(self.rng.lognormal(self.mu, self.sigma))
+        self.busy_s += duration
+        heapq.heappush(self.heap, (now + duration, job.key, job))
+
+    def wait(self, timeout: float | None = None) -> list[Outcome]:
+        if not self.heap:
+            return []
+        due = self.heap[0][0]
+        now = time.monotonic()
+        if due > now:
+            time.sleep(min(due - now, timeout if timeout is not None else due - now))
+        now = time.monotonic()
+        out = []
+        while self.heap and self.heap[0][0] <= now:
+            t, _, job = heapq.heappop(self.heap)
+            self.free_since.append(t)
+            out.append(Outcome(job.key, self.problem.evaluate(job.config, job.seed), metadata={"wall_time_s": 0.0}))
+        return out
+
+    def close(self) -> None:
+        self.heap.clear()
+
+
+def part_simulated(seconds: float, tmp: Path, workers: int = 1000, mean_s: float = 10.0) -> None:
+    from qd.run import run
+    from qd.store import RunInfo, Store
+    from qd.strategies import get_strategy
+
+    problem = get_problem("sphere", dim=20)
+    info = RunInfo(name="sim", problem="sphere", problem_options=problem.options, strategy="map-elites",
+                   strategy_options={}, seed=0)
+    store = Store.create(f"sqlite:///{tmp}/sim.db", info, problem)
+    evaluator = SimulatedEvaluator(mean_s=mean_s)
+    t0 = time.perf_counter()
+    report = run(problem, get_strategy("map-elites", problem, seed=0), evaluator, store, budget=10**9,
+                 workers=workers, time_limit_s=seconds, progress=False)
+    wall = time.perf_counter() - t0
+    # Idleness over the steady part: worker-seconds without a job over all worker-seconds.
+    idle = evaluator.idle_s / (workers * wall)
+    print(f"\n## simulated: {workers} workers, lognormal durations mean {mean_s} s, {seconds:.0f} s of wall time\n"
+          f"records/s sustained {report.finished / wall:.1f} (ideal {workers / mean_s:.0f} at full occupancy once "
+          f"the first evaluations finish); worker idleness {idle:.2%}; {report.finished} recorded, "
+          f"{store.n_flushes} flushes", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--optuna-seconds", type=float, default=30.0)
+    parser.add_argument("--per-config", type=int, default=5_000)
+    parser.add_argument("--workers-n", type=int, default=1_000)
+    parser.add_argument("--ray", action="store_true")
+    parser.add_argument("--sim-seconds", type=float, default=60.0)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["vectorised", "per-config", "workers", "simulated"])
+    args = parser.parse_args()
+    load = os.getloadavg()[0]
+    print(f"# bench_scale: {os.cpu_count()} cores, load average {load:.1f} at start")
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        if "vectorised" not in args.skip:
+            part_vectorised(args.sizes, args.optuna_seconds, tmp)
+        if "per-config" not in args.skip:
+            part_per_config(args.per_config, tmp)
+        if "workers" not in args.skip:
+            part_workers(args.workers_n, tmp, args.ray)
+        if "simulated" not in args.skip:
+            part_simulated(args.sim_seconds, tmp)
+
+
+if __name__ == "__main__":
+    main()
