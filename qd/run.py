@@ -486,10 +486,14 @@ class _Loop:
                 self.store.fail(trial, CANCELLED_REASON, stale=True, metadata={"requeue": True})
             self.in_flight.clear()
             return False
-        if not getattr(self.evaluator, "synchronous", False):
-            self.store.flush()  # the loop is about to block: in-flight rows and results go now
         wait_for = None if self.time_limit_s is None else \
             max(0.05, self.time_limit_s - (time.monotonic() - self.t_start))
+        if not getattr(self.evaluator, "synchronous", False):
+            # The loop is about to block: what is due goes now, the rest within its interval.
+            self.store.maybe_flush()
+            due = self.store.seconds_to_flush()
+            if due is not None:
+                wait_for = due if wait_for is None else min(wait_for, due)
         for outcome in self.evaluator.wait(timeout=wait_for):
             trial, cols = self.record(outcome)
             self.strategy.tell(trial)

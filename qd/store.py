@@ -40,6 +40,10 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 State = Literal["running", "complete", "failed"]
 #: Reasons and metadata longer than this are cut (the end is kept: that is where causes are).
 MAX_REASON_CHARS = 4000
+#: Flushes may take at most this share of a run's time (their interval stretches beyond ``flush_s``).
+MAX_FLUSH_SHARE = 0.05
+#: The owner's heartbeat is refreshed with a flush at most this often.
+HEARTBEAT_S = 5.0
 
 
 class RunNotFound(LookupError):
@@ -191,9 +195,13 @@ class Store:
         self.autoflush = True
         #: The claim token of the driver writing through this store (heartbeats go with flushes).
         self.owner: str | None = None
+        #: Cheap outcomes wait at most this long for a flush, unless flushing costs more than
+        #: ``MAX_FLUSH_SHARE`` of the time: then the interval stretches to keep that share.
         self.flush_s = 0.05
         self.flush_rows = 4096
         self.n_flushes = 0
+        self._flush_cost = 0.0
+        self._last_heartbeat = 0.0
 
     # --- opening ----------------------------------------------------------------------------
     @classmethod
@@ -314,7 +322,18 @@ class Store:
         buf = self._buffer
         if not buf:
             return False
-        return buf.urgent or buf.n_finished >= self.flush_rows or time.monotonic() - buf.since >= self.flush_s
+        interval = max(self.flush_s, self._flush_cost / MAX_FLUSH_SHARE)
+        return buf.urgent or buf.n_finished >= self.flush_rows or time.monotonic() - buf.since >= interval
+
+    def seconds_to_flush(self) -> float | None:
+        """How long until the buffer is due (0: now; None: nothing buffered)."""
+        buf = self._buffer
+        if not buf:
+            return None
+        if buf.urgent or buf.n_finished >= self.flush_rows:
+            return 0.0
+        interval = max(self.flush_s, self._flush_cost / MAX_FLUSH_SHARE)
+        return max(0.0, interval - (time.monotonic() - buf.since))
 
     def maybe_flush(self) -> bool:
         if self.flush_due():
@@ -327,12 +346,17 @@ class Store:
         buf = self._buffer
         if not buf and self.owner is None:
             return
+        t0 = time.monotonic()
         finished = Columns.concat(buf.finished) if buf.finished else None
         started = list(buf.started.items())
-        self.record.write(finished, started, buf.ended, heartbeat_of=self.owner)
+        beat = self.owner is not None and t0 - self._last_heartbeat >= HEARTBEAT_S
+        self.record.write(finished, started, buf.ended, heartbeat_of=self.owner if beat else None)
+        if beat:
+            self._last_heartbeat = t0
         self._in_db_running.update(buf.started)
         self._buffer = _Buffer()
         self.n_flushes += 1
+        self._flush_cost = time.monotonic() - t0
 
     # Single-trial forms, for scripts, tests and the per-configuration run loop.
     def start(self, params: Config, distributions: dict | None = None, *, origin: str = "strategy", seed: int = 0,

@@ -274,6 +274,11 @@ class MapElites(_Illumination):
 
     The first ``initial_population`` configurations are a scrambled Sobol sample of the space
     (and more are drawn while the archive is still empty); mutation starts after that.
+
+    A vectorised problem on the in-process evaluator is handed ``eval_batch`` configurations at
+    a time (each lane's emitter then draws ``eval_batch / emitters`` parents from the archive as
+    it is, like pyribs' Scheduler with that batch size), so the archive is updated in batches of
+    that size; with any other evaluator the run is steady state, ``batch_size`` per draw.
     """
 
     name = "map-elites"
@@ -281,10 +286,13 @@ class MapElites(_Illumination):
 
     def __init__(self, problem: Problem, seed: int = 0, *, operator: str = "gaussian", sigma: float = 0.1,
                  iso_sigma: float = 0.01, line_sigma: float = 0.2, initial_population: int = 32,
-                 emitters: int = 1, batch_size: int = 8, archive: str = "grid", bins: Any = None,
-                 cells: int | None = None, objective: str | None = None, qd_score_offset: float | None = None):
+                 emitters: int = 1, batch_size: int = 8, eval_batch: int = 256, archive: str = "grid",
+                 bins: Any = None, cells: int | None = None, objective: str | None = None,
+                 qd_score_offset: float | None = None):
         owner = f"strategy {self.name!r}"
         _check_choice(owner, "operator", operator, OPERATORS)
+        _check_positive(owner, "eval_batch", eval_batch, integer=True)
+        self.eval_batch = int(eval_batch)
         for option, value in (("sigma", sigma), ("iso_sigma", iso_sigma), ("line_sigma", line_sigma)):
             _check_positive(owner, option, value)
         _check_positive(owner, "initial_population", initial_population, integer=True)
@@ -296,8 +304,8 @@ class MapElites(_Illumination):
         self._sobol = qmc.Sobol(d=self.space.dim, scramble=True, seed=seed)
         self._n_initial = 0
 
-    def _make_emitter(self, lane: int) -> EmitterBase:
-        common = dict(x0=np.full(self.space.dim, 0.5), bounds=self._bounds(), batch_size=self.batch_size,
+    def _make_emitter(self, lane: int, batch_size: int | None = None) -> EmitterBase:
+        common = dict(x0=np.full(self.space.dim, 0.5), bounds=self._bounds(), batch_size=batch_size or self.batch_size,
                       seed=self._emitter_seed(lane).generate_state(1)[0])
         if self.operator == "gaussian":
             return GaussianEmitter(self.archive.archive, sigma=self.sigma, **common)
@@ -305,7 +313,7 @@ class MapElites(_Illumination):
 
     def _propose(self, lane: _Lane) -> np.ndarray:
         if self._n_initial < self.initial_population or self.archive.archive.empty:
-            n = min(self.batch_size, max(1, self.initial_population - self._n_initial))
+            n = min(lane.emitter.batch_size, max(1, self.initial_population - self._n_initial))
             self._n_initial += n
             with warnings.catch_warnings():  # Sobol prefers powers of two; any n is still low-discrepancy
                 warnings.simplefilter("ignore", UserWarning)
@@ -324,20 +332,28 @@ class MapElites(_Illumination):
         if self._n_initial:
             self._sobol.fast_forward(self._n_initial)
         self._raw_queue = None
+        self._array_lanes = None
 
     # Array path (a vectorised problem on the in-process evaluator): steady-state MAP-Elites keeps no
     # per-solution state between ask and tell, so a batch goes out and comes back as arrays.
     _raw_queue: np.ndarray | None = None
 
+    _array_lanes: list[_Lane] | None = None
+
+    @property
+    def batch_hint(self) -> int:
+        return self.eval_batch
+
     def ask_raw(self, n: int) -> np.ndarray:
-        """Up to ``n`` configurations (raw, (n', d)): the lanes' next batches, decoded as arrays."""
-        if not self._lanes:
-            self._build_lanes()
+        """Up to ``n`` configurations (raw, (n', d)): the array lanes' next batches, decoded as arrays."""
+        if not self._array_lanes:
+            per = max(1, self.eval_batch // self.n_emitters)
+            self._array_lanes = [_Lane(self._make_emitter(i, per)) for i in range(self.n_emitters)]
         parts = [] if self._raw_queue is None else [self._raw_queue]
         have = sum(len(p) for p in parts)
         lane = 0
         while have < n:
-            X = np.asarray(self._propose(self._lanes[lane % len(self._lanes)]), dtype=float)
+            X = np.asarray(self._propose(self._array_lanes[lane % len(self._array_lanes)]), dtype=float)
             lane += 1
             if not len(X):
                 break
