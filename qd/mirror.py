@@ -22,8 +22,8 @@ from optuna.trial import TrialState
 from qd.columns import COMPLETE, FAILED, Columns
 from qd.problem import Problem
 
-MIRROR_ALL = 500
-MIRROR_CAP = 1000
+MIRROR_ALL = 200
+MIRROR_CAP = 600
 _KEY = "qd_mirrored"  # study system attr: the qd numbers copied so far
 
 

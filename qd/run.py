@@ -554,16 +554,20 @@ class _Loop:
         return True
 
     def execute(self) -> RunReport:
-        history = self.recover()
+        _LIVE_RUNS.add(self.token)  # before the claim: a thread of this process must see it as alive
+        try:
+            history = self.recover()
+        except BaseException:
+            _LIVE_RUNS.discard(self.token)
+            raise
         n_requeued = len(self.requeue)
         if len(history):  # a fresh run keeps the strategy exactly as its seed made it
             self.strategy.restore_columns(history, self.store)
         self.state = RunState(self.store, self.problem, self.strategy, history, self.budget)
         self.progress = _Progress(self.store, self.problem, self.strategy, self.budget, self.state, self.show_progress)
         self.store.autoflush = False
-        self.evaluator.start(self.problem, self.workers, self.timeout_s)
-        _LIVE_RUNS.add(self.token)
         try:
+            self.evaluator.start(self.problem, self.workers, self.timeout_s)
             if self.vectorised:
                 while self.step_batch():
                     pass

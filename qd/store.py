@@ -67,8 +67,17 @@ def journal_path(storage: str) -> str | None:
     return storage[len("journal://"):] if storage.startswith("journal://") else None
 
 
+STORAGE_SCHEMES = ("sqlite:///PATH", "postgresql://USER:PASSWORD@HOST:PORT/DB", "journal:///PATH")
+
+
 def record_url(storage: str) -> str:
-    """The database that holds qd's tables for a storage URL."""
+    """The database that holds qd's tables for a storage URL.
+
+    Raises:
+        ValueError: a URL of another kind (the message lists the allowed ones).
+    """
+    if not isinstance(storage, str) or not (storage.startswith(("sqlite:///", "postgresql", "journal:///"))):
+        raise ValueError(f"storage {storage!r} is not allowed; allowed: {', '.join(STORAGE_SCHEMES)}")
     path = journal_path(storage)
     if path is not None:
         return f"sqlite:///{path}.qd.db"

@@ -1,0 +1,176 @@
+"""The record path's guarantees: grouped writes, kills at any moment (during flushes too), one
+driver per run whatever the timing, and views that agree with an archive rebuilt independently."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from evaluators import make_evaluator
+from qd.archive import EliteArchive, elite_spec
+from qd.cli import main
+from qd.registry import get_problem
+from qd.results import summary
+from qd.run import RunInUse, run
+from qd.store import RunInfo, Store
+from qd.strategies import get_strategy
+from storage_urls import delete_runs, storage_url, unique_name
+
+
+def _driver(storage: str, name: str, budget: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "qd.cli", "run", "--problem", "sphere", "--strategy", "map-elites", "--budget",
+           str(budget), "--evaluator", "inprocess", "--storage", storage, "--name", name, "--no-progress",
+           "-S", "eval_batch=64"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _finished(storage: str, name: str) -> int:
+    try:
+        return int(Store.open(storage, name).columns().finished.sum())
+    except Exception:  # not created yet
+        return 0
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.7, 1.9])
+def test_kill_at_a_random_moment_then_resume_gives_exactly_the_budget(tmp_path, delay_s):
+    """SIGKILL while cheap batches are being written (flushes every few tens of ms), then resume."""
+    storage = f"sqlite:///{tmp_path}/k.db"
+    proc = _driver(storage, "k", 10**7)
+    try:
+        deadline = time.monotonic() + 120
+        while _finished(storage, "k") < 2000:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(delay_s)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with sqlite3.connect(tmp_path / "k.db") as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    before = Store.open(storage, "k").columns()
+    budget = int(before.finished.sum()) + 500
+    assert main(["run", "--resume", "--name", "k", "--storage", storage, "--budget", str(budget),
+                 "--no-progress"]) == 0
+    after = Store.open(storage, "k").columns()
+    assert after.counts() == {"n_complete": budget, "n_failed": 0, "n_stale": 0, "n_running": 0}
+    assert len(np.unique(after.number)) == len(after)
+    # Everything flushed before the kill is there, unchanged.
+    kept = np.isin(after.number, before.number)
+    assert after.select(kept).sorted().equals(before.sorted())
+
+
+def _killed_run(storage: str, name: str, budget_before: int = 6):
+    """A run whose driver died: some trials finished, three left in flight, the claim still held."""
+    problem = get_problem("faulty", weights={"ok": 1})
+    info = RunInfo(name=name, problem="faulty", problem_options=problem.options, strategy="random",
+                   strategy_options={}, seed=0)
+    store = Store.create(storage, info, problem)
+    run(problem, get_strategy("random", problem, seed=0), make_evaluator("inprocess"), store, budget=budget_before,
+        progress=False)
+    dead = {"host": "a-host-that-is-gone", "pid": 1, "token": "dead"}
+    for config in problem.space.sample(3, np.random.default_rng(1)):
+        store.start(config, driver=dead)
+    assert store.record.claim("dead", dead, expected=None)
+    from qd.record import RUNS
+
+    with store.record.engine.begin() as conn:  # its heartbeat stopped long ago
+        conn.execute(RUNS.update().where(RUNS.c.id == store.record.run_id).values(heartbeat=0.0))
+    return problem, info
+
+
+@pytest.mark.parametrize("storage_kind", ["sqlite", "postgresql"])
+def test_two_resumes_at_the_same_instant_never_share_a_run(tmp_path, storage_kind):
+    storage = storage_url(storage_kind, tmp_path)
+    names = []
+    try:
+        for attempt in range(20):
+            name = unique_name(f"race{attempt}")
+            names.append(name)
+            problem, info = _killed_run(storage, name)
+            # The dead claim is from another host with no heartbeat: taken as dead, so both may try.
+            barrier = threading.Barrier(2)
+            results: list[object] = []
+
+            def resume() -> None:
+                store = Store.open(storage, name)
+                strategy = get_strategy("random", problem, seed=0)
+                barrier.wait()
+                try:
+                    results.append(run(problem, strategy, make_evaluator("inprocess"), store, budget=16,
+                                       workers=2, progress=False))
+                except Exception as e:  # noqa: BLE001 - anything but RunInUse fails below, with its text
+                    results.append(e)
+
+            threads = [threading.Thread(target=resume) for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=120)
+            # Each either ran or was refused with RunInUse.
+            assert len(results) == 2 and not [r for r in results if isinstance(r, Exception)
+                                              and not isinstance(r, RunInUse)], results
+            cols = Store.open(storage, name).columns()
+            assert cols.counts()["n_running"] == 0
+            # Both may run one after the other (the second found the first finished): never at once.
+            assert int(cols.finished.sum()) == 16, cols.counts()
+            done = cols.raw[cols.complete]
+            assert len(np.unique(done, axis=0)) == len(done), "a configuration was evaluated twice"
+    finally:
+        if storage_kind == "postgresql":
+            delete_runs(storage, names)
+
+
+def test_a_refused_resume_exits_cleanly(tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path}/r.db"
+    _killed_run(storage, "r")
+    store = Store.open(storage, "r")
+    store.record.release("dead")
+    from qd.run import driver_identity
+
+    me = driver_identity("someone")
+    assert store.record.claim("someone", {**me, "pid": os.getppid()}, expected=None)  # a live process here
+    capsys.readouterr()
+    assert main(["run", "--resume", "--name", "r", "--storage", storage, "--budget", "20", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "still alive" in err and "Traceback" not in err
+
+
+def test_show_reports_what_an_independently_rebuilt_archive_holds(tmp_path):
+    """`qd show --json` on a batched run equals a pyribs archive filled straight from the record."""
+    storage = f"sqlite:///{tmp_path}/s.db"
+    assert main(["run", "--problem", "sphere", "--strategy", "map-elites", "--budget", "3000", "--evaluator",
+                 "inprocess", "--storage", storage, "--name", "s", "--no-progress"]) == 0
+    store = Store.open(storage, "s")
+    problem = get_problem("sphere")
+    shown = summary(store, problem)
+    assert shown["n_complete"] == 3000
+    from ribs.archives import GridArchive
+
+    cols = store.columns()
+    ribs_archive = GridArchive(solution_dim=problem.space.dim, dims=(20, 20),
+                               ranges=[(m.low, m.high) for m in problem.measures])
+    ok = cols.feasible
+    ribs_archive.add(solution=problem.space.encode_raw(cols.raw[ok]), objective=cols.values[ok, 0],
+                     measures=cols.measures[ok])
+    stats = ribs_archive.stats
+    assert shown["archive"]["num_elites"] == stats.num_elites
+    assert shown["archive"]["qd_score"] == pytest.approx(stats.qd_score)
+    assert shown["archive"]["coverage"] == pytest.approx(stats.coverage)
+    # The strategy's own archive at the end of the run was the same one.
+    assert EliteArchive(problem, elite_spec(problem)).n_cells == 400
+
+
+def test_unknown_storage_urls_fail_cleanly(tmp_path, capsys):
+    assert main(["show", "--storage", "mysql://u@h/db", "--name", "x"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
