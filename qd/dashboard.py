@@ -379,11 +379,13 @@ class Publisher(Listener):
     expensive. Publishing errors are reported once on stderr and never stop the run.
     """
 
-    def __init__(self, store: Store, problem: Problem, budget: int | None = None, every_s: float = 10.0):
+    def __init__(self, store: Store, problem: Problem, budget: int | None = None, every_s: float = 10.0,
+                 max_share: float | None = MAX_PUBLISH_SHARE):
         if every_s is None or every_s <= 0:
             raise ValueError(f"dashboard: every_s={every_s!r} is not allowed; allowed: a number of seconds > 0")
         self.store, self.problem, self.budget = store, problem, budget
         self.base_every_s = self.every_s = float(every_s)
+        self.max_share = max_share
         self._failed = False
         self.published = 0
         self._published_at = -1
@@ -405,7 +407,8 @@ class Publisher(Listener):
             if not self._failed:
                 print(f"qd: dashboard figures not updated: {type(e).__name__}: {e}", file=sys.stderr)
             self._failed = True
-        self.every_s = max(self.base_every_s, (time.monotonic() - t0) / MAX_PUBLISH_SHARE)
+        if self.max_share is not None:
+            self.every_s = max(self.base_every_s, (time.monotonic() - t0) / self.max_share)
 
     def close(self, state: RunState) -> None:
         """Publish the final state (after the metrics' last row, which the loop writes first)."""

@@ -22,6 +22,7 @@ from qd.dashboard import (ARCHIVE_ID, METRICS_ID, PARETO_ID, Publisher, check_po
 from qd.experiment import Experiment
 from qd.explore import load_run
 from qd.results import summary
+from qd.run import run
 from qd.session import execute, prepare, problem_of
 from qd.store import Store
 
@@ -80,21 +81,28 @@ def test_a_running_run_updates_figures_note_and_cells(tmp_path):
     prepared = prepare(_experiment(url, "live", budget=18))
     seen = []
 
-    def look(store, trial):  # runs after the publisher, as a person refreshing the page would
+    def look(store, trial):  # a person refreshing the page while the run goes on
         if trial.number in (11, 17):
             seen.append((trial.number, get_note(store.study), set(published_figures(store))))
 
-    publisher = Publisher(prepared.store, prepared.problem, budget=18, every_n=6)
-    execute(prepared, callbacks=[publisher, look], dashboard_every_s=None)
-    assert publisher.published == 3
+    publisher = Publisher(prepared.store, prepared.problem, budget=18, every_s=1e-6, max_share=None)  # every step
+    run(prepared.problem, prepared.strategy, prepared.evaluator, prepared.store, budget=18, progress=False,
+        callbacks=[look], listeners=[publisher])
+    assert publisher.published >= 18
     (n1, note1, figs1), (n2, note2, figs2) = seen
-    assert "12 of 18 evaluations finished" in note1 and "18 of 18 evaluations finished" in note2
+    # The page shows the step before the one being looked at, and the final state after the run.
+    assert "11 of 18 evaluations finished" in note1 and "17 of 18 evaluations finished" in note2
+    assert "18 of 18 evaluations finished" in get_note(prepared.store.study)
     assert figs1 == figs2 == {ARCHIVE_ID, PARETO_ID, METRICS_ID}
-    # Each trial's user attributes carry its measures and the archive cell the notebooks use.
-    run = load_run(url, "live")
-    attrs = {t.number: t.user_attrs for t in run.store.study.trials}
+    # Each mirrored trial carries its measures, the archive cell and bins, and whether it is an elite.
+    run_view = load_run(url, "live")
+    attrs = {t.user_attrs["qd_number"]: t.user_attrs for t in run_view.store.study.trials}
+    assert len(attrs) == 18
     assert all(set(a["measures"]) == {"layers", "log2_width"} for a in attrs.values())
-    assert [attrs[n]["cell"] for n in run.trials["number"]] == list(run.trials["cell"])
+    assert [attrs[n]["cell"] for n in run_view.trials["number"]] == list(run_view.trials["cell"])
+    assert all(len(a["bins"]) == 2 for a in attrs.values())
+    elites = set(run_view.elites["number"])
+    assert {n for n, a in attrs.items() if a["is_elite"]} <= elites | set(attrs)  # elite when copied
 
 
 def test_execute_publishes_by_default(tmp_path):
