@@ -886,7 +886,7 @@ def adapter_config(config: Config, pattern: str, geometry: Geometry = MINILM_GEO
     if method == "lokr":
         return peft.LoKrConfig(r=rank, alpha=config["alpha_ratio"] * rank, target_modules=pattern)
     down = "|".join(re.escape(m.name) for m in geometry.modules if m.role == "ffn_down") or "$^"
-    return peft.IA3Config(target_modules=pattern,
+    return peft.IA3Config(target_modules=pattern, fan_in_fan_out=any(m.kind == "Conv1D" for m in geometry.modules),
                           feedforward_modules=rf"{re.escape(geometry.layers_path)}\.\d+\.({down})")
 
 
