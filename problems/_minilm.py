@@ -120,8 +120,10 @@ def embed(
     model,
     batch_size: int = 64,
     max_length: int = 256,
+    pooling: str = "mean",
 ) -> np.ndarray:
-    """Unit-length sentence embeddings, shape ``(len(texts), 384)``, as all-MiniLM-L6-v2 defines them."""
+    """Unit-length sentence embeddings, shape ``(len(texts), hidden)``: mean pooling over the real tokens
+    (as all-MiniLM-L6-v2 defines them) or the first token's state (``pooling="cls"``, as BGE does)."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(texts), batch_size):
@@ -133,6 +135,7 @@ def embed(
             return_tensors="pt",
         ).to(device)
         hidden = model(**batch).last_hidden_state
-        pooled = torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)
+        vectors = hidden[:, 0] if pooling == "cls" else mean_pool(hidden, batch["attention_mask"])
+        pooled = torch.nn.functional.normalize(vectors, dim=-1)
         out.append(pooled.float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.config.hidden_size), dtype=np.float32)

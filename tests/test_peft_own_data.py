@@ -21,6 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = {"train_size": 24, "val_size": 16, "test_size": 16, "max_length": 12, "batch_size": 8, "min_steps": 1, "max_steps": 3}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    torch.set_num_threads(1)  # on a few shared cores more threads run slower
+
+
 def count_trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
