@@ -3,7 +3,8 @@
 The search only ever sees the validation split; this script retrains each chosen configuration
 with the run's problem options and scores it, with the run's metric, on the held-out test split
 (BANKING77's test.csv, or the part of the user's dataset carved off by ``test_size``). It picks at
-most ``--max`` Pareto members spread over the trainable-parameter range, and always adds the
+most ``--max`` Pareto members spread over the trainable-parameter range, the ``--best`` with the
+best validation metric, and always adds the
 hand-picked default (LoRA r=8 on query and value of every layer: ``PeftProblem.default_config``).
 Retraining runs in ``--workers`` processes.
 
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--storage", required=True)
     parser.add_argument("--name", required=True)
     parser.add_argument("--max", type=int, default=10, help="Pareto members to retrain (default 10)")
+    parser.add_argument("--best", type=int, default=2, help="also the Pareto members with the best metric (default 2)")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--out", help="write the table as JSON here")
     args = parser.parse_args()
@@ -63,6 +65,10 @@ def main() -> None:
     metric = problem.metric
     front = pareto_trials(store.trials(), problem.directions)
     chosen = spread(front, key=lambda t: t.values[names.index("trainable_params")], k=args.max)
+    sign = 1 if problem.objectives[names.index(metric)].direction == "minimize" else -1
+    for trial in sorted(front, key=lambda t: sign * t.values[names.index(metric)])[: args.best]:
+        if trial not in chosen:
+            chosen.append(trial)
     rows = [{"label": f"pareto #{t.number}", "params": t.params,
              "validation": dict(zip(names, t.values))} for t in chosen]
     rows.append({"label": "default (LoRA r=8 on query, value)", "params": problem.default_config(), "validation": None})
