@@ -348,6 +348,7 @@ class RagProblem(Problem):
         corpus: str | None = None,
         questions: str | None = None,
         embedding_model: str | None = None,
+        reranker: str | None = None,
         cache_dir: str | None = None,
         device: str = "auto",
         gpus_per_eval: float = 0.25,
@@ -363,6 +364,11 @@ class RagProblem(Problem):
           document and contains the answer text (case-insensitive).
         - ``embedding_model``: a sentence-transformers-style checkpoint folder (its ``1_Pooling``
           config picks mean or CLS pooling; mean without one); None: the packaged all-MiniLM-L6-v2.
+        - ``reranker``: a cross-encoder checkpoint folder (a sequence-classification model scoring
+          (question, chunk) pairs; the last logit is the score). When given, the space gains
+          ``rerank_with`` ("sentences": the built-in late interaction, or "cross-encoder"), and a
+          cross-encoder re-orders the first stage's top 50 by its scores; its inference time counts in
+          ``latency_ms`` (pair scores are computed once per instance and their measured time reused).
         - ``cache_dir``: a folder where vectors are kept on disk, keyed by a content hash of (model
           files, the exact texts embedded: corpus and chunking), so re-runs and other workers
           reuse them; None: in memory only.
@@ -408,6 +414,7 @@ class RagProblem(Problem):
 
         self.embedding_model = resolve_checkpoint(embedding_model, "rag", "embedding_model")
         self.pooling = _sentence_pooling(self.embedding_model)
+        self.reranker = None if reranker is None else resolve_checkpoint(reranker, "rag", "reranker")
         if cache_dir is not None and (not isinstance(cache_dir, str) or not cache_dir):
             raise ValueError(f"rag option cache_dir={cache_dir!r} is not allowed; allowed: a folder path, or None")
         self.cache_dir = cache_dir
@@ -425,6 +432,8 @@ class RagProblem(Problem):
             Int("nprobe", 1, 16, log=True, active_if={"index": ["ivf"]}),
             Int("top_k", 1, 20),
             Bool("rerank"),
+            *([Categorical("rerank_with", ("sentences", "cross-encoder"), active_if={"rerank": [True]})]
+              if reranker is not None else []),
         ])
         self.objectives = (
             Objective("recall_at_k", "maximize"),
@@ -509,9 +518,11 @@ class RagProblem(Problem):
         paragraphs, questions = self.corpus()
         chunks = self.chunks(chunking)
         retriever, rerank, top_k = config["retriever"], config["rerank"], config["top_k"]
+        cross = config.get("rerank_with") == "cross-encoder"
+        rerank_sentences = rerank and not cross
         use_dense = retriever in ("dense", "hybrid")
         use_bm25 = retriever in ("bm25", "hybrid")
-        needs_query_vector = use_dense or rerank
+        needs_query_vector = use_dense or rerank_sentences
         metadata: dict[str, Any] = {"n_chunks": len(chunks.texts), "n_questions": len(questions),
                                     "n_paragraphs": len(paragraphs)}
 
@@ -522,7 +533,7 @@ class RagProblem(Problem):
         if bm25 is not None:
             index_bytes += bm25.nbytes
         disk_before = self._cache.get("disk_hits", 0)
-        chunk_vectors = self._vectors(chunks.texts) if (use_dense or rerank) else None
+        chunk_vectors = self._vectors(chunks.texts) if (use_dense or rerank_sentences) else None
         dense_index = None
         if use_dense:
             build_started = time.perf_counter()
@@ -530,7 +541,7 @@ class RagProblem(Problem):
             metadata.update(settings, index_build_s=time.perf_counter() - build_started)
             index_bytes += len(faiss.serialize_index(dense_index))
         piece_vectors = None
-        if rerank:
+        if rerank_sentences:
             piece_vectors = self._vectors(chunks.piece_texts)
             index_bytes += piece_vectors.nbytes + chunks.piece_offsets.astype(np.int32).nbytes
             if not use_dense:  # a faiss index already holds the chunk vectors; BM25 does not
@@ -553,10 +564,15 @@ class RagProblem(Problem):
             query_vector = query_vectors[qi : qi + 1] if query_vectors is not None else None
             t0 = time.perf_counter()
             ranked = self._retrieve(question.text, query_vector, retriever, config, first_stage_k, bm25, dense_index)
-            if rerank:
+            if rerank_sentences:
                 ranked = _rerank(ranked, query_vector[0], chunk_vectors, piece_vectors, chunks.piece_offsets)
-            ranked = ranked[:top_k]
             search_s += time.perf_counter() - t0
+            if cross and len(ranked):
+                scores, model_s = self.cross_scores(question.text, [chunks.texts[i] for i in ranked])
+                t0 = time.perf_counter()
+                ranked = ranked[np.argsort(-scores, kind="stable")]
+                search_s += time.perf_counter() - t0 + model_s
+            ranked = ranked[:top_k]
 
             relevant = relevant_masks[qi]
             answerable += bool(relevant.any())
@@ -631,6 +647,31 @@ class RagProblem(Problem):
 
         tokenizer, model = self._minilm()
         return embed(texts, tokenizer, model, batch_size=self.embed_batch, pooling=self.pooling)
+
+    def cross_scores(self, query: str, texts: Sequence[str]) -> tuple[np.ndarray, float]:
+        """The cross-encoder's scores of (query, text) pairs, shape ``(len(texts),)``, and the seconds its
+        inference took for them (measured when each pair was first scored)."""
+        cache = self._cache.setdefault("cross_scores", {})
+        missing = [t for t in dict.fromkeys(texts) if (query, t) not in cache]
+        if missing:
+            import torch
+
+            if "cross_encoder" not in self._cache:
+                from problems._minilm import load_checkpoint
+                from transformers import AutoModelForSequenceClassification
+
+                self._cache["cross_encoder"] = load_checkpoint(self.reranker, AutoModelForSequenceClassification, self._device())
+            tokenizer, model = self._cache["cross_encoder"]
+            started = time.perf_counter()
+            with torch.no_grad():
+                batch = tokenizer([query] * len(missing), list(missing), padding=True, truncation=True, max_length=512,
+                                  return_tensors="pt").to(next(model.parameters()).device)
+                scores = model(**batch).logits[:, -1].float().cpu().numpy()
+            each = (time.perf_counter() - started) / len(missing)
+            for text, score in zip(missing, scores):
+                cache[(query, text)] = (float(score), each)
+        pairs = [cache[(query, t)] for t in texts]
+        return np.array([p[0] for p in pairs]), float(sum(p[1] for p in pairs))
 
     def _model_key(self) -> str:
         """A content hash of the embedding model: its files' bytes and the pooling."""

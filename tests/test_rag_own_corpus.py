@@ -114,3 +114,35 @@ def test_bad_input_fails_when_built(files, tmp_path, change, named):
         RagProblem(**options)
     for name in named:
         assert name in str(error.value)
+
+
+def test_a_cross_encoder_re_ranks_the_first_stage_by_its_scores(files, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    folder = tmp_path / "cross"
+    BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                             num_labels=1)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (model_path() / name).is_file():
+            shutil.copy(model_path() / name, folder / name)
+    options = dict(corpus=str(files / "docs"), questions=str(files / "questions.jsonl"), n_questions=6)
+    problem = RagProblem(reranker=str(folder), **options)
+    assert problem.space["rerank_with"].choices == ("sentences", "cross-encoder")
+    assert "rerank_with" not in RagProblem(**options).space.names
+    config = dict(BM25, rerank=True, rerank_with="cross-encoder", top_k=3)
+    plain = problem.evaluate(dict(BM25, top_k=3), 0)
+    crossed = problem.evaluate(config, 0)
+    assert crossed.values["latency_ms"] > plain.values["latency_ms"]
+
+    # The scores are the model's own on (question, chunk) pairs.
+    question = problem.corpus()[1][0].text
+    texts = problem.chunks(Chunking("sentence", 64, 0.0)).texts[:5]
+    scores, seconds = problem.cross_scores(question, texts)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        expected = model(**tokenizer([question] * 5, texts, padding=True, return_tensors="pt")).logits[:, -1].numpy()
+    assert np.allclose(scores, expected, atol=1e-5) and seconds > 0
+    with pytest.raises(DataError, match="reranker"):
+        RagProblem(reranker=str(tmp_path / "nowhere"), **options)
