@@ -51,6 +51,14 @@ def existing_path(owner: str, option: str, value: Any, expected: str) -> Path:
     return path
 
 
+def absolute(value: Any) -> Any:
+    """An existing path option as an absolute path (workers, e.g. Ray's, may start in another folder);
+    anything else unchanged. Call it after the option has been checked, so errors show the value given."""
+    if isinstance(value, (str, Path)) and str(value) and Path(value).expanduser().exists():
+        return str(Path(value).expanduser().absolute())
+    return value
+
+
 # --- tables -------------------------------------------------------------------------------
 def table_format(path: Path, fmt: str, owner: str, option: str) -> str:
     if fmt not in TABLE_FORMATS:

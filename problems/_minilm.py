@@ -56,7 +56,7 @@ def resolve_checkpoint(value: str | os.PathLike | None, owner: str, option: str)
         if not path.is_dir() or not (path / "config.json").is_file():
             raise DataError(f"{owner} option {option}={str(value)!r} is not a model folder: it has no config.json; "
                             f"expected a Hugging Face checkpoint folder (config.json, weights, tokenizer files)")
-        return str(path)
+        return str(path.absolute())  # workers may start in another folder
     from transformers import AutoConfig
 
     try:

@@ -269,6 +269,9 @@ class ArchProblem(Problem):
         else:  # read and checked now, before any evaluation; kept out of pickles
             x, _, classes = self._user_data()
             self.side, self.num_classes = tuple(x.shape[1:]), len(classes)
+            from problems._data import absolute
+
+            self.dataset = absolute(dataset)
             families = ("mlp", "cnn") if x.ndim == 4 else ("mlp",)
 
         self.space = Space([

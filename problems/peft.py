@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from problems._data import DataError, class_index, read_table, require_column, split_size, stratified_order
+from problems._data import DataError, absolute, class_index, read_table, require_column, split_size, stratified_order
 from problems._minilm import load_checkpoint, mean_pool, resolve_checkpoint
 from qd.problem import Evaluation, Measure, Objective, Problem, Resources
 from qd.space import Bool, Categorical, Config, Float, Int, Space
@@ -428,6 +428,7 @@ class PeftProblem(Problem):
         # Reads and checks the data now: paths, columns and classes fail before any evaluation.
         splits, self.classes = self._load_labelled()
         self._cache["labelled"] = (splits, self.classes)
+        self.dataset, self.val_dataset, self.test_dataset = map(absolute, (dataset, val_dataset, test_dataset))
         self.head_params = 0 if task == "causal-lm" else self.geometry.hidden * len(self.classes) + len(self.classes)
 
         ranked = [m for m in self.methods if m in RANKED_METHODS]

@@ -410,6 +410,9 @@ class RagProblem(Problem):
             if n_paragraphs is not None:
                 raise DataError(f"rag option n_paragraphs={n_paragraphs!r} is only for XQuAD-en; expected None with corpus")
             self.corpus()  # reads and checks both files now, before any evaluation
+            from problems._data import absolute
+
+            self.corpus_path, self.questions_path = absolute(corpus), absolute(questions)
         from problems._minilm import resolve_checkpoint
 
         self.embedding_model = resolve_checkpoint(embedding_model, "rag", "embedding_model")
@@ -417,7 +420,7 @@ class RagProblem(Problem):
         self.reranker = None if reranker is None else resolve_checkpoint(reranker, "rag", "reranker")
         if cache_dir is not None and (not isinstance(cache_dir, str) or not cache_dir):
             raise ValueError(f"rag option cache_dir={cache_dir!r} is not allowed; allowed: a folder path, or None")
-        self.cache_dir = cache_dir
+        self.cache_dir = None if cache_dir is None else str(Path(cache_dir).expanduser().absolute())
 
         self.space = Space([
             Categorical("unit", ("word", "sentence")),
