@@ -88,6 +88,73 @@ def load_dataset(name: str) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f"arch option dataset={name!r} is not allowed; allowed: {list(DATASETS)}")
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def load_user_dataset(path_value: str, label_column: str = "label", image_size: int = 28) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A dataset given by path: inputs as float32, integer labels and the class names.
+
+    - a folder of class folders of images (``cats/001.png``): images resized to ``image_size`` x
+      ``image_size``, grey (one channel) when every image is, else RGB; inputs ``(n, c, h, w)`` in [0, 1].
+    - an ``.npz`` with inputs under ``x`` / ``X`` / ``images`` / ``features`` and labels under ``y`` /
+      ``labels`` / ``targets``: ``(n, d)`` rows, ``(n, h, w)`` or ``(n, h, w, c)`` / ``(n, c, h, w)`` images
+      (uint8 scaled to [0, 1]).
+    - a table (CSV, TSV, JSON Lines, Parquet) with ``label_column``; every other column is a numeric feature.
+    """
+    from problems._data import DataError, class_index, existing_path, read_table, require_column
+
+    path = existing_path("arch", "dataset", path_value, "an image folder, an .npz file or a CSV table (or 'digits' / 'mnist')")
+    if path.is_dir():
+        from PIL import Image
+
+        folders = sorted(p for p in path.iterdir() if p.is_dir())
+        files = [(f, d.name) for d in folders for f in sorted(d.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+        if not files:
+            raise DataError(f"arch option dataset={path_value!r} holds no images in class folders; expected "
+                            f"FOLDER/CLASS/IMAGE with suffixes {list(IMAGE_SUFFIXES)}")
+        classes = class_index([c for _, c in files], "arch", "dataset", "(class folders)", path_value)
+        images = [Image.open(f) for f, _ in files]
+        mode = "L" if all(im.mode in ("L", "1", "I;16") for im in images) else "RGB"
+        x = np.stack([np.asarray(im.convert(mode).resize((image_size, image_size)), dtype=np.float32) / 255.0
+                      for im in images])
+        x = x[:, None] if mode == "L" else x.transpose(0, 3, 1, 2)
+        index = {c: i for i, c in enumerate(classes)}
+        return x, np.array([index[c] for _, c in files], dtype=np.int64), classes
+    if path.suffix.lower() == ".npz":
+        with np.load(path, allow_pickle=False) as arrays:
+            x_key = next((k for k in ("x", "X", "images", "features") if k in arrays), None)
+            y_key = next((k for k in ("y", "labels", "targets") if k in arrays), None)
+            if x_key is None or y_key is None:
+                raise DataError(f"arch option dataset={path_value!r}: arrays {sorted(arrays)}; expected inputs under "
+                                f"x, X, images or features and labels under y, labels or targets")
+            x, raw = arrays[x_key], arrays[y_key]
+        if len(x) != len(raw) or x.ndim not in (2, 3, 4):
+            raise DataError(f"arch option dataset={path_value!r}: inputs of shape {x.shape} and {len(raw)} labels; expected "
+                            f"(n, d), (n, h, w) or (n, h, w, c) inputs and n labels")
+        x = x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
+        if x.ndim == 3:
+            x = x[:, None]
+        elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+            x = x.transpose(0, 3, 1, 2)
+        labels = [str(v) for v in raw.tolist()]
+    else:
+        frame = read_table(path_value, "arch", "dataset")["all"]
+        require_column(frame, "arch", "label_column", label_column, path_value)
+        features = frame.drop(columns=[label_column])
+        bad = [str(c) for c in features.columns if not np.issubdtype(features[c].dtype, np.number)]
+        if bad or features.shape[1] == 0:
+            raise DataError(f"arch option dataset={path_value!r}: columns {bad} are not numeric; expected numeric feature "
+                            f"columns besides label_column={label_column!r}")
+        x, labels = features.to_numpy(dtype=np.float32), [str(v) for v in frame[label_column].tolist()]
+    classes = class_index(labels, "arch", "label_column", label_column, path_value)
+    try:
+        order = sorted(classes, key=float)  # numeric labels in numeric order
+    except ValueError:
+        order = classes
+    index = {c: i for i, c in enumerate(order)}
+    return x, np.array([index[c] for c in labels], dtype=np.int64), order
+
+
 def stratified_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row indices of the train, validation and test parts, each with every class in proportion."""
     rng = np.random.default_rng(seed)
@@ -110,26 +177,32 @@ def _norm(kind: str, width: int, conv: bool) -> nn.Module:
     return nn.Identity()
 
 
-def build_network(config: Mapping[str, Any], side: int) -> nn.Sequential:
-    """The network a (validated) configuration describes, for ``side`` x ``side`` one-channel images.
+def build_network(config: Mapping[str, Any], side: int | tuple[int, ...], num_classes: int = NUM_CLASSES) -> nn.Sequential:
+    """The network a (validated) configuration describes.
 
-    MLP: ``depth`` x [Linear(width), norm, activation, dropout], then Linear(10).
+    ``side``: an int for ``side`` x ``side`` one-channel images, or the input shape: ``(channels,
+    height, width)`` for images, ``(features,)`` for tabular rows (MLP only).
+
+    MLP: ``depth`` x [Linear(width), norm, activation, dropout], then Linear(num_classes).
     CNN: ``depth`` x [Conv(width, kernel_size, same padding), norm, activation, 2x2 max-pool while
-    the map is at least 2x2, dropout], then global average pooling and Linear(10), so the head's
-    size does not depend on the input size.
+    the map is at least 2x2, dropout], then global average pooling and Linear(num_classes), so the
+    head's size does not depend on the input size.
     """
+    shape = (1, side, side) if isinstance(side, int) else tuple(side)
     depth, width, activation = config["depth"], config["width"], ACTIVATIONS[config["activation"]]
     layers: list[nn.Module] = []
     if config["family"] == "mlp":
         layers.append(nn.Flatten())
-        features = side * side
+        features = math.prod(shape)
         for _ in range(depth):
             layers += [nn.Linear(features, width), _norm(config["norm"], width, conv=False), activation(),
                        nn.Dropout(config["dropout"])]
             features = width
-        layers.append(nn.Linear(features, NUM_CLASSES))
+        layers.append(nn.Linear(features, num_classes))
     else:
-        kernel, channels, size = config["kernel_size"], 1, side
+        if len(shape) != 3:
+            raise ValueError(f"a CNN needs image inputs (channels, height, width), not shape {shape}")
+        kernel, channels, size = config["kernel_size"], shape[0], min(shape[1:])
         for _ in range(depth):
             layers += [nn.Conv2d(channels, width, kernel, padding=kernel // 2),
                        _norm(config["norm"], width, conv=True), activation()]
@@ -138,7 +211,7 @@ def build_network(config: Mapping[str, Any], side: int) -> nn.Sequential:
                 size //= 2
             layers.append(nn.Dropout(config["dropout"]))
             channels = width
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, NUM_CLASSES)]
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
     return nn.Sequential(*layers)
 
 
@@ -147,11 +220,13 @@ def count_params(model: nn.Module) -> int:
 
 
 class ArchProblem(Problem):
-    """Train small MLPs/CNNs on handwritten digits: accuracy vs parameter count vs inference latency."""
+    """Train small MLPs/CNNs on handwritten digits or your images/arrays/table: accuracy vs parameter count vs inference latency."""
 
     def __init__(
         self,
         dataset: str = "digits",
+        label_column: str = "label",
+        image_size: int = 28,
         batch_size: int = 64,
         latency_batch: int = 256,
         device: str = "cpu",
@@ -160,7 +235,12 @@ class ArchProblem(Problem):
     ):
         """Options:
 
-        - ``dataset``: "digits" (scikit-learn 8x8, fast on a CPU) or "mnist" (vendored 28x28 test split).
+        - ``dataset``: "digits" (scikit-learn 8x8, fast on a CPU), "mnist" (vendored 28x28 test split),
+          or a path: a folder of class folders of images, an ``.npz`` of inputs and labels, or a table
+          (CSV, TSV, JSON Lines, Parquet) of numeric features with ``label_column`` (MLPs only: the
+          space has no CNN family for rows). See ``load_user_dataset``.
+        - ``label_column``: the label column of a table. ``image_size``: the side images of a
+          folder are resized to.
         - ``batch_size``: training batch size.
         - ``latency_batch``: images per timed inference batch (``latency_ms`` is per batch).
         - ``device``: "cpu" (default: these networks are too small to gain from a GPU on digits),
@@ -168,9 +248,9 @@ class ArchProblem(Problem):
         - ``gpus_per_eval``: the GPU share one evaluation declares when it will run on a GPU.
         - ``data_seed``: fixes the train/validation/test split.
         """
-        if dataset not in DATASETS:
-            raise ValueError(f"arch option dataset={dataset!r} is not allowed; allowed: {list(DATASETS)}")
-        for name, value in (("batch_size", batch_size), ("latency_batch", latency_batch)):
+        if not isinstance(dataset, str) or not dataset:
+            raise ValueError(f"arch option dataset={dataset!r} is not allowed; allowed: {list(DATASETS)} or a path")
+        for name, value in (("batch_size", batch_size), ("latency_batch", latency_batch), ("image_size", image_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"arch option {name}={value!r} is not allowed; allowed: an integer >= 1")
         if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(device))):
@@ -180,14 +260,25 @@ class ArchProblem(Problem):
         if isinstance(data_seed, bool) or not isinstance(data_seed, int):
             raise ValueError(f"arch option data_seed={data_seed!r} is not allowed; allowed: an integer")
         self.dataset, self.batch_size, self.latency_batch = dataset, batch_size, latency_batch
+        self.label_column, self.image_size = label_column, image_size
         self.device_option, self.data_seed = device, data_seed
-        self.side = 8 if dataset == "digits" else 28
+        self._splits: dict[str, Split] = {}
+        if dataset in DATASETS:
+            self.side: int | tuple[int, ...] = 8 if dataset == "digits" else 28
+            self.num_classes, families = NUM_CLASSES, ("mlp", "cnn")
+        else:  # read and checked now, before any evaluation; kept out of pickles
+            x, _, classes = self._user_data()
+            self.side, self.num_classes = tuple(x.shape[1:]), len(classes)
+            from problems._data import absolute
+
+            self.dataset = absolute(dataset)
+            families = ("mlp", "cnn") if x.ndim == 4 else ("mlp",)
 
         self.space = Space([
-            Categorical("family", ("mlp", "cnn")),
+            Categorical("family", families),
             Int("depth", 1, 4),
             Int("width", 8, 256, log=True),
-            Categorical("kernel_size", (3, 5), active_if={"family": ["cnn"]}),
+            *([Categorical("kernel_size", (3, 5), active_if={"family": ["cnn"]})] if "cnn" in families else []),
             Categorical("activation", tuple(ACTIVATIONS)),
             Categorical("norm", NORMS),
             Float("dropout", 0.0, 0.5),
@@ -200,11 +291,16 @@ class ArchProblem(Problem):
             Objective("params", "minimize", cheap=True),
             Objective("latency_ms", "minimize"),
         )
-        # 10^2..10^7 covers both datasets: the smallest CNN has 170 parameters, the largest ~4.9M.
-        self.measures = (Measure("log10_params", 2.0, 7.0), Measure("depth", 0.5, 4.5))
+        # 10^2..10^7 covers both built-in datasets: the smallest CNN has 170 parameters, the largest ~4.9M.
+        low, high = 2.0, 7.0
+        if dataset not in DATASETS:  # the extremes of the space for this input shape
+            sizes = [count_params(build_network(dict(family=f, depth=d, width=w, kernel_size=k, activation="relu",
+                                                     norm=n, dropout=0.0), self.side, self.num_classes))
+                     for f in families for d, w, k, n in ((1, 8, 3, "none"), (4, 256, 5, "batch"), (4, 256, 5, "layer"))]
+            low, high = math.floor(math.log10(min(sizes)) * 10) / 10, math.ceil(math.log10(max(sizes)) * 10) / 10
+        self.measures = (Measure("log10_params", low, high), Measure("depth", 0.5, 4.5))
         will_use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         self.resources = Resources(cpus=1, gpus=float(gpus_per_eval) if will_use_cuda else 0.0, memory_mb=3000)
-        self._splits: dict[str, Split] = {}
 
     # The loaded splits stay out of pickles sent to workers; each worker loads them once.
     def __getstate__(self) -> dict[str, Any]:
@@ -215,7 +311,7 @@ class ArchProblem(Problem):
     # --- objectives ------------------------------------------------------------------------
     def build(self, config: Config) -> nn.Sequential:
         """The untrained network of a configuration (validated here)."""
-        return build_network(self.space.validate(config), self.side)
+        return build_network(self.space.validate(config), self.side, self.num_classes)
 
     def cheap_values(self, config: Config) -> dict[str, float]:
         return {"params": float(count_params(self.build(config)))}
@@ -229,7 +325,7 @@ class ArchProblem(Problem):
         started = time.perf_counter()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            model = build_network(config, self.side).to(device)
+            model = build_network(config, self.side, self.num_classes).to(device)
             final_loss = self._train(model, config, train, device, np.random.default_rng(seed))
         train_time_s = time.perf_counter() - started
 
@@ -266,14 +362,23 @@ class ArchProblem(Problem):
             raise RuntimeError(f"arch option device={self.device_option!r} but no CUDA device is available")
         return device
 
+    def _user_data(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        return load_user_dataset(self.dataset, self.label_column, self.image_size)
+
     def _split(self, name: str) -> Split:
         if not self._splits:
-            images, labels = load_dataset(self.dataset)
+            if self.dataset in DATASETS:
+                images, labels = load_dataset(self.dataset)
+                images = images[:, None]  # one channel
+            else:
+                images, labels, _ = self._user_data()
             rows = dict(zip(("train", "val", "test"), stratified_split(labels, self.data_seed)))
-            # Standardise with the training part's statistics only.
-            mean, std = float(images[rows["train"]].mean()), float(images[rows["train"]].std())
+            # Standardise with the training part's statistics only (per feature for tabular rows).
+            axis = 0 if images.ndim == 2 else None
+            mean, std = images[rows["train"]].mean(axis=axis), images[rows["train"]].std(axis=axis)
+            std = np.where(std > 0, std, 1.0)
             for part, index in rows.items():
-                x = torch.from_numpy((images[index] - mean) / std).unsqueeze(1)
+                x = torch.from_numpy(((images[index] - mean) / std).astype(np.float32))
                 self._splits[part] = Split(x.contiguous(), torch.from_numpy(labels[index]))
         return self._splits[name]
 

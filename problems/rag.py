@@ -49,6 +49,7 @@ chunking, and the question encoding time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -94,10 +95,35 @@ _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "no", "mt", "
 # --- data --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Question:
+    """An XQuAD question: relevant chunks come from its paragraph and hold its whole answer span."""
+
     text: str
     paragraph: int
     answer_start: int
     answer_end: int
+
+
+@dataclass(frozen=True)
+class TextQuestion:
+    """A question of a user's file: relevant chunks come from its gold document (when given) and contain its
+    gold answer text, compared case-insensitively (when given)."""
+
+    text: str
+    paragraph: int | None
+    answer: str | None
+
+
+def relevant_chunks(chunks: Chunks, question: Question | TextQuestion) -> np.ndarray:
+    """Boolean mask over the chunks: which ones answer ``question``."""
+    if isinstance(question, Question):
+        return ((chunks.paragraph == question.paragraph) & (chunks.start <= question.answer_start)
+                & (chunks.end >= question.answer_end))
+    mask = np.ones(len(chunks.texts), dtype=bool) if question.paragraph is None else chunks.paragraph == question.paragraph
+    if question.answer:
+        answer = question.answer.lower()
+        for i in np.flatnonzero(mask):
+            mask[i] = answer in chunks.texts[i].lower()
+    return mask
 
 
 def load_xquad() -> tuple[list[str], list[Question]]:
@@ -313,18 +339,39 @@ def build_faiss_index(vectors: np.ndarray, config: Config) -> tuple[Any, dict[st
 
 # --- the problem -------------------------------------------------------------------------
 class RagProblem(Problem):
-    """Retrieval on XQuAD-en: chunking, BM25/dense/hybrid, faiss index, re-ranking vs recall, MRR, latency, memory."""
+    """Retrieval on XQuAD-en or your corpus and questions: chunking, BM25/dense/hybrid, faiss index, re-ranking vs recall, MRR, latency, memory."""
 
     def __init__(
         self,
         n_questions: int | None = 400,
         n_paragraphs: int | None = None,
+        corpus: str | None = None,
+        questions: str | None = None,
+        embedding_model: str | None = None,
+        reranker: str | None = None,
+        cache_dir: str | None = None,
         device: str = "auto",
         gpus_per_eval: float = 0.25,
         embed_batch: int = 64,
         data_seed: int = 0,
     ):
         """Options:
+
+        - ``corpus``: a folder of .txt / .md files (one document each; its id is its path inside the
+          folder) or a JSON Lines file of ``{"id", "text"}`` documents; None: XQuAD-en's paragraphs.
+        - ``questions``: with ``corpus``, a JSON Lines file of ``{"question", "answer", "doc_id"}``
+          objects (``answer`` and/or ``doc_id``): a chunk is relevant when it comes from the gold
+          document and contains the answer text (case-insensitive).
+        - ``embedding_model``: a sentence-transformers-style checkpoint folder (its ``1_Pooling``
+          config picks mean or CLS pooling; mean without one); None: the packaged all-MiniLM-L6-v2.
+        - ``reranker``: a cross-encoder checkpoint folder (a sequence-classification model scoring
+          (question, chunk) pairs; the last logit is the score). When given, the space gains
+          ``rerank_with`` ("sentences": the built-in late interaction, or "cross-encoder"), and a
+          cross-encoder re-orders the first stage's top 50 by its scores; its inference time counts in
+          ``latency_ms`` (pair scores are computed once per instance and their measured time reused).
+        - ``cache_dir``: a folder where vectors are kept on disk, keyed by a content hash of (model
+          files, the exact texts embedded: corpus and chunking), so re-runs and other workers
+          reuse them; None: in memory only.
 
         - ``n_questions``: questions scored per evaluation, drawn once with ``data_seed`` from those
           of the corpus paragraphs (None: all of them, 1,190 with the full corpus).
@@ -351,6 +398,29 @@ class RagProblem(Problem):
             raise ValueError(f"rag option data_seed={data_seed!r} is not allowed; allowed: an integer")
         self.n_questions, self.n_paragraphs = n_questions, n_paragraphs
         self.device_option, self.embed_batch, self.data_seed = device, embed_batch, data_seed
+        self.corpus_path, self.questions_path = corpus, questions
+        self._cache: dict[str, Any] = {}
+        if corpus is not None or questions is not None:
+            from problems._data import DataError
+
+            if corpus is None or questions is None:
+                missing = "questions" if corpus is not None else "corpus"
+                raise DataError(f"rag option {missing}=None: a corpus given by path needs its questions file and the "
+                                f"other way round; expected both corpus and questions")
+            if n_paragraphs is not None:
+                raise DataError(f"rag option n_paragraphs={n_paragraphs!r} is only for XQuAD-en; expected None with corpus")
+            self.corpus()  # reads and checks both files now, before any evaluation
+            from problems._data import absolute
+
+            self.corpus_path, self.questions_path = absolute(corpus), absolute(questions)
+        from problems._minilm import resolve_checkpoint
+
+        self.embedding_model = resolve_checkpoint(embedding_model, "rag", "embedding_model")
+        self.pooling = _sentence_pooling(self.embedding_model)
+        self.reranker = None if reranker is None else resolve_checkpoint(reranker, "rag", "reranker")
+        if cache_dir is not None and (not isinstance(cache_dir, str) or not cache_dir):
+            raise ValueError(f"rag option cache_dir={cache_dir!r} is not allowed; allowed: a folder path, or None")
+        self.cache_dir = None if cache_dir is None else str(Path(cache_dir).expanduser().absolute())
 
         self.space = Space([
             Categorical("unit", ("word", "sentence")),
@@ -365,6 +435,8 @@ class RagProblem(Problem):
             Int("nprobe", 1, 16, log=True, active_if={"index": ["ivf"]}),
             Int("top_k", 1, 20),
             Bool("rerank"),
+            *([Categorical("rerank_with", ("sentences", "cross-encoder"), active_if={"rerank": [True]})]
+              if reranker is not None else []),
         ])
         self.objectives = (
             Objective("recall_at_k", "maximize"),
@@ -378,7 +450,6 @@ class RagProblem(Problem):
         )
         will_use_cuda = device.startswith("cuda") or (device == "auto" and _cuda_available())
         self.resources = Resources(cpus=1, gpus=float(gpus_per_eval) if will_use_cuda else 0.0, memory_mb=4000)
-        self._cache: dict[str, Any] = {}
 
     # Lazy caches (MiniLM, embeddings, indexes) stay out of pickles sent to workers.
     def __getstate__(self) -> dict[str, Any]:
@@ -394,6 +465,17 @@ class RagProblem(Problem):
 
     def corpus(self) -> tuple[list[str], list[Question]]:
         """The corpus paragraphs and the questions scored, both fixed by the options."""
+        if "corpus" not in self._cache and self.corpus_path is not None:
+            from problems._data import read_documents, read_questions
+
+            documents = read_documents(self.corpus_path, "rag", "corpus")
+            position = {d.id: i for i, d in enumerate(documents)}
+            asked = read_questions(self.questions_path, set(position), "rag", "questions")
+            questions = [TextQuestion(q.text, None if q.doc_id is None else position[q.doc_id], q.answer) for q in asked]
+            if self.n_questions is not None and self.n_questions < len(questions):
+                rng = np.random.default_rng(self.data_seed)
+                questions = [questions[i] for i in sorted(rng.choice(len(questions), self.n_questions, replace=False))]
+            self._cache["corpus"] = ([d.text for d in documents], questions)
         if "corpus" not in self._cache:
             paragraphs, questions = load_xquad()
             rng = np.random.default_rng(self.data_seed)
@@ -406,6 +488,14 @@ class RagProblem(Problem):
                 questions = [questions[i] for i in sorted(rng.choice(len(questions), self.n_questions, replace=False))]
             self._cache["corpus"] = (paragraphs, questions)
         return self._cache["corpus"]
+
+    def relevant(self, chunking: Chunking) -> list[np.ndarray]:
+        """Per scored question, the mask of the chunks (of ``chunking``) that answer it."""
+        key = ("relevant", chunking)
+        if key not in self._cache:
+            chunks = self.chunks(chunking)
+            self._cache[key] = [relevant_chunks(chunks, q) for q in self.corpus()[1]]
+        return self._cache[key]
 
     def chunks(self, chunking: Chunking) -> Chunks:
         key = ("chunks", chunking)
@@ -431,9 +521,11 @@ class RagProblem(Problem):
         paragraphs, questions = self.corpus()
         chunks = self.chunks(chunking)
         retriever, rerank, top_k = config["retriever"], config["rerank"], config["top_k"]
+        cross = config.get("rerank_with") == "cross-encoder"
+        rerank_sentences = rerank and not cross
         use_dense = retriever in ("dense", "hybrid")
         use_bm25 = retriever in ("bm25", "hybrid")
-        needs_query_vector = use_dense or rerank
+        needs_query_vector = use_dense or rerank_sentences
         metadata: dict[str, Any] = {"n_chunks": len(chunks.texts), "n_questions": len(questions),
                                     "n_paragraphs": len(paragraphs)}
 
@@ -443,7 +535,8 @@ class RagProblem(Problem):
         bm25 = self.bm25(chunking) if use_bm25 else None
         if bm25 is not None:
             index_bytes += bm25.nbytes
-        chunk_vectors = self.embedding_cache.get(chunks.texts, self._encode) if (use_dense or rerank) else None
+        disk_before = self._cache.get("disk_hits", 0)
+        chunk_vectors = self._vectors(chunks.texts) if (use_dense or rerank_sentences) else None
         dense_index = None
         if use_dense:
             build_started = time.perf_counter()
@@ -451,8 +544,8 @@ class RagProblem(Problem):
             metadata.update(settings, index_build_s=time.perf_counter() - build_started)
             index_bytes += len(faiss.serialize_index(dense_index))
         piece_vectors = None
-        if rerank:
-            piece_vectors = self.embedding_cache.get(chunks.piece_texts, self._encode)
+        if rerank_sentences:
+            piece_vectors = self._vectors(chunks.piece_texts)
             index_bytes += piece_vectors.nbytes + chunks.piece_offsets.astype(np.int32).nbytes
             if not use_dense:  # a faiss index already holds the chunk vectors; BM25 does not
                 index_bytes += chunk_vectors.nbytes
@@ -460,11 +553,13 @@ class RagProblem(Problem):
         metadata["prepare_s"] = time.perf_counter() - started
         metadata["texts_embedded"] = self.embedding_cache.misses - misses_before
         metadata["texts_from_cache"] = self.embedding_cache.hits - hits_before
+        metadata["vector_sets_from_disk"] = self._cache.get("disk_hits", 0) - disk_before
 
         first_stage_k = POOL if (rerank or retriever == "hybrid") else top_k
         # One untimed query first, so one-off costs (first touches of the index) do not count as latency.
         self._retrieve(questions[0].text, None if query_vectors is None else query_vectors[:1], retriever, config,
                        first_stage_k, bm25, dense_index)
+        relevant_masks = self.relevant(chunking)
         ranks = np.zeros(len(questions))  # 1-based rank of the first relevant chunk; 0: none in top_k
         answerable = 0
         search_s = 0.0
@@ -472,13 +567,17 @@ class RagProblem(Problem):
             query_vector = query_vectors[qi : qi + 1] if query_vectors is not None else None
             t0 = time.perf_counter()
             ranked = self._retrieve(question.text, query_vector, retriever, config, first_stage_k, bm25, dense_index)
-            if rerank:
+            if rerank_sentences:
                 ranked = _rerank(ranked, query_vector[0], chunk_vectors, piece_vectors, chunks.piece_offsets)
-            ranked = ranked[:top_k]
             search_s += time.perf_counter() - t0
+            if cross and len(ranked):
+                scores, model_s = self.cross_scores(question.text, [chunks.texts[i] for i in ranked])
+                t0 = time.perf_counter()
+                ranked = ranked[np.argsort(-scores, kind="stable")]
+                search_s += time.perf_counter() - t0 + model_s
+            ranked = ranked[:top_k]
 
-            relevant = ((chunks.paragraph == question.paragraph) & (chunks.start <= question.answer_start)
-                        & (chunks.end >= question.answer_end))
+            relevant = relevant_masks[qi]
             answerable += bool(relevant.any())
             hit = np.flatnonzero(relevant[ranked])
             if hit.size:
@@ -539,21 +638,86 @@ class RagProblem(Problem):
         return device
 
     def _minilm(self) -> tuple[Any, Any]:
+        """(tokenizer, model) of the embedding model, loaded once per instance."""
         if "minilm" not in self._cache:
-            from problems._minilm import load_minilm
+            from problems._minilm import load_checkpoint
 
-            self._cache["minilm"] = load_minilm(self._device())
+            self._cache["minilm"] = load_checkpoint(self.embedding_model, device=self._device())
         return self._cache["minilm"]
 
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
         from problems._minilm import embed
 
         tokenizer, model = self._minilm()
-        return embed(texts, tokenizer, model, batch_size=self.embed_batch)
+        return embed(texts, tokenizer, model, batch_size=self.embed_batch, pooling=self.pooling)
+
+    def cross_scores(self, query: str, texts: Sequence[str]) -> tuple[np.ndarray, float]:
+        """The cross-encoder's scores of (query, text) pairs, shape ``(len(texts),)``, and the seconds its
+        inference took for them (measured when each pair was first scored)."""
+        cache = self._cache.setdefault("cross_scores", {})
+        missing = [t for t in dict.fromkeys(texts) if (query, t) not in cache]
+        if missing:
+            import torch
+
+            if "cross_encoder" not in self._cache:
+                from problems._minilm import load_checkpoint
+                from transformers import AutoModelForSequenceClassification
+
+                self._cache["cross_encoder"] = load_checkpoint(self.reranker, AutoModelForSequenceClassification, self._device())
+            tokenizer, model = self._cache["cross_encoder"]
+            started = time.perf_counter()
+            with torch.no_grad():
+                batch = tokenizer([query] * len(missing), list(missing), padding=True, truncation=True, max_length=512,
+                                  return_tensors="pt").to(next(model.parameters()).device)
+                scores = model(**batch).logits[:, -1].float().cpu().numpy()
+            each = (time.perf_counter() - started) / len(missing)
+            for text, score in zip(missing, scores):
+                cache[(query, text)] = (float(score), each)
+        pairs = [cache[(query, t)] for t in texts]
+        return np.array([p[0] for p in pairs]), float(sum(p[1] for p in pairs))
+
+    def _model_key(self) -> str:
+        """A content hash of the embedding model: its files' bytes and the pooling."""
+        if "model_key" not in self._cache:
+            digest = hashlib.sha256(self.pooling.encode())
+            folder = Path(self.embedding_model)
+            files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+            for file in files:
+                if file.suffix in (".json", ".txt", ".safetensors", ".bin", ".model"):
+                    digest.update(file.relative_to(folder).as_posix().encode())
+                    with open(file, "rb") as f:
+                        for block in iter(lambda: f.read(1 << 20), b""):
+                            digest.update(block)
+            if not files:  # a cached hub name
+                digest.update(str(self.embedding_model).encode())
+            self._cache["model_key"] = digest.hexdigest()
+        return self._cache["model_key"]
+
+    def _vectors(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit vectors of ``texts``, shape ``(len(texts), dim)``: from memory, from ``cache_dir``, or embedded
+        (and then written there; a write is atomic, so workers racing on one set lose nothing)."""
+        if self.cache_dir is None:
+            return self.embedding_cache.get(texts, self._encode)
+        digest = hashlib.sha256(self._model_key().encode())
+        for text in texts:
+            digest.update(text.encode())
+            digest.update(b"\x1e")
+        path = Path(self.cache_dir).expanduser() / f"{digest.hexdigest()[:40]}.npy"
+        if path.is_file():
+            vectors = np.load(path)
+            self._cache["disk_hits"] = self._cache.get("disk_hits", 0) + 1
+            self.embedding_cache.vectors.update(zip(texts, vectors))
+            return vectors
+        vectors = self.embedding_cache.get(texts, self._encode)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npy")
+        np.save(partial, vectors)
+        os.replace(partial, path)
+        return vectors
 
     def _question_vectors(self) -> np.ndarray:
         if "question_vectors" not in self._cache:
-            self._cache["question_vectors"] = self.embedding_cache.get([q.text for q in self.corpus()[1]], self._encode)
+            self._cache["question_vectors"] = self._vectors([q.text for q in self.corpus()[1]])
         return self._cache["question_vectors"]
 
     def _encode_latency_ms(self) -> float:
@@ -578,6 +742,14 @@ def _rerank(candidates: np.ndarray, query_vector: np.ndarray, chunk_vectors: np.
     similarities = piece_vectors[rows] @ query_vector
     best_sentence = np.maximum.reduceat(similarities, np.concatenate(([0], np.cumsum(ends - starts)[:-1])))
     return candidates[np.argsort(-(chunk_vectors[candidates] @ query_vector + best_sentence), kind="stable")]
+
+
+def _sentence_pooling(model: str) -> str:
+    """"cls" or "mean", as a sentence-transformers folder's 1_Pooling/config.json says (mean without one)."""
+    config = Path(model) / "1_Pooling" / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("pooling_mode_cls_token"):
+        return "cls"
+    return "mean"
 
 
 def _cuda_available() -> bool:

@@ -1,4 +1,4 @@
-"""The ``qd`` command: ``problems``, ``run``, ``show``, ``plot``, ``dashboard``, ``report``, ``export``."""
+"""The ``qd`` command: ``problems``, ``run``, ``show``, ``plot``, ``dashboard``, ``report``, ``export``, ``new-problem``."""
 
 from __future__ import annotations
 
@@ -187,6 +187,23 @@ def _add_user_surfaces(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def cmd_new_problem(args: argparse.Namespace) -> int:
+    from qd.scaffold import write_plugin
+
+    for path in write_plugin(args.name, args.dir):
+        print(path)
+    print(f"next: pip install -e {args.dir.rstrip('/')}/{args.name} && qd problems")
+    return 0
+
+
+def _add_new_problem(sub: argparse._SubParsersAction) -> None:
+    """``new-problem`` (qd.scaffold): write a plug-in package for a new problem."""
+    p = sub.add_parser("new-problem", help="write a plug-in package (pyproject entry point, problem class, test)")
+    p.add_argument("name", help="problem name, e.g. my-problem (the package is qd_my_problem)")
+    p.add_argument("--dir", default=".", help="parent folder of the package (default: here)")
+    p.set_defaults(func=cmd_new_problem)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qd", description="Quality-diversity and multi-objective search over "
                                      "ML configuration spaces. Every evaluation is an Optuna trial.")
@@ -227,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default="plots", help="output folder")
         p.set_defaults(func=func)
     _add_user_surfaces(sub)
+    _add_new_problem(sub)
     return parser
 
 

@@ -144,3 +144,66 @@ def test_space_round_trips_and_samples_valid_configurations(problem):
         assert ("kernel_size" in config) == (config["family"] == "cnn")
     assert problem.describe()["measures"] == [{"name": "log10_params", "low": 2.0, "high": 7.0},
                                               {"name": "depth", "low": 0.5, "high": 4.5}]
+
+
+# --- a dataset given by path --------------------------------------------------------------
+def _digits_parts():
+    x, y = load_dataset("digits")
+    return x[:300], y[:300]
+
+
+def test_npz_image_folder_and_table_by_path_train_and_count_exactly(tmp_path):
+    from PIL import Image
+
+    x, y = _digits_parts()
+    np.savez(tmp_path / "digits.npz", images=(x * 255).astype(np.uint8), labels=y)
+    for i, (image, label) in enumerate(zip(x[:120], y[:120])):
+        (tmp_path / "folder" / f"c{label}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255).astype(np.uint8), mode="L").save(tmp_path / "folder" / f"c{label}" / f"{i}.png")
+    import pandas as pd
+
+    pd.DataFrame(x.reshape(len(x), -1)[:, :20]).add_prefix("f").assign(digit=y).to_csv(tmp_path / "rows.csv", index=False)
+
+    cases = [({"dataset": str(tmp_path / "digits.npz")}, (1, 8, 8), 10),
+             ({"dataset": str(tmp_path / "folder"), "image_size": 12}, (1, 12, 12), 10),
+             ({"dataset": str(tmp_path / "rows.csv"), "label_column": "digit"}, (20,), 10)]
+    for options, shape, classes in cases:
+        problem = ArchProblem(**options)
+        assert problem.side == shape and problem.num_classes == classes
+        families = problem.space["family"].choices
+        assert families == (("mlp",) if len(shape) == 1 else ("mlp", "cnn"))
+        for config in problem.space.sample(5, np.random.default_rng(0)):
+            assert problem.cheap_values(config)["params"] == count_params(problem.build(config))
+            low, high = problem.measures[0].low, problem.measures[0].high
+            assert low <= math.log10(count_params(problem.build(config))) <= high
+        config = {"family": "mlp", "depth": 1, "width": 32, "activation": "relu", "norm": "none", "dropout": 0.0,
+                  "lr": 3e-3, "epochs": 4}
+        evaluation = problem.evaluate(config, seed=0)
+        assert evaluation.values["accuracy"] > 0.3, options  # chance is 0.1
+
+
+@pytest.mark.parametrize("make, options, named", [
+    (None, {"dataset": "no/such.npz"}, ["dataset", "no/such.npz", "no such file"]),
+    ("csv", {"label_column": "class"}, ["label_column", "'class'", "digit"]),
+    ("one", {"label_column": "digit"}, ["label_column", "1 class", "at least 2"]),
+    ("npz", {}, ["dataset", "expected inputs under x"]),
+    ("empty", {}, ["dataset", "no images"]),
+])
+def test_bad_dataset_paths_fail_at_construction(tmp_path, make, options, named):
+    import pandas as pd
+
+    path = None
+    if make in ("csv", "one"):
+        path = tmp_path / "rows.csv"
+        pd.DataFrame({"a": [1.0, 2.0, 3.0, 4.0], "digit": [0, 1, 0, 1] if make == "csv" else [3, 3, 3, 3]}).to_csv(path, index=False)
+    elif make == "npz":
+        path = tmp_path / "bad.npz"
+        np.savez(path, pixels=np.zeros((4, 8, 8)), classes=np.arange(4))
+    elif make == "empty":
+        path = tmp_path / "images"
+        (path / "cats").mkdir(parents=True)
+    arguments = ({"dataset": str(path)} if path else {}) | options
+    with pytest.raises(ValueError) as error:
+        ArchProblem(**arguments)
+    for name in named:
+        assert name in str(error.value)

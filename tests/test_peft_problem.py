@@ -15,7 +15,8 @@ import torch
 
 from problems import peft as peft_problem
 from problems._minilm import PATH_ENV, load_minilm, model_path
-from problems.peft import DEFAULT_CONFIG, HEAD_PARAMS, METHODS, PeftProblem, read_split, stratified_order, trainable_params
+from problems.peft import (DEFAULT_CONFIG, HEAD_PARAMS, METHODS, MINILM_GEOMETRY, PeftProblem, read_split,
+                           stratified_order, trainable_params)
 from qd.registry import get_problem
 from qd.space import SpaceError
 
@@ -111,6 +112,9 @@ def test_model_geometry_matches_the_constants_the_count_relies_on(problem):
     _, encoder = problem._base()
     assert (encoder.config.num_hidden_layers, encoder.config.hidden_size, encoder.config.intermediate_size) == (
         peft_problem.NUM_LAYERS, peft_problem.HIDDEN, peft_problem.INTERMEDIATE)
+    # What the problem read from the checkpoint (on the meta device) is the geometry the constants describe.
+    assert problem.geometry == MINILM_GEOMETRY and problem.head_params == HEAD_PARAMS
+    assert peft_problem.geometry_of(encoder, encoder.config) == MINILM_GEOMETRY
     assert len(json.loads((peft_problem.DATA_DIR / "categories.json").read_text())) == peft_problem.NUM_CLASSES
 
 
@@ -133,6 +137,8 @@ def test_invalid_configs_are_rejected_naming_the_parameter(problem, config, fiel
         problem.space.validate(config)
     with pytest.raises(SpaceError, match=field):
         problem.cheap_values(config)
+    with pytest.raises(SpaceError, match=field):
+        problem.trainable_params(config)
     with pytest.raises(SpaceError, match=field):
         problem.evaluate(config, seed=0)
 
