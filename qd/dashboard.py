@@ -288,19 +288,9 @@ def featured_numbers(cols: Columns, archive: RunArchive | None, directions: Sequ
     elites: set[int] = set()
     ok = np.flatnonzero(cols.feasible)
     if archive is not None and len(ok):
-        from qd.archive import ParetoArchive
+        from qd.explore import elite_rows
 
-        if isinstance(archive, ParetoArchive):
-            elites = {n for f in archive.fronts.values() for n in f.numbers}
-        else:
-            rows = ok[cols.cell[ok] >= 0]
-            if len(rows):
-                sign = archive.spec.sign
-                score = sign * cols.values[rows, archive.spec.objective_index]
-                order = np.lexsort((-score, cols.cell[rows]))  # by cell, best first
-                cells = cols.cell[rows][order]
-                first = np.r_[True, cells[1:] != cells[:-1]]
-                elites = set(cols.number[rows][order][first].tolist())
+        elites = set(cols.number[elite_rows(cols, archive)].tolist())
     front: list[int] = []
     if len(directions) > 1 and len(ok):
         front = cols.number[ok[pareto_front_mask(cols.values[ok], directions)]].tolist()

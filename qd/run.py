@@ -471,7 +471,7 @@ class _Loop:
                 self.launch(self.space.from_raw(raw[None])[0], "requeue", requeue_of=number, raw=raw)
                 slots -= 1
             if slots > 0:
-                asked = self.strategy.ask(slots, pending=[t.params for t in self.in_flight.values()])
+                asked = self.strategy.ask(slots, pending=_Pending(self.in_flight))
                 for config in asked[:slots]:
                     self.launch(config, "strategy")
         if not self.in_flight:
@@ -589,6 +589,28 @@ class _Loop:
         counts = self.store.columns().counts()
         return RunReport(finished=self.state.n_finished, complete=counts["n_complete"], failed=counts["n_failed"],
                          requeued=n_requeued, elapsed_s=time.monotonic() - self.t_start, stopped_by=self.stopped_by)
+
+
+class _Pending(Sequence):
+    """The configurations in flight, built only if a strategy reads them (hundreds of workers)."""
+
+    def __init__(self, in_flight: dict[int, Trial]):
+        self._in_flight = in_flight
+        self._list: list[Config] | None = None
+
+    def _items(self) -> list[Config]:
+        if self._list is None:
+            self._list = [t.params for t in self._in_flight.values()]
+        return self._list
+
+    def __len__(self) -> int:
+        return len(self._in_flight)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._items()[i]
+
+    def __iter__(self):
+        return iter(self._items())
 
 
 def _fill(cols: Columns, be: BatchEvaluation | None, batch_error: str | None, problem: Problem) -> None:
