@@ -40,6 +40,17 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "Q
 
 
 def _worker_main(conn: Connection, problem_bytes: bytes, memory_mb: int | None, threads: int) -> None:
+    # The driver stops its workers itself: a Ctrl-C or a closed terminal reaches the whole process
+    # group, and a worker dying of it first would record its evaluation as a crash, not re-run it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        _serve(conn, problem_bytes, memory_mb, threads)
+    except (BrokenPipeError, ConnectionResetError, EOFError):  # the driver is gone: nothing to report to
+        os._exit(0)
+
+
+def _serve(conn: Connection, problem_bytes: bytes, memory_mb: int | None, threads: int) -> None:
     for var in _THREAD_VARS:
         os.environ[var] = str(threads)
     if memory_mb:
@@ -72,6 +83,8 @@ def _worker_main(conn: Connection, problem_bytes: bytes, memory_mb: int | None, 
         meta = {"wall_time_s": time.perf_counter() - t0, "worker_pid": os.getpid(), "peak_rss_mb": _peak_rss_mb()}
         try:
             conn.send((*reply, meta))
+        except OSError:
+            raise
         except Exception as e:  # an unpicklable result
             conn.send(("exception", job.key, f"result could not be sent back: {error_text(e)}", meta))
 
@@ -200,6 +213,11 @@ class ProcessPoolEvaluator(Evaluator):
                         outcomes.append(Outcome(job.key, error=_describe_exit(w.process.exitcode), kind="crash",
                                                 metadata={"wall_time_s": time.monotonic() - w.started}))
                         self._retire(w)
+                        continue
+                    except Exception as e:  # noqa: BLE001 - a result that pickles in the worker but not back here
+                        w.job = None
+                        outcomes.append(Outcome(job.key, error=f"result could not be read back: {error_text(e)}",
+                                                kind="exception", metadata={"wall_time_s": time.monotonic() - w.started}))
                         continue
                     if status == "ready":  # start-up done: the job's clock starts now
                         w.ready, w.started = True, time.monotonic()

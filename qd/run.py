@@ -34,6 +34,7 @@ from qd.experiment import ExperimentError
 from qd.problem import EvaluationError, Problem
 from qd.results import hypervolume, pareto_trials, reference_point
 from qd.space import Config
+from qd.stopping import StopOnSignals, mark_stale
 from qd.store import Store, Trial
 from qd.strategy import Strategy
 
@@ -260,6 +261,7 @@ def run(
         return store.fail(trial, f"{outcome.kind}: {outcome.error}", metadata=meta)
 
     evaluator.start(problem, workers, timeout_s)
+    stop = StopOnSignals()  # SIGINT/SIGTERM/SIGHUP -> Interrupted here; after start (ray.init sets SIGTERM's)
     _LIVE_RUNS.add(token)
     try:
         while True:
@@ -296,10 +298,14 @@ def run(
                 for cb in callbacks:
                     cb(store, trial)
                 bar.update(trial, len(in_flight), force=finished >= budget)
+    except BaseException as e:  # stopped or broken: what was running is evaluated again on resume
+        mark_stale(store, in_flight.values(), e)
+        raise
     finally:
         _LIVE_RUNS.discard(token)
         evaluator.close()
         bar.close()
+        stop.restore()  # last: a signal during the cleanup above is ignored
     counts = store.counts()
     return RunReport(finished=finished, complete=counts["n_complete"], failed=counts["n_failed"],
                      requeued=n_requeued, elapsed_s=time.monotonic() - t_start, stopped_by=stopped_by)

@@ -31,6 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from qd.problem import Problem
 from qd.space import Config
+from qd.storage_url import RunNotFound, check_run_name, check_storage, mask  # noqa: F401 (RunNotFound: re-exported)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -39,10 +40,6 @@ _STATE = {TrialState.RUNNING: "running", TrialState.COMPLETE: "complete", TrialS
           TrialState.WAITING: "running", TrialState.PRUNED: "failed"}
 # Optuna's own key for constraint values; NSGA-II and the dashboard read it.
 _OPTUNA_CONSTRAINTS_KEY = "constraints"
-
-
-class RunNotFound(LookupError):
-    pass
 
 
 def optuna_storage(storage: str) -> str | optuna.storages.RDBStorage:
@@ -148,6 +145,8 @@ class Store:
     @classmethod
     def create(cls, storage: str, info: RunInfo, problem: Problem, *, resume: bool = False) -> Store:
         """Create the run's study; with ``resume`` open an existing one (which must match)."""
+        check_storage(storage, create=True)
+        check_run_name(info.name)
         try:
             existing = cls.open(storage, info.name)
         except RunNotFound:
@@ -155,7 +154,7 @@ class Store:
         if existing is not None:
             if not resume:
                 raise ValueError(
-                    f"run {info.name!r} already exists in {storage}; pass --resume to continue it, "
+                    f"run {info.name!r} already exists in {mask(storage)}; pass --resume to continue it, "
                     f"or choose another --name"
                 )
             if (existing.info.problem, existing.info.problem_options) != (info.problem, info.problem_options):
@@ -179,19 +178,21 @@ class Store:
 
     @classmethod
     def open(cls, storage: str, name: str) -> Store:
+        check_storage(storage, create=False)
         try:
             study = optuna.load_study(study_name=name, storage=optuna_storage(storage))
         except KeyError:
             names = [s.study_name for s in optuna.get_all_study_summaries(optuna_storage(storage))]
-            raise RunNotFound(f"no run named {name!r} in {storage}; runs there: {names}") from None
+            raise RunNotFound(f"no run named {name!r} in {mask(storage)}; runs there: {names}") from None
         attrs = study.user_attrs
         if "qd" not in attrs:
-            raise RunNotFound(f"study {name!r} in {storage} was not made by qd (no 'qd' user attribute)")
+            raise RunNotFound(f"study {name!r} in {mask(storage)} was not made by qd (no 'qd' user attribute)")
         info = RunInfo(name=name, **attrs["qd"])
         return cls(study, info, attrs.get("measure_names", []))
 
     @staticmethod
     def run_names(storage: str) -> list[str]:
+        check_storage(storage, create=False)
         return [s.study_name for s in optuna.get_all_study_summaries(optuna_storage(storage))]
 
     # --- writing ----------------------------------------------------------------------------
