@@ -32,6 +32,7 @@ CONNECT_TIMEOUT_S = 10
 # Any number held by both drivers: pg_advisory_lock(key) serialises the first creation of the tables.
 _TABLES_LOCK_KEY = 0x71645F74  # "qd_t"
 _CHECKED: set[tuple[str, bool]] = set()  # (PostgreSQL URL, create) this process already checked
+_PLACEHOLDERS = ("***", "PASSWORD")  # in messages that say what is allowed
 _URL_WITH_PASSWORD = re.compile(r"(?P<pre>\b[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s'\"]*):(?P<pw>[^@\s'\"]*)@")
 
 
@@ -67,7 +68,8 @@ def mask_text(text: str, urls: Iterable[str] = ()) -> str:
     for url in urls:
         if isinstance(url, str) and url:
             text = text.replace(url, mask(url))
-    return _URL_WITH_PASSWORD.sub(r"\g<pre>:***@", text)
+    return _URL_WITH_PASSWORD.sub(lambda m: m.group(0) if m.group("pw") in _PLACEHOLDERS else f"{m.group('pre')}:***@",
+                                  text)
 
 
 def check_run_name(name: object) -> None:
