@@ -40,10 +40,11 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "Q
 
 
 def _worker_main(conn: Connection, problem_bytes: bytes, memory_mb: int | None, threads: int) -> None:
-    # The driver stops its workers itself: a Ctrl-C or a closed terminal reaches the whole process
-    # group, and a worker dying of it first would record its evaluation as a crash, not re-run it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # The driver stops its workers itself (SIGKILL): a Ctrl-C, a closed terminal or a service manager's
+    # SIGTERM reaches the whole process group, and a worker dying of it before the driver reacts would
+    # record its evaluation as a crash instead of leaving it to be re-run.
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     try:
         _serve(conn, problem_bytes, memory_mb, threads)
     except (BrokenPipeError, ConnectionResetError, EOFError):  # the driver is gone: nothing to report to
