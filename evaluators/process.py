@@ -29,6 +29,8 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait as wait_any
 from typing import Any
@@ -37,13 +39,14 @@ from evaluators.base import Evaluator, Job, Outcome, error_text
 from qd.problem import Problem
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "QD_TORCH_THREADS")
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
 
 
 def _worker_main(conn: Connection, problem_bytes: bytes, memory_mb: int | None, threads: int) -> None:
     # The driver stops its workers itself (SIGKILL): a Ctrl-C, a closed terminal or a service manager's
     # SIGTERM reaches the whole process group, and a worker dying of it before the driver reacts would
     # record its evaluation as a crash instead of leaving it to be re-run.
-    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+    for signum in _STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     try:
         _serve(conn, problem_bytes, memory_mb, threads)
@@ -88,6 +91,20 @@ def _serve(conn: Connection, problem_bytes: bytes, memory_mb: int | None, thread
             raise
         except Exception as e:  # an unpicklable result
             conn.send(("exception", job.key, f"result could not be sent back: {error_text(e)}", meta))
+
+
+@contextmanager
+def _stop_signals_ignored() -> Iterator[None]:
+    """Ignore SIGINT, SIGHUP and SIGTERM in this (main) thread for a moment; a no-op elsewhere."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def _exit_with_parent(interval_s: float = 1.0) -> None:
@@ -155,7 +172,8 @@ class ProcessPoolEvaluator(Evaluator):
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(target=_worker_main, args=(child, self._problem_bytes, self._memory_mb, self.threads),
                                  daemon=True)
-        proc.start()
+        with _stop_signals_ignored():  # inherited through exec: a worker still importing ignores them too
+            proc.start()
         child.close()
         return _Worker(proc, parent)
 

@@ -116,18 +116,63 @@ def _check_sqlite(url: str, host: str | None, database: str | None, create: bool
     path = Path(database)
     if path.is_dir():
         raise StorageError(f"storage {url!r}: {str(path)!r} is a directory; allowed: a SQLite file path")
-    if path.exists():
-        with open(path, "rb") as f:
-            head = f.read(16)
-        if head and head != b"SQLite format 3\x00":
-            raise StorageError(f"storage {url!r}: {str(path)!r} is not a SQLite database")
+    if not path.exists():
+        if not create:
+            raise DatabaseMissing(f"storage {url!r}: the database file {str(path)!r} does not exist (nothing was "
+                                  f"created); check the path, or start a run there with `qd run`")
+        if not path.parent.is_dir():
+            raise StorageError(f"storage {url!r}: the directory {str(path.parent)!r} does not exist; create it first "
+                               f"(mkdir -p {path.parent})")
+    _sqlite_tables(url, path, create)
+
+
+def _sqlite_tables(url: str, path: Path, create: bool) -> None:
+    """Make Optuna's tables (``create``) or check that they exist (read) under a lock, so that two
+    processes never make them at once ("table already exists", "database disk image is malformed")
+    and a reader never makes them at all.
+
+    The lock is a file of its own in the temporary directory: the database file itself must never
+    be opened and closed outside SQLite in a process that may hold SQLite connections to it, as
+    closing any descriptor of a file drops every POSIX lock the process holds on it (SQLite's
+    locks among them), which lets two writers corrupt it.
+    """
+    import fcntl
+    import hashlib
+    import sqlite3
+    import tempfile
+
+    key = (url, True)
+    if key in _CHECKED:
         return
-    if not create:
-        raise DatabaseMissing(f"storage {url!r}: the database file {str(path)!r} does not exist (nothing was "
-                              f"created); check the path, or start a run there with `qd run`")
-    if not path.parent.is_dir():
-        raise StorageError(f"storage {url!r}: the directory {str(path.parent)!r} does not exist; create it first "
-                           f"(mkdir -p {path.parent})")
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
+    lock_path = Path(tempfile.gettempdir()) / f"qd-sqlite-{digest}.lock"
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if create else fcntl.LOCK_SH)
+        try:
+            if path.exists():
+                try:
+                    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+                    try:
+                        found = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='studies'").fetchone()
+                    finally:
+                        db.close()
+                except sqlite3.DatabaseError as e:
+                    if "not a database" in str(e) or "malformed" in str(e):
+                        raise StorageError(f"storage {url!r}: {str(path)!r} is not a SQLite database ({e})") from None
+                    raise StorageError(f"storage {url!r}: cannot read {str(path)!r} ({e})") from None
+            else:
+                found = None
+            if not found:
+                if not create:
+                    raise DatabaseMissing(f"storage {url!r}: {str(path)!r} holds no runs (nothing was created)")
+                from qd.store import optuna_storage
+
+                storage = optuna_storage(url)  # makes the file and the tables, and sets WAL mode
+                if hasattr(storage, "engine"):
+                    storage.engine.dispose()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _CHECKED.add(key)
 
 
 def _check_postgresql(url: str, create: bool) -> None:
