@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -238,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qd.stopping import Interrupted, exit_status
+    from qd.stopping import exit_status, stop_signal
     from qd.storage_url import mask_text
 
     args = build_parser().parse_args(argv)
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so the interpreter's final flush does not fail too
         return 141
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP during a run (qd.stopping)
-        how = f" ({e.name})" if isinstance(e, Interrupted) else ""
+        how = f" ({signal.Signals(stop_signal(e)).name})"
         resume = " resume with --resume" if args.command == "run" else ""
         print(f"qd: interrupted{how};{resume}".rstrip(";"), file=sys.stderr)
         return exit_status(e)

@@ -27,6 +27,11 @@ INTERRUPTED_REASON = ("stale: the driver was stopped ({signal}) while this evalu
                       "is evaluated again on --resume")
 
 
+# The signal the last StopOnSignals stopped on: Ray's waits turn an exception raised by a signal
+# handler into a plain KeyboardInterrupt, so the exception alone cannot say which signal it was.
+_last_signal: int | None = None
+
+
 class Interrupted(KeyboardInterrupt):
     """The run was stopped by a signal; ``signum`` says which (the exit status is 128 + signum)."""
 
@@ -44,7 +49,9 @@ class StopOnSignals:
     back the ones found. Install after anything that sets its own (``ray.init`` sets SIGTERM's)."""
 
     def __init__(self, signals: Iterable[int] = STOP_SIGNALS):
+        global _last_signal
         self.signum: int | None = None
+        _last_signal = None
         self._previous: dict[int, Any] = {}
         if threading.current_thread() is not threading.main_thread():
             return
@@ -55,9 +62,10 @@ class StopOnSignals:
                 pass
 
     def _handle(self, signum: int, frame: object) -> None:
+        global _last_signal
         if self.signum is not None:  # already stopping: let the cleanup finish
             return
-        self.signum = signum
+        self.signum = _last_signal = signum
         raise Interrupted(signum)
 
     @property
@@ -73,7 +81,8 @@ class StopOnSignals:
 def mark_stale(store: Any, trials: Iterable[Any], error: BaseException | None) -> None:
     """Record the run loop's in-flight ``trials`` as stale (evaluated again on resume) after the
     loop ended by ``error``. Never raises: the original error is what the caller must see."""
-    what = error.name if isinstance(error, Interrupted) else type(error).__name__ if error else "stopped"
+    signum = stop_signal(error)
+    what = signal.Signals(signum).name if signum else type(error).__name__ if error else "stopped"
     reason = INTERRUPTED_REASON.format(signal=what)
     for trial in list(trials):
         try:
@@ -84,9 +93,18 @@ def mark_stale(store: Any, trials: Iterable[Any], error: BaseException | None) -
             return
 
 
+def stop_signal(error: BaseException | None) -> int | None:
+    """The signal a run was stopped by, when ``error`` is how it stopped (None: not by a signal)."""
+    if isinstance(error, Interrupted):
+        return error.signum
+    if isinstance(error, KeyboardInterrupt):
+        return _last_signal or signal.SIGINT
+    return None
+
+
 def exit_status(error: KeyboardInterrupt) -> int:
     """The shell's convention: 128 + the signal's number (130 for Ctrl-C)."""
-    return 128 + (error.signum if isinstance(error, Interrupted) else signal.SIGINT)
+    return 128 + (stop_signal(error) or signal.SIGINT)
 
 
-__all__ = ["Interrupted", "StopOnSignals", "mark_stale", "exit_status", "STOP_SIGNALS"]
+__all__ = ["Interrupted", "StopOnSignals", "mark_stale", "exit_status", "stop_signal", "STOP_SIGNALS"]
