@@ -297,15 +297,16 @@ def _pids_alive(pids) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
-def test_a_stopped_ray_driver_leaves_no_actor_behind(tmp_path, signum):
-    """SIGTERM: a clean stop (no Ray stack dump, trials stale, exit 143). SIGKILL: nothing can be
-    cleaned up, but the actors end within seconds instead of the minute Ray takes to notice."""
+def test_a_stopped_ray_driver_leaves_no_actor_behind(ray_address, tmp_path, signum):
+    """A driver joined to this module's Ray. SIGTERM: a clean stop (no Ray stack dump, trials stale,
+    exit 143). SIGKILL: nothing can be cleaned up, but the actors end within seconds instead of the
+    minute Ray takes to notice."""
     storage, name = f"sqlite:///{tmp_path}/r.db", "r"
     env = {**os.environ, "PYTHONPATH": f"{os.path.dirname(os.path.dirname(__file__))}{os.pathsep}"
                                        f"{os.environ.get('PYTHONPATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, "-m", "qd.cli", "run", "--problem", "faulty", "-P", 'weights={"ok": 1}',
-                             "-P", "sleep_s=3", "-P", "timeout_s=60", "--evaluator", "ray", "-E", "num_cpus=2",
+                             "-P", "sleep_s=3", "-P", "timeout_s=60", "--evaluator", "ray", "--ray-address", ray_address,
                              "--workers", "2", "--budget", "20", "--storage", storage, "--name", name,
                              "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline, pids = time.monotonic() + 180, set()
