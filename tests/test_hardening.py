@@ -440,7 +440,8 @@ def _wait_for_running(storage: str, name: str, n: int, proc: subprocess.Popen, t
     raise AssertionError("the run never had its evaluations running")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow),
+                                    pytest.param(signal.SIGHUP, marks=pytest.mark.slow)])
 def test_a_signal_stops_the_run_cleanly(tmp_path, signum):
     """Sent to the whole process group (as a terminal's Ctrl-C or hang-up is): one hint, no traceback,
     in-flight trials stale, workers gone; the resumed run ends with exactly its budget."""
