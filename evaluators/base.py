@@ -39,10 +39,42 @@ class Outcome:
 
 
 def error_text(exc: BaseException, limit: int = 2000) -> str:
-    """The exception line first, then the end of its traceback (where the cause usually is)."""
-    tb = "".join(traceback.format_exception(exc))
-    head = f"{type(exc).__name__}: {exc}"
+    """The exception line first, then the end of its traceback (where the cause usually is).
+
+    An exception without a message (the allocator's ``MemoryError``, a bare ``raise KeyError()``)
+    is described by what it means, so a recorded reason is never just ``MemoryError: ``.
+    """
+    try:
+        message = str(exc)
+    except Exception:  # noqa: BLE001 - a broken __str__
+        message = ""
+    if not message:
+        message = _no_message(exc)
+    head = f"{type(exc).__name__}: {message}"
+    try:
+        tb = "".join(traceback.format_exception(exc))
+    except Exception:  # noqa: BLE001
+        tb = ""
     return head if len(tb) <= len(head) else f"{head}\n{tb[-limit:]}"
+
+
+def _no_message(exc: BaseException) -> str:
+    if isinstance(exc, MemoryError):
+        limit = address_space_limit_mb()
+        where = f" under this worker's address-space limit of {limit} MiB" if limit else ""
+        return f"(no message) an allocation failed: the evaluation ran out of memory{where}"
+    return "(no message)"
+
+
+def address_space_limit_mb() -> int | None:
+    """This process's address-space limit in MiB (None: unlimited or unknown)."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError):
+        return None
+    return None if soft == resource.RLIM_INFINITY else soft // 2**20
 
 
 class Evaluator(ABC):

@@ -29,6 +29,8 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait as wait_any
 from typing import Any
@@ -37,9 +39,22 @@ from evaluators.base import Evaluator, Job, Outcome, error_text
 from qd.problem import Problem
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "QD_TORCH_THREADS")
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
 
 
 def _worker_main(conn: Connection, problem_bytes: bytes, memory_mb: int | None, threads: int) -> None:
+    # The driver stops its workers itself (SIGKILL): a Ctrl-C, a closed terminal or a service manager's
+    # SIGTERM reaches the whole process group, and a worker dying of it before the driver reacts would
+    # record its evaluation as a crash instead of leaving it to be re-run.
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    try:
+        _serve(conn, problem_bytes, memory_mb, threads)
+    except (BrokenPipeError, ConnectionResetError, EOFError):  # the driver is gone: nothing to report to
+        os._exit(0)
+
+
+def _serve(conn: Connection, problem_bytes: bytes, memory_mb: int | None, threads: int) -> None:
     for var in _THREAD_VARS:
         os.environ[var] = str(threads)
     if memory_mb:
@@ -72,8 +87,24 @@ def _worker_main(conn: Connection, problem_bytes: bytes, memory_mb: int | None, 
         meta = {"wall_time_s": time.perf_counter() - t0, "worker_pid": os.getpid(), "peak_rss_mb": _peak_rss_mb()}
         try:
             conn.send((*reply, meta))
+        except OSError:
+            raise
         except Exception as e:  # an unpicklable result
             conn.send(("exception", job.key, f"result could not be sent back: {error_text(e)}", meta))
+
+
+@contextmanager
+def _stop_signals_ignored() -> Iterator[None]:
+    """Ignore SIGINT, SIGHUP and SIGTERM in this (main) thread for a moment; a no-op elsewhere."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def _exit_with_parent(interval_s: float = 1.0) -> None:
@@ -141,7 +172,8 @@ class ProcessPoolEvaluator(Evaluator):
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(target=_worker_main, args=(child, self._problem_bytes, self._memory_mb, self.threads),
                                  daemon=True)
-        proc.start()
+        with _stop_signals_ignored():  # inherited through exec: a worker still importing ignores them too
+            proc.start()
         child.close()
         return _Worker(proc, parent)
 
@@ -200,6 +232,11 @@ class ProcessPoolEvaluator(Evaluator):
                         outcomes.append(Outcome(job.key, error=_describe_exit(w.process.exitcode), kind="crash",
                                                 metadata={"wall_time_s": time.monotonic() - w.started}))
                         self._retire(w)
+                        continue
+                    except Exception as e:  # noqa: BLE001 - a result that pickles in the worker but not back here
+                        w.job = None
+                        outcomes.append(Outcome(job.key, error=f"result could not be read back: {error_text(e)}",
+                                                kind="exception", metadata={"wall_time_s": time.monotonic() - w.started}))
                         continue
                     if status == "ready":  # start-up done: the job's clock starts now
                         w.ready, w.started = True, time.monotonic()

@@ -97,6 +97,89 @@ def _cap_address_space(extra_mb: int) -> int:
     return limit // 2**20
 
 
+# Fatal signals (SIGSEGV, SIGBUS, SIGFPE, SIGABRT, SIGILL) as faulthandler names them.
+_FATAL_NAMES = {"Segmentation fault": "SIGSEGV", "Bus error": "SIGBUS", "Floating-point exception": "SIGFPE",
+                "Aborted": "SIGABRT", "Illegal instruction": "SIGILL"}
+_FATAL_FILES: list[Any] = []  # kept open for faulthandler
+
+
+def _record_fatal_signals() -> str | None:
+    """Have faulthandler write a fatal signal and the Python stack to a file named by this pid; returns its
+    path. Ray's own report of a dead worker does not name the signal; the driver reads this file."""
+    import faulthandler
+    import tempfile
+
+    if _FATAL_FILES:
+        return _FATAL_FILES[0].name
+    path = os.path.join(tempfile.gettempdir(), f"qd-fatal-{os.getpid()}.log")
+    try:
+        f = open(path, "w")  # noqa: SIM115 - must stay open for the life of the process
+    except OSError:
+        return None
+    faulthandler.enable(file=f)
+    _FATAL_FILES.append(f)
+    return path
+
+
+def fatal_signal(info: dict[str, Any]) -> str | None:
+    """What killed a worker, from the file ``_record_fatal_signals`` named in its ``info`` (this host only)."""
+    path = info.get("fatal_log")
+    if not path or info.get("host") != socket.gethostname():
+        return None
+    try:
+        with open(path) as f:
+            text = f.read(20000)
+    except OSError:
+        return None
+    lines = [line.strip() for line in text.splitlines()]
+    head = next((line for line in lines if line.startswith("Fatal Python error:")), None)
+    if head is None:
+        return None
+    what = head.split(":", 1)[1].strip()
+    where = next((line for line in lines if line.startswith("File ")), None)
+    name = _FATAL_NAMES.get(what)
+    return (f"worker process died with signal {name} ({what})" if name else f"worker process died: {what}") + \
+        (f" in {where}" if where else "")
+
+
+def _exit_with_driver(driver: dict[str, Any] | None, interval_s: float = 1.0) -> None:
+    """End this worker soon after the driver dies (same host only: a pid elsewhere cannot be checked).
+
+    A SIGKILLed driver cannot stop its actors, and Ray takes up to a minute to notice; a hung
+    evaluation would hold its CPU or GPU share that the resumed run needs."""
+    if not driver or driver.get("host") != socket.gethostname():
+        return
+    pid, start = driver.get("pid"), driver.get("start")
+
+    def alive() -> bool:
+        stat = _process_stat(pid)
+        return stat is not None and stat[0] not in ("Z", "X") and (start is None or stat[1] == start)
+
+    def watch() -> None:
+        while alive():
+            time.sleep(interval_s)
+        os._exit(1)
+
+    import threading
+
+    threading.Thread(target=watch, name="qd-exit-with-driver", daemon=True).start()
+
+
+def _process_stat(pid: Any) -> tuple[str, int] | None:
+    """(state, start time in clock ticks) of a process, or None when it does not exist."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[19])
+    except (OSError, IndexError, ValueError, TypeError):
+        return None
+
+
+def _driver() -> dict[str, Any]:
+    stat = _process_stat(os.getpid())
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": stat[1] if stat else None}
+
+
 def _evaluate(problem: Problem, job: Job) -> tuple[str, int, Any, dict[str, Any]]:
     """Run one evaluation; everything it raises becomes ("exception" | "oom", key, reason, meta)."""
     t0, started_at = time.perf_counter(), time.time()
@@ -117,13 +200,16 @@ def _evaluate(problem: Problem, job: Job) -> tuple[str, int, Any, dict[str, Any]
 class _EvalActor:
     """One worker slot: holds the problem (and so its caches) for the whole run."""
 
-    def __init__(self, problem: Problem, threads: int, memory_mb: int | None):
+    def __init__(self, problem: Problem, threads: int, memory_mb: int | None, driver: dict[str, Any] | None = None):
         _set_threads(threads)
+        _exit_with_driver(driver)
+        self.fatal_log = _record_fatal_signals()
         self.problem = problem
         self.limit_mb = _cap_address_space(memory_mb) if memory_mb else None
 
     def ready(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "address_space_limit_mb": self.limit_mb}
+        return {"pid": os.getpid(), "host": socket.gethostname(), "address_space_limit_mb": self.limit_mb,
+                "fatal_log": self.fatal_log}
 
     def evaluate(self, job: Job) -> tuple[str, int, Any, dict[str, Any]]:
         return _evaluate(self.problem, job)
@@ -136,10 +222,14 @@ _STARTED = "started"
 
 
 @ray.remote(max_retries=0, num_returns="streaming")
-def _eval_task(boxed: list[ray.ObjectRef], threads: int, memory_mb: int | None, job: Job):
-    """Yields ``STARTED`` once running (the timeout counts from then, not from a wait for a worker), then the result."""
+def _eval_task(boxed: list[ray.ObjectRef], threads: int, memory_mb: int | None, job: Job,
+               driver: dict[str, Any] | None = None):
+    """Yields ``(STARTED, worker info)`` once running (the timeout counts from then, not from a wait for a
+    worker), then the result."""
     global _TASK_LIMITED
-    yield _STARTED
+    if not _FATAL_FILES:  # once per worker process (Ray reuses them)
+        _exit_with_driver(driver)
+    yield _STARTED, {"pid": os.getpid(), "host": socket.gethostname(), "fatal_log": _record_fatal_signals()}
     key = boxed[0].hex()  # boxed in a list, so Ray does not fetch the problem for every task
     if key not in _TASK_PROBLEMS:
         _set_threads(threads)
@@ -152,6 +242,47 @@ def _eval_task(boxed: list[ray.ObjectRef], threads: int, memory_mb: int | None, 
 
 
 # --- driver side --------------------------------------------------------------------------------
+#: Ray runtime-environment keys an experiment may set, with what each allows. Several of them run
+#: code in every worker (pip and uv install packages, working_dir and py_modules ship code,
+#: worker_process_setup_hook calls a function): an experiment file is as powerful as a Python
+#: script, so run only experiment files you trust.
+RUNTIME_ENV_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "env_vars": ((dict,), "a table of string values"),
+    "working_dir": ((str,), "a path or URI"),
+    "py_modules": ((list,), "a list of paths or URIs"),
+    "excludes": ((list,), "a list of patterns"),
+    "pip": ((list, str, dict), "a list of requirements, a requirements file or a table"),
+    "uv": ((list, str, dict), "a list of requirements, a requirements file or a table"),
+    "conda": ((str, dict), "an environment name, a file or a table"),
+    "container": ((dict,), "a table"),
+    "image_uri": ((str,), "an image URI"),
+    "py_executable": ((str,), "a command"),
+    "java_jars": ((list,), "a list of paths or URIs"),
+    "worker_process_setup_hook": ((str,), "the dotted name of a function"),
+    "config": ((dict,), "a table of Ray's runtime-environment settings"),
+}
+
+
+def check_runtime_env(env: Any) -> None:
+    """Raise ``ValueError`` naming the key unless ``env`` is None or a runtime environment of known keys and types."""
+    if env is None:
+        return
+    if not isinstance(env, dict):
+        raise ValueError(f"ray option runtime_env={env!r} is not allowed; allowed: a table (dict) or None")
+    unknown = sorted(set(env) - set(RUNTIME_ENV_KEYS))
+    if unknown:
+        raise ValueError(f"ray option runtime_env has unknown key(s) {unknown}; allowed keys: {sorted(RUNTIME_ENV_KEYS)}")
+    for key, value in env.items():
+        types, text = RUNTIME_ENV_KEYS[key]
+        ok = isinstance(value, types)
+        if ok and key == "env_vars":
+            ok = all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+        elif ok and isinstance(value, list):
+            ok = all(isinstance(v, str) for v in value)
+        if not ok:
+            raise ValueError(f"ray option runtime_env.{key}={value!r} is not allowed; allowed: {text}")
+
+
 def ray_options(resources: Resources) -> dict[str, Any]:
     """Ray's resource options for one evaluation with ``resources``; raises naming a bad field."""
     cpus, gpus = resources.cpus, resources.gpus
@@ -211,6 +342,7 @@ class _Task:
     job: Job
     submitted: float
     started: float | None = None
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 class RayEvaluator(Evaluator):
@@ -251,8 +383,7 @@ class RayEvaluator(Evaluator):
                 raise ValueError(f"ray option {opt}={value!r} is not allowed; allowed: an integer >= 0 or None")
         if not isinstance(memory_limit, bool):
             raise ValueError(f"ray option memory_limit={memory_limit!r} is not allowed; allowed: true or false")
-        if runtime_env is not None and not isinstance(runtime_env, dict):
-            raise ValueError(f"ray option runtime_env={runtime_env!r} is not allowed; allowed: a table (dict) or None")
+        check_runtime_env(runtime_env)
         self.address, self.mode, self.max_retries = address, mode, max_retries
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.memory_limit, self.runtime_env = memory_limit, runtime_env
@@ -268,6 +399,7 @@ class RayEvaluator(Evaluator):
         self._slots: list[_Slot] = []
         self._tasks: dict[Any, _Task] = {}  # task mode: its generator of (STARTED, result) -> running task
         self._start_failures = 0
+        self._dead_logs: list[dict[str, Any]] = []  # infos of killed workers, whose files close() removes
 
     # --- set-up ---------------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -320,7 +452,8 @@ class RayEvaluator(Evaluator):
         self._dispatch()
 
     def _new_slot(self) -> _Slot:
-        actor = _EvalActor.options(**self._worker_options()).remote(self._problem_ref, self._threads, self._memory_mb)
+        actor = _EvalActor.options(**self._worker_options()).remote(self._problem_ref, self._threads, self._memory_mb,
+                                                                    _driver())
         return _Slot(actor, actor.ready.remote(), created=time.monotonic())
 
     def _worker_options(self) -> dict[str, Any]:
@@ -338,7 +471,7 @@ class RayEvaluator(Evaluator):
                 job = self._queue.popleft()
                 self._run(job)
                 gen = _eval_task.options(**self._worker_options()).remote([self._problem_ref], self._threads,
-                                                                 self._memory_mb, job)
+                                                                 self._memory_mb, job, _driver())
                 self._tasks[gen] = _Task(job, time.monotonic())
             return
         while self._queue:
@@ -357,11 +490,16 @@ class RayEvaluator(Evaluator):
         return sum(s.job is not None for s in self._slots)
 
     # --- collecting -----------------------------------------------------------------------------
-    def _finish(self, job: Job, get: Any, started: float, extra: dict[str, Any]) -> tuple[Outcome | None, bool]:
+    def _finish(self, job: Job, get: Any, started: float, extra: dict[str, Any],
+                info: dict[str, Any] | None = None) -> tuple[Outcome | None, bool]:
         """Turn a finished ref into an outcome, or re-queue the job; returns (outcome, worker_lost)."""
         try:
             status, key, payload, meta = ray.get(get)
         except rex.RayError as e:
+            death = None
+            if not isinstance(e, rex.RayTaskError):  # the worker process is gone
+                death = fatal_signal(info or {})
+                self._forget(info)
             kind, retry = _failure(e)
             attempts = self._attempts.get(job.key, 1)
             lost = not isinstance(e, rex.RayTaskError)
@@ -372,7 +510,15 @@ class RayEvaluator(Evaluator):
             where = "worker or node died" if kind in ("crash", "system") else "ray"
             note = f" (after {attempts} attempts)" if attempts > 1 else ""
             meta = {"wall_time_s": time.monotonic() - started, "attempts": attempts, **extra}
-            return Outcome(job.key, error=f"{where}{note}: {error_text(e)}", kind=kind, metadata=meta), lost
+            text = error_text(e)
+            if death:  # Ray's message does not say what killed the worker
+                name, _, rest = text.partition(": ")
+                text = f"{name} ({death}): {rest}"
+            return Outcome(job.key, error=f"{where}{note}: {text}", kind=kind, metadata=meta), lost
+        except Exception as e:  # noqa: BLE001 - e.g. a result that cannot be deserialised here
+            self._attempts.pop(job.key, None)
+            return Outcome(job.key, error=f"result could not be read back: {error_text(e)}", kind="exception",
+                           metadata={"wall_time_s": time.monotonic() - started, **extra}), False
         attempts = self._attempts.pop(job.key, 1)
         meta = {**meta, **extra, **({"attempts": attempts} if attempts > 1 else {})}
         if status == "ok":
@@ -390,6 +536,15 @@ class RayEvaluator(Evaluator):
         except Exception:  # noqa: BLE001 - already dead
             pass
         self._slots.remove(slot)
+        self._dead_logs.append(slot.info)
+
+    def _forget(self, info: dict[str, Any] | None) -> None:
+        """Remove a dead worker's fatal-signal file once read (this host's only)."""
+        if info and info.get("fatal_log") and info.get("host") == socket.gethostname():
+            try:
+                os.remove(info["fatal_log"])
+            except OSError:
+                pass
 
     def _collect(self, ready: set[Any]) -> list[Outcome]:
         outcomes: list[Outcome] = []
@@ -403,8 +558,9 @@ class RayEvaluator(Evaluator):
                         ref = None
                     if task.started is None and ref is not None:
                         try:
-                            if ray.get(ref) == _STARTED:
-                                task.started = time.monotonic()
+                            first = ray.get(ref)
+                            if isinstance(first, tuple) and first[0] == _STARTED:
+                                task.started, task.info = time.monotonic(), first[1]
                                 continue
                         except rex.RayError:
                             pass  # failed before it started: the error is in this ref
@@ -413,7 +569,7 @@ class RayEvaluator(Evaluator):
                         outcome: Outcome | None = Outcome(task.job.key, error="the task ended without a result",
                                                           kind="system")
                     else:
-                        outcome, _ = self._finish(task.job, ref, task.started or task.submitted, {})
+                        outcome, _ = self._finish(task.job, ref, task.started or task.submitted, {}, task.info)
                     if outcome is not None:
                         outcomes.append(outcome)
                 elif task.started is not None and self._timeout_s is not None and now - task.started >= self._timeout_s:
@@ -444,7 +600,8 @@ class RayEvaluator(Evaluator):
             if slot.ref in ready:
                 job = slot.job
                 slot.job = None
-                outcome, lost = self._finish(job, slot.ref, slot.started, {"worker_pid": slot.info.get("pid")})
+                outcome, lost = self._finish(job, slot.ref, slot.started, {"worker_pid": slot.info.get("pid")},
+                                             slot.info)
                 if lost:
                     self._kill(slot)
                 if outcome is not None:
@@ -512,6 +669,9 @@ class RayEvaluator(Evaluator):
                 pass
         for slot in list(self._slots):
             self._kill(slot)
+        for info in self._dead_logs + [t.info for t in self._tasks.values()]:
+            self._forget(info)
+        self._dead_logs.clear()
         self._tasks.clear()
         self._queue.clear()
         self._attempts.clear()

@@ -13,6 +13,17 @@ The categorical parameter ``behaviour`` says what an evaluation does; ``x`` give
   With no limit in force (the in-process evaluator) it raises ``MemoryError`` without
   allocating, so a test never exhausts the machine it runs on.
 
+Behaviours left out by default (weight 0; give them a weight to use them) return what a broken
+plug-in returns, or die the way native code dies:
+
+- ``none``: returns ``None``; ``list``: returns a plain list of numbers instead of an ``Evaluation``;
+- ``huge``: returns ``1e308`` as the loss (finite, but past ``qd.problem.MAX_ABS_VALUE``);
+- ``bigmeta``: returns metadata larger than ``qd.problem.MAX_METADATA_BYTES``;
+- ``object``: returns an object that is not a number as the loss;
+- ``segv``: kills its own process with ``SIGSEGV`` (a crash in native code);
+- ``bare-oom``: the allocator's ``MemoryError``, which has no message, unwrapped (without an
+  address-space limit it is raised bare without allocating).
+
 ``weights`` (behaviour -> weight) sets how often a uniform draw of the encoded space (the
 ``random`` strategy) lands on each behaviour: the behaviour coordinate's bins are as wide as the
 weights. A behaviour of weight 0 is left out of the space. The default weighs all six equally, so
@@ -36,6 +47,9 @@ from qd.problem import Evaluation, Objective, Problem, Resources
 from qd.space import Categorical, Config, Float, Scalar, Space, SpaceError
 
 BEHAVIOURS = ("ok", "raise", "nan", "hang", "exit", "oom")
+#: Behaviours of weight 0 unless given one.
+EXTRA_BEHAVIOURS = ("none", "list", "huge", "bigmeta", "object", "segv", "bare-oom")
+ALL_BEHAVIOURS = BEHAVIOURS + EXTRA_BEHAVIOURS
 EXIT_CODE = 13
 
 # Evaluations run by this process: module state, so it survives between evaluations in one worker.
@@ -119,9 +133,9 @@ class Faulty(Problem):
         if not isinstance(weights, Mapping):
             raise ValueError(f"faulty option weights={weights!r} is not allowed; allowed: a mapping of behaviours "
                              f"{list(BEHAVIOURS)} to weights >= 0")
-        unknown = sorted(set(weights) - set(BEHAVIOURS))
+        unknown = sorted(set(weights) - set(ALL_BEHAVIOURS))
         if unknown:
-            raise ValueError(f"faulty option weights has unknown behaviour(s) {unknown}; allowed: {list(BEHAVIOURS)}")
+            raise ValueError(f"faulty option weights has unknown behaviour(s) {unknown}; allowed: {list(ALL_BEHAVIOURS)}")
         for b, w in weights.items():
             _number(f"weights[{b!r}]", w)
         if not any(w > 0 for w in weights.values()):
@@ -136,7 +150,7 @@ class Faulty(Problem):
         self.hang_s = float(_number("hang_s", hang_s, strict=True, allow_none=True) or 10 * self.timeout_s)
         self.oom_mb = int(_number("oom_mb", oom_mb, low=1, allow_none=True) or 4 * memory_mb)
 
-        chosen = [b for b in BEHAVIOURS if weights.get(b, 0) > 0]
+        chosen = [b for b in ALL_BEHAVIOURS if weights.get(b, 0) > 0]
         self.weights = {b: float(weights[b]) for b in chosen}
         self.space = Space([
             WeightedCategorical("behaviour", tuple(chosen), weights=tuple(self.weights[b] for b in chosen)),
@@ -164,6 +178,8 @@ class Faulty(Problem):
             return Evaluation(values=[(x - 0.3) ** 2], metadata=meta)
         if behaviour == "exit":
             os._exit(EXIT_CODE)
+        if behaviour in EXTRA_BEHAVIOURS:
+            return self._broken(behaviour, x, meta)
         # "oom"
         soft, _ = resource.getrlimit(resource.RLIMIT_AS)
         if soft == resource.RLIM_INFINITY:
@@ -175,3 +191,27 @@ class Faulty(Problem):
             raise MemoryError(f"faulty: behaviour 'oom' could not allocate {self.oom_mb} MiB under an address-space "
                               f"limit of {soft // 2**20} MiB") from e
         return Evaluation(values=[float(len(block) > 0)], metadata=meta)
+
+    def _broken(self, behaviour: str, x: float, meta: dict[str, Any]) -> Any:
+        from qd.problem import MAX_METADATA_BYTES
+
+        if behaviour == "none":
+            return None
+        if behaviour == "list":
+            return [(x - 0.3) ** 2]
+        if behaviour == "huge":
+            return Evaluation(values=[1e308], metadata=meta)
+        if behaviour == "bigmeta":
+            return Evaluation(values=[(x - 0.3) ** 2], metadata={**meta, "blob": "x" * (2 * MAX_METADATA_BYTES)})
+        if behaviour == "object":
+            return Evaluation(values=[object()], metadata=meta)
+        if behaviour == "segv":
+            import signal
+
+            os.kill(os.getpid(), signal.SIGSEGV)
+            time.sleep(10)  # the signal is delivered at once; never reached
+        # "bare-oom"
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft == resource.RLIM_INFINITY:
+            raise MemoryError()
+        return Evaluation(values=[float(len(bytearray(self.oom_mb * 2**20)) > 0)], metadata=meta)

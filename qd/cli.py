@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from typing import Any
 
@@ -38,7 +40,7 @@ def _experiment_from_args(args: argparse.Namespace) -> Experiment:
     else:
         if not args.problem and not args.resume:
             raise ExperimentError("give an experiment file or --problem NAME (see `qd problems`)")
-        exp = Experiment(problem=args.problem or "")
+        exp = Experiment(problem=args.problem or "", given=frozenset())
     overrides = {"problem": args.problem, "strategy": args.strategy, "budget": args.budget, "workers": args.workers,
                  "evaluator": args.evaluator, "storage": args.storage, "name": args.name, "seed": args.seed,
                  "time_limit_s": args.time_limit, "timeout_s": args.timeout, "resume": args.resume or None,
@@ -104,11 +106,12 @@ def _open(args: argparse.Namespace):
 def cmd_show(args: argparse.Namespace) -> int:
     from qd.results import summary
     from qd.session import problem_of
+    from qd.storage_url import mask
     from qd.store import Store
 
     if not args.name:
         names = Store.run_names(args.storage)
-        _print_json(names) if args.json else print("\n".join(names) or f"no runs in {args.storage}")
+        _print_json(names) if args.json else print("\n".join(names) or f"no runs in {mask(args.storage)}")
         return 0
     store = _open(args)
     result = summary(store, problem_of(store))
@@ -138,7 +141,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     try:
         serve(args.storage, host=args.host, port=args.port, names=[args.name] if args.name else None,
-              update=not args.no_update)
+              update=not args.no_update, allow_writes=args.allow_writes, allow_hosts=args.allow_host or ())
     except ValueError as e:  # a port in use or out of range
         raise ExperimentError(str(e)) from None
     return 0
@@ -171,6 +174,11 @@ def _add_user_surfaces(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--no-update", action="store_true", help="do not refresh finished runs' figures first")
+    p.add_argument("--allow-writes", action="store_true",
+                   help="let the dashboard delete studies, write notes and tell trials, with the token it prints "
+                        "(default: read-only)")
+    p.add_argument("--allow-host", action="append", metavar="NAME",
+                   help="also answer requests for this host name (a proxy's or a DNS name; default: this machine's)")
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("report", help="write a self-contained report folder (HTML, PNG, CSV)")
@@ -249,18 +257,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from qd.stopping import exit_status, stop_signal
+    from qd.storage_url import mask_text
+
     args = build_parser().parse_args(argv)
+    urls = [getattr(args, "storage", None) or ""]
     try:
         return args.func(args)
     except ExperimentError as e:
-        print(f"qd: error: {e}", file=sys.stderr)
+        print(mask_text(f"qd: error: {e}", urls), file=sys.stderr)
         return 2
     except (LookupError, ValueError) as e:  # a run, problem or option that does not exist
-        print(f"qd: error: {e.args[0] if e.args else e}", file=sys.stderr)
+        print(mask_text(f"qd: error: {e.args[0] if e.args else e}", urls), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("qd: interrupted; resume with --resume", file=sys.stderr)
-        return 130
+    except BrokenPipeError:  # the output was piped into a command that stopped reading (`| head`)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so the interpreter's final flush does not fail too
+        return 141
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP during a run (qd.stopping)
+        how = f" ({signal.Signals(stop_signal(e)).name})"
+        resume = " resume with --resume" if args.command == "run" else ""
+        print(f"qd: interrupted{how};{resume}".rstrip(";"), file=sys.stderr)
+        return exit_status(e)
 
 
 if __name__ == "__main__":

@@ -462,14 +462,38 @@ def check_port(host: str, port: int) -> None:
 
 
 def serve(storage: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, names: Sequence[str] | None = None,
-          update: bool = True, out: Any = sys.stdout) -> None:
-    """Start optuna-dashboard on ``host:port`` for ``storage`` (blocks until interrupted)."""
-    from optuna_dashboard import run_server
+          update: bool = True, out: Any = sys.stdout, allow_writes: bool = False,
+          allow_hosts: Sequence[str] = ()) -> None:
+    """Start optuna-dashboard on ``host:port`` for ``storage`` (blocks until interrupted).
+
+    Read-only unless ``allow_writes`` (then writes need the token printed here); requests whose
+    ``Host`` is not this machine or one of ``allow_hosts`` are refused (``qd.dashboard_guard``).
+    The storage is printed with its password masked.
+    """
+    from wsgiref.simple_server import make_server
+
+    import optuna
+    from optuna_dashboard._app import create_app
+    from optuna_dashboard._cli import ThreadedWSGIServer
+
+    from qd.dashboard_guard import Guard, local_names, new_token
+    from qd.storage_url import mask
+    from qd.store import optuna_storage
 
     check_port(host, port)
     stores = refresh(storage, names, out) if update else [Store.open(storage, n) for n in names or []]
-    print(f"optuna-dashboard for {storage} at http://{host}:{port}/dashboard", file=out)
+    if not update and not names:
+        Store.run_names(storage)  # checks the storage exists; never creates it
+    token = new_token() if allow_writes else None
+    app = Guard(create_app(optuna.storages.get_storage(optuna_storage(storage))), local_names(host, allow_hosts), token)
+    query = f"?token={token}" if token else ""
+    mode = "writes need the token in this URL" if token else "read-only; --allow-writes to change runs"
+    print(f"optuna-dashboard for {mask(storage)} at http://{host}:{port}/dashboard{query} ({mode})", file=out)
     for store in stores:
         print(f"  run {store.info.name!r}: {study_url(store, host, port)}", file=out)
     out.flush()
-    run_server(storage, host=host, port=port)
+    with make_server(host, port, app, server_class=ThreadedWSGIServer) as httpd:
+        try:
+            httpd.serve_forever()
+        except KeyboardInterrupt:
+            print("qd dashboard: stopped", file=out)

@@ -55,13 +55,18 @@ class Experiment:
     problem_options: dict[str, Any] = field(default_factory=dict)
     strategy_options: dict[str, Any] = field(default_factory=dict)
     evaluator_options: dict[str, Any] = field(default_factory=dict)
+    #: The fields given explicitly (by a file or flags); None: all of them (built in code).
+    #: On resume, a given identity field must match the recorded run (``resume_conflicts``).
+    given: frozenset[str] | None = field(default=None, compare=False)
 
     @property
     def run_name(self) -> str:
         return self.name or f"{self.problem}-{self.strategy}-s{self.seed}"
 
     def with_overrides(self, **overrides: Any) -> Experiment:
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        given = None if self.given is None else self.given | set(changes)
+        return replace(self, **changes, given=given)
 
 
 _RUN_KEYS = {"name": str, "storage": str, "budget": int, "workers": int, "evaluator": str, "seed": int,
@@ -114,9 +119,13 @@ def from_dict(doc: dict[str, Any], source: str = "experiment") -> Experiment:
         if "evaluator" in run and run["evaluator"] != evaluator["name"]:
             raise ExperimentError(f"{source}: [run].evaluator and [evaluator].name disagree")
         run["evaluator"] = evaluator["name"]
+    given = {"problem", *run} | {f for f, present in (("problem_options", "options" in problem),
+                                                      ("strategy", "name" in strategy),
+                                                      ("strategy_options", "options" in strategy),
+                                                      ("evaluator_options", "options" in evaluator)) if present}
     return Experiment(problem=problem["name"], problem_options=problem.get("options", {}),
                       strategy=strategy.get("name", "random"), strategy_options=strategy.get("options", {}),
-                      evaluator_options=evaluator.get("options", {}), **run)
+                      evaluator_options=evaluator.get("options", {}), given=frozenset(given), **run)
 
 
 def check(exp: Experiment) -> None:
@@ -129,9 +138,31 @@ def check(exp: Experiment) -> None:
         v = getattr(exp, name)
         if v is not None and v <= 0:
             raise ExperimentError(f"{name} = {v} is not allowed; allowed: a number of seconds > 0")
+    from qd.storage_url import check_run_name
+
+    try:
+        check_run_name(exp.run_name)
+    except ValueError as e:
+        raise ExperimentError(f"name: {e}") from None
     if "://" not in exp.storage:
         raise ExperimentError(f"storage = {exp.storage!r} is not allowed; allowed: an Optuna storage URL such as "
                               f"'sqlite:///qd.db' or 'postgresql://user:pass@host/db'")
 
 
-__all__ = ["Experiment", "ExperimentError", "load", "from_dict", "check", "DEFAULT_STORAGE"]
+#: What makes a run the run it is: fixed when it starts, checked against the record on resume.
+IDENTITY = ("problem", "problem_options", "strategy", "strategy_options", "seed")
+
+
+def resume_conflicts(exp: Experiment, recorded: dict[str, Any]) -> None:
+    """On resume: raise naming the recorded and the given value of every identity field given
+    (by the file or a flag) that differs from the recorded run. Budget, workers, evaluator and
+    time limits may change between sessions; these may not."""
+    given = IDENTITY if exp.given is None else [f for f in IDENTITY if f in exp.given]
+    diffs = [f"{f} is {recorded[f]!r} in the run, {getattr(exp, f)!r} given" for f in given
+             if f in recorded and getattr(exp, f) != recorded[f]]
+    if diffs:
+        raise ExperimentError(f"--resume: run {exp.run_name!r} cannot change what it is: " + "; ".join(diffs) +
+                              ". Leave these out to continue it as recorded, or choose another --name for a new run")
+
+
+__all__ = ["IDENTITY", "resume_conflicts", "Experiment", "ExperimentError", "load", "from_dict", "check", "DEFAULT_STORAGE"]

@@ -7,10 +7,12 @@ A problem is a plain object; plug-ins register a *class* under the entry-point g
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import traceback
+import reprlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -90,7 +92,52 @@ class BatchEvaluation:
 
 
 class EvaluationError(ValueError):
-    """An evaluation result that cannot be recorded as complete (wrong shape, NaN, inf)."""
+    """An evaluation result that cannot be recorded as complete (wrong type or shape, NaN, inf, too large)."""
+
+
+#: Largest magnitude of a recorded objective, measure or constraint value. Sums over 10^6 archive
+#: cells (QD scores) and hypervolumes of up to three objectives of such values stay finite in floats.
+MAX_ABS_VALUE = 1e100
+#: Largest size of one evaluation's metadata, as JSON: metadata is for small facts (times, memory,
+#: sizes); a store of 10^6 trials must stay readable. Write big artefacts to files and record paths.
+MAX_METADATA_BYTES = 64 * 1024
+
+
+def _json_default(o: Any) -> Any:
+    """What the store does with a value JSON does not know: numpy scalars as numbers, the rest as text."""
+    return o.item() if hasattr(o, "item") else str(o)
+
+
+def check_metadata(metadata: Any) -> None:
+    """Raise ``EvaluationError`` unless ``metadata`` is None or a mapping storable as at most
+    ``MAX_METADATA_BYTES`` of JSON."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, Mapping):
+        raise EvaluationError(f"metadata {_short_repr(metadata)} is a {type(metadata).__name__}; allowed: a dict")
+    try:
+        size = len(json.dumps(dict(metadata), default=_json_default).encode())
+    except Exception as e:  # noqa: BLE001 - circular, unsortable keys, objects whose item() fails, ...
+        raise EvaluationError(f"metadata cannot be stored as JSON: {type(e).__name__}: {e}") from e
+    if size > MAX_METADATA_BYTES:
+        raise EvaluationError(f"metadata is {size} bytes as JSON; allowed: at most {MAX_METADATA_BYTES} bytes "
+                              f"(write large results to a file and record its path)")
+
+
+def _as_list(kind: str, xs: Any) -> list[Any]:
+    if xs is None:
+        return []
+    if isinstance(xs, (str, bytes)) or not isinstance(xs, Iterable):
+        raise EvaluationError(f"{kind} values {_short_repr(xs)} are a {type(xs).__name__}; allowed: a sequence of "
+                              f"numbers")
+    return list(xs)
+
+
+def _short_repr(obj: Any) -> str:
+    try:
+        return reprlib.repr(obj)
+    except Exception:  # noqa: BLE001 - a broken __repr__
+        return f"<{type(obj).__name__} object>"
 
 
 class Problem(ABC):
@@ -166,29 +213,49 @@ class Problem(ABC):
     def measure_names(self) -> list[str]:
         return [m.name for m in self.measures]
 
-    def normalise(self, ev: Evaluation) -> tuple[list[float], list[float], list[float]]:
-        """Check an evaluation's shape and finiteness; return (values, measures, constraints)."""
-        if isinstance(ev.values, Mapping):
-            missing = [n for n in self.objective_names if n not in ev.values]
-            if missing:
-                raise EvaluationError(f"evaluation lacks objective(s) {missing}; got {sorted(ev.values)}")
-            values = [ev.values[n] for n in self.objective_names]
-        else:
-            values = list(ev.values)
-        parts = {"objective": (values, len(self.objectives)), "measure": (list(ev.measures), len(self.measures)),
-                 "constraint": (list(ev.constraints), len(self.constraints))}
-        out = []
-        for kind, (xs, n) in parts.items():
-            if len(xs) != n:
-                raise EvaluationError(f"evaluation returned {len(xs)} {kind} value(s); the problem declares {n}")
-            try:
-                xs = [float(x) for x in xs]
-            except (TypeError, ValueError) as e:
-                raise EvaluationError(f"{kind} values {xs!r} are not numbers") from e
-            bad = [x for x in xs if not math.isfinite(x)]
-            if bad:
-                raise EvaluationError(f"{kind} values {xs!r} are not finite")
-            out.append(xs)
+    def normalise(self, ev: Any) -> tuple[list[float], list[float], list[float]]:
+        """Check whatever ``evaluate`` returned; return (values, measures, constraints).
+
+        Raises ``EvaluationError`` (never anything else), naming what is wrong, for a result that is
+        not an ``Evaluation``, has the wrong number of values, values that are not finite numbers or
+        larger in magnitude than ``MAX_ABS_VALUE``, or metadata that is not a JSON-storable mapping
+        of at most ``MAX_METADATA_BYTES``.
+        """
+        if not isinstance(ev, Evaluation):
+            hint = ("; wrap the numbers: Evaluation(values=[...])"
+                    if isinstance(ev, (Sequence, Mapping, int, float)) and not isinstance(ev, (str, bytes)) else "")
+            raise EvaluationError(f"evaluate returned {type(ev).__name__} {_short_repr(ev)}, not a qd.Evaluation{hint}")
+        try:
+            if isinstance(ev.values, Mapping):
+                missing = [n for n in self.objective_names if n not in ev.values]
+                if missing:
+                    raise EvaluationError(f"evaluation lacks objective(s) {missing}; got {sorted(map(str, ev.values))}")
+                values = [ev.values[n] for n in self.objective_names]
+            else:
+                values = _as_list("objective", ev.values)
+            parts = {"objective": (values, len(self.objectives)),
+                     "measure": (_as_list("measure", ev.measures), len(self.measures)),
+                     "constraint": (_as_list("constraint", ev.constraints), len(self.constraints))}
+            out = []
+            for kind, (xs, n) in parts.items():
+                if len(xs) != n:
+                    raise EvaluationError(f"evaluation returned {len(xs)} {kind} value(s); the problem declares {n}")
+                try:
+                    xs = [float(x) for x in xs]
+                except Exception as e:  # noqa: BLE001 - any object may come back from a plug-in
+                    raise EvaluationError(f"{kind} values {_short_repr(xs)} are not numbers") from e
+                if not all(math.isfinite(x) for x in xs):
+                    raise EvaluationError(f"{kind} values {xs!r} are not finite")
+                big = [x for x in xs if abs(x) > MAX_ABS_VALUE]
+                if big:
+                    raise EvaluationError(f"{kind} values {big!r} exceed {MAX_ABS_VALUE:g} in magnitude (the bound "
+                                          f"on recorded values: QD scores and hypervolumes of larger ones overflow)")
+                out.append(xs)
+            check_metadata(ev.metadata)
+        except EvaluationError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a plug-in's odd object must fail its trial, not the driver
+            raise EvaluationError(f"the evaluation could not be read: {type(e).__name__}: {e}") from e
         return out[0], out[1], out[2]
 
     def describe(self) -> dict[str, Any]:

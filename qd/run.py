@@ -48,6 +48,7 @@ from qd.experiment import ExperimentError
 from qd.problem import BatchEvaluation, EvaluationError, Problem
 from qd.results import hypervolume, pareto_front_mask, reference_point_of_values
 from qd.space import Config
+from qd.stopping import StopOnSignals, mark_stale
 from qd.store import Store, Trial
 from qd.strategy import Strategy
 
@@ -566,14 +567,21 @@ class _Loop:
         self.state = RunState(self.store, self.problem, self.strategy, history, self.budget)
         self.progress = _Progress(self.store, self.problem, self.strategy, self.budget, self.state, self.show_progress)
         self.store.autoflush = False
+        stop = None
         try:
             self.evaluator.start(self.problem, self.workers, self.timeout_s)
+            # SIGINT/SIGTERM/SIGHUP -> Interrupted here; after start (ray.init sets SIGTERM's handler).
+            stop = StopOnSignals()
             if self.vectorised:
                 while self.step_batch():
                     pass
             else:
                 while self.step():
                     pass
+        except BaseException as e:  # stopped or broken: what was running is evaluated again on resume
+            mark_stale(self.store, self.in_flight.values(), e)
+            self.in_flight.clear()
+            raise
         finally:
             _LIVE_RUNS.discard(self.token)
             try:
@@ -586,6 +594,8 @@ class _Loop:
                 self.store.autoflush = True
                 release_run(self.store, self.token)
                 self.progress.close()
+                if stop is not None:
+                    stop.restore()  # last: a signal during the cleanup above is ignored
         counts = self.store.columns().counts()
         return RunReport(finished=self.state.n_finished, complete=counts["n_complete"], failed=counts["n_failed"],
                          requeued=n_requeued, elapsed_s=time.monotonic() - self.t_start, stopped_by=self.stopped_by)

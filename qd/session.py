@@ -6,10 +6,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from evaluators import Evaluator, make_evaluator
-from qd.experiment import Experiment, ExperimentError, check
+from qd.experiment import Experiment, ExperimentError, check, resume_conflicts
 from qd.problem import Problem
 from qd.registry import get_problem
 from qd.run import Callback, RunReport, run
+from qd.storage_url import mask
 from qd.store import RunInfo, RunNotFound, Store
 from qd.strategies import get_strategy
 from qd.strategy import Strategy
@@ -56,9 +57,10 @@ def _as_recorded(exp: Experiment) -> Experiment:
         info = Store.open(exp.storage, exp.run_name).info
     except RunNotFound:
         if not exp.problem:
-            raise ExperimentError(f"--resume: no run named {exp.run_name!r} in {exp.storage}, and no problem given "
+            raise ExperimentError(f"--resume: no run named {exp.run_name!r} in {mask(exp.storage)}, and no problem given "
                                   f"to start it") from None
         return exp
+    resume_conflicts(exp, info.to_json())  # a conflicting flag is an error, not dropped
     return replace(exp, problem=info.problem, problem_options=info.problem_options, strategy=info.strategy,
                    strategy_options=info.strategy_options, seed=info.seed)
 

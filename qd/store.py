@@ -34,6 +34,7 @@ from qd.columns import (COMPLETE, FAILED, ORIGIN_CODES, ORIGIN_NAMES, RUNNING, S
 from qd.problem import Problem
 from qd.record import Record, engine_for, running_row
 from qd.space import Config
+from qd.storage_url import RunNotFound, check_run_name, check_storage, mask  # noqa: F401 (RunNotFound: re-exported)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -44,10 +45,6 @@ MAX_REASON_CHARS = 4000
 MAX_FLUSH_SHARE = 0.05
 #: The owner's heartbeat is refreshed with a flush at most this often.
 HEARTBEAT_S = 5.0
-
-
-class RunNotFound(LookupError):
-    pass
 
 
 def resolve_storage(storage: str) -> str:
@@ -67,17 +64,11 @@ def journal_path(storage: str) -> str | None:
     return storage[len("journal://"):] if storage.startswith("journal://") else None
 
 
-STORAGE_SCHEMES = ("sqlite:///PATH", "postgresql://USER:PASSWORD@HOST:PORT/DB", "journal:///PATH")
-
-
 def record_url(storage: str) -> str:
     """The database that holds qd's tables for a storage URL.
 
-    Raises:
-        ValueError: a URL of another kind (the message lists the allowed ones).
+    URLs are checked by ``qd.storage_url.check_storage`` before they get here.
     """
-    if not isinstance(storage, str) or not (storage.startswith(("sqlite:///", "postgresql", "journal:///"))):
-        raise ValueError(f"storage {storage!r} is not allowed; allowed: {', '.join(STORAGE_SCHEMES)}")
     path = journal_path(storage)
     if path is not None:
         return f"sqlite:///{path}.qd.db"
@@ -219,6 +210,8 @@ class Store:
         """Create the run (its record row and its Optuna study); with ``resume`` open an existing
         one, which must match. ``archive``: the run's archive spec (``qd.archive.spec_to_json``),
         recorded so every view rebuilds the same map."""
+        check_storage(storage, create=True)
+        check_run_name(info.name)
         try:
             existing = cls.open(storage, info.name)
         except RunNotFound:
@@ -240,7 +233,7 @@ class Store:
                 return store
             existing = cls.open(storage, info.name)  # another driver created it just now
         if not resume:
-            raise ValueError(f"run {info.name!r} already exists in {storage}; pass --resume to continue it, "
+            raise ValueError(f"run {info.name!r} already exists in {mask(storage)}; pass --resume to continue it, "
                              f"or choose another --name")
         if (existing.info.problem, existing.info.problem_options) != (info.problem, info.problem_options):
             raise ValueError(f"run {info.name!r} was made with problem {existing.info.problem!r} "
@@ -252,9 +245,10 @@ class Store:
 
     @classmethod
     def open(cls, storage: str, name: str) -> Store:
+        check_storage(storage, create=False)
         found = Record.find(engine_for(record_url(storage)), name)
         if found is None:
-            raise RunNotFound(f"no run named {name!r} in {storage}; runs there: {cls.run_names(storage)}")
+            raise RunNotFound(f"no run named {name!r} in {mask(storage)}; runs there: {cls.run_names(storage)}")
         run_id, meta = found
         info = RunInfo(name=name, problem=meta["problem"], problem_options=meta["problem_options"],
                        strategy=meta["strategy"], strategy_options=meta["strategy_options"], seed=meta["seed"])
@@ -262,6 +256,7 @@ class Store:
 
     @staticmethod
     def run_names(storage: str) -> list[str]:
+        check_storage(storage, create=False)
         return Record.names(engine_for(record_url(storage)))
 
     # --- the Optuna study (optuna-dashboard's view) -----------------------------------------

@@ -247,3 +247,85 @@ def test_hundred_faulty_evaluations_on_ray(ray_address, tmp_path):
         workers=2, progress=False)
     expected = {**RAY_REASON, "hang": "timeout: evaluation exceeded 2 s and was cancelled"}
     assert set(check_faulty_run(store, 100, expected)) == set(BEHAVIOURS)
+
+
+# --- hardening: broken plug-ins, fatal signals, a stopped driver --------------------------------------
+def test_broken_plugins_and_segfaults_on_ray_fail_their_trials_with_reasons(ray_address, tmp_path):
+    from test_hardening import BROKEN, check_broken_trial
+
+    problem = get_problem("faulty", weights={**BROKEN, "segv": 1})
+    store = _store(tmp_path, problem)
+    report = run(problem, get_strategy("random", problem, seed=0), make_evaluator("ray", max_retries=0), store,
+                 budget=21, workers=2, progress=False)
+    assert report.finished == 21
+    segv = [t for t in store.trials() if t.params["behaviour"] == "segv"]
+    assert segv, "the random draw met no segfault"
+    for t in segv:
+        assert t.state == "failed" and t.reason.startswith("crash: worker or node died: ActorDiedError (worker "
+                                                           "process died with signal SIGSEGV (Segmentation fault) in "
+                                                           "File"), t.reason
+    counts = store.counts()
+    assert counts["n_complete"] + counts["n_failed"] == 21 and counts["n_running"] == 0, counts
+    for t in store.trials():
+        if t.params["behaviour"] != "segv":
+            check_broken_trial(t)
+
+
+def test_task_mode_names_a_segfault(ray_address):
+    problem = get_problem("faulty", weights={"ok": 1, "segv": 1})
+    ev = make_evaluator("ray", mode="task", max_retries=0)
+    ev.start(problem, workers=1)
+    try:
+        ev.submit(Job(0, {"behaviour": "segv", "x": 0.5}, seed=0))
+        outcome = _collect(ev, 1)[0]
+    finally:
+        ev.close()
+    assert outcome.kind == "crash" and "signal SIGSEGV" in outcome.error, outcome.error
+
+
+def _pids_alive(pids) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                    alive.append(pid)
+        except OSError:
+            pass
+    return alive
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_ray_driver_leaves_no_actor_behind(ray_address, tmp_path, signum):
+    """A driver joined to this module's Ray. SIGTERM: a clean stop (no Ray stack dump, trials stale,
+    exit 143). SIGKILL: nothing can be cleaned up, but the actors end within seconds instead of the
+    minute Ray takes to notice."""
+    storage, name = f"sqlite:///{tmp_path}/r.db", "r"
+    env = {**os.environ, "PYTHONPATH": f"{os.path.dirname(os.path.dirname(__file__))}{os.pathsep}"
+                                       f"{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "qd.cli", "run", "--problem", "faulty", "-P", 'weights={"ok": 1}',
+                             "-P", "sleep_s=3", "-P", "timeout_s=60", "--evaluator", "ray", "--ray-address", ray_address,
+                             "--workers", "2", "--budget", "20", "--storage", storage, "--name", name,
+                             "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, pids = time.monotonic() + 180, set()
+    while time.monotonic() < deadline and len(pids) < 2:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            pids = {t.metadata["pid"] for t in Store.open(storage, name).trials() if t.state == "complete"}
+        except LookupError:
+            pass
+        time.sleep(0.5)
+    assert len(pids) == 2, "two actors never finished an evaluation"
+    os.kill(proc.pid, signum)
+    out, err = proc.communicate(timeout=120)
+    if signum == signal.SIGTERM:
+        assert proc.returncode == 143 and err.count("qd: interrupted (SIGTERM)") == 1, (proc.returncode, err)
+        assert "*** SIG" not in err and "Traceback" not in err, err
+        trials = Store.open(storage, name).trials()
+        assert not [t for t in trials if t.state == "running"] and [t for t in trials if t.stale]
+    deadline = time.monotonic() + 15
+    while _pids_alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _pids_alive(pids), f"actors {_pids_alive(pids)} outlived their driver"
