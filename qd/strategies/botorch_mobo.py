@@ -75,9 +75,11 @@ from qd.strategies._botorch_common import (
     fit_gp,
     hyperparameters,
     optimize_candidate,
+    prune_baseline,
     quiet,
     row_keys,
 )
+from qd.strategies._kernel import KernelStatus, default_kernel
 from qd.strategy import Strategy
 from qd.store import Trial
 
@@ -189,6 +191,7 @@ class BoTorch(Strategy):
         self._X_failed: list[np.ndarray] = []
         self._version = 0
         self._fitted: tuple[int, Model, list[int], list[int]] | None = None
+        self._pruned: tuple[int, Tensor] | None = None
         self._warm: dict[str, dict[str, Tensor]] = {}
         self._cold_fit_size: dict[str, int] = {}
 
@@ -197,6 +200,8 @@ class BoTorch(Strategy):
         self._asks = 0
         self.latencies: list[tuple[int, float]] = []  # (observations, seconds) of model-based asks
         self.duplicates_replaced = 0
+        self.kernel: KernelStatus | None = None  # the qLogNEHVI path of the last model-based ask
+        self.kernel_history: list[tuple[int, str]] = []  # (ask, path) whenever the path changed
 
     # --- observations ------------------------------------------------------------------------
     def tell(self, trial: Trial) -> None:
@@ -225,6 +230,8 @@ class BoTorch(Strategy):
         out: dict[str, Any] = {"phase": "model" if self._use_model() else "sobol"}
         if self.latencies:
             out["ask_s"] = self.latencies[-1][1]
+        if self.kernel is not None:
+            out["kernel"] = self.kernel.path
         return out
 
     # --- asking ------------------------------------------------------------------------------
@@ -344,10 +351,28 @@ class BoTorch(Strategy):
             return qLogNoisyExpectedImprovement(model, objective=objective, **common)
         objective = IdentityMCMultiOutputObjective(outcomes=objective_outputs)
         if self.acquisition == "nehvi":
-            return qLogNoisyExpectedHypervolumeImprovement(model, ref_point=self.reference_point(),
-                                                           objective=objective, **common)
+            self._use_kernel()
+            ref_point = self.reference_point()
+            common["X_baseline"] = self._pruned_baseline(model, X_baseline, ref_point, objective, constraints)
+            common["prune_baseline"] = False
+            return qLogNoisyExpectedHypervolumeImprovement(model, ref_point=ref_point, objective=objective, **common)
         weights = sample_simplex(len(objective_outputs), dtype=DTYPE).view(-1)
         return qLogNParEGO(model, scalarization_weights=weights, objective=objective, **common)
+
+    def _pruned_baseline(self, model: Model, X: Tensor, ref_point: Tensor, objective: Any,
+                         constraints: Any) -> Tensor:
+        """The observed points that may be Pareto optimal (``prune_baseline``), once per model fit."""
+        if self._pruned is None or self._pruned[0] != self._version:
+            with torch.random.fork_rng():
+                torch.manual_seed(self.seed + self._version)
+                self._pruned = (self._version, prune_baseline(model, X, ref_point, objective, constraints))
+        return self._pruned[1]
+
+    def _use_kernel(self) -> None:
+        """Decide (once per process, then on each ask while a build runs) whether qLogNEHVI runs fused."""
+        self.kernel = default_kernel().ensure()
+        if not self.kernel_history or self.kernel_history[-1][1] != self.kernel.path:
+            self.kernel_history.append((self._asks, self.kernel.path))
 
     def _propose(self, X_pending: Tensor) -> Tensor:
         """One candidate given the pending ones (``k x d``): ``1 x d``, snapped."""
