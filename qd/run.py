@@ -275,7 +275,11 @@ def run(
                 if slots > 0:
                     asked = strategy.ask(slots, pending=[t.params for t in in_flight.values()])
                     for config in asked[:slots]:
-                        launch(config, "strategy")
+                        launch(config, getattr(strategy, "origin_of", lambda c: "strategy")(config))
+            proposing = getattr(strategy, "busy", False)  # an ask computed beside the loop (qd.background)
+            if not in_flight and proposing and not out_of_time:
+                strategy.wait(0.05)  # then ask again: the proposal, or a fallback at its time limit
+                continue
             if not in_flight:
                 if out_of_time:
                     stopped_by = "time"
@@ -289,6 +293,8 @@ def run(
                 in_flight.clear()
                 break
             wait_for = None if time_limit_s is None else max(0.05, time_limit_s - (time.monotonic() - t_start))
+            if proposing:
+                wait_for = 0.05 if wait_for is None else min(wait_for, 0.05)
             for outcome in evaluator.wait(timeout=wait_for):
                 trial = record(outcome)
                 finished += 1
@@ -297,6 +303,8 @@ def run(
                     cb(store, trial)
                 bar.update(trial, len(in_flight), force=finished >= budget)
     finally:
+        if hasattr(strategy, "close"):
+            strategy.close()
         _LIVE_RUNS.discard(token)
         evaluator.close()
         bar.close()
