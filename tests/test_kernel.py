@@ -17,6 +17,11 @@ from qd.strategies._kernel import READY, FusedKernel, lock_holder, start_build
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _kernel_on(monkeypatch):
+    monkeypatch.delenv("QD_FUSED_KERNEL", raising=False)  # other test modules switch it off
+
+
 def _kill_mid_compile(build_dir: Path, within_s: float = 120.0) -> None:
     """Start a build and SIGKILL it (with its compiler) once torch's build lock is there."""
     child = start_build(build_dir)

@@ -121,6 +121,8 @@ class BoTorch(Strategy):
         num_restarts, raw_samples: acquisition optimisation effort (L-BFGS-B starts, and the
             Sobol points they are chosen from).
         mc_samples: quasi-Monte-Carlo samples of the posterior in the acquisition function.
+        init_mc_samples: samples of the cheaper estimate that picks L-BFGS-B's start points among
+            the raw samples (continuous spaces; most of an ask's cost is scoring them).
         noise: "inferred" (a noise level is fitted), or the known noise standard deviation of
             every modelled outcome in its own units (0 for deterministic evaluations).
         avoid_failures: model failures as a constraint (see the module docstring).
@@ -134,9 +136,10 @@ class BoTorch(Strategy):
         seed: int = 0,
         acquisition: str = "auto",
         n_init: int | None = None,
-        num_restarts: int = 6,
-        raw_samples: int = 256,
-        mc_samples: int = 128,
+        num_restarts: int = 4,
+        raw_samples: int = 128,
+        mc_samples: int = 64,
+        init_mc_samples: int = 16,
         noise: str | float = "inferred",
         avoid_failures: bool = True,
     ):
@@ -156,6 +159,7 @@ class BoTorch(Strategy):
         if self.raw_samples < self.num_restarts:
             raise _option_error("raw_samples", raw_samples, f"an integer >= num_restarts={num_restarts}")
         self.mc_samples = _check_int("mc_samples", mc_samples, 1)
+        self.init_mc_samples = _check_int("init_mc_samples", init_mc_samples, 1)
         if noise == "inferred":
             self.noise_std: float | None = None
         elif isinstance(noise, (int, float, np.number)) and not isinstance(noise, bool) and 0 <= noise < math.inf:
@@ -335,13 +339,14 @@ class BoTorch(Strategy):
             F = F[feasible]
         return infer_reference_point(F[is_non_dominated(F)])
 
-    def _acquisition(self, X_pending: Tensor) -> AcquisitionFunction:
+    def _acquisition(self, X_pending: Tensor, mc_samples: int | None = None,
+                     weights: Tensor | None = None) -> AcquisitionFunction:
         model, objective_outputs, constraint_outputs = self._model()
         X_baseline = as_tensor(self._X)
         constraints: list[Callable[[Tensor], Tensor]] | None = (
             [partial(_column, i) for i in constraint_outputs] or None
         )
-        sampler = get_sampler(model.posterior(X_baseline[:1]), sample_shape=torch.Size([self.mc_samples]),
+        sampler = get_sampler(model.posterior(X_baseline[:1]), sample_shape=torch.Size([mc_samples or self.mc_samples]),
                               seed=int(torch.randint(2**31 - 1, (1,)).item()))
         pending = X_pending if len(X_pending) else None
         common = {"X_baseline": X_baseline, "sampler": sampler, "constraints": constraints, "X_pending": pending,
@@ -356,7 +361,8 @@ class BoTorch(Strategy):
             common["X_baseline"] = self._pruned_baseline(model, X_baseline, ref_point, objective, constraints)
             common["prune_baseline"] = False
             return qLogNoisyExpectedHypervolumeImprovement(model, ref_point=ref_point, objective=objective, **common)
-        weights = sample_simplex(len(objective_outputs), dtype=DTYPE).view(-1)
+        if weights is None:
+            weights = sample_simplex(len(objective_outputs), dtype=DTYPE).view(-1)
         return qLogNParEGO(model, scalarization_weights=weights, objective=objective, **common)
 
     def _pruned_baseline(self, model: Model, X: Tensor, ref_point: Tensor, objective: Any,
@@ -377,5 +383,11 @@ class BoTorch(Strategy):
     def _propose(self, X_pending: Tensor) -> Tensor:
         """One candidate given the pending ones (``k x d``): ``1 x d``, snapped."""
         acqf = self._acquisition(X_pending)
+        init_acqf = None
+        if self.geometry.is_continuous and self.init_mc_samples < self.mc_samples:
+            state = torch.random.get_rng_state()
+            init_acqf = self._acquisition(X_pending, mc_samples=self.init_mc_samples,
+                                          weights=getattr(acqf, "scalarization_weights", None))
+            torch.random.set_rng_state(state)  # the same random streams with or without it
         return optimize_candidate(acqf, self.geometry, num_restarts=self.num_restarts,
-                                  raw_samples=self.raw_samples)
+                                  raw_samples=self.raw_samples, init_acqf=init_acqf)
