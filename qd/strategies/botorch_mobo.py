@@ -88,6 +88,9 @@ NEHVI_MAX_OBJECTIVES = 4
 MIN_OBSERVATIONS = 2
 #: A GP is fitted from scratch (not warm-started) once its data have grown by this factor.
 COLD_REFIT_GROWTH = 1.25
+#: Below this many observations every fit starts from the defaults (it costs little there, and a
+#: warm start from a fit on a handful of noisy points can keep a near-zero noise level).
+ALWAYS_COLD_BELOW = 64
 ACQUISITIONS_MULTI = ("auto", "nehvi", "parego")
 ACQUISITIONS_SINGLE = ("auto", "nei")
 
@@ -288,7 +291,7 @@ class BoTorch(Strategy):
         GP here. Warm starts make a refit take a few L-BFGS steps; a cold fit whenever the data
         have grown by a quarter since the last one keeps a poor early optimum from sticking.
         """
-        cold = len(X) >= COLD_REFIT_GROWTH * self._cold_fit_size.get(key, 0)
+        cold = len(X) < ALWAYS_COLD_BELOW or len(X) >= COLD_REFIT_GROWTH * self._cold_fit_size.get(key, 0)
         gp = fit_gp(X, y, self.geometry, Yvar=Yvar, warm_start=None if cold else self._warm.get(key))
         if cold:
             self._cold_fit_size[key] = len(X)
