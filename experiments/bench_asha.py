@@ -77,10 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: v for k, v in r.items() if k != "curve"}), flush=True)
         target = full["best"]
         reach = spent_to_reach(asha["curve"], target, full["sign"]) if target is not None else None
+        reach_text = "never" if reach is None else f"{reach:.0f} ({reach / full['spent']:.2f} of the full run's cost)"
         print(f"seed {seed}: full fidelity spent {full['spent']:.0f} for best {target}; asha best {asha['best']} "
-              f"after {asha['spent']:.0f}; asha reached the full run's best after "
-              f"{'never' if reach is None else f'{reach:.0f}'} "
-              f"({'-' if reach is None else f'{reach / full['spent']:.2f}'} of the full run's cost)", flush=True)
+              f"after {asha['spent']:.0f}; asha reached the full run's best after {reach_text}", flush=True)
     return 0
 
 
