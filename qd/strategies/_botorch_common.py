@@ -363,7 +363,8 @@ def optimize_candidate(
                 acqf, geometry.bounds, discrete_dims=geometry.discrete_dims, cat_dims=geometry.cat_dims,
                 q=1, num_restarts=num_restarts, raw_samples=raw_samples,
                 fixed_features=geometry.fixed_features or None,
-                options={"maxiter_continuous": 8, "maxiter_alternating": 16, "maxiter_init": maxiter,
+                # The continuous relaxation only seeds the alternating search: a short one will do.
+                options={"maxiter_continuous": 8, "maxiter_alternating": 8, "maxiter_init": min(maxiter, 20),
                          "num_spray_points": 20 if local_starts else 0},
             )
     return geometry.snap(X.reshape(1, -1))
