@@ -2,7 +2,7 @@
 
 For each seed, a strategy runs twice on the same problem through ``qd run``'s loop (in-process
 evaluator, temporary SQLite store): once at full fidelity (every configuration trained for the
-fidelity parameter's top value) and once with ``fidelity="asha"`` (``eta``, rungs down to the
+fidelity parameter's top value; ``--full-budget`` evaluations) and once with ``fidelity="asha"`` (``eta``, rungs down to the
 parameter's low end). Printed per run: evaluations, the fidelity spent (sum of the fidelity
 parameter over finished trials: epochs for ``arch``, steps for ``peft``), the best top-fidelity
 value of the first objective, and the hypervolume of the top-fidelity trials; then the ratio of
@@ -34,6 +34,10 @@ def run_one(problem: str, strategy: str, seed: int, budget: int, options: dict) 
                          strategy_options=options, seed=seed, budget=budget, workers=1, evaluator="inprocess",
                          storage=f"sqlite:///{tmp}/asha.db", name="asha", progress=False)
         prepared = prepare(exp)
+        if "fidelity" not in options:  # the full-fidelity run: every configuration at the top value
+            fid, inner_ask = prepared.problem.fidelity, prepared.strategy.ask
+            top_value = prepared.problem.space[fid].high
+            prepared.strategy.ask = lambda n, pending=(): [{**c, fid: top_value} for c in inner_ask(n, pending)]
         t0 = time.perf_counter()
         execute(prepared, dashboard_every_s=None)
         wall = time.perf_counter() - t0
@@ -68,10 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=int, default=40, help="evaluations of each run")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--eta", type=float, default=3)
+    ap.add_argument("--full-budget", type=int, default=None, help="evaluations of the full-fidelity run "
+                    "(default --budget)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     for seed in range(args.seeds):
-        full = run_one(args.problem, args.strategy, seed, args.budget, {})
+        full = run_one(args.problem, args.strategy, seed, args.full_budget or args.budget, {})
         asha = run_one(args.problem, args.strategy, seed, args.budget, {"fidelity": "asha", "eta": args.eta})
         for r in (full, asha):
             print(json.dumps({k: v for k, v in r.items() if k != "curve"}), flush=True)
