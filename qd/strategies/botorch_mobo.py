@@ -42,7 +42,7 @@ Cost of an ask (CPU): qLogNEHVI's baseline is pruned once per fit with a sort-ba
 non-dominance test (``prune_baseline``; BoTorch's pairwise/loop test over 2048 posterior
 samples took about a second at 200 observations); on continuous spaces L-BFGS-B's start points
 are chosen on a 16-sample estimate of the acquisition (``init_mc_samples``); fits are
-warm-started (from the defaults below 64 observations). BoTorch's fused C++ qLogNEHVI kernel is
+warm-started. BoTorch's fused C++ qLogNEHVI kernel is
 built once per environment by ``qd.strategies._kernel`` (never waited on for more than
 ``QD_KERNEL_TIMEOUT_S``; ``state()["kernel"]`` says which path ran). To keep the run loop going
 while a proposal is computed, use the option ``background=true`` or ``ask_time_limit_s``
@@ -98,9 +98,6 @@ NEHVI_MAX_OBJECTIVES = 4
 MIN_OBSERVATIONS = 2
 #: A GP is fitted from scratch (not warm-started) once its data have grown by this factor.
 COLD_REFIT_GROWTH = 1.25
-#: Below this many observations every fit starts from the defaults (it costs little there, and a
-#: warm start from a fit on a handful of noisy points can keep a near-zero noise level).
-ALWAYS_COLD_BELOW = 64
 ACQUISITIONS_MULTI = ("auto", "nehvi", "parego")
 ACQUISITIONS_SINGLE = ("auto", "nei")
 
@@ -301,7 +298,7 @@ class BoTorch(Strategy):
         GP here. Warm starts make a refit take a few L-BFGS steps; a cold fit whenever the data
         have grown by a quarter since the last one keeps a poor early optimum from sticking.
         """
-        cold = len(X) < ALWAYS_COLD_BELOW or len(X) >= COLD_REFIT_GROWTH * self._cold_fit_size.get(key, 0)
+        cold = len(X) >= COLD_REFIT_GROWTH * self._cold_fit_size.get(key, 0)
         gp = fit_gp(X, y, self.geometry, Yvar=Yvar, warm_start=None if cold else self._warm.get(key))
         if cold:
             self._cold_fit_size[key] = len(X)
