@@ -20,7 +20,8 @@ Examples::
     python experiments/bench_mobo.py --problems branin-currin zdt1 --seeds 5 --budget 100
     python experiments/bench_mobo.py --report --out bench_mobo.jsonl
     python experiments/bench_mobo.py --tutorial --seeds 5
-    python experiments/bench_mobo.py --latency --problems branin-currin zdt1 dtlz2 mixed
+    python experiments/bench_mobo.py --latency --problems branin-currin conditional mixed-conditional-3 \
+        --strategies botorch gp --sizes 200
 """
 
 from __future__ import annotations
@@ -74,9 +75,9 @@ def run_one(problem: str, strategy: str, seed: int, budget: int, workers: int,
             return out
 
         prepared.strategy.ask = timed_ask  # type: ignore[method-assign]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         report = execute(prepared)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         trials = prepared.store.trials()
         directions = prepared.problem.directions
         ref = reference_point(prepared.problem, trials, directions)
@@ -85,7 +86,7 @@ def run_one(problem: str, strategy: str, seed: int, budget: int, workers: int,
     return {"problem": problem, "strategy": strategy, "options": strategy_options or {}, "seed": seed,
             "budget": budget, "workers": workers, "hypervolume": hv, "finished": report.finished,
             "failed": report.failed, "mean_ask_s": float(np.mean(latencies)) if latencies else 0.0,
-            "max_ask_s": float(np.max(latencies)) if latencies else 0.0, "wall_s": wall}
+            "max_ask_s": float(np.max(latencies)) if latencies else 0.0, "wall_s": wall, "cpu_s": cpu}
 
 
 def _key(row: dict[str, Any]) -> tuple:
@@ -132,7 +133,7 @@ def report(rows: list[dict[str, Any]]) -> str:
         lines.append(f"\n{problem}  (budget {budget}, workers {workers}; max HV {best_hv:.4f}; "
                      f"best Optuna sampler: {best_name})")
         lines.append(f"  {'strategy':<10} {'seeds':>5} {'HV median':>10} {'IQR':>21} {'/best Optuna':>12} "
-                     f"{'gap to max':>10} {'gap/Optuna':>10} {'ask s mean':>10} {'ask s max':>9}")
+                     f"{'gap to max':>10} {'gap/Optuna':>10} {'ask s mean':>10} {'ask s max':>9} {'run CPU s':>9}")
         for s in sorted(by_strategy, key=lambda s: -med[s]):
             rs = by_strategy[s]
             hv = np.array([r["hypervolume"] for r in rs])
@@ -141,7 +142,8 @@ def report(rows: list[dict[str, Any]]) -> str:
             gap_ratio = gap[s] / gap[best_name] if best_name in gap and gap[best_name] > 0 else math.nan
             lines.append(f"  {s:<10} {len(rs):>5} {med[s]:>10.4f} [{q1:>9.4f}, {q3:>9.4f}] {ratio:>12.4f} "
                          f"{gap[s]:>10.4f} {gap_ratio:>10.3f} {np.mean([r['mean_ask_s'] for r in rs]):>10.3f} "
-                         f"{np.max([r['max_ask_s'] for r in rs]):>9.2f}")
+                         f"{np.max([r['max_ask_s'] for r in rs]):>9.2f} "
+                         f"{np.median([r.get('cpu_s', math.nan) for r in rs]):>9.1f}")
     return "\n".join(lines)
 
 
@@ -192,56 +194,130 @@ def tutorial_report(rows: list[dict[str, Any]]) -> str:
 
 
 # --- ask latency ------------------------------------------------------------------------------
+class MixedConditional3(Problem):
+    """A plug-in-like problem: 6 mixed parameters (one conditional), 3 objectives, one of them cheap.
+
+    ``optimizer`` (adam, sgd, rmsprop), ``momentum`` (float, only for sgd), ``layers`` (int 1..8),
+    ``width`` (int 16..512, log), ``lr`` (float, log), ``dropout`` (float); minimise error,
+    latency and parameters (cheap: a function of layers and width).
+    """
+
+    name = "mixed-conditional-3"
+    reference_point = (1.5, 1.5, 1.1)
+
+    def __init__(self) -> None:
+        from qd.space import Categorical, Float, Int, Space
+
+        self.space = Space([Categorical("optimizer", ("adam", "sgd", "rmsprop")),
+                            Float("momentum", 0.0, 0.99, active_if={"optimizer": ["sgd"]}),
+                            Int("layers", 1, 8), Int("width", 16, 512, log=True),
+                            Float("lr", 1e-5, 1e-1, log=True), Float("dropout", 0.0, 0.5)])
+        from qd.problem import Objective
+
+        self.objectives = (Objective("error"), Objective("latency"), Objective("params", cheap=True))
+
+    def cheap_values(self, config: dict) -> dict[str, float]:
+        return {"params": (math.log2(config["layers"]) + 2 * math.log2(config["width"]) - 8) / 13}
+
+    def evaluate(self, config: dict, seed: int) -> Evaluation:
+        cap = 2 * math.log2(config["layers"]) + 2 * math.log2(config["width"]) - 8
+        best_lr = {"adam": -3.0, "sgd": -1.5, "rmsprop": -3.5}[config["optimizer"]]
+        error = (0.05 + 0.4 * math.exp(-cap / 4) + 0.02 * (math.log10(config["lr"]) - best_lr) ** 2
+                 + 0.2 * (config["dropout"] - 0.025 * cap) ** 2
+                 + (0.1 * (config.get("momentum", 0.9) - 0.9) ** 2 if config["optimizer"] == "sgd" else 0.01))
+        latency = 0.1 * config["layers"] + config["width"] / 512 * 0.5 + 0.05 * (config["optimizer"] != "sgd")
+        return Evaluation(values=[error, latency, self.cheap_values(config)["params"]])
+
+
+class MixedInt(Problem):
+    """4 integer parameters of 2 to 16 levels and a float; two objectives (ZDT1-like trade-off)."""
+
+    name = "mixed-int"
+    reference_point = (1.1, 11.0)
+
+    def __init__(self) -> None:
+        from qd.problem import Objective
+        from qd.space import Float, Int, Space
+
+        self.space = Space([Int("a", 0, 1), Int("b", 0, 3), Int("c", 0, 7), Int("e", 0, 15), Float("x", 0.0, 1.0)])
+        self.objectives = (Objective("f1"), Objective("f2"))
+
+    def evaluate(self, config: dict, seed: int) -> Evaluation:
+        g = 1 + 9 * (config["a"] / 1 + abs(config["b"] / 3 - 0.5) + (config["c"] / 7) ** 2 + config["e"] / 15) / 4
+        f1 = config["x"]
+        return Evaluation(values=[f1, g * (1 - math.sqrt(f1 / g))])
+
+
+EXTRA_PROBLEMS = {MixedConditional3.name: MixedConditional3, MixedInt.name: MixedInt}
+
+
+def _problem(name: str) -> Problem:
+    if name in EXTRA_PROBLEMS:
+        return EXTRA_PROBLEMS[name]()
+    return get_problem(name, **PROBLEM_OPTIONS.get(name, {}))
+
+
 def latency(problem_name: str, sizes: Sequence[int] = (50, 100, 200), seed: int = 0,
-            options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Seconds per ``ask(1)`` of ``botorch`` with 50, 100, 200 observations.
+            options: dict[str, Any] | None = None, strategies: Sequence[str] = ("botorch", "gp")
+            ) -> list[dict[str, Any]]:
+    """Seconds (wall and CPU) per ``ask(1)`` of each strategy with 50, 100, 200 observations.
 
     The observations come from a TPE run on the problem (clustered near the front as in a real
-    run, so NEHVI's pruned baseline is realistic). At each size two asks are timed: the first
-    after the observations arrived in bulk (GP fits from scratch) and a steady-state one after one
-    more observation (fits warm-started from the previous ones, as in a run).
+    run, so NEHVI's pruned baseline is realistic), the same for every strategy. At each size two
+    asks are timed: the first after the observations arrived in bulk (GP fits from scratch) and
+    a steady-state one after one more observation (fits warm-started from the previous ones, as
+    in a run). ``first_model_ask`` is the very first model-based ask (at the smallest size).
     """
-    problem = get_problem(problem_name, **PROBLEM_OPTIONS.get(problem_name, {}))
+    problem = _problem(problem_name)
     tpe = get_strategy("tpe", problem, seed=seed)
-    strat = get_strategy("botorch", problem, seed=seed, **(options or {}))
-    strat.n_init = 0
-    number = 0
+    strats = {}
+    for name in strategies:
+        strats[name] = get_strategy(name, problem, seed=seed, **(options or {} if name == "botorch" else {}))
+        if hasattr(strats[name], "n_init"):
+            strats[name].n_init = 0
     rows = []
+    history: list[Trial] = []
 
-    def tell(config: dict, both: bool) -> None:
-        nonlocal number
+    def trial(config: dict, number: int) -> Trial:
         values, _, constraints = problem.normalise(problem.evaluate(config, seed))
-        trial = Trial(number=number, params=config, state="complete", values=values, constraints=constraints)
-        strat.tell(trial)
-        if both:
-            tpe.tell(trial)
-        number += 1
+        return Trial(number=number, params=config, state="complete", values=values, constraints=constraints)
 
+    def timed(strat) -> tuple[float, float, dict]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        config = strat.ask(1)[0]
+        return time.perf_counter() - t0, time.process_time() - c0, config
+
+    told = {name: 0 for name in strats}
     for size in sizes:
-        while number < size:
-            tell(tpe.ask(1)[0], both=True)
-        t0 = time.perf_counter()
-        c0 = time.process_time()
-        config = strat.ask(1)[0]
-        cold, cold_cpu = time.perf_counter() - t0, time.process_time() - c0
-        tell(config, both=False)
-        t0 = time.perf_counter()
-        c0 = time.process_time()
-        config = strat.ask(1)[0]
-        warm, warm_cpu = time.perf_counter() - t0, time.process_time() - c0
-        tell(config, both=False)
-        rows.append({"latency": True, "problem": problem_name, "observations": size, "cold_s": cold,
-                     "cold_cpu_s": cold_cpu, "warm_s": warm, "warm_cpu_s": warm_cpu, "options": options or {}})
-        print(json.dumps(rows[-1]), flush=True)
+        while len(history) < size:
+            t = trial(tpe.ask(1)[0], len(history))
+            tpe.tell(t)
+            history.append(t)
+        for name, strat in strats.items():
+            for t in history[told[name]:]:
+                strat.tell(t)
+            told[name] = len(history)
+            cold, cold_cpu, config = timed(strat)
+            strat.tell(trial(config, 10_000 + size))  # its own extra observation, as in a run
+            warm, warm_cpu, _ = timed(strat)
+            rows.append({"latency": True, "problem": problem_name, "strategy": name, "observations": size,
+                         "cold_s": cold, "cold_cpu_s": cold_cpu, "warm_s": warm, "warm_cpu_s": warm_cpu,
+                         "options": (options or {}) if name == "botorch" else {}})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def latency_report(rows: list[dict[str, Any]]) -> str:
-    lines = ["\nbotorch ask(1) latency, seconds: wall (CPU of this process); 'first' = fits from scratch, "
-             "'steady' = warm-started fits as in a run"]
+    lines = ["\nask(1) latency, seconds: wall (CPU of this process); 'first' = fits from scratch, "
+             "'steady' = warm-started fits as in a run; ratio = botorch CPU / gp CPU (steady)"]
+    cpu = {(r["problem"], r["observations"], r.get("strategy", "botorch")): r["warm_cpu_s"] for r in rows}
     for r in rows:
-        lines.append(f"  {r['problem']:<14} {r['observations']:>4} observations: first {r['cold_s']:6.2f} "
-                     f"({r['cold_cpu_s']:6.2f})   steady {r['warm_s']:6.2f} ({r['warm_cpu_s']:6.2f})")
+        name = r.get("strategy", "botorch")
+        ratio = ""
+        if name == "botorch" and (r["problem"], r["observations"], "gp") in cpu:
+            ratio = f"   ratio {r['warm_cpu_s'] / cpu[(r['problem'], r['observations'], 'gp')]:.2f}"
+        lines.append(f"  {r['problem']:<20} {name:<8} {r['observations']:>4} observations: first {r['cold_s']:6.2f} "
+                     f"({r['cold_cpu_s']:6.2f})   steady {r['warm_s']:6.2f} ({r['warm_cpu_s']:6.2f}){ratio}")
     return "\n".join(lines)
 
 
@@ -259,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", action="store_true", help="print the table of --out and stop")
     ap.add_argument("--tutorial", action="store_true", help="run BoTorch's tutorial set-up instead")
     ap.add_argument("--latency", action="store_true", help="time botorch asks at 50, 100, 200 observations instead")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200],
+                    help="observation counts of --latency (default 50 100 200)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -274,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.latency:
         new = []
         for problem in args.problems:
-            new += latency(problem, options=args.botorch_options)
+            new += latency(problem, sizes=args.sizes, options=args.botorch_options,
+                           strategies=[s for s in args.strategies if s in ("botorch", "gp")] or ["botorch"])
         with args.out.open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in new)
         print(latency_report(new))

@@ -10,7 +10,8 @@ Conventions (one meaning each, used everywhere):
 - ``state`` (n,): ``RUNNING``, ``COMPLETE`` or ``FAILED``; ``stale`` (n,) marks failed trials
   whose driver stopped while they ran (they do not count towards the budget).
 - ``values`` (n, m), ``measures`` (n, k), ``constraints`` (n, c): NaN where not complete.
-- ``origin`` (n,): ``ORIGIN_STRATEGY`` or ``ORIGIN_REQUEUE``; ``requeue_of`` (n,): the stale
+- ``origin`` (n,): ``ORIGIN_STRATEGY``, ``ORIGIN_REQUEUE`` or ``ORIGIN_FALLBACK`` (a quasi-random
+  point given when a proposal ran past its time limit, ``qd.background``); ``requeue_of`` (n,): the stale
   trial a re-queued one evaluates again, or -1.
 - ``cell`` (n,): the trial's cell in the run's archive, or -1 (not inserted: failed, infeasible).
 """
@@ -27,8 +28,8 @@ import numpy as np
 RUNNING, COMPLETE, FAILED = 0, 1, 2
 STATE_NAMES = {RUNNING: "running", COMPLETE: "complete", FAILED: "failed"}
 STATE_CODES = {v: k for k, v in STATE_NAMES.items()}
-ORIGIN_STRATEGY, ORIGIN_REQUEUE = 0, 1
-ORIGIN_NAMES = {ORIGIN_STRATEGY: "strategy", ORIGIN_REQUEUE: "requeue"}
+ORIGIN_STRATEGY, ORIGIN_REQUEUE, ORIGIN_FALLBACK = 0, 1, 2
+ORIGIN_NAMES = {ORIGIN_STRATEGY: "strategy", ORIGIN_REQUEUE: "requeue", ORIGIN_FALLBACK: "fallback"}
 ORIGIN_CODES = {v: k for k, v in ORIGIN_NAMES.items()}
 
 _ARRAYS = ("number", "state", "stale", "origin", "seed", "requeue_of", "t_start", "t_end", "cell",

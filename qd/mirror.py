@@ -19,7 +19,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from qd.columns import COMPLETE, FAILED, Columns
+from qd.columns import COMPLETE, FAILED, ORIGIN_NAMES, Columns
 from qd.problem import Problem
 
 MIRROR_ALL = 200
@@ -93,7 +93,7 @@ class Mirror:
         number = int(cols.number[i])
         attrs: dict[str, Any] = {"qd_number": number, "seed": int(cols.seed[i])}
         if cols.origin[i]:
-            attrs["origin"] = "requeue"
+            attrs["origin"] = ORIGIN_NAMES[int(cols.origin[i])]
         if cols.requeue_of[i] >= 0:
             attrs["requeue_of"] = int(cols.requeue_of[i])
         system: dict[str, Any] = {}

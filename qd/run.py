@@ -473,8 +473,13 @@ class _Loop:
                 slots -= 1
             if slots > 0:
                 asked = self.strategy.ask(slots, pending=_Pending(self.in_flight))
+                origin_of = getattr(self.strategy, "origin_of", None)  # qd.background's fallbacks
                 for config in asked[:slots]:
-                    self.launch(config, "strategy")
+                    self.launch(config, origin_of(config) if origin_of else "strategy")
+        proposing = getattr(self.strategy, "busy", False)  # an ask computed beside the loop (qd.background)
+        if not self.in_flight and proposing and not out_of_time:
+            self.strategy.wait(0.05)  # then ask again: the proposal, or a fallback at its time limit
+            return True
         if not self.in_flight:
             if out_of_time:
                 self.stopped_by = "time"
@@ -489,6 +494,8 @@ class _Loop:
             return False
         wait_for = None if self.time_limit_s is None else \
             max(0.05, self.time_limit_s - (time.monotonic() - self.t_start))
+        if proposing:
+            wait_for = 0.05 if wait_for is None else min(wait_for, 0.05)
         if not getattr(self.evaluator, "synchronous", False):
             # The loop is about to block: what is due goes now, the rest within its interval.
             self.store.maybe_flush()
@@ -585,6 +592,8 @@ class _Loop:
         finally:
             _LIVE_RUNS.discard(self.token)
             try:
+                if hasattr(self.strategy, "close"):
+                    self.strategy.close()
                 self.evaluator.close()
                 self.store.flush()
                 self.state.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -18,6 +19,9 @@ from qd.strategies._botorch_common import ConditionalProjection, SpaceGeometry, 
 from qd.strategies.botorch_mobo import BoTorch
 
 torch.set_num_threads(1)
+# The fused qLogNEHVI kernel takes minutes to compile on 2 cores: these tests use BoTorch's Python
+# path (the kernel and its build are tested in test_kernel.py).
+os.environ.setdefault("QD_FUSED_KERNEL", "0")
 LIGHT = {"num_restarts": 2, "raw_samples": 64, "mc_samples": 32}
 
 

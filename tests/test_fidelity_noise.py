@@ -209,3 +209,36 @@ def test_sail_resumed_mid_repeats_asks_for_the_owed_ones_first():
         key = config_key(problem.space.encode(c))
         got[key] = got.get(key, 0) + 1
     assert got == owed
+
+
+@pytest.mark.parametrize("name", ["tpe", "nsga2", "random"])
+def test_fidelity_asha_is_an_option_of_every_strategy(name):
+    problem = Budgeted(objectives=2)
+    s = get_strategy(name, problem, seed=1, fidelity="asha", eta=3)
+    assert isinstance(s, FidelityWrapper) and s.promotions.eta == 3
+    trials = drive(s, problem, 40, workers=2)
+    steps = [t.params["steps"] for t in trials]
+    assert steps[0] == 1 and max(steps) >= 9  # starts at the lowest rung, promotes up the rungs
+    # Several objectives: promoted by non-dominated rank at their rung.
+    rung0 = [t for t in trials if t.params["steps"] == 1]
+    promoted = {config_key(problem.space.encode({**t.params, "steps": 1})) for t in trials if t.params["steps"] == 3}
+    Y = np.array([t.values for t in rung0])
+    from moocore import pareto_rank
+
+    ranks = pareto_rank(Y)
+    best = {config_key(problem.space.encode(t.params)) for t, r in zip(rung0, ranks) if r == 0}
+    assert promoted and promoted & best
+
+
+def test_fidelity_option_from_an_experiment_file_and_its_errors(tmp_path):
+    from qd.experiment import ExperimentError, from_dict
+    from qd.session import prepare
+
+    doc = {"run": {"storage": f"sqlite:///{tmp_path}/f.db", "budget": 5, "evaluator": "inprocess"},
+           "problem": {"name": "zdt1"}, "strategy": {"name": "tpe", "options": {"fidelity": "asha"}}}
+    with pytest.raises(ExperimentError, match="names no fidelity parameter|fidelity"):
+        prepare(from_dict(doc))  # zdt1 has no fidelity parameter: refused before any evaluation
+    with pytest.raises(ValueError, match="fidelity='fast' is not allowed"):
+        get_strategy("tpe", Budgeted(), fidelity="fast")
+    with pytest.raises(ValueError, match="need fidelity='asha'"):
+        get_strategy("tpe", Budgeted(), eta=2)

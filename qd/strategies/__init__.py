@@ -1,4 +1,15 @@
-"""Strategy registry: built-in names, plus plug-ins from the entry-point group ``qd.strategies``."""
+"""Strategy registry: built-in names, plus plug-ins from the entry-point group ``qd.strategies``.
+
+Options every strategy accepts (from ``-S key=value`` or an experiment file's strategy options),
+applied by wrapping the strategy:
+
+- ``fidelity = "asha"`` (with ``eta``, ``min_fidelity``): ASHA promotion over the problem's
+  fidelity parameter (``qd.fidelity.FidelityWrapper``; non-dominated rank per rung for several
+  objectives). Strategies with their own multi-fidelity handling (``sail``) take it themselves.
+- ``background = true`` or ``ask_time_limit_s = S``: asks computed on a thread beside the run
+  loop, with a quasi-random fallback once a proposal has run ``S`` seconds
+  (``qd.background.BackgroundAsks``).
+"""
 
 from __future__ import annotations
 
@@ -59,13 +70,50 @@ def allowed_options(cls: type[Strategy]) -> list[str] | None:
     return [p for p, v in params.items() if p not in skip and v.kind != v.VAR_KEYWORD]
 
 
+#: Options of the wrappers, accepted by every strategy (see the module docstring).
+FIDELITY_OPTIONS = ("fidelity", "eta", "min_fidelity")
+BACKGROUND_OPTIONS = ("background", "ask_time_limit_s")
+
+
+def _wrapper_options(cls: type[Strategy], options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split ``options`` into (the strategy's own, the wrappers'); a strategy's own options win."""
+    own = allowed_options(cls)
+    wrapper_names = [k for k in (*FIDELITY_OPTIONS, *BACKGROUND_OPTIONS) if own is None or k not in own]
+    return ({k: v for k, v in options.items() if k not in wrapper_names},
+            {k: v for k, v in options.items() if k in wrapper_names})
+
+
 def check_options(name: str, options: dict[str, Any]) -> None:
-    allowed = allowed_options(strategy_class(name))
-    unknown = sorted(set(options) - set(allowed or options))
+    cls = strategy_class(name)
+    allowed = allowed_options(cls)
+    own, wrapped = _wrapper_options(cls, options)
+    unknown = sorted(set(own) - set(allowed or own))
     if unknown:
-        raise ValueError(f"strategy {name!r}: unknown option(s) {unknown}; allowed options: {allowed}")
+        extra = [k for k in (*FIDELITY_OPTIONS, *BACKGROUND_OPTIONS) if k not in (allowed or [])]
+        raise ValueError(f"strategy {name!r}: unknown option(s) {unknown}; allowed options: {allowed} "
+                         f"and, for every strategy, {extra}")
+    fidelity = wrapped.get("fidelity")
+    if fidelity not in (None, "asha"):
+        raise ValueError(f"strategy {name!r}: option fidelity={fidelity!r} is not allowed; allowed: null (single "
+                         f"fidelity) or 'asha'")
+    if fidelity is None and ({"eta", "min_fidelity"} & set(wrapped)):
+        raise ValueError(f"strategy {name!r}: options eta and min_fidelity need fidelity='asha'")
+    background = wrapped.get("background", False)
+    if not isinstance(background, bool):
+        raise ValueError(f"strategy {name!r}: option background={background!r} is not allowed; allowed: true or false")
 
 
 def get_strategy(name: str, problem: Problem, seed: int = 0, **options: Any) -> Strategy:
     check_options(name, options)
-    return strategy_class(name)(problem, seed=seed, **options)
+    cls = strategy_class(name)
+    own, wrapped = _wrapper_options(cls, options)
+    strategy = cls(problem, seed=seed, **own)
+    if wrapped.get("fidelity") == "asha":
+        from qd.fidelity import FidelityWrapper
+
+        strategy = FidelityWrapper(strategy, eta=wrapped.get("eta", 3), min_fidelity=wrapped.get("min_fidelity"))
+    if wrapped.get("background") or wrapped.get("ask_time_limit_s") is not None:
+        from qd.background import BackgroundAsks
+
+        strategy = BackgroundAsks(strategy, ask_time_limit_s=wrapped.get("ask_time_limit_s"))
+    return strategy

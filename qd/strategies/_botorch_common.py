@@ -25,9 +25,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import math
+
+import moocore
 import numpy as np
 import torch
 from botorch.acquisition import AcquisitionFunction
+from botorch.acquisition.utils import _prune_inferior_shared_processing
 from botorch.exceptions.errors import ModelFittingError
 from botorch.exceptions.warnings import BadInitialCandidatesWarning, InputDataWarning, OptimizationWarning
 from botorch.fit import fit_gpytorch_mll
@@ -36,12 +40,19 @@ from botorch.models.model import Model
 from botorch.models.transforms.input import InputTransform
 from botorch.models.transforms.outcome import Standardize
 from botorch.optim import optimize_acqf, optimize_acqf_mixed_alternating
+from botorch.optim.initializers import gen_batch_initial_conditions
 from gpytorch.mlls import ExactMarginalLogLikelihood
 from linear_operator.utils.warnings import NumericalWarning
+
+from qd.strategies._kernel import disable_botorch_loader
 from torch import Tensor
 
 from qd.problem import Problem
 from qd.space import INACTIVE, Categorical, Config, Int, Param, Space
+
+# qd builds BoTorch's fused qLogNEHVI kernel itself (qd.strategies._kernel): BoTorch's own loader
+# would compile it inside the asking process and wait on torch's lock file without a timeout.
+disable_botorch_loader()
 
 DTYPE = torch.float64
 #: L-BFGS-B iterations of one GP fit. Continuous GPs converge in well under this; the categorical
@@ -323,6 +334,7 @@ def optimize_candidate(
     raw_samples: int,
     maxiter: int = 100,
     local_starts: bool = True,
+    init_acqf: AcquisitionFunction | None = None,
 ) -> Tensor:
     """Maximise ``acqf`` for one candidate over the space; return it snapped, shape ``1 x d``.
 
@@ -332,21 +344,74 @@ def optimize_candidate(
     ``local_starts``, start points are also drawn close to the incumbents (the modelled Pareto
     set or best points of ``X_baseline``): space-filling points alone rarely land close enough
     to refine a front that is already good (the last digits of hypervolume are won there).
+    ``init_acqf`` (continuous spaces): a cheaper estimate of ``acqf`` (fewer Monte-Carlo
+    samples) to choose the start points with; scoring the raw samples is most of the cost.
     """
     with quiet():
         if geometry.is_continuous:
+            options = {"maxiter": maxiter, "sample_around_best": local_starts}
+            X0 = None
+            if init_acqf is not None:
+                X0 = gen_batch_initial_conditions(init_acqf, geometry.bounds, q=1, num_restarts=num_restarts,
+                                                  raw_samples=raw_samples,
+                                                  fixed_features=geometry.fixed_features or None, options=options)
             X, _ = optimize_acqf(acqf, geometry.bounds, q=1, num_restarts=num_restarts, raw_samples=raw_samples,
-                                 fixed_features=geometry.fixed_features or None,
-                                 options={"maxiter": maxiter, "sample_around_best": local_starts})
+                                 fixed_features=geometry.fixed_features or None, options=options,
+                                 batch_initial_conditions=X0)
         else:
             X, _ = optimize_acqf_mixed_alternating(
                 acqf, geometry.bounds, discrete_dims=geometry.discrete_dims, cat_dims=geometry.cat_dims,
                 q=1, num_restarts=num_restarts, raw_samples=raw_samples,
                 fixed_features=geometry.fixed_features or None,
-                options={"maxiter_continuous": 8, "maxiter_alternating": 16, "maxiter_init": maxiter,
+                # The continuous relaxation only seeds the alternating search: a short one will do.
+                options={"maxiter_continuous": 8, "maxiter_alternating": 8, "maxiter_init": min(maxiter, 20),
                          "num_spray_points": 20 if local_starts else 0},
             )
     return geometry.snap(X.reshape(1, -1))
+
+
+def non_dominated(Y: Tensor) -> Tensor:
+    """``S x n x m`` (maximised) -> ``S x n`` bool: non-dominated within each of the ``S`` sets.
+
+    BoTorch's ``is_non_dominated`` compares all pairs, or loops over points in Python beyond
+    5 MB (2048 posterior samples of 200 points already): seconds per call. Two objectives take
+    a sort and a running maximum; more take moocore per set. Of identical points one is kept.
+    """
+    S, n, m = Y.shape
+    if m == 2:
+        order = torch.argsort(Y[..., 1], dim=-1, descending=True, stable=True)
+        order = order.gather(-1, torch.argsort(Y[..., 0].gather(-1, order), dim=-1, descending=True, stable=True))
+        y1 = Y[..., 1].gather(-1, order)
+        best_before = torch.cat([torch.full_like(y1[..., :1], -math.inf), y1.cummax(dim=-1).values[..., :-1]], -1)
+        keep_sorted = (y1 > best_before) & ~Y.gather(-2, order.unsqueeze(-1).expand(-1, -1, m)).isnan().any(-1)
+        return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    Yn = Y.detach().cpu().numpy()
+    out = np.zeros((S, n), dtype=bool)
+    for k in range(S):
+        ok = ~np.isnan(Yn[k]).any(-1)
+        idx = np.flatnonzero(ok)
+        if len(idx):
+            out[k, idx] = moocore.is_nondominated(Yn[k, idx], maximise=True, keep_weakly=False)
+    return torch.as_tensor(out)
+
+
+def prune_baseline(model: Model, X: Tensor, ref_point: Tensor, objective: Any = None,
+                   constraints: list[Callable[[Tensor], Tensor]] | None = None, num_samples: int = 2048) -> Tensor:
+    """The points of ``X`` (``n x d``) that may be Pareto optimal: ``n' x d``.
+
+    What ``prune_inferior_points_multi_objective`` (qLogNEHVI's ``prune_baseline``) computes,
+    with ``non_dominated`` instead of BoTorch's pairwise test: the points that are feasible,
+    better than ``ref_point`` and non-dominated in at least one of ``num_samples`` joint
+    posterior samples.
+    """
+    _, obj_vals, infeas = _prune_inferior_shared_processing(model=model, X=X, is_moo=True, objective=objective,
+                                                            constraints=constraints, num_samples=num_samples)
+    if infeas.any():
+        obj_vals[infeas] = ref_point
+    obj_vals = obj_vals.reshape(-1, *obj_vals.shape[-2:])
+    mask = non_dominated(obj_vals) & (obj_vals > ref_point).all(dim=-1)
+    idcs = mask.any(dim=0).nonzero().view(-1)
+    return X[idcs] if len(idcs) else X
 
 
 def row_keys(X: Tensor, decimals: int = 9) -> set[tuple[float, ...]]:
@@ -354,5 +419,5 @@ def row_keys(X: Tensor, decimals: int = 9) -> set[tuple[float, ...]]:
     return {tuple(r) for r in np.round(X.detach().cpu().numpy(), decimals)}
 
 
-__all__ = ["DTYPE", "quiet", "CheapValues", "ConditionalProjection", "SpaceGeometry", "as_tensor", "fit_gp",
+__all__ = ["DTYPE", "quiet", "CheapValues", "non_dominated", "prune_baseline", "ConditionalProjection", "SpaceGeometry", "as_tensor", "fit_gp",
            "hyperparameters", "optimize_candidate", "row_keys", "WarmFits", "make_gp"]
