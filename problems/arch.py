@@ -201,7 +201,7 @@ class ArchProblem(Problem):
             Objective("latency_ms", "minimize"),
         )
         # 10^2..10^7 covers both datasets: the smallest CNN has 170 parameters, the largest ~4.9M.
-        self.measures = (Measure("log10_params", 2.0, 7.0), Measure("depth", 0.5, 4.5))
+        self.measures = (Measure("log10_params", 2.0, 7.0), Measure("depth", 1, 4, integer=True))
         will_use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         self.resources = Resources(cpus=1, gpus=float(gpus_per_eval) if will_use_cuda else 0.0, memory_mb=3000)
         self._splits: dict[str, Split] = {}

@@ -243,7 +243,7 @@ class PeftProblem(Problem):
         )
         self.measures = (
             Measure("log10_trainable_params", math.log10(HEAD_PARAMS), math.log10(largest)),
-            Measure("adapted_layers", 0, NUM_LAYERS),
+            Measure("adapted_layers", 0, NUM_LAYERS, integer=True),
         )
         will_use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         self.resources = Resources(cpus=1, gpus=float(gpus_per_eval) if will_use_cuda else 0.0, memory_mb=4000)
