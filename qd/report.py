@@ -71,41 +71,12 @@ def export(run: Run, out: str | Path, fmt: str = "csv") -> list[Path]:
 
 
 # --- figures --------------------------------------------------------------------------------------
-def best_so_far_figure(run: Run, title: str = ""):  # -> matplotlib Figure
-    """One objective: every finished evaluation's value and the best so far."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    finished = [t for t in run.store.trials() if t.finished]
-    better = min if run.directions[0] == "minimize" else max
-    xs, ys, best, bx, by = [], [], None, [], []
-    for i, t in enumerate(finished, start=1):
-        if t.feasible:
-            xs.append(i), ys.append(t.values[0])
-            best = t.values[0] if best is None else better(best, t.values[0])
-        if best is not None:
-            bx.append(i), by.append(best)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter(xs, ys, s=8, c="lightgray", label="evaluated")
-    ax.plot(bx, by, color="C0", label="best so far")
-    ax.set_xlabel("finished evaluations")
-    ax.set_ylabel(f"{run.objectives[0]} ({run.directions[0][:3]})")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
 def write_figures(run: Run, out: Path) -> list[Path]:
     """The run's PNGs: Pareto front and hypervolume (several objectives) or best so far (one), and
     the archive heatmap and QD metrics (``qd.plots_archive``) when the problem has measures."""
     import matplotlib.pyplot as plt
 
-    from qd.plots import hypervolume_figure, pareto_figure
+    from qd.plots import best_so_far_figure, hypervolume_figure, pareto_figure
     from qd.results import hypervolume_history
 
     title = f"{run.name}: {run.store.info.problem} / {run.store.info.strategy}"
@@ -123,7 +94,7 @@ def write_figures(run: Run, out: Path) -> list[Path]:
             counts, hvs = hypervolume_history(trials, run.directions, run.reference.point)
             save(hypervolume_figure(counts, hvs, run.reference.point, title), "hypervolume.png")
     elif any(t.finished for t in trials):
-        save(best_so_far_figure(run, title), "best_so_far.png")
+        save(best_so_far_figure(trials, run.objectives[0], run.directions[0], title), "best_so_far.png")
     if run.archive is not None and not run.archive.empty:
         from qd.plots_archive import plot_archive
 

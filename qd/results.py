@@ -83,13 +83,38 @@ def hypervolume_history(trials: Sequence[Trial], directions: Sequence[str], refe
     return np.array(counts), np.array(hvs)
 
 
+def best_trial(trials: Sequence[Trial], direction: str, index: int = 0) -> Trial | None:
+    """The feasible trial with the best value of objective ``index`` (the earliest among equals)."""
+    ok = feasible(trials)
+    if not ok:
+        return None
+    sign = 1.0 if direction == "minimize" else -1.0
+    return min(ok, key=lambda t: (sign * t.values[index], t.number))
+
+
+def best_so_far(trials: Sequence[Trial], direction: str, index: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """One objective over time: (k,) finished-evaluation counts and (k,) best feasible value so far
+    (NaN until the first feasible evaluation)."""
+    better = min if direction == "minimize" else max
+    counts, best, out = [], None, []
+    for i, t in enumerate((t for t in trials if t.finished), start=1):
+        if t.feasible:
+            best = t.values[index] if best is None else better(best, t.values[index])
+        counts.append(i)
+        out.append(np.nan if best is None else best)
+    return np.array(counts, dtype=int), np.array(out, dtype=float)
+
+
 def summary(store: Store, problem: Problem | None = None) -> dict[str, Any]:
-    """What ``qd show --json`` prints."""
+    """What ``qd show --json`` prints. One objective: ``best`` (the best trial) and no hypervolume;
+    several: ``pareto_front`` and the ``hypervolume`` of the Pareto set of all feasible trials."""
     trials = store.trials()
     directions = [d.name.lower() for d in store.study.directions]
     front = pareto_trials(trials, directions)
-    ref = reference_point(problem, trials, directions)
+    # One objective: the best trial is the answer; a one-dimensional "hypervolume" is only a shifted best value.
+    ref = reference_point(problem, trials, directions) if len(directions) > 1 else None
     hv = hypervolume(np.array([t.values for t in front]), directions, ref.point) if (ref and front) else None
+    best = best_trial(trials, directions[0]) if len(directions) == 1 else None
     return {
         "name": store.info.name,
         "problem": store.info.problem,
@@ -101,6 +126,7 @@ def summary(store: Store, problem: Problem | None = None) -> dict[str, Any]:
         **store.counts(),
         "pareto_front": [{"number": t.number, "params": t.params, "values": t.values,
                           **({"measures": t.measures} if t.measures else {})} for t in front],
+        "best": {"number": best.number, "value": best.values[0], "params": best.params} if best else None,
         "hypervolume": hv,
         "hypervolume_reference": {"point": list(ref.point), "source": ref.source} if ref else None,
         "failures": [{"number": t.number, "reason": (t.reason or "").split("\n")[0]} for t in trials
