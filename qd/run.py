@@ -18,6 +18,7 @@ creates it, so a driver killed at any moment never re-queues one configuration t
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 import time
@@ -32,7 +33,7 @@ from tqdm import tqdm
 from evaluators.base import Evaluator, Job, Outcome
 from qd.experiment import ExperimentError
 from qd.problem import EvaluationError, Problem
-from qd.results import hypervolume, pareto_trials, reference_point
+from qd.results import hypervolume, pareto_trials
 from qd.space import Config
 from qd.store import Store, Trial
 from qd.strategy import Strategy
@@ -97,19 +98,31 @@ class RunReport:
     elapsed_s: float
     stopped_by: str  # "budget", "time", "strategy"
 
+    def __repr__(self) -> str:  # what a notebook cell shows: seconds rounded
+        return (f"RunReport(finished={self.finished}, complete={self.complete}, failed={self.failed}, "
+                f"requeued={self.requeued}, elapsed_s={self.elapsed_s:.1f}, stopped_by={self.stopped_by!r})")
+
 
 def evaluation_seed(run_seed: int, trial_number: int) -> int:
     return int(np.random.SeedSequence([run_seed, trial_number]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 class _Progress:
-    """Progress over the budget: evaluations finished, failed and running, the best values, the
-    hypervolume (several objectives) and the strategy's ``state()`` (e.g. archive coverage).
+    """Progress over the budget, key figures first: the best value (one objective) or the Pareto set's
+    size and hypervolume (several), then failures, the strategy's ``state()`` (e.g. archive coverage
+    as a percentage) and the evaluations running.
 
-    On a terminal this is a tqdm bar. When stderr is not a terminal (a log file, a CI job, a
-    notebook's captured stream) carriage-return redraws would pile up into one unreadable line,
-    so a plain line is written every ``log_every_s`` seconds and once at the end instead.
+    The hypervolume is shown only against a reference point the problem declares (as a share of the
+    problem's ``max_hypervolume()`` when it knows it): against a point derived from the data it
+    mixes the objectives' units and moves with the data, so it is left out.
+
+    On a terminal this is a tqdm bar of fixed width whose figures are cut, whole, to the terminal's
+    width. When stderr is not a terminal (a log file, a CI job, a notebook's captured stream)
+    carriage-return redraws would pile up into one unreadable line, so a plain line is written every
+    ``log_every_s`` seconds and once at the end instead.
     """
+
+    BAR_FORMAT = "{desc} {n_fmt}/{total_fmt} |{bar:12}| {elapsed}<{remaining}{postfix}"
 
     def __init__(self, store: Store, problem: Problem, strategy: Strategy, budget: int, history: Sequence[Trial],
                  enabled: bool, log_every_s: float = 10.0):
@@ -122,38 +135,66 @@ class _Progress:
         self.failed = sum(t.state == "failed" and not t.stale for t in history)
         self.finished = len(self.complete) + self.failed
         self.bar = tqdm(total=budget, initial=min(self.finished, budget), desc=store.info.name, disable=not self.tty,
-                        file=self.stream, dynamic_ncols=True)
+                        file=self.stream, bar_format=self.BAR_FORMAT, dynamic_ncols=True)
         self.log_every_s = log_every_s
         self._t0 = time.monotonic()
         self._last = 0.0  # last postfix refresh (tty)
         self._last_line = self._t0  # last log line (not a tty)
         self._logged = -1  # finished count of the last log line
         self._running = 0
+        self._max_hv: float | None | bool = False  # False: not asked yet
+
+    def _max_hypervolume(self) -> float | None:
+        if self._max_hv is False:
+            try:
+                self._max_hv = float(self.problem.max_hypervolume())  # type: ignore[attr-defined]
+            except Exception:  # most problems do not know theirs
+                self._max_hv = None
+        return self._max_hv  # type: ignore[return-value]
 
     def fields(self, running: int) -> dict[str, str]:
-        """The numbers shown, as short strings (also the log line's ``key=value`` pairs)."""
-        post: dict[str, str] = {"failed": str(self.failed), "running": str(running)}
+        """The figures shown, most important first, as short strings (the log line's ``key=value`` pairs)."""
+        post: dict[str, str] = {}
         directions = self.problem.directions
         names = self.problem.objective_names
         ok = [t for t in self.complete if t.feasible]
-        if ok:
-            best = [(min if d == "minimize" else max)(t.values[i] for t in ok) for i, d in enumerate(directions)]
-            if len(best) == 1:
-                post[f"best {names[0]}"] = f"{best[0]:.4g}"
-            else:
-                post["best"] = " ".join(f"{n}:{b:.4g}" for n, b in zip(names, best))
-                front = pareto_trials(ok, directions)
-                ref = reference_point(self.problem, ok, directions)
-                if ref and front:
-                    post["hv"] = f"{hypervolume(np.array([t.values for t in front]), directions, ref.point):.4g}"
-                post["pareto"] = str(len(front))
+        if ok and len(directions) == 1:
+            better = min if directions[0] == "minimize" else max
+            post[f"best {names[0]}"] = f"{better(t.values[0] for t in ok):.4g}"
+        elif ok:
+            front = pareto_trials(ok, directions)
+            post["pareto"] = str(len(front))
+            ref = self.problem.reference_point
+            if ref is not None and front:
+                hv = hypervolume(np.array([t.values for t in front]), directions, ref)
+                top = self._max_hypervolume()
+                post["hv"] = f"{hv / top:.1%} of max" if top else f"{hv:.4g}"
+        if self.failed:
+            post["failed"] = str(self.failed)
         try:
             state = self.strategy.state()
         except Exception as e:  # progress must never stop a run
             state = {"state": f"unavailable ({type(e).__name__})"}
         for k, v in state.items():
-            post[k] = f"{v:.3g}" if isinstance(v, float) else str(v)
+            if k == "coverage" and isinstance(v, float):
+                post[k] = f"{v:.1%}"
+            else:
+                post[k] = f"{v:.3g}" if isinstance(v, float) else str(v)
+        post["running"] = str(running)
         return post
+
+    def _postfix(self, running: int) -> str:
+        """The figures that fit the terminal after the bar, whole ones only, in order of importance."""
+        columns = shutil.get_terminal_size((80, 24)).columns
+        fixed = len(self.store.info.name) + 2 * len(str(self.budget)) + 34  # desc, counts, bar, times
+        room = max(0, columns - fixed - 1)
+        out = ""
+        for k, v in self.fields(running).items():
+            item = f", {k}={v}"  # tqdm puts ", " before the postfix: the first one is dropped
+            if len(out) + len(item) > room:
+                break
+            out += item
+        return out[2:]
 
     def update(self, trial: Trial, running: int, force: bool = False) -> None:
         if trial.state == "complete":
@@ -166,10 +207,10 @@ class _Progress:
             return
         now = time.monotonic()
         if self.tty:
-            self.bar.update(1)
             if force or now - self._last >= 1.0:
                 self._last = now
-                self.bar.set_postfix(self.fields(running), refresh=True)
+                self.bar.postfix = self._postfix(running)
+            self.bar.update(1)
         elif force or now - self._last_line >= self.log_every_s:
             self._log_line(running)
 
