@@ -15,8 +15,8 @@ warnings.filterwarnings("ignore", message="IProgress not found", category=TqdmWa
 
 from optuna.exceptions import ExperimentalWarning  # noqa: E402 (after the filter above)
 
-from qd.problem import Evaluation  # noqa: E402, Measure, Objective, Problem, Resources
-from qd.space import Bool  # noqa: E402, Categorical, Float, Int, Space, SpaceError
+from qd.problem import Evaluation, Measure, Objective, Problem, Resources  # noqa: E402
+from qd.space import Bool, Categorical, Float, Int, Space, SpaceError  # noqa: E402
 
 # set_metric_names and friends are marked experimental in Optuna; the warning is noise to users.
 warnings.filterwarnings("ignore", category=ExperimentalWarning)

@@ -146,9 +146,11 @@ class _Progress:
 
     def _max_hypervolume(self) -> float | None:
         if self._max_hv is False:
-            try:
-                self._max_hv = float(self.problem.max_hypervolume())  # type: ignore[attr-defined]
-            except Exception:  # most problems do not know theirs
+            try:  # a benchmark's known maximum (a property or a method); most problems do not know theirs
+                top = getattr(self.problem, "max_hypervolume", None)
+                top = top() if callable(top) else top
+                self._max_hv = float(top) if top else None
+            except Exception:
                 self._max_hv = None
         return self._max_hv  # type: ignore[return-value]
 

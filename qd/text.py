@@ -178,8 +178,10 @@ def run_rows(storage: str) -> list[dict[str, Any]]:
             state = "running"
         elif budget is not None and finished >= budget:
             state = "finished"
+        elif budget is not None:
+            state = "stopped"  # short of its budget: `qd run --resume` continues it
         else:
-            state = "stopped" if trials else "empty"
+            state = "not running" if trials else "empty"
         if len(directions) == 1:
             b = best_trial(trials, directions[0])
             best = f"{names[0]}={num(b.values[0])} (#{b.number})" if b else None
