@@ -170,7 +170,10 @@ class _Progress:
             if ref is not None and front:
                 hv = hypervolume(np.array([t.values for t in front]), directions, ref)
                 top = self._max_hypervolume()
-                post["hv"] = f"{hv / top:.1%} of max" if top else f"{hv:.4g}"
+                if top:
+                    post["hv/max"] = f"{hv / top:.1%}"  # a share of the problem's known maximum
+                else:
+                    post["hv"] = f"{hv:.4g}"
         if self.failed:
             post["failed"] = str(self.failed)
         try:
