@@ -276,7 +276,8 @@ def test_strategies_lists_options_defaults_and_descriptions(capsys):
     assert all(s["description"] and "Helper class" not in s["description"] for s in listed.values())
     me = {o["name"]: o["default"] for o in listed["map-elites"]["options"]}
     assert me["initial_population"] == 32 and me["sigma"] == 0.1
-    assert {o["name"]: o["default"] for o in listed["tpe"]["options"]}["n_startup_trials"] == 10
+    tpe = {o["name"]: o["default"] for o in listed["tpe"]["options"]}
+    assert tpe["n_startup_trials"] == 10 and tpe["multivariate"] is True and tpe["constant_liar"] is True  # qd's
     code, out, _ = _cli(capsys, "strategies")
     assert re.search(r"^map-elites +MAP-Elites", out, re.M) and "initial_population=32" in out
 

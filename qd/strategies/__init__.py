@@ -110,8 +110,9 @@ def describe_strategy(name: str) -> dict[str, Any]:
     params = inspect.signature(target.__init__).parameters
     allowed = allowed_options(cls)
     options = []
+    own = getattr(cls, "option_defaults", {})  # a strategy's defaults for its sampler's options
     for option in allowed or []:
-        default = params[option].default
+        default = own[option] if option in own else params[option].default
         options.append({"name": option, "default": None if default is inspect.Parameter.empty else default})
     description = _description(cls).replace("``", "")
     description = description[len(name) + 2:] if description.startswith(f"{name}: ") else description
