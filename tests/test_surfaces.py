@@ -308,7 +308,7 @@ def _progress_frames(monkeypatch, exp, columns=80, reference=True):
     monkeypatch.setattr(sys, "stderr", stream)
     execute(prepared, dashboard_every_s=None)
     monkeypatch.setattr(sys, "stderr", sys.__stderr__)
-    return [f for f in re.split(r"[\r\n]", stream.getvalue()) if f.strip()]
+    return [f.rstrip() for f in re.split(r"[\r\n]", stream.getvalue()) if f.strip()]  # tqdm pads redraws
 
 
 def test_progress_fits_the_terminal_with_key_figures_first(tmp_path, monkeypatch):
