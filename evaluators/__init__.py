@@ -17,7 +17,10 @@ EVALUATORS: dict[str, str] = {
 
 def evaluator_class(name: str) -> type[Evaluator]:
     if name not in EVALUATORS:
-        raise ValueError(f"evaluator {name!r} is unknown; allowed: {sorted(EVALUATORS)}")
+        from qd.suggest import did_you_mean
+
+        raise ValueError(f"evaluator {name!r} is unknown; allowed: {sorted(EVALUATORS)}"
+                         f"{did_you_mean([name], EVALUATORS)}")
     module, attr = EVALUATORS[name].split(":")
     return getattr(importlib.import_module(module), attr)
 

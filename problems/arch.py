@@ -298,7 +298,7 @@ class ArchProblem(Problem):
                                                      norm=n, dropout=0.0), self.side, self.num_classes))
                      for f in families for d, w, k, n in ((1, 8, 3, "none"), (4, 256, 5, "batch"), (4, 256, 5, "layer"))]
             low, high = math.floor(math.log10(min(sizes)) * 10) / 10, math.ceil(math.log10(max(sizes)) * 10) / 10
-        self.measures = (Measure("log10_params", low, high), Measure("depth", 0.5, 4.5))
+        self.measures = (Measure("log10_params", low, high), Measure("depth", 1, 4, integer=True))
         will_use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         self.resources = Resources(cpus=1, gpus=float(gpus_per_eval) if will_use_cuda else 0.0, memory_mb=3000)
 

@@ -110,7 +110,7 @@ class Mixed(Problem):
         )
         self.objectives = (Objective("error"), Objective("cost"))
         self.measures = (
-            Measure("layers", float(MIN_LAYERS), float(MAX_LAYERS)),
+            Measure("layers", MIN_LAYERS, MAX_LAYERS, integer=True),
             Measure("log2_width", math.log2(MIN_WIDTH), math.log2(MAX_WIDTH)),
         )
 

@@ -464,7 +464,7 @@ class PeftProblem(Problem):
                                        self.geometry, self.head_params) for m in self.methods)
         self.measures = (
             Measure("log10_trainable_params", math.log10(max(self.head_params, 1)), math.log10(largest)),
-            Measure("adapted_layers", 0, self.geometry.num_layers),
+            Measure("adapted_layers", 0, self.geometry.num_layers, integer=True),
         )
         will_use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         self.resources = Resources(cpus=1, gpus=float(gpus_per_eval) if will_use_cuda else 0.0, memory_mb=4000)

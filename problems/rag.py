@@ -445,8 +445,8 @@ class RagProblem(Problem):
             Objective("index_mb", "minimize"),
         )
         self.measures = (
-            Measure("log2_chunk_size", math.log2(CHUNK_SIZES[0]) - 0.5, math.log2(CHUNK_SIZES[-1]) + 0.5),
-            Measure("top_k", 0.5, 20.5),
+            Measure("log2_chunk_size", int(math.log2(CHUNK_SIZES[0])), int(math.log2(CHUNK_SIZES[-1])), integer=True),
+            Measure("top_k", 1, 20, integer=True),
         )
         will_use_cuda = device.startswith("cuda") or (device == "auto" and _cuda_available())
         self.resources = Resources(cpus=1, gpus=float(gpus_per_eval) if will_use_cuda else 0.0, memory_mb=4000)

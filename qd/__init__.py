@@ -7,10 +7,16 @@ evaluations run), ``Store`` (the Optuna study that records every evaluation).
 
 import warnings
 
-from optuna.exceptions import ExperimentalWarning
+from tqdm import TqdmWarning
 
-from qd.problem import Evaluation, Measure, Objective, Problem, Resources
-from qd.space import Bool, Categorical, Float, Int, Space, SpaceError
+# Optuna imports tqdm.auto, which in a notebook without ipywidgets warns "IProgress not found"
+# before qd has done anything; qd draws no notebook widget (its progress there is a plain line).
+warnings.filterwarnings("ignore", message="IProgress not found", category=TqdmWarning)
+
+from optuna.exceptions import ExperimentalWarning  # noqa: E402 (after the filter above)
+
+from qd.problem import Evaluation, Measure, Objective, Problem, Resources  # noqa: E402
+from qd.space import Bool, Categorical, Float, Int, Space, SpaceError  # noqa: E402
 
 # set_metric_names and friends are marked experimental in Optuna; the warning is noise to users.
 warnings.filterwarnings("ignore", category=ExperimentalWarning)

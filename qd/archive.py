@@ -63,16 +63,21 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
-def default_bins(n_measures: int) -> tuple[int, ...]:
-    per = min(MAX_DEFAULT_BINS, max(2, round(DEFAULT_TOTAL_CELLS ** (1.0 / n_measures))))
-    return (per,) * n_measures
+def default_bins(n_measures: int, measures: Sequence[Any] = ()) -> tuple[int, ...]:
+    """Bins per measure: one per value for integer and categorical measures (``Measure.integer``),
+    and for the continuous ones about ``DEFAULT_TOTAL_CELLS`` cells in all, at most 20 per measure."""
+    counts = [len(m.values) if getattr(m, "integer", False) else None for m in measures] or [None] * n_measures
+    fixed = int(np.prod([c for c in counts if c is not None] or [1]))
+    free = sum(c is None for c in counts)
+    per = min(MAX_DEFAULT_BINS, max(2, round(max(2.0, DEFAULT_TOTAL_CELLS / fixed) ** (1.0 / free)))) if free else 0
+    return tuple(per if c is None else c for c in counts)
 
 
 def parse_bins(bins: Any, problem: Problem, owner: str) -> tuple[int, ...]:
     """``bins``: one int for every measure, or one int per measure (None: ``default_bins``)."""
     m = len(problem.measures)
     if bins is None:
-        return default_bins(m)
+        return default_bins(m, problem.measures)
     allowed = (f"one integer >= 1, or a list of {m} integers >= 1 (one per measure: "
                f"{', '.join(problem.measure_names)})")
     if _is_int(bins) and bins >= 1:
@@ -168,7 +173,7 @@ def elite_spec(problem: Problem, *, archive: str = "grid", bins: Any = None, cel
             raise ArchiveOptionError(f"{owner}: option bins={bins!r} is only for archive='grid'; "
                                      f"a CVT archive takes cells (the number of centroids)")
         if cells is None:
-            cells = int(np.prod(default_bins(len(problem.measures))))
+            cells = int(np.prod(default_bins(len(problem.measures), problem.measures)))
         if not _is_int(cells) or cells < 2:
             raise ArchiveOptionError(f"{owner}: option cells={cells!r} is not allowed; allowed: an integer >= 2")
         grid_bins, n_cells = None, int(cells)
@@ -253,7 +258,7 @@ def insertable(trial: Trial) -> bool:
 
 
 def _ranges(problem: Problem) -> list[tuple[float, float]]:
-    return [(m.low, m.high) for m in problem.measures]
+    return [m.map_range for m in problem.measures]  # integer measures: bins centred on their values
 
 
 class EliteArchive:

@@ -1,4 +1,9 @@
-"""The ``qd`` command: ``problems``, ``run``, ``show``, ``plot``, ``dashboard``, ``report``, ``export``, ``new-problem``."""
+"""The ``qd`` command: ``problems``, ``strategies``, ``run``, ``show``, ``plot``, ``compare``,
+``dashboard``, ``report``, ``export``, ``new-problem``.
+
+Each subcommand has its ``cmd_*`` function and its parser section in ``build_parser``; text
+formatting of results lives in ``qd.text``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import argparse
 import json
 import os
 import signal
+import re
 import sys
 from typing import Any
 
@@ -14,6 +20,19 @@ from qd.experiment import DEFAULT_STORAGE, Experiment, ExperimentError, load
 
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
+
+
+def _existing_storage(storage: str) -> str:
+    """Readers (show, plot, compare, report, export, dashboard) never create a database: a SQLite
+    file that does not exist is an error, not a new empty store."""
+    from qd.text import missing_sqlite_file
+
+    path = missing_sqlite_file(storage)
+    if path is not None:
+        raise ExperimentError(f"--storage {storage!r}: no database file {path}; runs are written there by "
+                              f"`qd run --storage {storage}` (check the path: three slashes for a relative one, "
+                              f"four for an absolute one)")
+    return storage
 
 
 def cmd_problems(args: argparse.Namespace) -> int:
@@ -34,6 +53,20 @@ def cmd_problems(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- qd strategies -------------------------------------------------------------------------------
+def cmd_strategies(args: argparse.Namespace) -> int:
+    from qd.strategies import describe_strategies
+    from qd.text import strategies_text
+
+    described = describe_strategies()
+    if args.json:
+        _print_json(described)
+    else:
+        print(strategies_text(described))
+    return 0
+
+
+# --- qd run ------------------------------------------------------------------------------------
 def _experiment_from_args(args: argparse.Namespace) -> Experiment:
     if args.experiment:
         exp = load(args.experiment)
@@ -68,79 +101,99 @@ def _parse_options(items: list[str], flag: str) -> dict[str, Any]:
     return out
 
 
+def _prepare_leaving_nothing(exp: Experiment, prepare: Any) -> Any:
+    """``prepare(exp)``; when it fails, a SQLite file it created on the way is removed again, so a
+    run refused for bad input leaves no empty store behind."""
+    from pathlib import Path
+
+    from qd.text import missing_sqlite_file
+
+    created = missing_sqlite_file(exp.storage)
+    try:
+        return prepare(exp)
+    except BaseException:
+        if created is not None:
+            for path in (created, Path(f"{created}-wal"), Path(f"{created}-shm"), Path(f"{created}-journal")):
+                path.unlink(missing_ok=True)
+        raise
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from qd.results import summary
     from qd.session import execute, prepare
+    from qd.text import summary_text, warmup_warning
 
     exp = _experiment_from_args(args)
-    prepared = prepare(exp)
+    prepared = _prepare_leaving_nothing(exp, prepare)
+    warning = warmup_warning(prepared.strategy, prepared.experiment.strategy, prepared.experiment.budget)
+    if warning:
+        print(f"qd: warning: {warning}", file=sys.stderr)
     report = execute(prepared)
     result = summary(prepared.store, prepared.problem)
     print(f"run {result['name']!r}: {report.complete} complete, {report.failed} failed "
           f"in {report.elapsed_s:.1f} s (stopped by {report.stopped_by}; {report.requeued} re-queued)")
-    _print_summary(result)
+    print(summary_text(result, header=False))
     return 0
 
 
-def _print_summary(result: dict[str, Any]) -> None:
-    names = [o["name"] for o in result["objectives"]]
-    print(f"Pareto set ({len(result['pareto_front'])} of {result['n_complete']} complete):")
-    for row in sorted(result["pareto_front"], key=lambda r: r["values"])[:20]:
-        vals = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, row["values"]))
-        print(f"  #{row['number']:<5} {vals}   {row['params']}")
-    if len(result["pareto_front"]) > 20:
-        print(f"  ... {len(result['pareto_front']) - 20} more (qd show --json lists all)")
-    if result["hypervolume"] is not None:
-        ref = result["hypervolume_reference"]
-        print(f"hypervolume: {result['hypervolume']:.6g} (reference point {ref['point']}, from the {ref['source']})")
-    for key, value in result.get("archive", {}).items():
-        print(f"archive {key}: {value}")
-
-
+# --- qd show -----------------------------------------------------------------------------------
 def _open(args: argparse.Namespace):
     from qd.store import Store
 
-    return Store.open(args.storage, args.name)
+    return Store.open(_existing_storage(args.storage), args.name)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     from qd.results import summary
     from qd.session import problem_of
     from qd.storage_url import mask
-    from qd.store import Store
+    from qd.text import run_rows, runs_table, summary_text
 
     if not args.name:
-        names = Store.run_names(args.storage)
-        _print_json(names) if args.json else print("\n".join(names) or f"no runs in {mask(args.storage)}")
+        rows = run_rows(_existing_storage(args.storage))
+        _print_json(rows) if args.json else print(runs_table(rows) if rows else f"no runs in {mask(args.storage)}")
         return 0
     store = _open(args)
     result = summary(store, problem_of(store))
     if args.json:
         _print_json(result)
     else:
-        print(f"run {result['name']!r}: problem {result['problem']} {result['problem_options']}, "
-              f"strategy {result['strategy']}, seed {result['seed']}")
-        print(f"{result['n_complete']} complete, {result['n_failed']} failed, {result['n_running']} running, "
-              f"{result['n_stale']} stale")
-        _print_summary(result)
+        print(summary_text(result, budget=store.attrs().get("budget")))
     return 0
 
 
+# --- qd plot / qd compare ------------------------------------------------------------------------
 def cmd_plot(args: argparse.Namespace) -> int:
     from qd.plots import plot_run
     from qd.session import problem_of
 
     store = _open(args)
-    for path in plot_run(store, problem_of(store), args.out):
+    for path in plot_run(store, problem_of(store), args.out, vmin=args.vmin, vmax=args.vmax):
         print(path)
     return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from qd.compare import compare
+
+    comparison = compare(_existing_storage(args.storage), args.runs, args.out, vmin=args.vmin, vmax=args.vmax)
+    if args.json:
+        _print_json(comparison.rows)
+    else:
+        print(comparison.table())
+        for path in comparison.figures:
+            print(path)
+    return 0
+
+
+# --- qd dashboard / report / export --------------------------------------------------------------
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from qd.dashboard import serve
 
     try:
-        serve(args.storage, host=args.host, port=args.port, names=[args.name] if args.name else None,
+        serve(_existing_storage(args.storage), host=args.host, port=args.port, names=[args.name] if args.name else None,
               update=not args.no_update, allow_writes=args.allow_writes, allow_hosts=args.allow_host or ())
     except ValueError as e:  # a port in use or out of range
         raise ExperimentError(str(e)) from None
@@ -151,7 +204,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from qd.explore import load_run
     from qd.report import report
 
-    print(report(load_run(args.storage, args.name), args.out))
+    print(report(load_run(_existing_storage(args.storage), args.name), args.out))
     return 0
 
 
@@ -159,7 +212,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from qd.explore import load_run
     from qd.report import export
 
-    for path in export(load_run(args.storage, args.name), args.out, args.format):
+    for path in export(load_run(_existing_storage(args.storage), args.name), args.out, args.format):
         print(path)
     return 0
 
@@ -169,9 +222,9 @@ def _add_user_surfaces(sub: argparse._SubParsersAction) -> None:
     so building the parser stays cheap: the port and formats are repeated here)."""
 
     p = sub.add_parser("dashboard", help="start optuna-dashboard on localhost, with qd's figures and notes")
-    p.add_argument("--storage", default=DEFAULT_STORAGE)
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL (default {DEFAULT_STORAGE})")
     p.add_argument("--name", help="only this run (default: every run in the storage)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--no-update", action="store_true", help="do not refresh finished runs' figures first")
     p.add_argument("--allow-writes", action="store_true",
@@ -182,16 +235,16 @@ def _add_user_surfaces(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("report", help="write a self-contained report folder (HTML, PNG, CSV)")
-    p.add_argument("--storage", default=DEFAULT_STORAGE)
-    p.add_argument("--name", required=True)
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL (default {DEFAULT_STORAGE})")
+    p.add_argument("--name", required=True, help="run (study) name")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("export", help="write trials, elites and the Pareto set as tables")
-    p.add_argument("--storage", default=DEFAULT_STORAGE)
-    p.add_argument("--name", required=True)
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL (default {DEFAULT_STORAGE})")
+    p.add_argument("--name", required=True, help="run (study) name")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--format", choices=("csv", "parquet", "json"), default="csv")
+    p.add_argument("--format", choices=("csv", "parquet", "json"), default="csv", help="table format (default csv)")
     p.set_defaults(func=cmd_export)
 
 
@@ -212,48 +265,102 @@ def _add_new_problem(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_new_problem)
 
 
+def _names_epilog() -> str:
+    """``qd run --help``'s list of what can be named (names only: nothing is imported)."""
+    import textwrap
+
+    from evaluators import EVALUATORS
+    from qd.registry import problem_names
+    from qd.strategies import strategy_names
+
+    lines = []
+    for label, names, more in (("problems", problem_names(), "qd problems"),
+                               ("strategies", strategy_names(), "qd strategies"),
+                               ("evaluators", sorted(EVALUATORS), None)):
+        text = f"{label}: {', '.join(names)}" + (f" (details: `{more}`)" if more else "")
+        lines.append(textwrap.fill(text, 100, subsequent_indent="  "))
+    return "\n".join(lines)
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run (or resume) an experiment", epilog=_names_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run an experiment file, or one given by flags; flags override the file's values.")
+    p.add_argument("experiment", nargs="?", help="experiment TOML file (flags override its values)")
+    p.add_argument("--problem", help="problem name (see the list below and `qd problems`)")
+    p.add_argument("--strategy", help="strategy name (default random; see `qd strategies`)")
+    p.add_argument("--budget", type=int, help="finished evaluations to reach (the run's total, also on --resume)")
+    p.add_argument("--workers", type=int, help="evaluations in flight (default 1)")
+    p.add_argument("--evaluator", help="where evaluations run: inprocess | process | ray")
+    p.add_argument("--storage", help=f"Optuna storage URL (default {DEFAULT_STORAGE})")
+    p.add_argument("--name", help="run (study) name (default: made from problem, strategy and seed)")
+    p.add_argument("--seed", type=int, help="the run's seed (default 0)")
+    p.add_argument("--time-limit", type=float, help="wall-time limit in seconds; running evaluations are re-queued")
+    p.add_argument("--timeout", type=float, help="per-evaluation timeout in seconds (a timed-out one fails)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the named run from its storage (or start it if absent). Kept as recorded: the "
+                        "problem, the strategy, their options and the seed. May change: --budget (a new total), "
+                        "--workers, --evaluator and its options, --time-limit, --timeout")
+    p.add_argument("--ray-address", help="join this Ray cluster (ray evaluator)")
+    p.add_argument("--problem-option", "-P", action="append", metavar="KEY=VALUE",
+                   help="a problem option (value as JSON, else a string); repeatable")
+    p.add_argument("--strategy-option", "-S", action="append", metavar="KEY=VALUE",
+                   help="a strategy option (see `qd strategies`); repeatable")
+    p.add_argument("--evaluator-option", "-E", action="append", metavar="KEY=VALUE",
+                   help="an evaluator option; repeatable")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    p.set_defaults(func=cmd_run)
+
+
+def _add_show_plot_compare(sub: argparse._SubParsersAction) -> None:
+    storage_help = f"Optuna storage URL (default {DEFAULT_STORAGE})"
+    p = sub.add_parser("show", help="summarise a run (or list the runs as a table without --name)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help=storage_help)
+    p.add_argument("--name", help="run (study) name; without it, a table of every run in the storage")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("plot", help="write a run's figures as PNG")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help=storage_help)
+    p.add_argument("--name", required=True, help="run (study) name")
+    p.add_argument("--out", default="plots", help="output folder (default plots)")
+    p.add_argument("--vmin", type=float, help="the map's lower colour limit (objective units; default: its own)")
+    p.add_argument("--vmax", type=float, help="the map's upper colour limit (objective units; default: its own)")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("compare", help="compare runs: curves on shared axes, maps on one colour scale, a table")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run (study) names, two or more")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help=storage_help)
+    p.add_argument("--out", default="compare", help="output folder for the figures (default compare)")
+    p.add_argument("--vmin", type=float, help="lower colour limit of the maps (default: the lowest of all runs)")
+    p.add_argument("--vmax", type=float, help="upper colour limit of the maps (default: the highest of all runs)")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.set_defaults(func=cmd_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qd", description="Quality-diversity and multi-objective search over "
                                      "ML configuration spaces. Every evaluation is an Optuna trial.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("problems", help="list the registered problems")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_problems)
 
-    p = sub.add_parser("run", help="run (or resume) an experiment")
-    p.add_argument("experiment", nargs="?", help="experiment TOML file (flags override its values)")
-    p.add_argument("--problem")
-    p.add_argument("--strategy")
-    p.add_argument("--budget", type=int, help="finished evaluations to reach")
-    p.add_argument("--workers", type=int, help="evaluations in flight")
-    p.add_argument("--evaluator", help="inprocess | process | ray")
-    p.add_argument("--storage", help=f"Optuna storage URL (default {DEFAULT_STORAGE})")
-    p.add_argument("--name", help="run (study) name")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--time-limit", type=float, help="wall-time limit in seconds")
-    p.add_argument("--timeout", type=float, help="per-evaluation timeout in seconds")
-    p.add_argument("--resume", action="store_true", help="continue the named run from its storage")
-    p.add_argument("--ray-address", help="join this Ray cluster (ray evaluator)")
-    p.add_argument("--problem-option", "-P", action="append", metavar="KEY=VALUE")
-    p.add_argument("--strategy-option", "-S", action="append", metavar="KEY=VALUE")
-    p.add_argument("--evaluator-option", "-E", action="append", metavar="KEY=VALUE")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("strategies", help="list the strategies with their options and defaults")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_strategies)
 
-    for name, func, help_text in (("show", cmd_show, "summarise a run (or list runs without --name)"),
-                                  ("plot", cmd_plot, "write a run's figures as PNG")):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--storage", default=DEFAULT_STORAGE)
-        p.add_argument("--name", required=(name == "plot"))
-        if name == "show":
-            p.add_argument("--json", action="store_true")
-        else:
-            p.add_argument("--out", default="plots", help="output folder")
-        p.set_defaults(func=func)
+    _add_run(sub)
+    _add_show_plot_compare(sub)
     _add_user_surfaces(sub)
     _add_new_problem(sub)
     return parser
+
+
+def _tidy(message: str) -> str:
+    """"strategy: strategy 'x' ..." -> "strategy 'x' ...": the context prefix says nothing new."""
+    return re.sub(r"^(problem|strategy|evaluator): (?=\1\b)", "", message)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,10 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ExperimentError as e:
-        print(mask_text(f"qd: error: {e}", urls), file=sys.stderr)
+        print(mask_text(f"qd: error: {_tidy(str(e))}", urls), file=sys.stderr)
         return 2
     except (LookupError, ValueError) as e:  # a run, problem or option that does not exist
-        print(mask_text(f"qd: error: {e.args[0] if e.args else e}", urls), file=sys.stderr)
+        print(mask_text(f"qd: error: {_tidy(str(e.args[0] if e.args else e))}", urls), file=sys.stderr)
         return 2
     except BrokenPipeError:  # the output was piped into a command that stopped reading (`| head`)
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so the interpreter's final flush does not fail too

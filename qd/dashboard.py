@@ -4,7 +4,7 @@ Every qd run is an Optuna study, so optuna-dashboard shows its trials as is. Thi
 what the dashboard cannot work out itself, written into the study where the dashboard reads it:
 
 - figures (``optuna_dashboard.save_plotly_graph_object``, shown on the study's top page):
-  ``qd-archive``, the archive heatmap drawn by ``qd.plots_archive`` (problems with measures);
+  ``qd-archive``, the archive as a plotly heatmap (``qd.figures``; problems with measures);
   ``qd-pareto``, the objectives with the Pareto set (several objectives) or the best value so far
   (one objective); ``qd-metrics``, coverage and QD score against evaluations (archives) or the
   hypervolume history (several objectives);
@@ -22,8 +22,6 @@ progresses (every ``every_s`` seconds, and at the end); ``serve`` starts the das
 
 from __future__ import annotations
 
-import base64
-import io
 import socket
 import sys
 import time
@@ -77,32 +75,20 @@ def _title(store: Store) -> str:
     return f"{store.info.name}: {store.info.problem} / {store.info.strategy}"
 
 
-def archive_figure(store: Store, problem: Problem, archive: RunArchive) -> go.Figure:
-    """The archive heatmap of ``qd.plots_archive`` (what ``qd plot`` writes), as a plotly figure.
+def archive_figure(store: Store, problem: Problem, archive: RunArchive, cols: Columns | None = None) -> go.Figure:
+    """The archive as a native plotly heatmap (``qd.figures.archive_heatmap``): hovering a cell
+    shows its bin ranges, value and trial number; each filled cell links to its trial's page."""
+    from qd.explore import elite_rows
+    from qd.figures import archive_heatmap
 
-    The matplotlib figure is embedded as a PNG image so the dashboard shows exactly the map the
-    PNG reports show; cells and trial numbers are in each trial's user attributes.
-    """
-    import matplotlib.pyplot as plt
-    import plotly.graph_objects as go
-
-    from qd.archive import ParetoArchive
-    from qd.plots_archive import elite_heatmap_figure, moqd_heatmap_figure
-
-    draw = moqd_heatmap_figure if isinstance(archive, ParetoArchive) else elite_heatmap_figure
-    fig = draw(archive, problem, _title(store))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    width, height = (int(round(v * 100)) for v in fig.get_size_inches())
-    plt.close(fig)
-    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-    out = go.Figure(go.Image(source=uri, hoverinfo="skip"))
-    out.update_xaxes(visible=False)
-    out.update_yaxes(visible=False)
-    # The dashboard draws custom figures in 450 px high cards; plotly scales the image to fit.
-    out.update_layout(title={"text": "Archive heatmap", "x": 0.02}, margin={"l": 0, "r": 0, "t": 40, "b": 0},
-                      height=CARD_HEIGHT_PX, meta={"qd": "archive", "png_size_px": [width, height]})
-    return out
+    cols = store.columns() if cols is None else cols
+    elites = store.to_trials(cols.select(elite_rows(cols, archive)))  # one per cell, not the whole run
+    study_id = store.study._study_id
+    m = archive.metrics()
+    score = f"MOQD score {m['moqd_score']:.4g}" if "moqd_score" in m else f"QD score {m['qd_score']:.4g}"
+    return archive_heatmap(archive, trials=elites, height=CARD_HEIGHT_PX,
+                           title=f"Archive: coverage {m['coverage']:.1%}, {score}",
+                           trial_url=lambda n: f"/dashboard/studies/{study_id}/trials?numbers={n}")
 
 
 def pareto_plotly(store: Store, cols: Columns, reference: Sequence[float] | None = None) -> go.Figure:
@@ -326,7 +312,7 @@ def publish(store: Store, problem: Problem | None = None, *, budget: int | None 
     written = []
     figures: list[tuple[str, go.Figure | None]] = []
     if archive is not None and not archive.empty:
-        figures.append((ARCHIVE_ID, archive_figure(store, problem, archive)))
+        figures.append((ARCHIVE_ID, archive_figure(store, problem, archive, cols)))
     figures.append((PARETO_ID, pareto_plotly(store, cols, reference.point if reference else None)))
     figures.append((METRICS_ID, metrics_plotly(store, problem, cols, reference.point if reference else None)))
     for graph_id, fig in figures:

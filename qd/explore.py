@@ -4,7 +4,9 @@
 from qd.explore import load_run
 
 run = load_run("sqlite:///runs.db", "sphere-map-elites")
+run             # a short summary of the run
 run.trials      # one row per trial (params.*, values.*, measures.*, cell, ...)
+run.query("score > 90 and x0 < 0")   # rows by short column names, no backticks
 run.elites      # the archive's elites (one per cell; Pareto-archive runs: every cell's front)
 run.pareto      # the non-dominated complete, feasible trials
 run.heatmap()   # the archive as a heatmap (matplotlib)
@@ -208,6 +210,43 @@ class Run:
     reference: Reference | None
     #: The run's trials as columns (``qd.columns``), as read when the run was loaded.
     columns: Columns | None = None
+
+    def __repr__(self) -> str:  # a short summary; the DataFrames are one attribute away
+        info = self.store.info
+        objectives = ", ".join(f"{n} ({d[:3]})" for n, d in zip(self.objectives, self.directions))
+        parts = [f"Run({self.name!r}: {info.problem} / {info.strategy}, seed {info.seed}",
+                 f"  {len(self.trials)} trials, objectives {objectives}"]
+        if len(self.objectives) > 1:
+            parts.append(f"  Pareto set: {len(self.pareto)} trials")
+        elif len(self.pareto):
+            best = self.pareto.iloc[0]
+            parts.append(f"  best {self.objectives[0]}: {best[f'values.{self.objectives[0]}']:.4g} "
+                         f"(trial #{int(best['number'])})")
+        if self.archive is not None:
+            m = self.archive.metrics()
+            parts.append(f"  archive over {', '.join(self.measures)}: {len(self.elites)} elites, "
+                         f"coverage {m['coverage']:.1%}")
+        parts.append("  .trials .elites .pareto (DataFrames), .query(...), .heatmap(), .front(), .select(k))")
+        return "\n".join(parts)
+
+    def query(self, expr: str, among: Among = "trials") -> pd.DataFrame:
+        """Rows of ``trials``, ``elites`` or ``pareto`` matching a pandas ``expr`` that names columns
+        without their prefix and without backticks: ``run.query("accuracy > 0.8 and depth <= 2")``.
+
+        Short names are the objectives, measures and parameters (``values.``, ``measures.``,
+        ``params.`` dropped; where two share a name, the objective wins, then the measure); full
+        names work in backticks as in ``DataFrame.query``.
+        """
+        if among not in SELECT_AMONG:
+            raise ValueError(f"query: among={among!r} is not allowed; allowed: {list(SELECT_AMONG)}")
+        frame = {"trials": self.trials, "elites": self.elites, "pareto": self.pareto}[among]
+        short: dict[str, str] = {}
+        for prefix in ("params.", "measures.", "values."):  # later prefixes win
+            for col in frame.columns:
+                if col.startswith(prefix):
+                    short[col[len(prefix):]] = col
+        resolvers = {k: frame[v] for k, v in short.items() if k.isidentifier()}
+        return frame[frame.eval(expr, resolvers=(resolvers,))]
 
     @property
     def name(self) -> str:

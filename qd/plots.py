@@ -1,4 +1,5 @@
-"""Plots a person looks at: Pareto fronts and hypervolume history (PNG, matplotlib)."""
+"""Plots a person looks at: Pareto fronts and hypervolume history for several objectives, the best
+value so far for one (PNG, matplotlib; the pyplot backend stays the user's)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import matplotlib.pyplot as plt  # without a display matplotlib falls back to Ag
 import numpy as np
 
 from qd.problem import Problem
-from qd.results import hypervolume_history, pareto_trials, reference_point
+from qd.results import best_so_far, hypervolume_history, pareto_trials, reference_point
 from qd.store import Store, Trial
 
 
@@ -83,8 +84,33 @@ def hypervolume_figure(counts: np.ndarray, hvs: np.ndarray, reference: Sequence[
     return fig
 
 
-def plot_run(store: Store, problem: Problem | None, out: str | Path) -> list[Path]:
-    """Write the run's standard figures into ``out``; return their paths."""
+def best_so_far_figure(trials: Sequence[Trial], name: str, direction: str, title: str = "") -> plt.Figure:
+    """One objective: every finished evaluation's value (grey) and the best so far (line)."""
+    finished = [t for t in trials if t.finished]
+    xs = [i for i, t in enumerate(finished, start=1) if t.feasible]
+    ys = [t.values[0] for t in finished if t.feasible]
+    counts, best = best_so_far(trials, direction)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(xs, ys, s=8, c="lightgray", label="evaluated")
+    ax.plot(counts, best, color="C0", label="best so far")
+    ax.set_xlabel("finished evaluations")
+    ax.set_ylabel(f"{name} ({direction[:3]})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_run(store: Store, problem: Problem | None, out: str | Path, *, vmin: float | None = None,
+             vmax: float | None = None) -> list[Path]:
+    """Write the run's standard figures into ``out``; return their paths.
+
+    Several objectives: ``pareto_front.png`` and ``hypervolume.png``; one: ``best_so_far.png``.
+    Problems with measures add the archive map and QD metrics (``qd.plots_archive``); ``vmin`` and
+    ``vmax`` fix the map's colour limits (objective units) so maps of several runs compare.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     trials = store.trials()
@@ -92,16 +118,19 @@ def plot_run(store: Store, problem: Problem | None, out: str | Path) -> list[Pat
     directions = [d.name.lower() for d in store.study.directions]
     title = f"{store.info.name}: {store.info.problem} / {store.info.strategy}"
     written = []
-    fig = pareto_figure(trials, names, directions, title)
-    written.append(_save(fig, out / "pareto_front.png"))
-    ref = reference_point(problem, trials, directions)
-    if ref is not None:
-        counts, hvs = hypervolume_history(trials, directions, ref.point)
-        written.append(_save(hypervolume_figure(counts, hvs, ref.point, title), out / "hypervolume.png"))
+    if len(directions) == 1:
+        if any(t.finished for t in trials):
+            written.append(_save(best_so_far_figure(trials, names[0], directions[0], title), out / "best_so_far.png"))
+    else:
+        written.append(_save(pareto_figure(trials, names, directions, title), out / "pareto_front.png"))
+        ref = reference_point(problem, trials, directions)
+        if ref is not None:
+            counts, hvs = hypervolume_history(trials, directions, ref.point)
+            written.append(_save(hypervolume_figure(counts, hvs, ref.point, title), out / "hypervolume.png"))
     if problem is not None and problem.measures:  # archive heatmap and QD metrics (qd.plots_archive)
         from qd.plots_archive import plot_archive
 
-        written += plot_archive(store, problem, out, trials, title)
+        written += plot_archive(store, problem, out, trials, title, vmin=vmin, vmax=vmax)
     return written
 
 

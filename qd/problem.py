@@ -43,11 +43,49 @@ class Objective:
 
 @dataclass(frozen=True)
 class Measure:
-    """A feature of a solution that places it in the archive; ``low``/``high`` bound the map."""
+    """A feature of a solution that places it in the archive; ``low``/``high`` bound the map.
+
+    ``integer``: the measure takes whole values only (a layer count, a depth). Its map has one bin
+    per whole value in ``[low, high]`` by default, each bin centred on its value, with integer ticks.
+    ``labels``: a categorical measure (``Measure.categorical``): value ``i`` is ``labels[i]``.
+    """
 
     name: str
     low: float
     high: float
+    integer: bool = False
+    labels: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.low < self.high:
+            raise ValueError(f"measure {self.name!r}: low={self.low!r}, high={self.high!r}; allowed: low < high")
+        if self.integer and math.floor(self.high) < math.ceil(self.low):
+            raise ValueError(f"measure {self.name!r}: integer measure with no whole value in "
+                             f"[{self.low}, {self.high}]")
+
+    @classmethod
+    def categorical(cls, name: str, labels: Sequence[str]) -> Measure:
+        """A measure whose value is the index of one of ``labels`` (0, 1, ...)."""
+        labels = tuple(str(v) for v in labels)
+        if not labels:
+            raise ValueError(f"measure {name!r}: a categorical measure needs at least one label")
+        return cls(name, 0.0, float(len(labels) - 1) if len(labels) > 1 else 0.5, integer=True, labels=labels)
+
+    @property
+    def values(self) -> list[int] | None:
+        """The whole values of an integer (or categorical) measure; None for a continuous one."""
+        if not self.integer:
+            return None
+        return list(range(math.ceil(self.low), math.floor(self.high) + 1))
+
+    @property
+    def map_range(self) -> tuple[float, float]:
+        """The range the archive spans: ``(low, high)``, or for an integer measure the half-integers
+        around its first and last value, so every bin of one per value is centred on its value."""
+        if not self.integer:
+            return float(self.low), float(self.high)
+        values = self.values
+        return values[0] - 0.5, values[-1] + 0.5
 
 
 @dataclass(frozen=True)
@@ -263,7 +301,9 @@ class Problem(ABC):
             "name": self.name,
             "doc": (type(self).__doc__ or "").strip().split("\n")[0],
             "objectives": [{"name": o.name, "direction": o.direction, "cheap": o.cheap} for o in self.objectives],
-            "measures": [{"name": m.name, "low": m.low, "high": m.high} for m in self.measures],
+            "measures": [{"name": m.name, "low": m.low, "high": m.high,
+                          **({"integer": True} if m.integer else {}), **({"labels": list(m.labels)} if m.labels else {})}
+                         for m in self.measures],
             "constraints": list(self.constraints),
             "space": self.space.describe(),
             "resources": dataclasses.asdict(self.resources),

@@ -38,7 +38,10 @@ def problem_names() -> list[str]:
 def problem_class(name: str) -> type[Problem]:
     eps = _entry_points()
     if name not in eps:
-        raise ValueError(f"problem {name!r} is not registered; registered problems: {sorted(eps)}")
+        from qd.suggest import did_you_mean
+
+        raise ValueError(f"problem {name!r} is not registered; registered problems: {sorted(eps)}"
+                         f"{did_you_mean([name], eps)}")
     cls = eps[name].load()
     if not (inspect.isclass(cls) and issubclass(cls, Problem)):
         raise TypeError(f"entry point {name!r} ({eps[name].value}) is not a qd.Problem subclass")
@@ -52,7 +55,10 @@ def get_problem(name: str, **options: Any) -> Problem:
     allowed = [p for p in params if p != "self" and params[p].kind in (params[p].KEYWORD_ONLY, params[p].POSITIONAL_OR_KEYWORD)]
     unknown = sorted(set(options) - set(allowed))
     if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        raise ValueError(f"problem {name!r}: unknown option(s) {unknown}; allowed options: {allowed}")
+        from qd.suggest import did_you_mean
+
+        raise ValueError(f"problem {name!r}: unknown option(s) {unknown}; allowed options: {allowed}"
+                         f"{did_you_mean(unknown, allowed)}")
     problem = cls(**options)
     problem.name = name
     problem.options = dict(options)

@@ -71,41 +71,12 @@ def export(run: Run, out: str | Path, fmt: str = "csv") -> list[Path]:
 
 
 # --- figures --------------------------------------------------------------------------------------
-def best_so_far_figure(run: Run, title: str = ""):  # -> matplotlib Figure
-    """One objective: every finished evaluation's value and the best so far."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    finished = [t for t in run.store.trials() if t.finished]
-    better = min if run.directions[0] == "minimize" else max
-    xs, ys, best, bx, by = [], [], None, [], []
-    for i, t in enumerate(finished, start=1):
-        if t.feasible:
-            xs.append(i), ys.append(t.values[0])
-            best = t.values[0] if best is None else better(best, t.values[0])
-        if best is not None:
-            bx.append(i), by.append(best)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter(xs, ys, s=8, c="lightgray", label="evaluated")
-    ax.plot(bx, by, color="C0", label="best so far")
-    ax.set_xlabel("finished evaluations")
-    ax.set_ylabel(f"{run.objectives[0]} ({run.directions[0][:3]})")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
 def write_figures(run: Run, out: Path) -> list[Path]:
     """The run's PNGs: Pareto front and hypervolume (several objectives) or best so far (one), and
     the archive heatmap and QD metrics (``qd.plots_archive``) when the problem has measures."""
     import matplotlib.pyplot as plt
 
-    from qd.plots import hypervolume_figure, pareto_figure
+    from qd.plots import best_so_far_figure, hypervolume_figure, pareto_figure
     from qd.results import hypervolume_history
 
     title = f"{run.name}: {run.store.info.problem} / {run.store.info.strategy}"
@@ -123,7 +94,7 @@ def write_figures(run: Run, out: Path) -> list[Path]:
             counts, hvs = hypervolume_history(trials, run.directions, run.reference.point)
             save(hypervolume_figure(counts, hvs, run.reference.point, title), "hypervolume.png")
     elif any(t.finished for t in trials):
-        save(best_so_far_figure(run, title), "best_so_far.png")
+        save(best_so_far_figure(trials, run.objectives[0], run.directions[0], title), "best_so_far.png")
     if run.archive is not None and not run.archive.empty:
         from qd.plots_archive import plot_archive
 
@@ -133,30 +104,84 @@ def write_figures(run: Run, out: Path) -> list[Path]:
 
 # --- the HTML summary ------------------------------------------------------------------------------
 _CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1000px; color: #222; padding: 0 1em; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
-th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; width: 100%; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; vertical-align: top; }
 th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
-.figures img { max-width: 48%; margin: 0.5%; border: 1px solid #eee; }
+td.params { text-align: left; overflow-wrap: anywhere; font-size: 0.95em; }
+.figures figure { margin: 1.5em 0; } .figures img { display: block; max-width: 100%; border: 1px solid #eee; }
+.figures figcaption { color: #666; font-size: 0.85em; }
 .note { color: #666; font-size: 0.85em; }
-.wide { overflow-x: auto; }
-.kv td { text-align: left; }
+.kv { width: auto; } .kv td { text-align: left; }
 """
+
+#: Archive figures in words (``qd.archive``'s metrics() and describe() keys).
+ARCHIVE_LABELS: dict[str, str] = {
+    "kind": "archive", "objective": "archive objective", "direction": "archive direction",
+    "qd_score_offset": "QD score offset (the value counted as zero)", "bins": "bins per measure",
+    "cells": "cells", "coverage": "coverage (share of cells filled)", "qd_score": "QD score",
+    "norm_qd_score": "QD score per cell", "num_elites": "elites", "best": "best value in the archive",
+    "moqd_score": "MOQD score (sum of the cells' hypervolumes)",
+    "global_hypervolume": "global hypervolume (of the archive's fronts)", "front_size": "front size per cell",
+    "reference_point": "archive reference point", "reference_source": "archive reference point from",
+    "learning_rate": "CMA-MAE learning rate", "threshold_min": "CMA-MAE initial threshold",
+    "aggregate": "repeated evaluations", "fidelity": "fidelity",
+}
+
+#: Figure captions in words.
+CAPTIONS: dict[str, str] = {
+    "pareto_front": "The objectives of every evaluated configuration; the Pareto set in blue.",
+    "hypervolume": "Hypervolume of the Pareto set so far against finished evaluations.",
+    "best_so_far": "Every finished evaluation's value (grey) and the best so far (line).",
+    "archive_heatmap": "The archive: the best value found in each cell of the measures.",
+    "moqd_heatmap": "The archive: the hypervolume of each cell's Pareto front.",
+    "qd_metrics": "Archive metrics against finished evaluations.",
+}
+
+
+def _archive_value(key: str, value: Any) -> Any:
+    if key == "coverage" and isinstance(value, float):
+        return f"{value:.1%}"
+    return value
+
+
+def _params_text(row: pd.Series, names: Sequence[str]) -> str:
+    parts = []
+    for n in names:
+        v = row[f"params.{n}"]
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            continue  # an inactive conditional parameter
+        parts.append(f"{n}={v:.4g}" if isinstance(v, float) else f"{n}={v}")
+    return ", ".join(parts)
 
 
 def _short(df: pd.DataFrame, run: Run, limit: int) -> pd.DataFrame:
-    """The columns a reader needs (number, cell, values, measures, params), at most ``limit`` rows."""
-    lead = [c for c in ("pick", "number", "cell") if c in df.columns]
-    cols = lead + [c for prefix in ("values.", "measures.", "params.") for c in df.columns if c.startswith(prefix)]
-    return df[cols].head(limit)
+    """The columns a reader needs, named in words: trial, cell, the objectives, the measures, and
+    the parameters as one wrapped ``key=value`` column (the data files have one column each)."""
+    df = df.head(limit)
+    out = pd.DataFrame(index=df.index)
+    for c, label in (("pick", "pick"), ("number", "trial"), ("cell", "cell")):
+        if c in df.columns:
+            out[label] = df[c]
+    for prefix in ("values.", "measures."):
+        for c in df.columns:
+            if c.startswith(prefix):
+                out[c[len(prefix):]] = df[c]
+    params = [c[len("params."):] for c in df.columns if c.startswith("params.")]
+    if params:
+        out["parameters"] = [_params_text(row, params) for _, row in df.iterrows()]
+    return out
 
 
 def _html_table(df: pd.DataFrame) -> str:
     if df.empty:
         return "<p class='note'>(none)</p>"
     table = df.to_html(index=False, border=0, float_format=lambda v: f"{v:.5g}", na_rep="", escape=True)
-    return f"<div class='wide'>{table}</div>"
+    if "parameters" in df.columns and df.columns[-1] == "parameters":  # it wraps instead of widening the table
+        rows = table.split("</tr>")
+        table = "</tr>".join("<td class='params'>".join(r.rsplit("<td>", 1)) if "<td>" in r else r for r in rows)
+    return table
 
 
 def _kv_table(rows: Sequence[tuple[str, Any]]) -> str:
@@ -194,18 +219,21 @@ def report(run: Run, out: str | Path, *, pareto_rows: int = 50, elite_rows: int 
         ("measures", ", ".join(run.measures) or None),
     ]
     ok = run.trials[run.trials["feasible"]] if "feasible" in run.trials else run.trials.iloc[0:0]
-    if len(ok):
+    if len(run.objectives) == 1 and s.get("best"):
+        rows.append((f"best {run.objectives[0]}", f"{s['best']['value']:.6g} (trial #{s['best']['number']})"))
+    elif len(ok):
         best = [(ok[f"values.{n}"].min() if d == "minimize" else ok[f"values.{n}"].max())
                 for n, d in zip(run.objectives, run.directions)]
-        rows.append(("best values", ", ".join(f"{n} = {b:.6g}" for n, b in zip(run.objectives, best))))
+        rows.append(("best value of each objective (not one trial)",
+                     ", ".join(f"{n} = {b:.6g}" for n, b in zip(run.objectives, best))))
     if len(run.objectives) > 1:
         rows.append(("Pareto set", f"{len(run.pareto)} trials"))
     if s.get("hypervolume") is not None:
         ref = s["hypervolume_reference"]
-        rows.append(("hypervolume", f"{s['hypervolume']:.6g} (reference {_fmt(ref['point'])}, from the "
-                                    f"{ref['source']})"))
+        rows.append(("hypervolume (of the Pareto set of all feasible trials)",
+                     f"{s['hypervolume']:.6g} (reference point {_fmt(ref['point'])}, from the {ref['source']})"))
     for key, value in (s.get("archive") or {}).items():
-        rows.append((f"archive {key}", value))
+        rows.append((ARCHIVE_LABELS.get(key, key.replace("_", " ")), _archive_value(key, value)))
 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>qd report: {html.escape(run.name)}</title>"
              f"<style>{_CSS}</style></head><body>",
@@ -213,7 +241,8 @@ def report(run: Run, out: str | Path, *, pareto_rows: int = 50, elite_rows: int 
              f"<p class='note'>Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} from "
              f"{html.escape(_storage_label(run.store))}.</p>",
              "<h2>Run</h2>", _kv_table(rows), "<h2>Figures</h2><div class='figures'>"]
-    parts += [f"<a href='{p.name}'><img src='{p.name}' alt='{p.stem}'></a>" for p in figures]
+    parts += [f"<figure><a href='{p.name}'><img src='{p.name}' alt='{p.stem}'></a>"
+              f"<figcaption>{html.escape(CAPTIONS.get(p.stem, p.stem))}</figcaption></figure>" for p in figures]
     parts.append("</div>")
     if len(run.objectives) > 1:
         ordered = run.pareto.sort_values(f"values.{run.objectives[0]}") if len(run.pareto) else run.pareto

@@ -115,6 +115,28 @@ def hypervolume_history(trials: Sequence[Trial], directions: Sequence[str], refe
     return np.array(counts), np.array(hvs)
 
 
+def best_trial(trials: Sequence[Trial], direction: str, index: int = 0) -> Trial | None:
+    """The feasible trial with the best value of objective ``index`` (the earliest among equals)."""
+    ok = feasible(trials)
+    if not ok:
+        return None
+    sign = 1.0 if direction == "minimize" else -1.0
+    return min(ok, key=lambda t: (sign * t.values[index], t.number))
+
+
+def best_so_far(trials: Sequence[Trial], direction: str, index: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """One objective over time: (k,) finished-evaluation counts and (k,) best feasible value so far
+    (NaN until the first feasible evaluation)."""
+    better = min if direction == "minimize" else max
+    counts, best, out = [], None, []
+    for i, t in enumerate((t for t in trials if t.finished), start=1):
+        if t.feasible:
+            best = t.values[index] if best is None else better(best, t.values[index])
+        counts.append(i)
+        out.append(np.nan if best is None else best)
+    return np.array(counts, dtype=int), np.array(out, dtype=float)
+
+
 #: Failures listed by ``summary`` (the count covers them all).
 MAX_LISTED_FAILURES = 100
 
@@ -126,10 +148,16 @@ def summary(store: Store, problem: Problem | None = None, cols: Columns | None =
     ok = np.flatnonzero(cols.feasible)
     front = ok[pareto_front_mask(cols.values[ok], directions)] if len(ok) else ok
     front = front[np.argsort(cols.values[front, 0], kind="stable")] if len(front) else front
-    ref = reference_point_of_values(problem, cols.values[ok], directions)
+    # One objective: the best trial is the answer; a one-dimensional "hypervolume" is only a shifted best value.
+    ref = reference_point_of_values(problem, cols.values[ok], directions) if len(directions) > 1 else None
     hv = hypervolume(cols.values[front], directions, ref.point) if (ref and len(front)) else None
     configs = store.to_trials(cols.select(front)) if len(front) else []
     failed = np.flatnonzero((cols.state == 2) & ~cols.stale)
+    best = None
+    if len(directions) == 1 and len(ok):
+        sign = 1.0 if directions[0] == "minimize" else -1.0
+        i_best = ok[np.lexsort((cols.number[ok], sign * cols.values[ok, 0]))[0]]
+        best = store.to_trials(cols.select(np.array([i_best])))[0]
     return {
         "name": store.info.name,
         "problem": store.info.problem,
@@ -141,6 +169,7 @@ def summary(store: Store, problem: Problem | None = None, cols: Columns | None =
         **cols.counts(),
         "pareto_front": [{"number": t.number, "params": t.params, "values": t.values,
                           **({"measures": t.measures} if t.measures else {})} for t in configs],
+        "best": {"number": best.number, "value": best.values[0], "params": best.params} if best else None,
         "hypervolume": hv,
         "hypervolume_reference": {"point": list(ref.point), "source": ref.source} if ref else None,
         "failures": [{"number": int(cols.number[i]), "reason": (cols.reason[i] or "").split("\n")[0]}

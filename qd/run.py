@@ -30,6 +30,7 @@ object per configuration on the way.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 import time
@@ -116,6 +117,10 @@ class RunReport:
     elapsed_s: float
     stopped_by: str  # "budget", "time", "strategy"
 
+    def __repr__(self) -> str:  # what a notebook cell shows: seconds rounded
+        return (f"RunReport(finished={self.finished}, complete={self.complete}, failed={self.failed}, "
+                f"requeued={self.requeued}, elapsed_s={self.elapsed_s:.1f}, stopped_by={self.stopped_by!r})")
+
 
 def evaluation_seeds(run_seed: int, numbers: np.ndarray) -> np.ndarray:
     """(n,) seeds of the evaluations of trials ``numbers`` of a run: splitmix64 of (seed, number),
@@ -138,11 +143,18 @@ class _Progress:
     hypervolume (several objectives) and the strategy's ``state()`` (e.g. archive coverage).
 
     It reads the run's ``RunState`` (counts and the Pareto front kept there), so a refresh costs
-    the same at 10 and at 10^6 trials. On a terminal this is a tqdm bar. When stderr is not a
-    terminal (a log file, a CI job, a notebook's captured stream) carriage-return redraws would
-    pile up into one unreadable line, so a plain line is written every ``log_every_s`` seconds
-    and once at the end instead.
+    the same at 10 and at 10^6 trials. The hypervolume is shown only against a reference point
+    the problem declares (as a share of the problem's ``max_hypervolume()`` when it knows it):
+    against a point derived from the data it mixes the objectives' units and moves with the data,
+    so it is left out.
+
+    On a terminal this is a tqdm bar of fixed width whose figures are cut, whole, to the terminal's
+    width. When stderr is not a terminal (a log file, a CI job, a notebook's captured stream)
+    carriage-return redraws would pile up into one unreadable line, so a plain line is written every
+    ``log_every_s`` seconds and once at the end instead.
     """
+
+    BAR_FORMAT = "{desc} {n_fmt}/{total_fmt} |{bar:12}| {elapsed}<{remaining}{postfix}"
 
     def __init__(self, store: Store, problem: Problem, strategy: Strategy, budget: int, state: RunState,
                  enabled: bool, log_every_s: float = 10.0):
@@ -151,7 +163,7 @@ class _Progress:
         self.enabled = enabled
         self.tty = enabled and _isatty(self.stream)
         self.bar = tqdm(total=budget, initial=min(state.n_finished, budget), desc=store.info.name,
-                        disable=not self.tty, file=self.stream, dynamic_ncols=True)
+                        disable=not self.tty, file=self.stream, bar_format=self.BAR_FORMAT, dynamic_ncols=True)
         self.log_every_s = log_every_s
         self._t0 = time.monotonic()
         self._last = 0.0  # last postfix refresh (tty)
@@ -159,46 +171,80 @@ class _Progress:
         self._logged = -1  # finished count of the last log line
         self._running = 0
         self._shown = state.n_finished
+        self._max_hv: float | None | bool = False  # False: not asked yet
 
     @property
     def finished(self) -> int:
         return self.state.n_finished
 
+    def _max_hypervolume(self) -> float | None:
+        if self._max_hv is False:
+            try:  # a benchmark's known maximum (a property or a method); most problems do not know theirs
+                top = getattr(self.problem, "max_hypervolume", None)
+                top = top() if callable(top) else top
+                self._max_hv = float(top) if top else None
+            except Exception:
+                self._max_hv = None
+        return self._max_hv  # type: ignore[return-value]
+
     def fields(self, running: int) -> dict[str, str]:
-        """The numbers shown, as short strings (also the log line's ``key=value`` pairs)."""
-        post: dict[str, str] = {"failed": str(self.state.n_failed), "running": str(running)}
+        """The figures shown, most important first, as short strings (the log line's ``key=value`` pairs)."""
+        post: dict[str, str] = {}
         directions = self.problem.directions
         names = self.problem.objective_names
         front = self.state.front
-        if len(front):
-            best = [(front[:, i].min() if d == "minimize" else front[:, i].max()) for i, d in enumerate(directions)]
-            if len(best) == 1:
-                post[f"best {names[0]}"] = f"{best[0]:.4g}"
-            else:
-                post["best"] = " ".join(f"{n}:{b:.4g}" for n, b in zip(names, best))
-                ref = reference_point_of_values(self.problem, front, directions)
-                if ref is not None:
-                    post["hv"] = f"{hypervolume(front, directions, ref.point):.4g}"
-                post["pareto"] = str(len(front))
+        if len(front) and len(directions) == 1:
+            best = front[:, 0].min() if directions[0] == "minimize" else front[:, 0].max()
+            post[f"best {names[0]}"] = f"{best:.4g}"
+        elif len(front):
+            post["pareto"] = str(len(front))
+            ref = self.problem.reference_point
+            if ref is not None:
+                hv = hypervolume(front, directions, ref)
+                top = self._max_hypervolume()
+                if top:
+                    post["hv/max"] = f"{hv / top:.1%}"  # a share of the problem's known maximum
+                else:
+                    post["hv"] = f"{hv:.4g}"
+        if self.state.n_failed:
+            post["failed"] = str(self.state.n_failed)
         try:
             state = self.strategy.state()
         except Exception as e:  # progress must never stop a run
             state = {"state": f"unavailable ({type(e).__name__})"}
         for k, v in state.items():
-            post[k] = f"{v:.3g}" if isinstance(v, float) else str(v)
+            if k == "coverage" and isinstance(v, float):
+                post[k] = f"{v:.1%}"
+            else:
+                post[k] = f"{v:.3g}" if isinstance(v, float) else str(v)
+        post["running"] = str(running)
         return post
 
+    def _postfix(self, running: int) -> str:
+        """The figures that fit the terminal after the bar, whole ones only, in order of importance."""
+        columns = shutil.get_terminal_size((80, 24)).columns
+        fixed = len(self.store.info.name) + 2 * len(str(self.budget)) + 34  # desc, counts, bar, times
+        room = max(0, columns - fixed - 1)
+        out = ""
+        for k, v in self.fields(running).items():
+            item = f", {k}={v}"  # tqdm puts ", " before the postfix: the first one is dropped
+            if len(out) + len(item) > room:
+                break
+            out += item
+        return out[2:]
+
     def update(self, cols: Columns, running: int, force: bool = False) -> None:
+        """After ``cols`` finished (already counted in the run's state)."""
         self._running = running
         if not self.enabled:
             return
         now = time.monotonic()
         if self.tty:
-            self.bar.update(min(self.state.n_finished, self.budget) - min(self._shown, self.budget))
-            self._shown = self.state.n_finished
             if force or now - self._last >= 1.0:
                 self._last = now
-                self.bar.set_postfix(self.fields(running), refresh=True)
+                self.bar.postfix = self._postfix(running)
+            self.bar.update(min(self.state.n_finished, self.budget) - min(self._shown, self.budget))
+            self._shown = self.state.n_finished
         elif force or now - self._last_line >= self.log_every_s:
             self._log_line(running)
 

@@ -143,7 +143,7 @@ def test_space_round_trips_and_samples_valid_configurations(problem):
         assert problem.space.decode(problem.space.encode(config)) == config
         assert ("kernel_size" in config) == (config["family"] == "cnn")
     assert problem.describe()["measures"] == [{"name": "log10_params", "low": 2.0, "high": 7.0},
-                                              {"name": "depth", "low": 0.5, "high": 4.5}]
+                                              {"name": "depth", "low": 1, "high": 4, "integer": True}]
 
 
 # --- a dataset given by path --------------------------------------------------------------

@@ -31,7 +31,8 @@ def test_run_show_plot_on_zdt1(tmp_path):
     names = {Path(f).name for f in files}
     assert {"pareto_front.png", "hypervolume.png"} <= names
     assert all(Path(f).stat().st_size > 10_000 for f in files)
-    assert json.loads(qd("show", "--storage", url, "--json", cwd=tmp_path).stdout) == ["a"]
+    listed = json.loads(qd("show", "--storage", url, "--json", cwd=tmp_path).stdout)
+    assert [(r["name"], r["problem"], r["strategy"], r["trials"]) for r in listed] == [("a", "zdt1", "tpe", 60)]
 
 
 def test_experiment_file_with_flag_overrides(tmp_path):

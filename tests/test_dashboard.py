@@ -53,17 +53,22 @@ def test_publish_writes_heatmap_pareto_and_note(storage):
     assert publish(store, problem_of(store), budget=24) == [ARCHIVE_ID, PARETO_ID, METRICS_ID]
     figures = published_figures(store)
     assert set(figures) == {ARCHIVE_ID, PARETO_ID, METRICS_ID}
-    # The heatmap is qd.plots_archive's PNG, embedded whole.
-    image = figures[ARCHIVE_ID]["data"][0]
-    assert image["type"] == "image" and image["source"].startswith("data:image/png;base64,")
-    png = base64.b64decode(image["source"].split(",", 1)[1])
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    # The heatmap is a native plotly heatmap: every filled cell has its trial number on hover and a link.
+    heat = figures[ARCHIVE_ID]["data"][0]
+    assert heat["type"] == "heatmap" and "trial %{customdata[2]}" in heat["hovertemplate"]
+    run = load_run(storage, "mixed")
+    filled = [(j, i) for j, row in enumerate(heat["z"]) for i, v in enumerate(row) if v is not None]
+    assert len(filled) == len(run.archive.fronts) > 0
+    numbers = {int(n) for j, i in filled for n in re.findall(r"#(\d+)", heat["customdata"][j][i][2])}
+    assert numbers == {int(n) for n in run.elites["number"]}
+    assert all(f"/dashboard/studies/{store.study._study_id}/trials?numbers=" in heat["text"][j][i] for j, i in filled)
+    # ``layers`` is an integer measure: one bin per value (1..8), integer ticks.
+    assert len(heat["x"]) == 8 and figures[ARCHIVE_ID]["layout"]["xaxis"]["tickvals"] == list(range(1, 9))
     # The Pareto trace lists exactly the run's Pareto set, by trial number.
     shown = summary(store, problem_of(store))
     front = next(t for t in figures[PARETO_ID]["data"] if t["name"].startswith("Pareto set"))
     assert sorted(front["customdata"]) == sorted(p["number"] for p in shown["pareto_front"])
     note = get_note(store.study)
-    run = load_run(storage, "mixed")
     coverage = run.archive.metrics()["coverage"]
     for text in ("qd run `mixed`", "`random`", "24 of 24 evaluations finished", f"{coverage:.1%}",
                  f"{shown['hypervolume']:.6g}", "MOQD score"):
@@ -121,8 +126,9 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, capsys):
     assert "\r" not in err
     lines = [line for line in err.splitlines() if line.startswith("[p] ")]
     assert lines, err
-    assert re.match(r"\[p\] 10/10 finished \(10 complete\) failed=0 running=0 best=\[f1:[-\d.e]+ f2:[-\d.e]+\] "
-                    r"hv=[\d.e+]+ pareto=\d+ .*elapsed=\d+s$", lines[-1]), lines[-1]
+    # Key figures first; "failed" only when something failed; the hypervolume against zdt1's declared point.
+    assert re.match(r"\[p\] 10/10 finished \(10 complete\) pareto=\d+ hv/max=[\d.]+% running=0 elapsed=\d+s$",
+                    lines[-1]), lines[-1]
 
 
 def test_progress_shows_the_strategys_coverage(tmp_path, capsys):
@@ -130,7 +136,8 @@ def test_progress_shows_the_strategys_coverage(tmp_path, capsys):
                      evaluator="inprocess", storage=f"sqlite:///{tmp_path}/m.db", name="m")
     execute(prepare(exp), dashboard_every_s=None)
     last = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[m] ")][-1]
-    assert re.match(r"\[m\] 12/12 finished .* best score=[\d.]+ coverage=[\d.e-]+ qd_score=[\d.e+]+ ", last), last
+    assert re.match(r"\[m\] 12/12 finished \(12 complete\) best score=[\d.]+ coverage=[\d.]+% qd_score=[\d.e+]+ "
+                    r"running=0 ", last), last
 
 
 def test_port_in_use_is_refused_with_the_fix():
@@ -188,8 +195,93 @@ def test_qd_dashboard_serves_runs_with_figures(storage, dashboard):
     assert len(detail["trials"]) == 24
 
 
-def test_browser_shows_the_runs_heatmap(storage, dashboard, tmp_path):
-    """Headless Chromium opens the finished run's page: the heatmap is drawn in the page."""
+_HOVER_POINT_JS = """(() => {
+  const card = document.querySelector('[id="user-defined-plot:%s"]');
+  const gd = card && (card.classList.contains("js-plotly-plot") ? card : card.querySelector(".js-plotly-plot"));
+  if (!gd || !gd._fullLayout || !gd._fullData) return null;
+  gd.scrollIntoView({block: "center"});
+  const t = gd._fullData[0], xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, r = gd.getBoundingClientRect();
+  for (let j = 0; j < t.z.length; j++) for (let i = 0; i < t.z[j].length; i++) if (t.z[j][i] !== null)
+    // off the cell's centre, where its trial link is written: the link takes the pointer's events
+    return JSON.stringify({x: r.left + xa._offset + xa.c2p(t.x[i]) + 0.35 * xa._length / t.z[0].length,
+                           y: r.top + ya._offset + ya.c2p(t.y[j]) + 0.35 * ya._length / t.z.length,
+                           trial: t.customdata[j][i][2]});
+  return null;
+})()"""
+
+
+async def _hover_and_shoot(chromium: str, page: str, shot: Path, profile: str) -> dict:
+    """Open ``page`` in headless Chromium (DevTools protocol), hover the archive heatmap's first filled
+    cell, screenshot the page with the hover label shown; returns what the page showed."""
+    import asyncio
+
+    import aiohttp
+
+    port = _free_port()
+    proc = subprocess.Popen([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                             "--window-size=1400,1800", f"--remote-debugging-port={port}",
+                             f"--user-data-dir={profile}", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(200):
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/json/list") as r:
+                        targets = [t for t in await r.json() if t["type"] == "page"]
+                    if targets:
+                        break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+            async with http.ws_connect(targets[0]["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+                ids = iter(range(1, 10**6))
+
+                async def call(method: str, **params) -> dict:
+                    i = next(ids)
+                    await ws.send_json({"id": i, "method": method, "params": params})
+                    while True:
+                        msg = await ws.receive_json(timeout=60)
+                        if msg.get("id") == i:
+                            return msg.get("result", {})
+
+                async def evaluate(expr: str):
+                    return (await call("Runtime.evaluate", expression=expr, returnByValue=True))["result"].get("value")
+
+                await call("Page.navigate", url=page)
+                point = None
+                for _ in range(300):
+                    point = await evaluate(_HOVER_POINT_JS % ARCHIVE_ID)
+                    if point:
+                        break
+                    await asyncio.sleep(0.1)
+                assert point, "the archive heatmap was not drawn in the page"
+                point = json.loads(point)
+                await asyncio.sleep(0.5)  # scrolled: take the point again
+                point = json.loads(await evaluate(_HOVER_POINT_JS % ARCHIVE_ID))
+                for step in range(10, -1, -1):  # glide onto the cell as a pointer would
+                    await call("Input.dispatchMouseEvent", type="mouseMoved", x=point["x"] + 3 * step,
+                               y=point["y"] - 2 * step, button="none")
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(0.5)
+                card = f'document.querySelector(\'[id="user-defined-plot:{ARCHIVE_ID}"]\')'
+                hover = await evaluate(f"{card}.querySelector('.hoverlayer').textContent")
+                links = await evaluate(f"Array.from({card}.querySelectorAll('a'))"
+                                       f".map(a => a.getAttribute('href') || a.getAttribute('xlink:href'))")
+                png = await call("Page.captureScreenshot", format="png")
+                shot.write_bytes(base64.b64decode(png["data"]))
+                return {"hover": hover, "links": links, "trial": point["trial"],
+                        "title": await evaluate("document.body.innerText")}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_browser_shows_the_runs_heatmap_with_a_hover_label(storage, dashboard, tmp_path):
+    """Headless Chromium opens the finished run's page, hovers the archive heatmap: the hover label
+    names the cell's bins, value and trial, and each filled cell links to its trial."""
+    import asyncio
+
     chromium = _chromium()
     if chromium is None:
         if os.environ.get("CI") == "true":
@@ -199,20 +291,15 @@ def test_browser_shows_the_runs_heatmap(storage, dashboard, tmp_path):
     store = Store.open(storage, "mixed")
     page = f"{base}/dashboard/studies/{store.study._study_id}"
     shot = tmp_path / "dashboard.png"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--window-size=1400,2400", "--virtual-time-budget=15000"]
     with tempfile.TemporaryDirectory() as profile:
-        subprocess.run([chromium, *flags, f"--user-data-dir={profile}", f"--screenshot={shot}", page],
-                       capture_output=True, timeout=120, check=True)
-    with tempfile.TemporaryDirectory() as profile:
-        dom = subprocess.run([chromium, *flags, f"--user-data-dir={profile}", "--dump-dom", page],
-                             capture_output=True, text=True, timeout=120, check=True).stdout
+        seen = asyncio.run(_hover_and_shoot(chromium, page, shot, profile))
     if os.environ.get("QD_SCREENSHOT_DIR"):  # keep the picture for a person to look at
         shutil.copy(shot, Path(os.environ["QD_SCREENSHOT_DIR"]) / "dashboard.png")
     assert shot.stat().st_size > 50_000
-    # The page is the study's, and plotly drew our heatmap image inside the dashboard's figure card.
-    assert "mixed" in dom
-    card = dom.split(f'id="user-defined-plot:{ARCHIVE_ID}"', 1)
-    assert len(card) == 2, "the archive figure's card is not in the page"
-    assert re.search(r"<image[^>]+href=\"data:image/png;base64,", card[1].split("user-defined-plot:", 1)[0])
+    assert "mixed" in seen["title"]
+    # The hover label: both measures' bins, the cell's hypervolume and its trial number(s).
+    for text in ("layers: ", "log2_width: [", "hypervolume of the cell's front: ", f"trial {seen['trial']}"):
+        assert text in (seen["hover"] or ""), (text, seen["hover"])
+    trial_links = sorted(h for h in seen["links"] if h and "/trials?numbers=" in h)
+    firsts = [front.numbers[0] for front in load_run(storage, "mixed").archive.fronts.values()]
+    assert trial_links == sorted(f"/dashboard/studies/{store.study._study_id}/trials?numbers={n}" for n in firsts)

@@ -3,6 +3,7 @@
 Each notebook checks its own claims with ``assert`` cells; an exception anywhere fails the test.
 """
 
+import re
 import time
 from pathlib import Path
 
@@ -14,7 +15,8 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
 @pytest.mark.parametrize("name, expect", [
-    ("explore_archive.ipynb", ["elites; coverage", "smallest distance between picks", "index.html"]),
+    ("explore_archive.ipynb", ["elites; coverage", "smallest distance between picks", "index.html",
+                               "Run('sphere-me': sphere / map-elites"]),
     ("pareto_tradeoffs.ipynb", ["Pareto-optimal of 40 trials", "hypervolume of the whole front",
                                 "front members over", "of the recorded values are better"]),
 ])
@@ -28,6 +30,8 @@ def test_notebook_runs(name, expect, tmp_path):
                      for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     for snippet in expect:
         assert snippet in text, snippet
+    assert "TqdmWarning" not in text and "IProgress" not in text  # no warning before any output
+    assert "RunReport(" in text and not re.search(r"elapsed_s=\d+\.\d{2,}", text)  # seconds rounded
     images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert images >= 3, f"{name} drew {images} figures"
     assert elapsed < 120, f"{name} took {elapsed:.0f} s; keep notebooks quick"

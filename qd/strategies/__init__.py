@@ -55,7 +55,10 @@ def strategy_names() -> list[str]:
 
 def strategy_class(name: str) -> type[Strategy]:
     if name not in strategy_names():
-        raise ValueError(f"strategy {name!r} is not available; allowed: {strategy_names()}")
+        from qd.suggest import did_you_mean
+
+        raise ValueError(f"strategy {name!r} is not available; allowed: {strategy_names()}"
+                         f"{did_you_mean([name], strategy_names())}")
     module, attr = _targets()[name].split(":")
     return getattr(importlib.import_module(module), attr)
 
@@ -90,8 +93,10 @@ def check_options(name: str, options: dict[str, Any]) -> None:
     unknown = sorted(set(own) - set(allowed or own))
     if unknown:
         extra = [k for k in (*FIDELITY_OPTIONS, *BACKGROUND_OPTIONS) if k not in (allowed or [])]
+        from qd.suggest import did_you_mean
+
         raise ValueError(f"strategy {name!r}: unknown option(s) {unknown}; allowed options: {allowed} "
-                         f"and, for every strategy, {extra}")
+                         f"and, for every strategy, {extra}{did_you_mean(unknown, [*(allowed or []), *extra])}")
     fidelity = wrapped.get("fidelity")
     if fidelity not in (None, "asha"):
         raise ValueError(f"strategy {name!r}: option fidelity={fidelity!r} is not allowed; allowed: null (single "
@@ -117,3 +122,70 @@ def get_strategy(name: str, problem: Problem, seed: int = 0, **options: Any) -> 
 
         strategy = BackgroundAsks(strategy, ask_time_limit_s=wrapped.get("ask_time_limit_s"))
     return strategy
+
+
+# --- the catalogue (``qd strategies``) ---------------------------------------------------------------
+#: Options that make a strategy start with evaluations it does not choose by learning (random or
+#: space-filling ones): a budget not much larger than this is spent before the strategy learns.
+WARMUP_OPTIONS: tuple[str, ...] = ("initial_population", "n_init", "n_startup_trials", "population_size")
+
+
+def _summary_line(doc: str | None, sentences: int | None = None) -> str:
+    text = " ".join(inspect.cleandoc(doc or "").split("\n\n")[0].split())
+    if sentences is not None:
+        text = " ".join(text.split(". ")[:sentences]).rstrip(".") + "."
+    return text
+
+
+def _description(cls: type[Strategy]) -> str:
+    """The class's own docstring, else its sampler's (Optuna strategies), else its module's."""
+    own = cls.__dict__.get("__doc__")
+    if own:
+        return _summary_line(own)
+    sampler = getattr(cls, "sampler_class", None)
+    if sampler is not None:
+        return f"Optuna's {sampler.__name__}: {_summary_line(sampler.__doc__, sentences=1)}"
+    return _summary_line(importlib.import_module(cls.__module__).__doc__)
+
+
+def describe_strategy(name: str) -> dict[str, Any]:
+    """What ``qd strategies`` prints for one strategy: ``name``, ``description`` (its docstring's
+    first paragraph), ``options`` (each ``{"name", "default"}``; a sampler's own options for the
+    Optuna strategies) and ``accepts_any_option``."""
+    cls = strategy_class(name)
+    target = getattr(cls, "sampler_class", cls)
+    params = inspect.signature(target.__init__).parameters
+    allowed = allowed_options(cls)
+    options = []
+    own = getattr(cls, "option_defaults", {})  # a strategy's defaults for its sampler's options
+    for option in allowed or []:
+        default = own[option] if option in own else params[option].default
+        options.append({"name": option, "default": None if default is inspect.Parameter.empty else default})
+    description = _description(cls).replace("``", "")
+    description = description[len(name) + 2:] if description.startswith(f"{name}: ") else description
+    return {"name": name, "description": description, "options": options, "accepts_any_option": allowed is None}
+
+
+def describe_strategies() -> list[dict[str, Any]]:
+    """``describe_strategy`` for every available strategy (one that fails to load says why)."""
+    out = []
+    for name in strategy_names():
+        try:
+            out.append(describe_strategy(name))
+        except Exception as e:  # a broken plug-in must not hide the others
+            out.append({"name": name, "error": f"{type(e).__name__}: {e}"})
+    return out
+
+
+def warmup(strategy: Strategy) -> tuple[str, int] | None:
+    """(option, count) of the evaluations a built strategy spends before it learns from results
+    (its initial population or start-up trials), or None when it has none."""
+    sampler = getattr(getattr(strategy, "_study", None), "sampler", None)  # the Optuna strategies
+    for source in (strategy, sampler):
+        for option in WARMUP_OPTIONS:
+            value = getattr(source, option, None)
+            if value is None and source is not None:
+                value = getattr(source, f"_{option}", None)  # Optuna keeps its options private
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return option, value
+    return None

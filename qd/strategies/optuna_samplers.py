@@ -83,9 +83,11 @@ class OptunaSampler(Strategy):
 class TPE(OptunaSampler):
     sampler_class = optuna.samplers.TPESampler
     name = "tpe"
+    #: qd's defaults where they differ from Optuna's (``qd strategies`` shows these).
+    option_defaults = {"multivariate": True, "constant_liar": True}
 
     def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
-        opts = {"multivariate": True, "constant_liar": True, **self._options}
+        opts = {**self.option_defaults, **self._options}
         return optuna.samplers.TPESampler(seed=seed, constraints_func=self._constraints_func, **opts)
 
 
