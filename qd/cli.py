@@ -23,15 +23,11 @@ def _print_json(obj: Any) -> None:
 
 
 def _existing_storage(storage: str) -> str:
-    """Readers (show, plot, compare, report, export, dashboard) never create a database: a SQLite
-    file that does not exist is an error, not a new empty store."""
-    from qd.text import missing_sqlite_file
+    """Readers (show, plot, compare, report, export, dashboard) never create a database: a missing
+    one is an error (``qd.storage_url.check_storage``), not a new empty store."""
+    from qd.storage_url import check_storage
 
-    path = missing_sqlite_file(storage)
-    if path is not None:
-        raise ExperimentError(f"--storage {storage!r}: no database file {path}; runs are written there by "
-                              f"`qd run --storage {storage}` (check the path: three slashes for a relative one, "
-                              f"four for an absolute one)")
+    check_storage(storage, create=False)
     return storage
 
 

@@ -139,7 +139,7 @@ def test_refused_runs_and_readers_leave_no_database(tmp_path, capsys):
         code, _, err = _cli(capsys, *args)
         assert code == 2, (args, err)
         assert not db.exists(), f"qd {' '.join(args)} left {db}"
-    assert f"no database file {db}" in err
+    assert f"the database file {str(db)!r} does not exist (nothing was created)" in err
 
 
 # --- integer and categorical measures ---------------------------------------------------------
