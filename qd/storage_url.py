@@ -115,15 +115,7 @@ def _check_journal(url: str, create: bool) -> None:
         raise StorageError(f"storage {url!r}: a journal file takes three slashes: 'journal:///run.log' (relative) or "
                            f"'journal:////abs/path/run.log'")
     path = Path(url[len("journal:///"):])
-    if path.is_dir() or not path.name:
-        raise StorageError(f"storage {url!r}: {str(path)!r} is a directory; allowed: a journal file path")
-    if not path.exists():
-        if not create:
-            raise DatabaseMissing(f"storage {url!r}: the journal file {str(path)!r} does not exist (nothing was "
-                                  f"created); check the path, or start a run there with `qd run`")
-        if not path.parent.is_dir():
-            raise StorageError(f"storage {url!r}: the directory {str(path.parent)!r} does not exist; create it first "
-                               f"(mkdir -p {path.parent})")
+    _check_file(url, path, create, "journal")
     # The record beside the journal is a SQLite file: the same first-use lock applies.
     _sqlite_tables(f"sqlite:///{path}.qd.db", Path(f"{path}.qd.db"), create=True) if create else None
 
@@ -136,16 +128,22 @@ def _check_sqlite(url: str, host: str | None, database: str | None, create: bool
         raise StorageError(f"storage {url!r} is an in-memory SQLite database: every result would be lost when the "
                            f"run ends; allowed: a file, e.g. 'sqlite:///qd.db'")
     path = Path(database)
-    if path.is_dir():
-        raise StorageError(f"storage {url!r}: {str(path)!r} is a directory; allowed: a SQLite file path")
+    _check_file(url, path, create, "database")
+    _sqlite_tables(url, path, create)
+
+
+def _check_file(url: str, path: Path, create: bool, what: str) -> None:
+    """A storage that is one file (``what``: database, journal): never a directory; to read it, it
+    must exist; to create it, its directory must."""
+    if path.is_dir() or not path.name:
+        raise StorageError(f"storage {url!r}: {str(path)!r} is a directory; allowed: a {what} file path")
     if not path.exists():
         if not create:
-            raise DatabaseMissing(f"storage {url!r}: the database file {str(path)!r} does not exist (nothing was "
+            raise DatabaseMissing(f"storage {url!r}: the {what} file {str(path)!r} does not exist (nothing was "
                                   f"created); check the path, or start a run there with `qd run`")
         if not path.parent.is_dir():
             raise StorageError(f"storage {url!r}: the directory {str(path.parent)!r} does not exist; create it first "
                                f"(mkdir -p {path.parent})")
-    _sqlite_tables(url, path, create)
 
 
 def _sqlite_tables(url: str, path: Path, create: bool) -> None:
