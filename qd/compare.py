@@ -114,7 +114,7 @@ def compare(storage: str, names: Sequence[str], out: str | Path, *, vmin: float 
         except Exception:  # a plug-in missing here: no archive, a data-derived reference
             problems.append(None)
     trials = [s.trials() for s in stores]
-    archives = [run_archive(s, p, ts) for s, p, ts in zip(stores, problems, trials)]
+    archives = [run_archive(s, p) for s, p in zip(stores, problems)]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     comparison = Comparison(rows=[])
@@ -152,7 +152,7 @@ def compare(storage: str, names: Sequence[str], out: str | Path, *, vmin: float 
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         key = "moqd_score" if pareto else "qd_score"
         for n, s, p, a, ts in mapped:
-            rows = history(s, p, ts)
+            rows = history(s, p)
             x = [r["evaluations"] for r in rows]
             axes[0].plot(x, [r.get(key, r["qd_score"]) for r in rows], label=n)
             axes[1].plot(x, [r["coverage"] for r in rows], label=n)

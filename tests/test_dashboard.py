@@ -291,7 +291,7 @@ def test_browser_shows_the_runs_heatmap_with_a_hover_label(storage, dashboard, t
     store = Store.open(storage, "mixed")
     page = f"{base}/dashboard/studies/{store.study._study_id}"
     shot = tmp_path / "dashboard.png"
-    with tempfile.TemporaryDirectory() as profile:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:  # Chromium may still write there
         seen = asyncio.run(_hover_and_shoot(chromium, page, shot, profile))
     if os.environ.get("QD_SCREENSHOT_DIR"):  # keep the picture for a person to look at
         shutil.copy(shot, Path(os.environ["QD_SCREENSHOT_DIR"]) / "dashboard.png")
