@@ -19,7 +19,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from qd.columns import COMPLETE, FAILED, ORIGIN_NAMES, Columns
+from qd.columns import COMPLETE, ORIGIN_NAMES, Columns
 from qd.problem import Problem
 
 MIRROR_ALL = 200
@@ -131,4 +131,4 @@ class Mirror:
         return trial
 
 
-__all__ = ["Mirror", "MIRROR_ALL", "MIRROR_CAP", "FAILED"]
+__all__ = ["Mirror", "MIRROR_ALL", "MIRROR_CAP"]

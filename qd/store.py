@@ -450,23 +450,8 @@ class Store:
         return [t for t in self.to_trials(cols, drivers) if states is None or t.state in states]
 
     def to_trials(self, cols: Columns, drivers: Sequence[Any] | None = None) -> list[Trial]:
-        """``Trial`` objects of the rows of ``cols``."""
-        out = []
-        k, c = self.dims[2], self.dims[3]
-        for i in range(len(cols)):
-            state = STATE_NAMES[int(cols.state[i])]
-            complete = state == "complete"
-            requeue_of = int(cols.requeue_of[i])
-            out.append(Trial(
-                number=int(cols.number[i]), params=self._decoder.config(cols.raw[i]), state=state,
-                values=cols.values[i].tolist() if complete else None,
-                measures=cols.measures[i].tolist() if complete and k else None,
-                constraints=cols.constraints[i].tolist() if complete and c else None,
-                metadata=cols.metadata_of(i), reason=cols.reason[i], origin=ORIGIN_NAMES[int(cols.origin[i])],
-                stale=bool(cols.stale[i]), seed=int(cols.seed[i]),
-                driver=drivers[i] if drivers is not None else None,
-                requeue_of=None if requeue_of < 0 else requeue_of))
-        return out
+        """``Trial`` objects of the rows of ``cols`` (no problem needed: the record knows the space)."""
+        return _trials(cols, [self._decoder.config(r) for r in cols.raw], drivers)
 
     def counts(self) -> dict[str, int]:
         return self.columns().counts()
@@ -499,7 +484,11 @@ class Store:
 
 def trials_of(cols: Columns, space: Any) -> list[Trial]:
     """``Trial`` objects of the rows of ``cols`` for a ``Space`` (the slow path: one object each)."""
-    configs = space.from_raw(cols.raw) if len(cols) else []
+    return _trials(cols, space.from_raw(cols.raw) if len(cols) else [])
+
+
+def _trials(cols: Columns, configs: Sequence[Config], drivers: Sequence[Any] | None = None) -> list[Trial]:
+    """One ``Trial`` per row of ``cols``, with the row's configuration from ``configs``."""
     k, c = cols.dims[2], cols.dims[3]
     out = []
     for i, config in enumerate(configs):
@@ -512,6 +501,7 @@ def trials_of(cols: Columns, space: Any) -> list[Trial]:
                          constraints=cols.constraints[i].tolist() if complete and c else None,
                          metadata=cols.metadata_of(i), reason=cols.reason[i], origin=ORIGIN_NAMES[int(cols.origin[i])],
                          stale=bool(cols.stale[i]), seed=int(cols.seed[i]),
+                         driver=drivers[i] if drivers is not None else None,
                          requeue_of=None if requeue_of < 0 else requeue_of))
     return out
 
