@@ -136,10 +136,11 @@ def test_a_refused_resume_exits_cleanly(tmp_path, capsys):
     _killed_run(storage, "r")
     store = Store.open(storage, "r")
     store.record.release("dead")
-    from qd.run import driver_identity
+    from qd.run import _process_start, driver_identity
 
     me = driver_identity("someone")
-    assert store.record.claim("someone", {**me, "pid": os.getppid()}, expected=None)  # a live process here
+    parent = {**me, "pid": os.getppid(), "pid_start": _process_start(os.getppid())[1]}  # a live process here
+    assert store.record.claim("someone", parent, expected=None)
     capsys.readouterr()
     assert main(["run", "--resume", "--name", "r", "--storage", storage, "--budget", "20", "--no-progress"]) == 2
     err = capsys.readouterr().err
