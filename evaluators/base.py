@@ -105,3 +105,35 @@ class Evaluator(ABC):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def evaluate_jobs(problem: Problem, jobs: list[Job], catch: type[BaseException] = Exception) -> list[tuple[str, int, Any]]:
+    """Evaluate jobs, several at once through ``evaluate_population`` when more than one is given.
+
+    Returns one ``(status, key, evaluation or reason)`` per job, status "ok", "oom" or "exception";
+    what the evaluations raise (``catch``: a worker process passes ``BaseException``) becomes a failure.
+    """
+
+    def failed(key: int, e: BaseException) -> tuple[str, int, Any]:
+        return ("oom" if isinstance(e, MemoryError) else "exception", key, error_text(e))
+
+    if len(jobs) == 1:
+        try:
+            return [("ok", jobs[0].key, problem.evaluate(jobs[0].config, jobs[0].seed))]
+        except catch as e:  # everything the evaluation raises is its failure
+            return [failed(jobs[0].key, e)]
+    try:
+        results = problem.evaluate_population([j.config for j in jobs], [j.seed for j in jobs])
+        if len(results) != len(jobs):
+            raise ValueError(f"evaluate_population returned {len(results)} results for {len(jobs)} configurations")
+    except catch as e:  # the whole population failed
+        return [failed(j.key, e) for j in jobs]
+    return [failed(j.key, r) if isinstance(r, BaseException) else ("ok", j.key, r) for j, r in zip(jobs, results)]
+
+
+def population_size(problem: Problem) -> int:
+    """The problem's ``max_population`` (1 when unset); raises naming a bad value."""
+    size = getattr(problem, "max_population", 1)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"{type(problem).__name__}.max_population={size!r} is not allowed; allowed: an integer >= 1")
+    return size

@@ -6,6 +6,9 @@ the evaluation is interrupted by an exception when its time is up, so Python cod
 ``time.sleep``) stops there; a single C call that holds the interpreter (one large matrix
 product) ends first. Signals reach only the main thread, so a timeout given explicitly is refused
 in another thread; use the ``process`` evaluator when an evaluation must be killed outright.
+
+A problem whose ``max_population`` P is above 1 gets up to P queued jobs in one
+``evaluate_population`` call (the timeout then bounds the call).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import time
 import warnings
 from collections import deque
 
-from evaluators.base import Evaluator, Job, Outcome, error_text
+from evaluators.base import Evaluator, Job, Outcome, evaluate_jobs, population_size
 from qd.problem import Problem
 
 
@@ -55,9 +58,10 @@ class InProcessEvaluator(Evaluator):
         self._queue.append(job)
 
     def wait(self, timeout: float | None = None) -> list[Outcome]:
+        """Evaluate the next queued job, or the next ``max_population`` of them in one call."""
         if not self._queue:
             return []
-        job = self._queue.popleft()
+        jobs = [self._queue.popleft() for _ in range(min(population_size(self._problem), len(self._queue)))]
         t0 = time.perf_counter()
         limit = self._timeout_s
         previous, installed = None, False
@@ -66,21 +70,20 @@ class InProcessEvaluator(Evaluator):
                 previous, installed = signal.signal(signal.SIGALRM, _alarm), True
                 signal.setitimer(signal.ITIMER_REAL, limit)
             try:
-                evaluation = self._problem.evaluate(job.config, job.seed)
+                replies = evaluate_jobs(self._problem, jobs)
             finally:
                 if limit is not None:
                     signal.setitimer(signal.ITIMER_REAL, 0)
-            return [Outcome(job.key, evaluation, metadata={"wall_time_s": time.perf_counter() - t0})]
         except EvaluationTimeout:
-            return [Outcome(job.key, error=f"evaluation exceeded {limit:g} s and was interrupted", kind="timeout",
-                            metadata={"wall_time_s": time.perf_counter() - t0})]
-        except MemoryError as e:
-            return [Outcome(job.key, error=error_text(e), kind="oom", metadata={"wall_time_s": time.perf_counter() - t0})]
-        except Exception as e:
-            return [Outcome(job.key, error=error_text(e), kind="exception", metadata={"wall_time_s": time.perf_counter() - t0})]
+            what = "evaluation" if len(jobs) == 1 else f"population of {len(jobs)} evaluations"
+            return [Outcome(j.key, error=f"{what} exceeded {limit:g} s and was interrupted", kind="timeout",
+                            metadata={"wall_time_s": time.perf_counter() - t0}) for j in jobs]
         finally:
             if installed:
                 signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
+        meta = {"wall_time_s": time.perf_counter() - t0, **({"population": len(jobs)} if len(jobs) > 1 else {})}
+        return [Outcome(key, payload, metadata=dict(meta)) if kind == "ok" else
+                Outcome(key, error=payload, kind=kind, metadata=dict(meta)) for kind, key, payload in replies]
 
     def close(self) -> None:
         self._queue.clear()

@@ -17,6 +17,11 @@ A worker's start-up (a new interpreter, unpickling the problem and importing its
 not count towards the per-evaluation timeout: the worker reports when it is ready, and the clock
 of the job it was given starts then. A worker whose driver has died ends itself, so a killed
 driver leaves no evaluation running (its trials are re-queued on resume).
+
+Populations: for a problem whose ``max_population`` P is above 1 (several trainings sharing one
+resident model), ``workers`` evaluations in flight take ``ceil(workers / P)`` processes, and each idle
+worker is handed up to P queued jobs in one ``evaluate_population`` call; its start-up (model, data)
+is paid once per worker. A timeout, crash or kill then fails the whole population.
 """
 
 from __future__ import annotations
@@ -31,11 +36,10 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait as wait_any
-from typing import Any
 
-from evaluators.base import Evaluator, Job, Outcome, error_text
+from evaluators.base import Evaluator, Job, Outcome, error_text, evaluate_jobs, population_size
 from qd.problem import Problem
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "QD_TORCH_THREADS")
@@ -68,29 +72,25 @@ def _serve(conn: Connection, problem_bytes: bytes, memory_mb: int | None, thread
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
     _exit_with_parent()
-    conn.send(("ready", None, None, {"worker_pid": os.getpid()}))
+    conn.send(("ready", [], {"worker_pid": os.getpid()}))
     while True:
         try:
-            job = conn.recv()
+            jobs = conn.recv()
         except (EOFError, KeyboardInterrupt):
             return
-        if job is None:
+        if jobs is None:
             return
         t0 = time.perf_counter()
-        try:
-            evaluation = problem.evaluate(job.config, job.seed)
-            reply: tuple[Any, ...] = ("ok", job.key, evaluation)
-        except MemoryError as e:
-            reply = ("oom", job.key, error_text(e))
-        except BaseException as e:  # noqa: BLE001 - everything the evaluation raises is its failure
-            reply = ("exception", job.key, error_text(e))
+        replies = evaluate_jobs(problem, jobs, catch=BaseException)
         meta = {"wall_time_s": time.perf_counter() - t0, "worker_pid": os.getpid(), "peak_rss_mb": _peak_rss_mb()}
-        try:
-            conn.send((*reply, meta))
-        except OSError:
-            raise
-        except Exception as e:  # an unpicklable result
-            conn.send(("exception", job.key, f"result could not be sent back: {error_text(e)}", meta))
+        if len(jobs) > 1:
+            meta["population"] = len(jobs)
+        for i, reply in enumerate(replies):
+            try:
+                pickle.dumps(reply)
+            except Exception as e:  # noqa: BLE001 - an unpicklable result fails its job only
+                replies[i] = ("exception", reply[1], f"result could not be sent back: {error_text(e)}")
+        conn.send(("done", replies, meta))
 
 
 @contextmanager
@@ -141,8 +141,8 @@ def _describe_exit(code: int | None) -> str:
 class _Worker:
     process: mp.Process
     conn: Connection
-    job: Job | None = None
-    started: float = 0.0  # when its job's clock started: dispatch, or start-up end if it was not ready then
+    jobs: list[Job] = field(default_factory=list)  # what it evaluates now (one, or a population)
+    started: float = 0.0  # when its jobs' clock started: dispatch, or start-up end if it was not ready then
     ready: bool = False  # it has finished starting up
 
 
@@ -160,13 +160,18 @@ class ProcessPoolEvaluator(Evaluator):
         self._memory_mb: int | None = None
         self._timeout_s: float | None = None
         self._size = 0
+        self._population = 1
 
     def start(self, problem: Problem, workers: int, timeout_s: float | None = None) -> None:
+        """``workers`` evaluations in flight. A problem with ``max_population`` P > 1 gets
+        ``ceil(workers / P)`` processes, each handed up to P queued jobs at once (``evaluate_population``);
+        a timeout then bounds one such call."""
         self._problem_bytes = pickle.dumps(problem)
         # A memory cap on the address space breaks CUDA's large virtual reservations.
         self._memory_mb = problem.resources.memory_mb if not problem.resources.gpus else None
         self._timeout_s = timeout_s if timeout_s is not None else problem.resources.timeout_s
-        self._size = workers
+        self._population = population_size(problem)
+        self._size = -(-workers // self._population)
 
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
@@ -179,7 +184,7 @@ class ProcessPoolEvaluator(Evaluator):
 
     def _dispatch(self) -> None:
         while self._queue:
-            idle = next((w for w in self._workers if w.job is None), None)
+            idle = next((w for w in self._workers if not w.jobs), None)
             if idle is not None and not idle.process.is_alive():  # died between evaluations
                 self._retire(idle)
                 continue
@@ -188,18 +193,19 @@ class ProcessPoolEvaluator(Evaluator):
                     return
                 idle = self._spawn()
                 self._workers.append(idle)
-            job = self._queue.popleft()
+            jobs = [self._queue.popleft() for _ in range(min(self._population, len(self._queue)))]
             try:
-                idle.conn.send(job)
-            except OSError:  # its pipe broke: replace the worker, keep the job
-                self._queue.appendleft(job)
+                idle.conn.send(jobs)
+            except OSError:  # its pipe broke: replace the worker, keep the jobs
+                self._queue.extendleft(reversed(jobs))
                 self._retire(idle)
                 continue
-            idle.job, idle.started = job, time.monotonic()
+            idle.jobs, idle.started = jobs, time.monotonic()
 
     def submit(self, job: Job) -> None:
         self._queue.append(job)
-        self._dispatch()
+        if self._population == 1:  # populations are formed in wait(), from everything submitted by then
+            self._dispatch()
 
     def _retire(self, worker: _Worker) -> None:
         if worker.process.is_alive():
@@ -210,8 +216,9 @@ class ProcessPoolEvaluator(Evaluator):
 
     def wait(self, timeout: float | None = None) -> list[Outcome]:
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._dispatch()
         while True:
-            busy = [w for w in self._workers if w.job is not None]
+            busy = [w for w in self._workers if w.jobs]
             if not busy:
                 return []
             now = time.monotonic()
@@ -223,42 +230,46 @@ class ProcessPoolEvaluator(Evaluator):
             ready = set(wait_any([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=block))
             outcomes = []
             for w in busy:
-                job = w.job
+                jobs = w.jobs
                 if w.conn in ready:
                     try:
-                        status, key, payload, meta = w.conn.recv()
+                        status, replies, meta = w.conn.recv()
                     except (EOFError, OSError):  # died while sending
                         w.process.join(timeout=5)
-                        outcomes.append(Outcome(job.key, error=_describe_exit(w.process.exitcode), kind="crash",
-                                                metadata={"wall_time_s": time.monotonic() - w.started}))
+                        outcomes += [Outcome(j.key, error=_describe_exit(w.process.exitcode), kind="crash",
+                                             metadata={"wall_time_s": time.monotonic() - w.started}) for j in jobs]
                         self._retire(w)
                         continue
                     except Exception as e:  # noqa: BLE001 - a result that pickles in the worker but not back here
-                        w.job = None
-                        outcomes.append(Outcome(job.key, error=f"result could not be read back: {error_text(e)}",
-                                                kind="exception", metadata={"wall_time_s": time.monotonic() - w.started}))
+                        w.jobs = []
+                        outcomes += [Outcome(j.key, error=f"result could not be read back: {error_text(e)}",
+                                             kind="exception", metadata={"wall_time_s": time.monotonic() - w.started})
+                                     for j in jobs]
                         continue
-                    if status == "ready":  # start-up done: the job's clock starts now
+                    if status == "ready":  # start-up done: the jobs' clock starts now
                         w.ready, w.started = True, time.monotonic()
                         continue
-                    w.job = None
-                    if status == "ok":
-                        outcomes.append(Outcome(key, evaluation=payload, metadata=meta))
-                    else:
-                        outcomes.append(Outcome(key, error=payload, kind=status, metadata=meta))
+                    w.jobs = []
+                    for kind, key, payload in replies:
+                        if kind == "ok":
+                            outcomes.append(Outcome(key, evaluation=payload, metadata=dict(meta)))
+                        else:
+                            outcomes.append(Outcome(key, error=payload, kind=kind, metadata=dict(meta)))
                 elif w.process.sentinel in ready:
                     w.process.join(timeout=5)
                     elapsed = time.monotonic() - w.started
-                    outcomes.append(Outcome(job.key, error=_describe_exit(w.process.exitcode), kind="crash",
-                                            metadata={"wall_time_s": elapsed}))
+                    outcomes += [Outcome(j.key, error=_describe_exit(w.process.exitcode), kind="crash",
+                                         metadata={"wall_time_s": elapsed}) for j in jobs]
                     self._retire(w)
                 elif not w.ready and time.monotonic() - w.started >= self.start_timeout_s:
-                    outcomes.append(Outcome(job.key, error=f"worker process did not start within "
-                                            f"{self.start_timeout_s:g} s", kind="system"))
+                    outcomes += [Outcome(j.key, error=f"worker process did not start within "
+                                         f"{self.start_timeout_s:g} s", kind="system") for j in jobs]
                     self._retire(w)
                 elif w.ready and self._timeout_s is not None and time.monotonic() - w.started >= self._timeout_s:
-                    outcomes.append(Outcome(job.key, error=f"evaluation exceeded {self._timeout_s:g} s and was killed",
-                                            kind="timeout", metadata={"wall_time_s": time.monotonic() - w.started}))
+                    what = "evaluation" if len(jobs) == 1 else f"population of {len(jobs)} evaluations"
+                    outcomes += [Outcome(j.key, error=f"{what} exceeded {self._timeout_s:g} s and was killed",
+                                         kind="timeout", metadata={"wall_time_s": time.monotonic() - w.started})
+                                 for j in jobs]
                     self._retire(w)
             self._dispatch()
             if outcomes:
@@ -268,12 +279,12 @@ class ProcessPoolEvaluator(Evaluator):
 
     def close(self) -> None:
         for w in list(self._workers):
-            if w.job is None and w.process.is_alive():
+            if not w.jobs and w.process.is_alive():
                 try:
                     w.conn.send(None)
                 except OSError:
                     pass
         for w in list(self._workers):
-            w.process.join(timeout=2 if w.job is None else 0)
+            w.process.join(timeout=2 if not w.jobs else 0)
             self._retire(w)
         self._queue.clear()

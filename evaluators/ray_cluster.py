@@ -21,6 +21,12 @@ Workers (``mode``):
   timeout. Ray reuses worker processes, which keep the unpickled problem in a per-process cache,
   so caches usually survive too, without guarantee.
 
+Populations (actor mode): for a problem whose ``max_population`` P is above 1, ``workers``
+evaluations in flight take ``ceil(workers / P)`` actors, and each idle actor is handed up to P
+queued jobs in one ``evaluate_population`` call, so the model and data it holds serve all of them; a
+timeout then bounds the call, and a lost worker re-queues every job of it. Task mode sends one job
+per task.
+
 Actors are the default: a loaded model or dataset is the common case for ML configuration
 problems, and a reserved GPU share per slot is what fractional sharing needs. Tasks suit
 clusters whose nodes come and go (an autoscaler), where a long-lived actor ties a slot to a node.
@@ -61,7 +67,7 @@ from typing import Any
 import ray
 from ray import exceptions as rex
 
-from evaluators.base import Evaluator, Job, Outcome, error_text
+from evaluators.base import Evaluator, Job, Outcome, error_text, evaluate_jobs, population_size
 from qd.problem import Problem, Resources
 
 MODES = ("actor", "task")
@@ -196,6 +202,16 @@ def _evaluate(problem: Problem, job: Job) -> tuple[str, int, Any, dict[str, Any]
     return (*reply, meta)
 
 
+def _evaluate_population(problem: Problem, jobs: list[Job]) -> list[tuple[str, int, Any, dict[str, Any]]]:
+    """Run jobs in one ``evaluate_population`` call; one (status, key, payload, meta) per job."""
+    t0, started_at = time.perf_counter(), time.time()
+    replies = evaluate_jobs(problem, jobs, catch=BaseException)
+    meta = {"wall_time_s": time.perf_counter() - t0, "started_at": started_at, "ended_at": time.time(),
+            "worker_pid": os.getpid(), "host": socket.gethostname(), "population": len(jobs),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    return [(*reply, dict(meta)) for reply in replies]
+
+
 @ray.remote(max_restarts=0, max_task_retries=0)
 class _EvalActor:
     """One worker slot: holds the problem (and so its caches) for the whole run."""
@@ -213,6 +229,9 @@ class _EvalActor:
 
     def evaluate(self, job: Job) -> tuple[str, int, Any, dict[str, Any]]:
         return _evaluate(self.problem, job)
+
+    def evaluate_population(self, jobs: list[Job]) -> list[tuple[str, int, Any, dict[str, Any]]]:
+        return _evaluate_population(self.problem, jobs)
 
 
 # Task mode: problems unpickled in this worker process, by the id of their object in the store.
@@ -326,7 +345,7 @@ class _Slot:
     ready_ref: Any
     created: float
     info: dict[str, Any] = field(default_factory=dict)
-    job: Job | None = None
+    jobs: list[Job] = field(default_factory=list)  # what it runs now: one job, or a population
     ref: Any = None
     started: float = 0.0
 
@@ -400,6 +419,7 @@ class RayEvaluator(Evaluator):
         self._tasks: dict[Any, _Task] = {}  # task mode: its generator of (STARTED, result) -> running task
         self._start_failures = 0
         self._dead_logs: list[dict[str, Any]] = []  # infos of killed workers, whose files close() removes
+        self._population = 1
 
     # --- set-up ---------------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -416,8 +436,9 @@ class RayEvaluator(Evaluator):
     def start(self, problem: Problem, workers: int, timeout_s: float | None = None) -> None:
         self._options = ray_options(problem.resources)
         self._connect()
-        self._check_fits(workers)
-        self._size = workers
+        self._population = population_size(problem) if self.mode == "actor" else 1
+        self._size = -(-workers // self._population)
+        self._check_fits(self._size)
         self._timeout_s = timeout_s if timeout_s is not None else problem.resources.timeout_s
         self._threads = max(1, int(problem.resources.cpus))
         gpus = problem.resources.gpus
@@ -444,12 +465,13 @@ class RayEvaluator(Evaluator):
 
     def worker_info(self) -> list[dict[str, Any]]:
         """Actor mode: one entry per started worker: ``pid``, ``host`` and the ``job`` key it runs (or None)."""
-        return [{**s.info, "job": s.job.key if s.job else None} for s in self._slots if s.ready]
+        return [{**s.info, "job": s.jobs[0].key if s.jobs else None} for s in self._slots if s.ready]
 
     # --- submitting -----------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
         self._queue.append(job)
-        self._dispatch()
+        if self._population == 1:  # populations are formed in wait(), from everything submitted by then
+            self._dispatch()
 
     def _new_slot(self) -> _Slot:
         actor = _EvalActor.options(**self._worker_options()).remote(self._problem_ref, self._threads, self._memory_mb,
@@ -475,19 +497,22 @@ class RayEvaluator(Evaluator):
                 self._tasks[gen] = _Task(job, time.monotonic())
             return
         while self._queue:
-            idle = next((s for s in self._slots if s.ready and s.job is None), None)
+            idle = next((s for s in self._slots if s.ready and not s.jobs), None)
             if idle is None:
                 # Start actors up to the slot count; a job waits for the first free ready one.
-                if len(self._slots) < min(self._size, len(self._queue) + self._busy()):
+                if len(self._slots) < min(self._size, -(-len(self._queue) // self._population) + self._busy()):
                     self._slots.append(self._new_slot())
                     continue
                 return
-            job = self._queue.popleft()
-            self._run(job)
-            idle.job, idle.ref, idle.started = job, idle.actor.evaluate.remote(job), time.monotonic()
+            jobs = [self._queue.popleft() for _ in range(min(self._population, len(self._queue)))]
+            for job in jobs:
+                self._run(job)
+            ref = (idle.actor.evaluate.remote(jobs[0]) if len(jobs) == 1
+                   else idle.actor.evaluate_population.remote(jobs))
+            idle.jobs, idle.ref, idle.started = jobs, ref, time.monotonic()
 
     def _busy(self) -> int:
-        return sum(s.job is not None for s in self._slots)
+        return sum(bool(s.jobs) for s in self._slots)
 
     # --- collecting -----------------------------------------------------------------------------
     def _finish(self, job: Job, get: Any, started: float, extra: dict[str, Any],
@@ -524,6 +549,21 @@ class RayEvaluator(Evaluator):
         if status == "ok":
             return Outcome(key, evaluation=payload, metadata=meta), False
         return Outcome(key, error=payload, kind=status, metadata=meta), False
+
+    def _finish_population(self, jobs: list[Job], ref: Any, started: float, extra: dict[str, Any],
+                           info: dict[str, Any] | None = None) -> list[tuple[Outcome | None, bool]]:
+        """``_finish`` for a population: one (outcome or re-queued, worker lost) per job."""
+        try:
+            replies = ray.get(ref)
+        except Exception:  # noqa: BLE001 - each job: its retry or failure, as _finish decides
+            return [self._finish(job, ref, started, extra, info) for job in jobs]
+        out = []
+        for job, (status, key, payload, meta) in zip(jobs, replies):
+            attempts = self._attempts.pop(job.key, 1)
+            meta = {**meta, **extra, **({"attempts": attempts} if attempts > 1 else {})}
+            out.append((Outcome(key, evaluation=payload, metadata=meta) if status == "ok"
+                        else Outcome(key, error=payload, kind=status, metadata=meta), False))
+        return out
 
     def _timeout_outcome(self, job: Job, started: float) -> Outcome:
         self._attempts.pop(job.key, None)
@@ -595,19 +635,20 @@ class RayEvaluator(Evaluator):
                     if self._queue:
                         outcomes.append(self._not_started(self._queue.popleft()))
                 continue
-            if slot.job is None:
+            if not slot.jobs:
                 continue
             if slot.ref in ready:
-                job = slot.job
-                slot.job = None
-                outcome, lost = self._finish(job, slot.ref, slot.started, {"worker_pid": slot.info.get("pid")},
-                                             slot.info)
-                if lost:
+                jobs, slot.jobs = slot.jobs, []
+                extra = {"worker_pid": slot.info.get("pid")}
+                if len(jobs) == 1:
+                    finished = [self._finish(jobs[0], slot.ref, slot.started, extra, slot.info)]
+                else:
+                    finished = self._finish_population(jobs, slot.ref, slot.started, extra, slot.info)
+                if any(lost for _, lost in finished):
                     self._kill(slot)
-                if outcome is not None:
-                    outcomes.append(outcome)
+                outcomes += [outcome for outcome, _ in finished if outcome is not None]
             elif self._timeout_s is not None and now - slot.started >= self._timeout_s:
-                outcomes.append(self._timeout_outcome(slot.job, slot.started))
+                outcomes += [self._timeout_outcome(job, slot.started) for job in slot.jobs]
                 self._kill(slot)  # Ray cannot force-cancel an actor task: end the actor
         return outcomes
 
@@ -638,7 +679,7 @@ class RayEvaluator(Evaluator):
         for s in self._slots:
             if not s.ready:
                 refs[s.ready_ref] = s.created + self.start_timeout_s
-            elif s.job is not None:
+            elif s.jobs:
                 refs[s.ref] = s.started + self._timeout_s if self._timeout_s is not None else None
         return refs
 

@@ -35,7 +35,7 @@ import re
 import resource
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -327,6 +327,25 @@ def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
         raise ValueError(f"peft option {name}={value!r} is not allowed; allowed: {list(allowed)}")
 
 
+def lr_factor(step: int, steps: int) -> float:
+    """The learning-rate multiplier at 0-based ``step`` of ``steps``: linear warm-up over 6% of the
+    steps, then linear decay to zero at the last step."""
+    warmup = max(1, round(0.06 * steps))
+    return min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup)))
+
+
+def batch_rows(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
+    """Row indices of each training batch over ``n`` examples: shuffled epochs, reshuffled when the
+    next batch would run past the end (so every batch has ``min(batch_size, n)`` rows)."""
+    rng = np.random.default_rng(seed)
+    order, position = rng.permutation(n), 0
+    while True:
+        if position + batch_size > len(order) and position > 0:  # a new epoch: reshuffle
+            order, position = rng.permutation(n), 0
+        yield order[position : position + batch_size]
+        position += batch_size
+
+
 class PeftProblem(Problem):
     """Fine-tune a checkpoint (default MiniLM) with LoRA / (IA)^3 / LoHa / LoKr on labelled text (default BANKING77): metric vs trainable parameters vs time."""
 
@@ -356,6 +375,7 @@ class PeftProblem(Problem):
         device: str = "auto",
         gpus_per_eval: float = 0.25,
         data_seed: int = 0,
+        population: int = 1,
     ):
         """Options:
 
@@ -390,11 +410,15 @@ class PeftProblem(Problem):
         - ``data_seed``: fixes which rows form the splits (the evaluation seed only drives
           initialisation, batch order and dropout).
 
+        - ``population``: the most configurations one worker trains at once on one frozen copy of
+          the model (``evaluate_population``, see ``problems.peft_population``); 1 trains one at a time.
+
         Every path, column and class count is checked here, before any evaluation.
         """
         _check_choice("task", task, TASKS)
         for name, value, low in (("max_length", max_length, 2), ("batch_size", batch_size, 1),
-                                 ("min_steps", min_steps, 1), ("data_seed", data_seed, 0), ("max_rank", max_rank, 1)):
+                                 ("min_steps", min_steps, 1), ("data_seed", data_seed, 0), ("max_rank", max_rank, 1),
+                                 ("population", population, 1)):
             _check_int(name, value, low)
         _check_int("train_size", train_size, 1, allow_none=True)
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < min_steps:
@@ -417,6 +441,7 @@ class PeftProblem(Problem):
         self.max_length, self.batch_size = max_length, batch_size
         self.precision, self.device_option, self.data_seed = precision, device, data_seed
         self._cache: dict[str, Any] = {}
+        self.max_population = population
 
         self.geometry = discover_geometry(self.model_path, task)
         self.pooling = ("last" if self.geometry.decoder else "mean") if pooling == "auto" else pooling
@@ -620,6 +645,12 @@ class PeftProblem(Problem):
             metadata=metadata,
         )
 
+    def evaluate_population(self, configs: Sequence[Config], seeds: Sequence[int]) -> list[Evaluation | Exception]:
+        """Train the configurations together, one adapter each on one frozen base (``problems.peft_population``)."""
+        from problems.peft_population import evaluate_population
+
+        return evaluate_population(self, configs, seeds)
+
     def test_score(self, config: Config, seed: int) -> float:
         """Train ``config`` exactly as ``evaluate`` does and return its metric on the held-out test split."""
         config = self.space.validate(config)
@@ -650,13 +681,18 @@ class PeftProblem(Problem):
             return CausalLM(base)
         return Classifier(base, self.geometry.hidden, len(self.classes), self.pooling)
 
-    def build_model(self, config: Config, seed: int) -> torch.nn.Module:
+    def build_model(self, config: Config, seed: int, *, share_base: bool = False) -> torch.nn.Module:
         """The model ``config`` describes, on the CPU: a fresh copy of the checkpoint with its adapter (and,
-        for classification, a new head)."""
+        for classification, a new head).
+
+        ``share_base``: the copy's frozen tensors share storage with the cached base instead of being
+        copied (cheap; for reading the adapter's initial values, never for training the copy itself).
+        """
         config = self.space.validate(config)
         _, base = self._base()
         torch.manual_seed(seed)
-        backbone = copy.deepcopy(base)
+        memo = {id(t): torch.nn.Parameter(t.detach(), t.requires_grad) for t in base.parameters()} if share_base else None
+        backbone = copy.deepcopy(base, memo)
         pattern = target_regex(config, self.geometry)
         if pattern is None:
             backbone.requires_grad_(False)
@@ -770,22 +806,14 @@ def train_steps(model: torch.nn.Module, train: Encoded, lr: float, steps: int, b
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = max(1, round(0.06 * steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
-    )
-    rng = np.random.default_rng(seed)
-    order, position = rng.permutation(len(train)), 0
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps))
+    batches = batch_rows(len(train), batch_size, seed)
     losses: list[torch.Tensor] = []
     model.train()
     _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        if position + batch_size > len(order) and position > 0:  # a new epoch: reshuffle
-            order, position = rng.permutation(len(train)), 0
-        rows = order[position : position + batch_size]
-        position += batch_size
-        input_ids, attention_mask, labels = train.batch(rows, device)
+        input_ids, attention_mask, labels = train.batch(next(batches), device)
         with _autocast(device, bf16):
             loss = loss_fn(model, input_ids, attention_mask, labels)
         optimizer.zero_grad(set_to_none=True)

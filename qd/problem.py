@@ -199,6 +199,10 @@ class Problem(ABC):
     #: evaluator then hands it every batch a strategy proposes, and nothing per configuration is
     #: built on the way (see ``experiments/bench_scale.py``).
     vectorized: ClassVar[bool] = False
+    #: The most configurations ``evaluate_population`` takes at once. Above 1, evaluators hand one
+    #: worker up to this many pending configurations in one call (several trainings sharing one
+    #: resident model, say); a problem may set it per instance from an option.
+    max_population: int = 1
 
     @abstractmethod
     def evaluate(self, config: Config, seed: int) -> Evaluation:
@@ -230,6 +234,26 @@ class Problem(ABC):
             except Exception as e:
                 errors[i] = f"exception: {type(e).__name__}: {e}\n" + "".join(traceback.format_exception(e))[-2000:]
         return BatchEvaluation(values, measures if k else None, constraints if c else None, errors)
+
+    def evaluate_population(self, configs: Sequence[Config], seeds: Sequence[int]) -> list[Evaluation | Exception]:
+        """Evaluate up to ``max_population`` valid configurations in one call.
+
+        Args:
+            configs: n configurations (n <= ``max_population``).
+            seeds: n integer seeds, one per configuration.
+
+        Returns:
+            n entries in the order given: the ``Evaluation`` of each configuration, or the exception
+            that failed it (one failure fails that configuration only). The default calls
+            ``evaluate`` one by one; problems that share work between configurations override it.
+        """
+        out: list[Evaluation | Exception] = []
+        for config, seed in zip(configs, seeds, strict=True):
+            try:
+                out.append(self.evaluate(config, int(seed)))
+            except Exception as e:  # noqa: BLE001 - returned in its place, as documented
+                out.append(e)
+        return out
 
     def cheap_values(self, config: Config) -> dict[str, float]:
         """Values of the objectives declared ``cheap``, computed without an evaluation."""

@@ -1,0 +1,554 @@
+"""Population-batched PEFT: several configurations trained at once on one frozen copy of the model.
+
+A GPU step of one small adapter training is mostly kernel launches and Python; the arithmetic is a
+few percent of the chip. Training P configurations in one pass shares all of that: each step stacks
+the members' batches into one batch (member i owns rows ``i*b .. (i+1)*b``), runs the frozen encoder
+once over it, and at every adapted linear layer adds each member's own adapter to that member's rows
+only:
+
+- LoRA and LoHa through batched matrix products over the members that adapt the layer (ranks padded
+  with zeros to the largest there: a zero row of ``A`` facing a zero column of ``B`` gets zero
+  gradient and stays zero, so the padding changes nothing);
+- (IA)^3 as a per-member scaling vector (ones for the members that do not use it).
+
+Each member keeps its own head, learning rate and schedule, number of steps, batch order and AdamW
+state (one flat buffer for all members, with per-element step sizes). A member that has done its steps
+leaves the batch (its rows stay, with step size zero); the others go on. The members' mean losses are summed into one backward pass: no
+trainable tensor is shared and every row of the batch is computed independently (attention and layer
+norm work within one example), so each member gets exactly the gradient it gets alone.
+
+Everything a member's training depends on comes from the one-at-a-time path in ``problems.peft``: its
+initial adapter and head (``PeftProblem.build_model`` with the same seed), its batches
+(``batch_rows``) and its schedule (``lr_factor``). ``tests/test_peft_population.py`` checks on the CPU
+that the trained models equal those of ``PeftProblem.evaluate`` up to floating-point tolerance (with
+dropout off: with dropout on, the masks are drawn from one random stream for the whole batch, so
+results are equal in distribution rather than bit for bit).
+
+``train_time_s`` of a member is its share of the population's training time: the time between two
+members leaving, divided among the members that were training then. Peak memory is the population's.
+
+Members whose adapters this module does not know (a peft method or option other than plain LoRA,
+LoHa and (IA)^3 on linear layers, LoKr among them) are trained one at a time in the same process, as
+is every member of a problem the batched pass does not cover (``batchable``): causal-lm, GPT-2-style
+Conv1D layers, or a ``latency_ms`` objective (a latency is a lone model's).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from problems._minilm import mean_pool
+from problems.peft import Encoded, _autocast, _set_threads, _sync, adapted_layers, batch_rows, lr_factor, macro_f1
+from qd.problem import Evaluation
+from qd.space import Config
+
+#: AdamW's defaults, as ``problems.peft`` uses them (weight decay 0).
+BETAS, EPS = (0.9, 0.999), 1e-8
+#: Rows per member in a validation forward pass: about this many rows in all.
+VAL_ROWS = 4096
+PEFT_PREFIX = "base_model.model."
+
+
+class Unsupported(ValueError):
+    """A built model with an adapter this module cannot batch (it is then trained alone)."""
+
+
+# --- what one member contributes ------------------------------------------------------------------
+@dataclass
+class _Adapter:
+    """One member's adapter at one linear layer, as built by peft: its method, tensors and scale."""
+
+    method: str  # "lora" | "loha" | "ia3"
+    tensors: dict[str, torch.Tensor]  # lora: A (r, in), B (out, r); loha: w1a (out, r), w1b (r, in), w2a, w2b; ia3: l (dim,)
+    scale: float = 1.0
+    dropout: float = 0.0
+    feedforward: bool = False  # ia3: scales the layer's input rather than its output
+
+    @property
+    def rank(self) -> int:
+        return {"lora": lambda t: t["A"].shape[0], "loha": lambda t: t["w1b"].shape[0]}.get(
+            self.method, lambda t: 0)(self.tensors)
+
+
+def read_adapters(model: torch.nn.Module) -> dict[str, _Adapter]:
+    """The adapters of a model built by ``PeftProblem.build_model``, by base-module name.
+
+    Raises:
+        Unsupported: a trainable tensor that is not part of a plain LoRA, LoHa or (IA)^3 linear
+            adapter or of the head.
+    """
+    from peft.tuners.ia3.layer import Linear as IA3Linear
+    from peft.tuners.loha.layer import Linear as LoHaLinear
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    adapters: dict[str, _Adapter] = {}
+    covered: set[int] = {id(p) for p in model.head.parameters()}
+    for name, module in model.encoder.named_modules():
+        key = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+        if isinstance(module, LoraLinear):
+            if module.lora_variant or any(module.lora_bias.values()) or module.merged or module.fan_in_fan_out:
+                raise Unsupported(f"{key}: a LoRA variant (DoRA, bias, merged or fan-in-fan-out)")
+            dropout = module.lora_dropout["default"]
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            adapters[key] = _Adapter("lora", {"A": a.detach(), "B": b.detach()}, float(module.scaling["default"]),
+                                     float(getattr(dropout, "p", 0.0)))
+            covered |= {id(a), id(b)}
+        elif isinstance(module, LoHaLinear):
+            if "default" in module.hada_t1 or module.rank_dropout["default"] or module.module_dropout["default"]:
+                raise Unsupported(f"{key}: a LoHa option (CP decomposition, rank or module dropout)")
+            ws = {k: getattr(module, f"hada_{k[:2]}_{k[2]}")["default"] for k in ("w1a", "w1b", "w2a", "w2b")}
+            adapters[key] = _Adapter("loha", {k: w.detach() for k, w in ws.items()}, float(module.scaling["default"]))
+            covered |= {id(w) for w in ws.values()}
+        elif isinstance(module, IA3Linear):
+            vector = module.ia3_l["default"]
+            adapters[key] = _Adapter("ia3", {"l": vector.detach().flatten()}, feedforward=bool(module.is_feedforward))
+            covered.add(id(vector))
+    stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+    if stray:
+        raise Unsupported(f"trainable tensors outside LoRA/LoHa/(IA)^3 linear adapters: {stray[:3]}")
+    return adapters
+
+
+# --- the population's parameters ------------------------------------------------------------------
+class _Flat:
+    """All trainable tensors of a population in one flat buffer, with their AdamW state.
+
+    A block holds one row per member in its ``slots`` (all members, or those using one method at one
+    layer); a row that a member does not train is frozen (ones for an unused (IA)^3 vector: it changes
+    nothing). ``leaf(block)`` is the block as a leaf tensor whose storage and gradient are slices of the
+    flat buffers, so the optimiser updates everything with a few whole-buffer operations (one leaf per
+    block rather than views of one leaf: a slice's backward would fill a buffer-sized tensor of zeros
+    for every block). ``owner`` names, per element, the member whose step size moves it (``slots``:
+    none); a member that has done its steps gets step size zero, so its rows keep their final values.
+    """
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.initial: list[tuple[torch.Tensor, list[int], list[bool]]] = []  # values (k, ...), row slots, trained
+        self.leaves: list[torch.Tensor] = []
+
+    def take(self, values: torch.Tensor, slots: Sequence[int], trained: Sequence[bool] | None = None) -> int:
+        """Add a block ``values`` (k, ...) whose row j belongs to member ``slots[j]`` (and is frozen where
+        ``trained[j]`` is false). Returns its id."""
+        self.initial.append((values.float(), list(slots), list(trained) if trained is not None else [True] * len(slots)))
+        return len(self.initial) - 1
+
+    def finish(self, device: torch.device) -> None:
+        self.data = torch.cat([v.reshape(-1) for v, _, _ in self.initial]).to(device)
+        self.grad = torch.zeros_like(self.data)
+        self.exp_avg = torch.zeros_like(self.data)
+        self.exp_avg_sq = torch.zeros_like(self.data)
+        owner = [np.repeat(np.where(trained, slots, self.slots), v[0].numel()) for v, slots, trained in self.initial]
+        self.owner = torch.as_tensor(np.concatenate(owner).astype(np.int64), device=device)
+        offset = 0
+        for values, _, _ in self.initial:
+            end = offset + values.numel()
+            leaf = self.data[offset:end].view(values.shape).requires_grad_(True)
+            leaf.grad = self.grad[offset:end].view(values.shape)  # backward accumulates into it in place
+            self.leaves.append(leaf)
+            offset = end
+        self.initial = []
+
+    def leaf(self, block: int) -> torch.Tensor:
+        return self.leaves[block]
+
+
+def _pad(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    out = torch.zeros(shape, dtype=torch.float32)
+    out[tuple(slice(0, s) for s in t.shape)] = t
+    return out
+
+
+@dataclass
+class _Group:
+    """One method's adapters at one linear layer: block ids, the members with a row, their scales.
+
+    LoRA and LoHa blocks hold rows only for the members that use the method there (their rows of the
+    batch are gathered); an (IA)^3 block holds a row for every member (ones for the others: scaling by
+    them changes nothing and costs one elementwise product).
+    """
+
+    method: str
+    blocks: dict[str, int]
+    slots: list[int]  # members with a row, in order
+    scale: torch.Tensor  # (k,) on the device; 0 for members without this adapter
+    dropout: torch.Tensor  # (k,)
+    has_dropout: bool
+    feedforward: bool = False
+
+    @classmethod
+    def build(cls, method: str, adapters: dict[int, _Adapter], slots: int, flat: _Flat, device: torch.device) -> _Group:
+        rows = list(range(slots)) if method == "ia3" else sorted(adapters)
+        trained = [s in adapters for s in rows]
+        some = next(iter(adapters.values()))
+        if method == "ia3":
+            dim = some.tensors["l"].shape[0]
+            blocks = {"l": flat.take(torch.stack([adapters[s].tensors["l"] if s in adapters else torch.ones(dim)
+                                                  for s in rows]), rows, trained)}
+        else:
+            rank = max(a.rank for a in adapters.values())
+            names = ["A", "B"] if method == "lora" else ["w1a", "w1b", "w2a", "w2b"]
+            blocks = {}
+            for n in names:
+                first = some.tensors[n]
+                shape = (rank, first.shape[1]) if n in ("A", "w1b", "w2b") else (first.shape[0], rank)
+                stacked = torch.stack([_pad(adapters[s].tensors[n].float(), shape) if s in adapters else torch.zeros(shape)
+                                       for s in rows])
+                blocks[n] = flat.take(stacked, rows, trained)
+        scale = [adapters[s].scale if s in adapters else 0.0 for s in rows]
+        dropout = [adapters[s].dropout if s in adapters else 0.0 for s in rows]
+        return cls(method, blocks, rows, torch.tensor(scale, device=device), torch.tensor(dropout, device=device),
+                   any(dropout), some.feedforward)
+
+
+class PopulationLinear(torch.nn.Module):
+    """A frozen linear layer plus every member's adapter at it; each member's rows see only its own."""
+
+    def __init__(self, base: torch.nn.Linear, groups: list[_Group], population: _Population):
+        super().__init__()
+        self.base = base
+        self.groups = groups
+        self._population = [population]  # a list: not a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        population = self._population[0]
+        flat, now = population.flat, population.now
+        n = len(population.active)
+        lead = x.shape[:-1]
+        x3 = x.reshape(n, -1, x.shape[-1])
+        groups = [g for g in self.groups if now[id(g)] is not None]  # (a LoHa group may have no member left)
+        def rows(g: _Group, name: str) -> torch.Tensor:  # the group's rows of the active members
+            index = now[id(g)][0]
+            leaf = flat.leaf(g.blocks[name])
+            return leaf if index is None else leaf.index_select(0, index)
+
+        for g in groups:
+            if g.method == "ia3" and g.feedforward:
+                x3 = (x3 * rows(g, "l")[:, None, :]).to(x3.dtype)
+        y = F.linear(x3, self.base.weight, self.base.bias)
+        for g in groups:
+            if g.method == "ia3":
+                if not g.feedforward:
+                    y = (y * rows(g, "l")[:, None, :]).to(y.dtype)
+                continue
+            w = {k: rows(g, k) for k in g.blocks}
+            _, pos, scale, dropout = now[id(g)]
+            xs = x3 if pos is None else x3.index_select(0, pos)
+            if g.method == "lora":
+                if g.has_dropout and self.training:
+                    keep = 1.0 - dropout[:, None, None]
+                    xs = xs * (torch.rand_like(xs) < keep).to(xs.dtype) / keep.to(xs.dtype)
+                d = torch.bmm(torch.bmm(xs, w["A"].transpose(1, 2)), w["B"].transpose(1, 2))
+            else:  # loha: (w1a w1b) * (w2a w2b), a full weight per member
+                delta = torch.bmm(w["w1a"], w["w1b"]) * torch.bmm(w["w2a"], w["w2b"])
+                d = torch.bmm(xs, delta.transpose(1, 2))
+            d = (d * scale[:, None, None].to(d.dtype)).to(y.dtype)
+            y = y + d if pos is None else y.index_add(0, pos, d)
+        return y.reshape(*lead, y.shape[-1])
+
+
+# --- one population -------------------------------------------------------------------------------
+@dataclass
+class _Member:
+    slot: int
+    config: Config
+    seed: int
+    steps: int
+    lr: float
+    adapters: dict[str, _Adapter]
+    head: tuple[torch.Tensor, torch.Tensor]
+    train_time_s: float = 0.0
+    final_loss: float = math.nan
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Population:
+    """The members' adapters attached to a shared-storage copy of the resident frozen encoder."""
+
+    def __init__(self, members: list[_Member], base: torch.nn.Module, device: torch.device, bf16: bool = False,
+                 pooling: str = "mean"):
+        self.members, self.device, self.bf16, self.pooling = members, device, bf16, pooling
+        slots = len(members)
+        self.flat = _Flat(slots)
+        self.groups: list[_Group] = []
+        sites: dict[str, list[_Group]] = {}
+        for name in sorted({k for m in members for k in m.adapters}):
+            by_method: dict[str, dict[int, _Adapter]] = {}
+            for m in members:
+                if name in m.adapters:
+                    by_method.setdefault(m.adapters[name].method, {})[m.slot] = m.adapters[name]
+            sites[name] = [_Group.build(method, adapters, slots, self.flat, device) for method, adapters in by_method.items()]
+            self.groups += sites[name]
+        everyone = list(range(slots))
+        self.head_w = self.flat.take(torch.stack([m.head[0] for m in members]), everyone)
+        self.head_b = self.flat.take(torch.stack([m.head[1] for m in members]), everyone)
+        self.flat.finish(device)
+        # The encoder: module objects copied, tensors shared with the resident base.
+        memo = {id(t): t for t in [*base.parameters(), *base.buffers()]}
+        self.encoder = copy.deepcopy(base, memo)
+        for name, groups in sites.items():
+            parent, _, child = name.rpartition(".")
+            owner = self.encoder.get_submodule(parent)
+            setattr(owner, child, PopulationLinear(getattr(owner, child), groups, self))
+        self.set_active(list(range(slots)))
+
+    def set_active(self, active: list[int]) -> None:
+        """Train or score only ``active`` (slots, in order): per group, which of its rows are active
+        (None: all, in order), where they sit in the batch (None: every row, in order), their scales
+        and dropout rates; None for a group with no active member."""
+        self.active = active
+        self.index = torch.tensor(active, device=self.device)
+        self.everyone = active == list(range(len(self.members)))
+        self.now: dict[int, tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor] | None] = {}
+        where = {s: i for i, s in enumerate(active)}
+        for g in self.groups:
+            rows = [j for j, s in enumerate(g.slots) if s in where]
+            if not rows:
+                self.now[id(g)] = None
+                continue
+            pos = [where[g.slots[j]] for j in rows]
+            index = torch.tensor(rows, device=self.device)
+            self.now[id(g)] = (None if rows == list(range(len(g.slots))) else index,
+                               None if pos == list(range(len(active))) else torch.tensor(pos, device=self.device),
+                               g.scale.index_select(0, index), g.dropout.index_select(0, index))
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(members in the buffers, rows per member, classes); member i's rows are the i-th block of the batch."""
+        n = len(self.active)
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "last":  # right padding: the last real token of each row
+            last = attention_mask.sum(dim=1).clamp(min=1) - 1
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        else:
+            pooled = mean_pool(hidden, attention_mask)
+        pooled = pooled.reshape(n, -1, hidden.shape[-1])
+        w, b = self.flat.leaf(self.head_w), self.flat.leaf(self.head_b)
+        if not self.everyone:
+            w, b = w.index_select(0, self.index), b.index_select(0, self.index)
+        return torch.baddbmm(b[:, None, :], pooled, w.transpose(1, 2))
+
+
+def _batch(split: Encoded, rows: np.ndarray, device: torch.device, resident: dict[str, Any]):
+    """``Encoded.batch`` on the CPU; on a GPU, indexed from a resident copy of the split."""
+    if device.type == "cpu":
+        return split.batch(rows, device)
+    index = torch.as_tensor(rows).to(device)
+    return tuple(t.index_select(0, index) for t in _resident(split, device, resident))
+
+
+def _resident(split: Encoded, device: torch.device, resident: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    key = id(split)
+    if key not in resident:
+        resident[key] = tuple(t.to(device) for t in (split.input_ids, split.attention_mask, split.labels))
+    return resident[key]
+
+
+def _train(population: _Population, train: Encoded, batch_size: int, resident: dict[str, Any]) -> None:
+    """Train every member for its steps; sets each member's ``train_time_s`` and ``final_loss``.
+
+    Every member's batches and step sizes are laid out in tables before the first step and copied to
+    the device once, so no step waits for the device (the host queues the next step while the device
+    computes this one); the clock is read only when members finish.
+    """
+    device, members, flat = population.device, population.members, population.flat
+    beta1, beta2 = BETAS
+    longest = max(m.steps for m in members)
+    per = min(batch_size, len(train))
+    order = np.zeros((longest, len(members), per), dtype=np.int64)  # rows of each member's batch at each step
+    rates = np.zeros((longest, len(members) + 1), dtype=np.float32)  # AdamW step sizes; the last column: frozen rows
+    for m in members:
+        batches = batch_rows(len(train), batch_size, m.seed)
+        for step in range(m.steps):
+            order[step, m.slot] = next(batches)
+            rates[step, m.slot] = m.lr * lr_factor(step, m.steps) / (1 - beta1 ** (step + 1))
+    on_gpu = device.type != "cpu"
+    if on_gpu:
+        order_dev, rates_dev = torch.as_tensor(order, device=device), torch.as_tensor(rates, device=device)
+        ids_all, mask_all, labels_all = _resident(train, device, resident)
+    history = torch.full((longest, len(members)), math.nan, device=device)
+    active = list(members)  # in slot order, as in the buffers
+    population.encoder.train()
+    _sync(device)
+    segment_start = time.perf_counter()
+    for step in range(longest):
+        if on_gpu:
+            index = order_dev[step].index_select(0, population.index).reshape(-1)
+            input_ids, attention_mask, labels = (t.index_select(0, index) for t in (ids_all, mask_all, labels_all))
+            step_size = rates_dev[step].index_select(0, flat.owner)
+        else:
+            input_ids, attention_mask, labels = train.batch(order[step, population.active].reshape(-1), device)
+            step_size = torch.from_numpy(rates[step]).index_select(0, flat.owner)
+        with _autocast(device, population.bf16):
+            logits = population.logits(input_ids, attention_mask)
+        n, rows, classes = logits.shape
+        losses = F.cross_entropy(logits.float().reshape(n * rows, classes), labels, reduction="none").view(n, rows).mean(1)
+        flat.grad.zero_()
+        losses.sum().backward()
+        # AdamW for every member at once, as torch.optim.AdamW computes it (weight decay 0).
+        t = step + 1
+        with torch.no_grad():
+            grad = flat.grad
+            flat.exp_avg.lerp_(grad, 1 - beta1)
+            flat.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (flat.exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(EPS)
+            flat.data.sub_(step_size * flat.exp_avg / denom)
+            history[step].index_copy_(0, population.index, losses.detach())
+        done = [m.slot for m in active if m.steps == t]
+        if done:
+            _sync(device)
+            now = time.perf_counter()
+            for m in active:  # the segment's time, shared among those who trained in it
+                m.train_time_s += (now - segment_start) / len(active)
+            segment_start = now
+            active = [m for m in active if m.steps > t]
+            if active:  # the others keep their rows; their step sizes are zero from now on
+                population.set_active([m.slot for m in active])
+    tails = history.cpu()
+    for m in members:
+        m.final_loss = float(tails[max(0, m.steps - 10):m.steps, m.slot].mean())
+
+
+def _logits(population: _Population, split: Encoded, resident: dict[str, Any]) -> torch.Tensor:
+    """Every member's logits on ``split``, (members, len(split), classes): each batch of rows is repeated
+    once per member."""
+    device, members = population.device, population.members
+    population.set_active(list(range(len(members))))
+    population.encoder.eval()
+    n = len(members)
+    per = max(1, min(256, VAL_ROWS // n))
+    by_length = np.argsort(split.lengths, kind="stable")  # batches of similar length pad little
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(split), per):
+            rows = by_length[start:start + per]
+            input_ids, attention_mask, _ = _batch(split, rows, device, resident)
+            with _autocast(device, population.bf16):
+                out.append(population.logits(input_ids.repeat(n, 1), attention_mask.repeat(n, 1)).float())
+    logits = torch.cat(out, dim=1)
+    back = torch.as_tensor(np.argsort(by_length, kind="stable"), device=device)
+    return logits.index_select(1, back)  # back in the split's order
+
+
+def _members(problem: Any, configs: Sequence[Config], seeds: Sequence[int]) -> tuple[list[_Member], list[int], dict[int, Exception]]:
+    """Members to train together, indices of the configurations to train alone, and failures by index."""
+    members: list[_Member] = []
+    alone: list[int] = []
+    failed: dict[int, Exception] = {}
+    for i, (config, seed) in enumerate(zip(configs, seeds, strict=True)):
+        try:
+            config = problem.space.validate(config)
+            model = problem.build_model(config, int(seed), share_base=True)
+            adapters = read_adapters(model)
+        except Unsupported:
+            alone.append(i)
+            continue
+        except Exception as e:  # noqa: BLE001 - fails this configuration only
+            failed[i] = e
+            continue
+        head = (model.head.weight.detach().float(), model.head.bias.detach().float())
+        members.append(_Member(len(members), config, int(seed), int(config["steps"]), float(config["lr"]), adapters,
+                               head, extra={"index": i}))
+    return members, alone, failed
+
+
+def batchable(problem: Any) -> str | None:
+    """Why ``problem``'s configurations cannot share a pass (they are then trained one at a time), or None."""
+    if problem.task != "sequence-classification":
+        return f"task={problem.task!r}: only sequence classification is batched"
+    if any(m.kind != "Linear" for m in problem.geometry.modules):
+        return "the model's layers hold Conv1D modules: only nn.Linear layers are batched"
+    if "latency_ms" in problem.objective_list:
+        return "the latency_ms objective times a lone model"
+    return None
+
+
+def train_population(problem: Any, members: list[_Member]) -> _Population:
+    """Attach ``members`` to the problem's resident frozen encoder (loaded once per process) and train them."""
+    device = problem._device()
+    cache = problem._cache
+    if cache.get("population_device") != str(device):
+        base = copy.deepcopy(problem._base()[1]).to(device).requires_grad_(False)
+        cache.update(population_device=str(device), population_base=base, population_data={})
+    population = _Population(members, cache["population_base"], device, problem._bf16(device), problem.pooling)
+    _train(population, problem._split("train"), problem.batch_size, cache["population_data"])
+    return population
+
+
+def evaluate_population(problem: Any, configs: Sequence[Config], seeds: Sequence[int]) -> list[Evaluation | Exception]:
+    """``PeftProblem.evaluate_population``: train ``configs`` together and score each on the validation split.
+
+    Args:
+        problem: a ``PeftProblem``.
+        configs: n configurations (n <= ``problem.max_population``).
+        seeds: n seeds, one per configuration.
+
+    Returns:
+        n entries in order: each configuration's ``Evaluation`` (as ``PeftProblem.evaluate`` reports
+        it, with ``population`` and ``population_train_s`` in its metadata) or the exception that
+        failed it.
+    """
+    if len(configs) != len(seeds):
+        raise ValueError(f"evaluate_population got {len(configs)} configurations but {len(seeds)} seeds")
+    if len(configs) > problem.max_population:
+        raise ValueError(f"evaluate_population got {len(configs)} configurations; this problem's population "
+                         f"option allows at most {problem.max_population}")
+    _set_threads()
+    device = problem._device()
+    train, val = problem._split("train"), problem._split("val")
+    problem._warm_up(device, train)
+    build_start = time.perf_counter()
+    if batchable(problem) is None:
+        members, alone, failed = _members(problem, configs, seeds)
+    else:
+        members, alone, failed = [], list(range(len(configs))), {}
+    out: list[Evaluation | Exception | None] = [failed.get(i) for i in range(len(configs))]
+    if members:
+        build_time = time.perf_counter() - build_start
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        population = train_population(problem, members)
+        train_wall = time.perf_counter() - start
+        predictions = _logits(population, val, problem._cache["population_data"]).argmax(dim=-1).cpu().numpy()
+        labels = val.labels.numpy()
+        if problem.metric == "accuracy":
+            scores = (predictions == labels[None, :]).mean(axis=1).tolist()
+        else:
+            scores = [macro_f1(labels, p, len(problem.classes)) for p in predictions]
+        if device.type == "cuda":
+            peak_mb, source = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
+        else:
+            peak_mb, source = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
+        for m in members:
+            if not math.isfinite(m.final_loss):
+                out[m.extra["index"]] = FloatingPointError(
+                    f"training diverged: mean loss of the last steps is {m.final_loss} (lr={m.lr})")
+                continue
+            count = problem.trainable_params(m.config)
+            measured = {problem.metric: scores[m.slot], "trainable_params": float(count),
+                        "train_time_s": m.train_time_s, "peak_memory_mb": round(peak_mb, 1)}
+            out[m.extra["index"]] = Evaluation(
+                values={n: measured[n] for n in problem.objective_list},
+                measures=[math.log10(max(count, 1)), float(len(adapted_layers(m.config, problem.geometry.num_layers)))],
+                metadata={"device": str(device), "peak_memory_mb": round(peak_mb, 1), "peak_memory_source": source,
+                          "build_time_s": round(build_time / len(members), 3), "steps": m.steps,
+                          "epochs": round(m.steps * problem.batch_size / len(train), 3),
+                          "final_train_loss": round(m.final_loss, 4), "population": len(members),
+                          "population_train_s": round(train_wall, 3)},
+            )
+    for i in alone:
+        try:
+            out[i] = problem.evaluate(configs[i], int(seeds[i]))
+        except Exception as e:  # noqa: BLE001 - fails this configuration only
+            out[i] = e
+    return out  # type: ignore[return-value]

@@ -1,0 +1,148 @@
+"""Population-batched peft training equals training each configuration alone (CPU, small sizes)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from evaluators import Job
+from evaluators.inprocess import InProcessEvaluator
+from evaluators.process import ProcessPoolEvaluator
+from problems import peft_population
+from problems.peft import PeftProblem, trainable_params
+from qd.problem import Evaluation
+from qd.space import SpaceError
+
+SIZES = {"train_size": 24, "val_size": 24, "max_length": 8, "batch_size": 4, "min_steps": 1, "max_steps": 8}
+
+
+def layers(*on: int) -> dict[str, bool]:
+    return {f"layer_{i}": i in on for i in range(6)}
+
+
+#: Every method, placements that overlap and that do not, ranks to pad, different lrs and steps,
+#: (IA)^3 on the feed-forward input, a head-only configuration.
+CONFIGS = [
+    dict(method="lora", rank=4, alpha_ratio=2.0, dropout=0.0, targets="qv", **layers(0, 1, 2, 3, 4, 5), lr=5e-3, steps=6),
+    dict(method="lora", rank=8, alpha_ratio=1.0, dropout=0.0, targets="ffn", **layers(1, 3), lr=1e-2, steps=3),
+    dict(method="loha", rank=2, alpha_ratio=2.0, targets="all", **layers(0, 5), lr=5e-3, steps=5),
+    dict(method="ia3", targets="ffn", **layers(2, 3, 4), lr=1e-2, steps=4),
+    dict(method="ia3", targets="qkvo", **layers(0, 1), lr=1e-2, steps=6),
+    dict(method="loha", rank=1, alpha_ratio=4.0, targets="qkv", **layers(5), lr=3e-3, steps=2),
+    dict(method="lora", rank=2, alpha_ratio=2.0, dropout=0.0, targets="qv", **layers(), lr=1e-2, steps=2),
+]
+SEEDS = [10 + i for i in range(len(CONFIGS))]
+
+
+def without_dropout(problem: PeftProblem) -> PeftProblem:
+    """The problem with every dropout of its cached base model off, so training is deterministic."""
+    torch.set_num_threads(1)
+    _, encoder = problem._base()
+    for module in encoder.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return problem
+
+
+@pytest.fixture(scope="module")
+def problem() -> PeftProblem:
+    return without_dropout(PeftProblem(**SIZES, population=len(CONFIGS)))
+
+
+@pytest.fixture(scope="module")
+def alone(problem):
+    """Each configuration trained alone: validation logits and final training loss."""
+    val = problem._split("val")
+    out = []
+    for config, seed in zip(CONFIGS, SEEDS):
+        run = problem._train(config, seed)
+        run.model.eval()
+        with torch.no_grad():
+            out.append((run.model(val.input_ids, val.attention_mask), run.final_loss))
+    return out
+
+
+def test_population_training_equals_training_each_alone(problem, alone):
+    members, unsupported, failed = peft_population._members(problem, CONFIGS, SEEDS)
+    assert len(members) == len(CONFIGS) and not unsupported and not failed
+    population = peft_population.train_population(problem, members)
+    logits = peft_population._logits(population, problem._split("val"), problem._cache["population_data"])
+    for i, (reference, loss) in enumerate(alone):
+        # fp32 on the CPU: equal up to rounding (Adam's first steps amplify it a little)
+        torch.testing.assert_close(logits[i], reference, rtol=1e-3, atol=1e-3, msg=f"configuration {i}: {CONFIGS[i]}")
+        assert members[i].final_loss == pytest.approx(loss, rel=1e-5)
+    # The tolerance is far below what training changes: untrained models are far from the trained ones.
+    val = problem._split("val")
+    with torch.no_grad():
+        untrained = problem.build_model(CONFIGS[0], SEEDS[0]).eval()(val.input_ids, val.attention_mask)
+    assert (untrained - alone[0][0]).abs().max() > 1e-2
+
+
+def test_evaluate_population_reports_each_configuration_as_evaluate_does(problem, alone):
+    results = problem.evaluate_population(CONFIGS, SEEDS)
+    labels = problem._split("val").labels
+    for config, result, (reference, loss) in zip(CONFIGS, results, alone):
+        assert isinstance(result, Evaluation)
+        values, measures, _ = problem.normalise(result)
+        assert values[0] == pytest.approx(float((reference.argmax(-1) == labels).float().mean()), abs=1.5 / len(labels))
+        assert values[1] == trainable_params(config)
+        assert measures == [pytest.approx(np.log10(values[1])), sum(config[f"layer_{i}"] for i in range(6))]
+        assert result.metadata["population"] == len(CONFIGS) and result.metadata["steps"] == config["steps"]
+        assert result.metadata["final_train_loss"] == pytest.approx(loss, abs=2e-4)
+        assert values[2] > 0
+    # A member's time is its share: the longest-training members share the most.
+    times = [r.values["train_time_s"] for r in results]
+    assert times[0] > times[-1]
+
+
+def test_a_bad_configuration_fails_alone(problem):
+    bad = dict(CONFIGS[0], rank=1000)
+    results = problem.evaluate_population([CONFIGS[6], bad], [1, 2])
+    assert isinstance(results[0], Evaluation) and isinstance(results[1], SpaceError)
+
+
+def test_population_option_and_size_are_checked():
+    with pytest.raises(ValueError, match="population=0"):
+        PeftProblem(**SIZES, population=0)
+    small = PeftProblem(**SIZES, population=2)
+    with pytest.raises(ValueError, match="at most 2"):
+        small.evaluate_population(CONFIGS[:3], SEEDS[:3])
+
+
+def test_an_adapter_it_cannot_batch_is_named():
+    import peft
+
+    problem = PeftProblem(**SIZES)
+    model = problem.build_model(CONFIGS[0], seed=0)
+    assert set(peft_population.read_adapters(model)) == {
+        f"encoder.layer.{i}.attention.self.{m}" for i in range(6) for m in ("query", "value")}
+    with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        dora = peft.get_peft_model(problem._base()[1].__class__(problem._base()[1].config),
+                                   peft.LoraConfig(r=2, target_modules=["query"], use_dora=True))
+    with pytest.raises(peft_population.Unsupported, match="LoRA variant"):
+        peft_population.read_adapters(type(model)(dora))
+
+
+@pytest.mark.parametrize("evaluator", [InProcessEvaluator, ProcessPoolEvaluator])
+def test_evaluators_hand_a_worker_up_to_max_population_jobs(evaluator):
+    problem = PeftProblem(**{**SIZES, "max_steps": 2}, population=3, methods=("lora", "ia3", "loha"))
+    space = problem.space
+    configs = [space.validate({**c, "steps": 1}) for c in space.sample(4, np.random.default_rng(0))]
+    ev = evaluator()
+    ev.start(problem, workers=3)
+    try:
+        for i, config in enumerate(configs):
+            ev.submit(Job(i, config, seed=i))
+        outcomes = []
+        while len(outcomes) < len(configs):
+            outcomes += ev.wait()
+    finally:
+        ev.close()
+    assert sorted(o.key for o in outcomes) == [0, 1, 2, 3] and all(o.ok for o in outcomes)
+    # One process (3 in flight / population 3): a population of three, then the last one alone.
+    assert sorted(o.metadata.get("population", 1) for o in outcomes) == [1, 3, 3, 3]
+    assert sorted(o.evaluation.metadata.get("population", 1) for o in outcomes) == [1, 3, 3, 3]
