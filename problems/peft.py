@@ -376,6 +376,7 @@ class PeftProblem(Problem):
         gpus_per_eval: float = 0.25,
         data_seed: int = 0,
         population: int = 1,
+        population_queue: int = 3,
     ):
         """Options:
 
@@ -412,13 +413,17 @@ class PeftProblem(Problem):
 
         - ``population``: the most configurations one worker trains at once on one frozen copy of
           the model (``evaluate_population``, see ``problems.peft_population``); 1 trains one at a time.
+        - ``population_queue``: with ``population`` P > 1, one worker is handed up to P x this many
+          configurations at once (``max_population``); each starts as soon as one of the P that train
+          at once finishes, so short trainings do not leave the batch half empty while long ones run
+          on. Keep ``workers`` at least ``max_population`` per process for the queue to fill.
 
         Every path, column and class count is checked here, before any evaluation.
         """
         _check_choice("task", task, TASKS)
         for name, value, low in (("max_length", max_length, 2), ("batch_size", batch_size, 1),
                                  ("min_steps", min_steps, 1), ("data_seed", data_seed, 0), ("max_rank", max_rank, 1),
-                                 ("population", population, 1)):
+                                 ("population", population, 1), ("population_queue", population_queue, 1)):
             _check_int(name, value, low)
         _check_int("train_size", train_size, 1, allow_none=True)
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < min_steps:
@@ -441,7 +446,8 @@ class PeftProblem(Problem):
         self.max_length, self.batch_size = max_length, batch_size
         self.precision, self.device_option, self.data_seed = precision, device, data_seed
         self._cache: dict[str, Any] = {}
-        self.max_population = population
+        self.population = population
+        self.max_population = population * population_queue if population > 1 else 1
 
         self.geometry = discover_geometry(self.model_path, task)
         self.pooling = ("last" if self.geometry.decoder else "mean") if pooling == "auto" else pooling

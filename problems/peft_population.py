@@ -36,6 +36,7 @@ Conv1D layers, or a ``latency_ms`` objective (a latency is a lone model's).
 from __future__ import annotations
 
 import copy
+import heapq
 import math
 import resource
 import time
@@ -163,6 +164,17 @@ class _Flat:
         return self.leaves[block]
 
 
+def rank_bucket(rank: int) -> int:
+    """The padded rank of a LoRA / LoHa adapter's group: the next power of 4 (0 for (IA)^3).
+
+    One group per method at a layer would pad every member to the largest rank there (about 15x the
+    parameters, optimiser state and adapter FLOPs for ranks drawn log-uniformly over 1-64); a group
+    per rank wastes nothing but multiplies the kernels of every step. Powers of 4 pad at most 4x
+    (about 2x on average) with at most four groups per method and layer.
+    """
+    return 0 if rank <= 0 else 4 ** math.ceil(math.log(rank, 4) - 1e-9)
+
+
 def _pad(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     out = torch.zeros(shape, dtype=torch.float32)
     out[tuple(slice(0, s) for s in t.shape)] = t
@@ -181,8 +193,8 @@ class _Group:
     method: str
     blocks: dict[str, int]
     slots: list[int]  # members with a row, in order
-    scale: torch.Tensor  # (k,) on the device; 0 for members without this adapter
-    dropout: torch.Tensor  # (k,)
+    scale: list[float]  # (k,); 0 for members without this adapter
+    dropout: list[float]  # (k,)
     has_dropout: bool
     feedforward: bool = False
 
@@ -207,8 +219,7 @@ class _Group:
                 blocks[n] = flat.take(stacked, rows, trained)
         scale = [adapters[s].scale if s in adapters else 0.0 for s in rows]
         dropout = [adapters[s].dropout if s in adapters else 0.0 for s in rows]
-        return cls(method, blocks, rows, torch.tensor(scale, device=device), torch.tensor(dropout, device=device),
-                   any(dropout), some.feedforward)
+        return cls(method, blocks, rows, scale, dropout, any(dropout), some.feedforward)
 
 
 class PopulationLinear(torch.nn.Module):
@@ -283,11 +294,13 @@ class _Population:
         self.groups: list[_Group] = []
         sites: dict[str, list[_Group]] = {}
         for name in sorted({k for m in members for k in m.adapters}):
-            by_method: dict[str, dict[int, _Adapter]] = {}
+            by_kind: dict[tuple[str, int], dict[int, _Adapter]] = {}
             for m in members:
                 if name in m.adapters:
-                    by_method.setdefault(m.adapters[name].method, {})[m.slot] = m.adapters[name]
-            sites[name] = [_Group.build(method, adapters, slots, self.flat, device) for method, adapters in by_method.items()]
+                    adapter = m.adapters[name]
+                    by_kind.setdefault((adapter.method, rank_bucket(adapter.rank)), {})[m.slot] = adapter
+            sites[name] = [_Group.build(method, adapters, slots, self.flat, device)
+                           for (method, _), adapters in sorted(by_kind.items())]
             self.groups += sites[name]
         everyone = list(range(slots))
         self.head_w = self.flat.take(torch.stack([m.head[0] for m in members]), everyone)
@@ -305,22 +318,49 @@ class _Population:
     def set_active(self, active: list[int]) -> None:
         """Train or score only ``active`` (slots, in order): per group, which of its rows are active
         (None: all, in order), where they sit in the batch (None: every row, in order), their scales
-        and dropout rates; None for a group with no active member."""
+        and dropout rates; None for a group with no active member.
+
+        Every index and scale goes to the device in one copy from pinned memory: a tensor made from a
+        Python list on a GPU is a synchronous copy that waits for the queued steps, and there are a
+        few per group.
+        """
         self.active = active
-        self.index = torch.tensor(active, device=self.device)
         self.everyone = active == list(range(len(self.members)))
-        self.now: dict[int, tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor] | None] = {}
         where = {s: i for i, s in enumerate(active)}
+        ints: list[list[int]] = [active]
+        floats: list[float] = []
+        plan: list[tuple[int, int | None, int | None, int, int]] = []  # group, rows, pos, scales: lengths
         for g in self.groups:
             rows = [j for j, s in enumerate(g.slots) if s in where]
             if not rows:
-                self.now[id(g)] = None
+                plan.append((id(g), None, None, -1, 0))
                 continue
             pos = [where[g.slots[j]] for j in rows]
-            index = torch.tensor(rows, device=self.device)
-            self.now[id(g)] = (None if rows == list(range(len(g.slots))) else index,
-                               None if pos == list(range(len(active))) else torch.tensor(pos, device=self.device),
-                               g.scale.index_select(0, index), g.dropout.index_select(0, index))
+            every_row, every_pos = rows == list(range(len(g.slots))), pos == list(range(len(active)))
+            if not every_row:
+                ints.append(rows)
+            if not every_pos:
+                ints.append(pos)
+            plan.append((id(g), None if every_row else len(rows), None if every_pos else len(pos), len(floats), len(rows)))
+            floats += [g.scale[j] for j in rows] + [g.dropout[j] for j in rows]
+        host_i = torch.tensor([i for chunk in ints for i in chunk], dtype=torch.int64)
+        host_f = torch.tensor(floats or [0.0], dtype=torch.float32)
+        if self.device.type == "cuda":
+            host_i, host_f = host_i.pin_memory(), host_f.pin_memory()
+        dev_i, dev_f = host_i.to(self.device, non_blocking=True), host_f.to(self.device, non_blocking=True)
+        self._pinned = (host_i, host_f)  # kept until the next call: the copies read them asynchronously
+        self.index, offset = dev_i[: len(active)], len(active)
+        self.now: dict[int, tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor] | None] = {}
+        for key, n_rows, n_pos, f, k in plan:
+            if f < 0:
+                self.now[key] = None
+                continue
+            row_index = pos_index = None
+            if n_rows is not None:
+                row_index, offset = dev_i[offset : offset + n_rows], offset + n_rows
+            if n_pos is not None:
+                pos_index, offset = dev_i[offset : offset + n_pos], offset + n_pos
+            self.now[key] = (row_index, pos_index, dev_f[f : f + k], dev_f[f + k : f + 2 * k])
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(members in the buffers, rows per member, classes); member i's rows are the i-th block of the batch."""
@@ -353,69 +393,112 @@ def _resident(split: Encoded, device: torch.device, resident: dict[str, Any]) ->
     return resident[key]
 
 
-def _train(population: _Population, train: Encoded, batch_size: int, resident: dict[str, Any]) -> None:
-    """Train every member for its steps; sets each member's ``train_time_s`` and ``final_loss``.
+def lane_starts(steps: Sequence[int], lanes: int) -> list[int]:
+    """The step at which each member starts when at most ``lanes`` train at once: longest first, each
+    into the lane that frees first (a member that finishes hands its lane to the next at once).
 
-    Every member's batches and step sizes are laid out in tables before the first step and copied to
-    the device once, so no step waits for the device (the host queues the next step while the device
-    computes this one); the clock is read only when members finish.
+    Args:
+        steps: each member's number of steps, (n,).
+        lanes: members trained at once (>= 1).
+
+    Returns:
+        each member's first step, (n,), in the order given.
+    """
+    free = [(0, lane) for lane in range(min(lanes, len(steps)))]
+    starts = [0] * len(steps)
+    for i in sorted(range(len(steps)), key=lambda i: (-steps[i], i)):
+        at, lane = heapq.heappop(free)
+        starts[i] = at
+        heapq.heappush(free, (at + steps[i], lane))
+    return starts
+
+
+def _train(population: _Population, train: Encoded, batch_size: int, resident: dict[str, Any],
+           lanes: int | None = None) -> None:
+    """Train every member for its steps, at most ``lanes`` at once (None: all); sets each member's
+    ``train_time_s`` and ``final_loss``.
+
+    Members train from ``lane_starts``: when one finishes, the next waiting one takes its rows of the
+    batch, so the batch stays full until the last lanes drain (trained together to the end, the
+    population would run for its longest member while its short members' rows sat idle: with steps
+    drawn log-uniformly over 50-600, a third of the rows would do useful work).
+
+    Every member's batches, step sizes and bias corrections are laid out in tables by global step
+    before the first step and copied to the device once, so no step waits for the device (the host
+    queues the next step while the device computes this one); the time of each stretch between two
+    changes of the active set is read from device events at the end.
     """
     device, members, flat = population.device, population.members, population.flat
     beta1, beta2 = BETAS
-    longest = max(m.steps for m in members)
+    starts = lane_starts([m.steps for m in members], lanes or len(members))
+    ends = [start + m.steps for start, m in zip(starts, members)]
+    longest = max(ends)
     per = min(batch_size, len(train))
-    order = np.zeros((longest, len(members), per), dtype=np.int64)  # rows of each member's batch at each step
-    rates = np.zeros((longest, len(members) + 1), dtype=np.float32)  # AdamW step sizes; the last column: frozen rows
-    for m in members:
+    n = len(members)
+    order = np.zeros((longest, n, per), dtype=np.int64)  # rows of each member's batch at each global step
+    rates = np.zeros((longest, n + 1), dtype=np.float32)  # AdamW step sizes; the last column: frozen rows
+    bias2 = np.ones((longest, n + 1), dtype=np.float32)  # sqrt(1 - beta2^t) at the member's own step t
+    for m, start in zip(members, starts):
         batches = batch_rows(len(train), batch_size, m.seed)
         for step in range(m.steps):
-            order[step, m.slot] = next(batches)
-            rates[step, m.slot] = m.lr * lr_factor(step, m.steps) / (1 - beta1 ** (step + 1))
+            order[start + step, m.slot] = next(batches)
+            rates[start + step, m.slot] = m.lr * lr_factor(step, m.steps) / (1 - beta1 ** (step + 1))
+            bias2[start + step, m.slot] = math.sqrt(1 - beta2 ** (step + 1))
+    changes = set(starts) | set(ends)  # steps at which the active set changes
     on_gpu = device.type != "cpu"
     if on_gpu:
-        order_dev, rates_dev = torch.as_tensor(order, device=device), torch.as_tensor(rates, device=device)
+        order_dev, rates_dev, bias2_dev = (torch.as_tensor(t, device=device) for t in (order, rates, bias2))
         ids_all, mask_all, labels_all = _resident(train, device, resident)
-    history = torch.full((longest, len(members)), math.nan, device=device)
-    active = list(members)  # in slot order, as in the buffers
+    history = torch.full((longest, n), math.nan, device=device)
     population.encoder.train()
     _sync(device)
-    segment_start = time.perf_counter()
+    marks: list[Any] = []  # (step, time or CUDA event) at each change
+    def mark(step: int) -> None:
+        if on_gpu:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            marks.append((step, event))
+        else:
+            marks.append((step, time.perf_counter()))
+
     for step in range(longest):
+        if step in changes:
+            mark(step)
+            population.set_active([m.slot for m, a, b in zip(members, starts, ends) if a <= step < b])
         if on_gpu:
             index = order_dev[step].index_select(0, population.index).reshape(-1)
             input_ids, attention_mask, labels = (t.index_select(0, index) for t in (ids_all, mask_all, labels_all))
             step_size = rates_dev[step].index_select(0, flat.owner)
+            correction = bias2_dev[step].index_select(0, flat.owner)
         else:
             input_ids, attention_mask, labels = train.batch(order[step, population.active].reshape(-1), device)
             step_size = torch.from_numpy(rates[step]).index_select(0, flat.owner)
+            correction = torch.from_numpy(bias2[step]).index_select(0, flat.owner)
         with _autocast(device, population.bf16):
             logits = population.logits(input_ids, attention_mask)
-        n, rows, classes = logits.shape
-        losses = F.cross_entropy(logits.float().reshape(n * rows, classes), labels, reduction="none").view(n, rows).mean(1)
+        k, rows, classes = logits.shape
+        losses = F.cross_entropy(logits.float().reshape(k * rows, classes), labels, reduction="none").view(k, rows).mean(1)
         flat.grad.zero_()
         losses.sum().backward()
-        # AdamW for every member at once, as torch.optim.AdamW computes it (weight decay 0).
-        t = step + 1
+        # AdamW for every member at once, as torch.optim.AdamW computes it (weight decay 0); members
+        # not training now have step size zero (and no gradient), so their values stay as they are.
         with torch.no_grad():
             grad = flat.grad
             flat.exp_avg.lerp_(grad, 1 - beta1)
             flat.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (flat.exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(EPS)
+            denom = flat.exp_avg_sq.sqrt().div_(correction).add_(EPS)
             flat.data.sub_(step_size * flat.exp_avg / denom)
             history[step].index_copy_(0, population.index, losses.detach())
-        done = [m.slot for m in active if m.steps == t]
-        if done:
-            _sync(device)
-            now = time.perf_counter()
-            for m in active:  # the segment's time, shared among those who trained in it
-                m.train_time_s += (now - segment_start) / len(active)
-            segment_start = now
-            active = [m for m in active if m.steps > t]
-            if active:  # the others keep their rows; their step sizes are zero from now on
-                population.set_active([m.slot for m in active])
+    mark(longest)
+    _sync(device)
+    for (a, t0), (b, t1) in zip(marks, marks[1:]):  # each stretch's time, shared among those who trained in it
+        seconds = t0.elapsed_time(t1) / 1000.0 if on_gpu else t1 - t0
+        sharing = [m for m, s, e in zip(members, starts, ends) if s <= a < e]
+        for m in sharing:
+            m.train_time_s += seconds / len(sharing)
     tails = history.cpu()
-    for m in members:
-        m.final_loss = float(tails[max(0, m.steps - 10):m.steps, m.slot].mean())
+    for m, start in zip(members, starts):
+        m.final_loss = float(tails[start + max(0, m.steps - 10) : start + m.steps, m.slot].mean())
 
 
 def _logits(population: _Population, split: Encoded, resident: dict[str, Any]) -> torch.Tensor:
@@ -472,15 +555,17 @@ def batchable(problem: Any) -> str | None:
     return None
 
 
-def train_population(problem: Any, members: list[_Member]) -> _Population:
-    """Attach ``members`` to the problem's resident frozen encoder (loaded once per process) and train them."""
+def train_population(problem: Any, members: list[_Member], lanes: int | None = None) -> _Population:
+    """Attach ``members`` to the problem's resident frozen encoder (loaded once per process) and train them,
+    at most ``lanes`` at once (None: the problem's ``population`` option)."""
     device = problem._device()
     cache = problem._cache
     if cache.get("population_device") != str(device):
         base = copy.deepcopy(problem._base()[1]).to(device).requires_grad_(False)
         cache.update(population_device=str(device), population_base=base, population_data={})
     population = _Population(members, cache["population_base"], device, problem._bf16(device), problem.pooling)
-    _train(population, problem._split("train"), problem.batch_size, cache["population_data"])
+    _train(population, problem._split("train"), problem.batch_size, cache["population_data"],
+           lanes or problem.population)
     return population
 
 

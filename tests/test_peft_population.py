@@ -81,6 +81,28 @@ def test_population_training_equals_training_each_alone(problem, alone):
     assert (untrained - alone[0][0]).abs().max() > 1e-2
 
 
+def test_lanes_refilled_as_members_finish_train_each_member_as_alone(problem, alone):
+    # Three lanes for seven members: each later member starts on the rows a finished one leaves.
+    steps = [c["steps"] for c in CONFIGS]
+    starts = peft_population.lane_starts(steps, 3)
+    assert sorted(starts)[:3] == [0, 0, 0] and max(starts) > 0
+    members, _, _ = peft_population._members(problem, CONFIGS, SEEDS)
+    population = peft_population.train_population(problem, members, lanes=3)
+    logits = peft_population._logits(population, problem._split("val"), problem._cache["population_data"])
+    for i, (reference, loss) in enumerate(alone):
+        torch.testing.assert_close(logits[i], reference, rtol=1e-3, atol=1e-3, msg=f"configuration {i}: {CONFIGS[i]}")
+        assert members[i].final_loss == pytest.approx(loss, rel=1e-5)
+
+
+def test_lane_starts_keep_at_most_lanes_training_and_start_the_longest_first():
+    steps = [5, 1, 1, 3, 2, 2, 4]
+    starts = peft_population.lane_starts(steps, 2)
+    busy = [sum(s <= t < s + n for s, n in zip(starts, steps)) for t in range(sum(steps))]
+    assert max(busy) == 2 and max(s + n for s, n in zip(starts, steps)) == 9  # 18 steps over 2 lanes
+    assert starts[0] == 0 and starts[6] == 0
+    assert peft_population.lane_starts(steps, 10) == [0] * 7
+
+
 def test_evaluate_population_reports_each_configuration_as_evaluate_does(problem, alone):
     results = problem.evaluate_population(CONFIGS, SEEDS)
     labels = problem._split("val").labels
@@ -107,7 +129,9 @@ def test_a_bad_configuration_fails_alone(problem):
 def test_population_option_and_size_are_checked():
     with pytest.raises(ValueError, match="population=0"):
         PeftProblem(**SIZES, population=0)
-    small = PeftProblem(**SIZES, population=2)
+    with pytest.raises(ValueError, match="population_queue=0"):
+        PeftProblem(**SIZES, population=2, population_queue=0)
+    small = PeftProblem(**SIZES, population=2, population_queue=1)
     with pytest.raises(ValueError, match="at most 2"):
         small.evaluate_population(CONFIGS[:3], SEEDS[:3])
 
@@ -129,7 +153,7 @@ def test_an_adapter_it_cannot_batch_is_named():
 
 @pytest.mark.parametrize("evaluator", [InProcessEvaluator, ProcessPoolEvaluator])
 def test_evaluators_hand_a_worker_up_to_max_population_jobs(evaluator):
-    problem = PeftProblem(**{**SIZES, "max_steps": 2}, population=3, methods=("lora", "ia3", "loha"))
+    problem = PeftProblem(**{**SIZES, "max_steps": 2}, population=3, population_queue=1, methods=("lora", "ia3", "loha"))
     space = problem.space
     configs = [space.validate({**c, "steps": 1}) for c in space.sample(4, np.random.default_rng(0))]
     ev = evaluator()
