@@ -193,7 +193,11 @@ class ProcessPoolEvaluator(Evaluator):
                     return
                 idle = self._spawn()
                 self._workers.append(idle)
-            jobs = [self._queue.popleft() for _ in range(min(self._population, len(self._queue)))]
+            # Populations: the queue shared evenly among the workers that can take some now, so
+            # two workers get half each rather than one all of it and the other none.
+            takers = sum(not w.jobs for w in self._workers) + self._size - len(self._workers)
+            share = min(self._population, -(-len(self._queue) // max(1, takers)))
+            jobs = [self._queue.popleft() for _ in range(share)]
             try:
                 idle.conn.send(jobs)
             except OSError:  # its pipe broke: replace the worker, keep the jobs

@@ -7,7 +7,11 @@ validation examples, 32 tokens, batch 32, 50-600 steps) are evaluated in each mo
 - ``one``: one worker process, one evaluation at a time (one per GPU);
 - ``procs-K``: K worker processes sharing the GPU, one evaluation each (as Ray's fractional GPUs do);
 - ``pop-P``: one worker process training P configurations at once on one frozen copy of MiniLM
-  (``PeftProblem(population=P)``, ``problems/peft_population.py``); ``pop-PxK``: K such processes.
+  (``PeftProblem(population=P, population_queue=Q)``, ``problems/peft_population.py``): it is handed
+  up to P x Q configurations per call and starts each as soon as one of the P in training finishes;
+  ``pop-PxK``: K such processes;
+- ``auto``: the process count ``evaluators.packing.PackingPolicy`` picks from the GPU memory the
+  process modes' evaluations were measured to use (run when it differs from those measured).
 
 Each mode first warms its workers up (one short evaluation per slot: processes started, model and
 data loaded, CUDA initialised), then evaluates its configurations with every slot busy. Reported per
@@ -68,15 +72,15 @@ def model_flops(config: dict[str, Any], options: dict[str, Any], layers: int = 6
     return float(train + val)
 
 
-def run_mode(name: str, processes: int, population: int, configs: list[dict[str, Any]], warmup: list[dict[str, Any]],
+def run_mode(name: str, processes: int, population: int, queue: int, configs: list[dict[str, Any]], warmup: list[dict[str, Any]],
              options: dict[str, Any], sampler: GpuSampler) -> dict[str, Any]:
     from evaluators import Job
     from evaluators.process import ProcessPoolEvaluator
     from problems.peft import PeftProblem
 
-    problem = PeftProblem(**options, population=population)
+    problem = PeftProblem(**options, population=population, population_queue=queue)
     evaluator = ProcessPoolEvaluator(threads=1)
-    evaluator.start(problem, processes * population)
+    evaluator.start(problem, processes * problem.max_population)
     t_start = time.time()
     try:
         key = 0
@@ -103,7 +107,8 @@ def run_mode(name: str, processes: int, population: int, configs: list[dict[str,
     flops = sum(model_flops(configs[o.key], options) for o in ok)
     gpu = sampler.between(t0, t1)
     return {
-        "mode": name, "processes": processes, "population": population, "evaluations": len(configs),
+        "mode": name, "processes": processes, "population": population, "queue": queue if population > 1 else 1,
+        "evaluations": len(configs),
         "complete": len(ok), "n_failed": len(failures), "failures": failures[:5],
         "warmup_s": t0 - t_start, "wall_s": wall, "evals_per_hour": len(ok) / wall * 3600.0,
         "model_flops": flops, "flops_per_s": flops / wall, "peak_fraction": flops / wall / BF16_PEAK,
@@ -112,6 +117,19 @@ def run_mode(name: str, processes: int, population: int, configs: list[dict[str,
         "warmup_failures": [f"{o.kind}: {o.error.splitlines()[0]}" for o in warm if not o.ok][:3],
         **gpu,
     }
+
+
+def auto_processes(results: list[dict[str, Any]], cpu: bool) -> int | None:
+    """The processes ``PackingPolicy`` packs on this GPU from the largest evaluation peak measured so far."""
+    from evaluators.packing import PackingPolicy
+
+    peaks = [r["eval_peak_memory_mb"] for r in results if r["population"] == 1 and r["eval_peak_memory_mb"]]
+    if cpu or not peaks:
+        return None
+    import torch
+
+    total_mb = torch.cuda.get_device_properties(0).total_memory / 2**20
+    return PackingPolicy().slots(total_mb, max(peaks))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--procs", default="8,16,4", help="K for the procs-K modes, in order (default 8,16,4)")
     parser.add_argument("--populations", default="32,16,8",
                         help="P (one process) or PxK (K processes) for the pop modes, in order (default 32,16,8)")
-    parser.add_argument("--order", default="procs8,pop,procs,one",
-                        help="which groups run first (procs8: the 8-process baseline first; default procs8,pop,procs,one)")
+    parser.add_argument("--queue", type=int, default=3,
+                        help="population_queue of the pop modes: configurations per lane one worker takes (default 3)")
+    parser.add_argument("--order", default="procs8,pop,procs,auto,one",
+                        help="which groups run first (procs8: the 8-process baseline first; default procs8,pop,procs,auto,one)")
     parser.add_argument("--deadline", type=float, default=None, help="start no mode after this many seconds")
     parser.add_argument("--cpu", action="store_true", help="smoke test on the CPU at tiny sizes")
     parser.add_argument("--seed", type=int, default=0)
@@ -132,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     procs = [int(k) for k in args.procs.split(",") if k]
     pops = [tuple(int(x) for x in (p.split("x") + ["1"])[:2]) for p in args.populations.split(",") if p]
-    if any(k < 1 for k in procs + [x for p in pops for x in p]) or min(args.evals, args.proc_evals, args.one_evals) < 1:
+    if any(k < 1 for k in procs + [x for p in pops for x in p]) or min(args.evals, args.proc_evals, args.one_evals, args.queue) < 1:
         parser.error("--procs, --populations and the --*evals counts must be integers >= 1")
 
     import torch
@@ -151,23 +171,35 @@ def main(argv: list[str] | None = None) -> int:
 
     groups = {"procs8": [("procs-8", 8, 1, args.proc_evals)] if 8 in procs else [],
               "pop": [(f"pop-{p}" + (f"x{k}" if k > 1 else ""), k, p, args.evals) for p, k in pops],
+              "auto": [("auto", 0, 1, args.proc_evals)],
               # fewer for fewer processes, so every mode takes about as long
               "procs": [(f"procs-{k}", k, 1, max(1, args.proc_evals * min(k, 8) // 8)) for k in procs if k != 8],
               "one": [("one", 1, 1, args.one_evals)]}
     modes = [m for g in args.order.split(",") for m in groups[g]]
     results: list[dict[str, Any]] = []
+    auto_choice = None
     start = time.time()
     with GpuSampler() as sampler:
         for name, k, p, count in modes:
             if args.deadline is not None and time.time() - start > args.deadline:
                 print(f"{name}: skipped (past --deadline)", file=sys.stderr)
                 continue
+            if name == "auto":
+                k = auto_processes(results, args.cpu)
+                if k is None or any(r["mode"] == f"procs-{k}" for r in results):
+                    print(f"auto: packing picks {k} processes (measured above, or nothing to pack by)", file=sys.stderr)
+                    auto_choice = k
+                    continue
+                auto_choice = k
+                count = max(1, args.proc_evals * min(k, 8) // 8)
             print(f"{name}: {count} evaluations, {k} process(es) x population {p}", file=sys.stderr, flush=True)
-            results.append(run_mode(name, k, p, configs[:count], warmup, options, sampler))
+            results.append(run_mode(name, k, p, args.queue, configs[:count], warmup, options, sampler))
             if args.out:
                 Path(args.out).write_text(json.dumps({"partial": True, "configs": configs, "results": results},
                                                      indent=2, default=str))
     report(results, configs, options, args)
+    if auto_choice is not None or "auto" in args.order:
+        print(f"automatic packing by measured GPU memory: {auto_choice} processes")
     if args.out:
         doc = {"options": options, "gpu": torch.cuda.get_device_name(0) if not args.cpu else None,
                "torch": torch.__version__, "bf16_peak_flops": BF16_PEAK, "configs": configs, "results": results}
