@@ -6,9 +6,10 @@ the members' batches into one batch (member i owns rows ``i*b .. (i+1)*b``), run
 once over it, and at every adapted linear layer adds each member's own adapter to that member's rows
 only:
 
-- LoRA and LoHa through batched matrix products over the members that adapt the layer (ranks padded
-  with zeros to the largest there: a zero row of ``A`` facing a zero column of ``B`` gets zero
-  gradient and stays zero, so the padding changes nothing);
+- LoRA, LoHa and LoKr through batched matrix products over the members that adapt the layer (ranks
+  padded with zeros to the largest of their group, ``rank_bucket``: a zero row of ``A`` facing a zero
+  column of ``B`` gets zero gradient and stays zero, so the padding changes nothing; LoHa and LoKr
+  form each member's full weight, as peft does);
 - (IA)^3 as a per-member scaling vector (ones for the members that do not use it).
 
 Each member keeps its own head, learning rate and schedule, number of steps, batch order and AdamW
@@ -25,10 +26,10 @@ dropout off: with dropout on, the masks are drawn from one random stream for the
 results are equal in distribution rather than bit for bit).
 
 ``train_time_s`` of a member is its share of the population's training time: the time between two
-members leaving, divided among the members that were training then. Peak memory is the population's.
+changes of the set of members in training, divided among the members that were training then. Peak memory is the population's.
 
 Members whose adapters this module does not know (a peft method or option other than plain LoRA,
-LoHa and (IA)^3 on linear layers, LoKr among them) are trained one at a time in the same process, as
+LoHa, LoKr and (IA)^3 on linear layers) are trained one at a time in the same process, as
 is every member of a problem the batched pass does not cover (``batchable``): causal-lm, GPT-2-style
 Conv1D layers, or a ``latency_ms`` objective (a latency is a lone model's).
 """
@@ -69,27 +70,30 @@ class Unsupported(ValueError):
 class _Adapter:
     """One member's adapter at one linear layer, as built by peft: its method, tensors and scale."""
 
-    method: str  # "lora" | "loha" | "ia3"
-    tensors: dict[str, torch.Tensor]  # lora: A (r, in), B (out, r); loha: w1a (out, r), w1b (r, in), w2a, w2b; ia3: l (dim,)
+    method: str  # "lora" | "loha" | "lokr" | "ia3"
+    # lora: A (r, in), B (out, r); loha: w1a (out, r), w1b (r, in), w2a, w2b; ia3: l (dim,);
+    # lokr: w1 (a, c) and either w2 (b, d) or w2a (b, r), w2b (r, d), for a weight kron(w1, w2) of (a*b, c*d)
+    tensors: dict[str, torch.Tensor]
     scale: float = 1.0
     dropout: float = 0.0
     feedforward: bool = False  # ia3: scales the layer's input rather than its output
 
     @property
     def rank(self) -> int:
-        return {"lora": lambda t: t["A"].shape[0], "loha": lambda t: t["w1b"].shape[0]}.get(
-            self.method, lambda t: 0)(self.tensors)
+        return {"lora": lambda t: t["A"].shape[0], "loha": lambda t: t["w1b"].shape[0],
+                "lokr": lambda t: t["w2b"].shape[0] if "w2b" in t else 0}.get(self.method, lambda t: 0)(self.tensors)
 
 
 def read_adapters(model: torch.nn.Module) -> dict[str, _Adapter]:
     """The adapters of a model built by ``PeftProblem.build_model``, by base-module name.
 
     Raises:
-        Unsupported: a trainable tensor that is not part of a plain LoRA, LoHa or (IA)^3 linear
+        Unsupported: a trainable tensor that is not part of a plain LoRA, LoHa, LoKr or (IA)^3 linear
             adapter or of the head.
     """
     from peft.tuners.ia3.layer import Linear as IA3Linear
     from peft.tuners.loha.layer import Linear as LoHaLinear
+    from peft.tuners.lokr.layer import Linear as LoKrLinear
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     adapters: dict[str, _Adapter] = {}
@@ -110,13 +114,24 @@ def read_adapters(model: torch.nn.Module) -> dict[str, _Adapter]:
             ws = {k: getattr(module, f"hada_{k[:2]}_{k[2]}")["default"] for k in ("w1a", "w1b", "w2a", "w2b")}
             adapters[key] = _Adapter("loha", {k: w.detach() for k, w in ws.items()}, float(module.scaling["default"]))
             covered |= {id(w) for w in ws.values()}
+        elif isinstance(module, LoKrLinear):
+            if ("default" in module.lokr_w1_a or "default" in module.lokr_t2 or module.rank_dropout["default"]
+                    or module.module_dropout["default"]):
+                raise Unsupported(f"{key}: a LoKr option (decomposed w1, CP decomposition, rank or module dropout)")
+            ws = {"w1": module.lokr_w1["default"]}
+            if "default" in module.lokr_w2:
+                ws["w2"] = module.lokr_w2["default"]
+            else:
+                ws.update(w2a=module.lokr_w2_a["default"], w2b=module.lokr_w2_b["default"])
+            adapters[key] = _Adapter("lokr", {k: w.detach() for k, w in ws.items()}, float(module.scaling["default"]))
+            covered |= {id(w) for w in ws.values()}
         elif isinstance(module, IA3Linear):
             vector = module.ia3_l["default"]
             adapters[key] = _Adapter("ia3", {"l": vector.detach().flatten()}, feedforward=bool(module.is_feedforward))
             covered.add(id(vector))
     stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
     if stray:
-        raise Unsupported(f"trainable tensors outside LoRA/LoHa/(IA)^3 linear adapters: {stray[:3]}")
+        raise Unsupported(f"trainable tensors outside LoRA/LoHa/LoKr/(IA)^3 linear adapters: {stray[:3]}")
     return adapters
 
 
@@ -209,11 +224,14 @@ class _Group:
                                                   for s in rows]), rows, trained)}
         else:
             rank = max(a.rank for a in adapters.values())
-            names = ["A", "B"] if method == "lora" else ["w1a", "w1b", "w2a", "w2b"]
+            names = {"lora": ["A", "B"], "loha": ["w1a", "w1b", "w2a", "w2b"]}.get(method, list(some.tensors))
             blocks = {}
             for n in names:
                 first = some.tensors[n]
-                shape = (rank, first.shape[1]) if n in ("A", "w1b", "w2b") else (first.shape[0], rank)
+                if method == "lokr" and n in ("w1", "w2"):  # full factors: one shape per layer
+                    shape = tuple(first.shape)
+                else:  # ranked factors, zero-padded to the group's rank
+                    shape = (rank, first.shape[1]) if n in ("A", "w1b", "w2b") else (first.shape[0], rank)
                 stacked = torch.stack([_pad(adapters[s].tensors[n].float(), shape) if s in adapters else torch.zeros(shape)
                                        for s in rows])
                 blocks[n] = flat.take(stacked, rows, trained)
@@ -260,8 +278,14 @@ class PopulationLinear(torch.nn.Module):
                     keep = 1.0 - dropout[:, None, None]
                     xs = xs * (torch.rand_like(xs) < keep).to(xs.dtype) / keep.to(xs.dtype)
                 d = torch.bmm(torch.bmm(xs, w["A"].transpose(1, 2)), w["B"].transpose(1, 2))
-            else:  # loha: (w1a w1b) * (w2a w2b), a full weight per member
+            elif g.method == "loha":  # (w1a w1b) * (w2a w2b), a full weight per member
                 delta = torch.bmm(w["w1a"], w["w1b"]) * torch.bmm(w["w2a"], w["w2b"])
+                d = torch.bmm(xs, delta.transpose(1, 2))
+            else:  # lokr: kron(w1, w2), a full weight per member
+                w1 = w["w1"]
+                w2 = w["w2"] if "w2" in w else torch.bmm(w["w2a"], w["w2b"])
+                (k, a, c), (_, b, e) = w1.shape, w2.shape
+                delta = torch.einsum("kip,kjq->kijpq", w1, w2).reshape(k, a * b, c * e)
                 d = torch.bmm(xs, delta.transpose(1, 2))
             d = (d * scale[:, None, None].to(d.dtype)).to(y.dtype)
             y = y + d if pos is None else y.index_add(0, pos, d)

@@ -24,7 +24,8 @@ def layers(*on: int) -> dict[str, bool]:
 
 
 #: Every method, placements that overlap and that do not, ranks to pad, different lrs and steps,
-#: (IA)^3 on the feed-forward input, a head-only configuration.
+#: (IA)^3 on the feed-forward input, LoKr with a low-rank and a full second factor, a head-only
+#: configuration.
 CONFIGS = [
     dict(method="lora", rank=4, alpha_ratio=2.0, dropout=0.0, targets="qv", **layers(0, 1, 2, 3, 4, 5), lr=5e-3, steps=6),
     dict(method="lora", rank=8, alpha_ratio=1.0, dropout=0.0, targets="ffn", **layers(1, 3), lr=1e-2, steps=3),
@@ -33,6 +34,8 @@ CONFIGS = [
     dict(method="ia3", targets="qkvo", **layers(0, 1), lr=1e-2, steps=6),
     dict(method="loha", rank=1, alpha_ratio=4.0, targets="qkv", **layers(5), lr=3e-3, steps=2),
     dict(method="lora", rank=2, alpha_ratio=2.0, dropout=0.0, targets="qv", **layers(), lr=1e-2, steps=2),
+    dict(method="lokr", rank=2, alpha_ratio=2.0, targets="qkvo", **layers(1, 4), lr=5e-3, steps=5),  # low-rank w2
+    dict(method="lokr", rank=32, alpha_ratio=1.0, targets="ffn", **layers(0, 2), lr=3e-3, steps=3),  # full w2
 ]
 SEEDS = [10 + i for i in range(len(CONFIGS))]
 
@@ -153,7 +156,7 @@ def test_an_adapter_it_cannot_batch_is_named():
 
 @pytest.mark.parametrize("evaluator", [InProcessEvaluator, ProcessPoolEvaluator])
 def test_evaluators_hand_a_worker_up_to_max_population_jobs(evaluator):
-    problem = PeftProblem(**{**SIZES, "max_steps": 2}, population=3, population_queue=1, methods=("lora", "ia3", "loha"))
+    problem = PeftProblem(**{**SIZES, "max_steps": 2}, population=3, population_queue=1)
     space = problem.space
     configs = [space.validate({**c, "steps": 1}) for c in space.sample(4, np.random.default_rng(0))]
     ev = evaluator()
