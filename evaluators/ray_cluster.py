@@ -504,7 +504,11 @@ class RayEvaluator(Evaluator):
                     self._slots.append(self._new_slot())
                     continue
                 return
-            jobs = [self._queue.popleft() for _ in range(min(self._population, len(self._queue)))]
+            # Populations: the queue shared evenly among the actors that can take some (idle, starting,
+            # or still to start), so two actors get half each rather than one all of it.
+            takers = sum(not s.jobs for s in self._slots) + self._size - len(self._slots)
+            share = min(self._population, -(-len(self._queue) // max(1, takers)))
+            jobs = [self._queue.popleft() for _ in range(share)]
             for job in jobs:
                 self._run(job)
             ref = (idle.actor.evaluate.remote(jobs[0]) if len(jobs) == 1

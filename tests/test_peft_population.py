@@ -173,3 +173,25 @@ def test_evaluators_hand_a_worker_up_to_max_population_jobs(evaluator):
     # One process (3 in flight / population 3): a population of three, then the last one alone.
     assert sorted(o.metadata.get("population", 1) for o in outcomes) == [1, 3, 3, 3]
     assert sorted(o.evaluation.metadata.get("population", 1) for o in outcomes) == [1, 3, 3, 3]
+
+
+
+def test_a_queue_of_populations_is_shared_evenly_among_process_workers():
+    from qd.registry import get_problem
+
+    problem = get_problem("faulty", weights={"ok": 1})
+    problem.max_population = 3  # the default evaluate_population: one evaluate per configuration
+    ev = ProcessPoolEvaluator()
+    ev.start(problem, workers=6)  # two workers of up to three each
+    try:
+        for key in range(4):
+            ev.submit(Job(key, {"behaviour": "ok", "x": key / 10}, seed=key))
+        outcomes = []
+        while len(outcomes) < 4:
+            outcomes += ev.wait(timeout=120)
+    finally:
+        ev.close()
+    assert all(o.ok for o in outcomes)
+    # Two each (not three and one): both workers train, each on half the queue.
+    assert sorted(o.metadata.get("population", 1) for o in outcomes) == [2, 2, 2, 2]
+    assert len({o.evaluation.metadata["pid"] for o in outcomes}) == 2

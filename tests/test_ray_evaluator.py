@@ -135,6 +135,22 @@ def test_an_actor_takes_up_to_max_population_jobs_per_call(ray_address):
     assert len({o.evaluation.metadata["pid"] for o in outcomes.values()}) == 1
 
 
+def test_a_queue_of_populations_is_shared_evenly_among_actors(ray_address):
+    problem = get_problem("faulty", weights={"ok": 1})
+    problem.max_population = 3
+    ev = make_evaluator("ray")
+    ev.start(problem, workers=6)  # two actors of up to three each
+    try:
+        for key in range(4):
+            ev.submit(Job(key, {"behaviour": "ok", "x": key / 10}, seed=key))
+        outcomes = _collect(ev, 4)
+    finally:
+        ev.close()
+    assert all(o.ok for o in outcomes.values())
+    assert sorted(o.metadata.get("population", 1) for o in outcomes.values()) == [2, 2, 2, 2]
+    assert len({o.evaluation.metadata["pid"] for o in outcomes.values()}) == 2
+
+
 def test_faulty_run_on_actors_records_every_failure_with_its_reason(ray_address, tmp_path):
     # Fewer hangs and exits than the default weights: each costs a new actor (and an exit two).
     weights = {"ok": 4, "raise": 2, "nan": 2, "hang": 1, "exit": 1, "oom": 2}
