@@ -136,19 +136,22 @@ def test_an_actor_takes_up_to_max_population_jobs_per_call(ray_address):
 
 
 def test_a_queue_of_populations_is_shared_evenly_among_actors(ray_address):
-    problem = get_problem("faulty", weights={"ok": 1})
+    # Each evaluation takes 4 s: the second actor is ready before the first finishes its share.
+    problem = get_problem("faulty", weights={"ok": 1}, sleep_s=4.0)
     problem.max_population = 3
     ev = make_evaluator("ray")
-    ev.start(problem, workers=6)  # two actors of up to three each
+    ev.start(problem, workers=6, timeout_s=60)  # two actors of up to three each; a timeout bounds a whole call
     try:
         for key in range(4):
             ev.submit(Job(key, {"behaviour": "ok", "x": key / 10}, seed=key))
         outcomes = _collect(ev, 4)
     finally:
         ev.close()
-    assert all(o.ok for o in outcomes.values())
-    assert sorted(o.metadata.get("population", 1) for o in outcomes.values()) == [2, 2, 2, 2]
-    assert len({o.evaluation.metadata["pid"] for o in outcomes.values()}) == 2
+    assert all(o.ok for o in outcomes.values()), [o.error for o in outcomes.values()]
+    # The first ready actor takes half (two), not three; how the rest splits depends on which actor
+    # is free first (a starting actor counts as one that can take some).
+    populations = [o.metadata.get("population", 1) for o in outcomes.values()]
+    assert max(populations) == 2 and len({o.evaluation.metadata["pid"] for o in outcomes.values()}) == 2
 
 
 def test_faulty_run_on_actors_records_every_failure_with_its_reason(ray_address, tmp_path):
