@@ -286,10 +286,10 @@ class ArchProblem(Problem):
             Int("epochs", 1, 10),
         ])
         self.fidelity = "epochs"  # more epochs: dearer and more faithful
-        self.objectives = (
-            Objective("accuracy", "maximize"),
-            Objective("params", "minimize", cheap=True),
-            Objective("latency_ms", "minimize"),
+        self.objectives = (  # scales and bounds: the units of hypervolumes and plots (qd.scaling)
+            Objective("accuracy", "maximize", bounds=(0.0, 1.0)),
+            Objective("params", "minimize", cheap=True, scale="log"),
+            Objective("latency_ms", "minimize", scale="log"),
         )
         # 10^2..10^7 covers both built-in datasets: the smallest CNN has 170 parameters, the largest ~4.9M.
         low, high = 2.0, 7.0

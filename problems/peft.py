@@ -455,9 +455,12 @@ class PeftProblem(Problem):
         if not names or len(set(names)) != len(names) or any(n not in allowed for n in names):
             raise ValueError(f"peft option objectives={names!r} is not allowed; allowed: distinct names from {allowed}")
         self.objective_list = names
+        # Hypervolumes in readable units (qd.scaling): costs and perplexity span decades, scores are shares.
         self.objectives = tuple(
             Objective(n, "minimize" if n != self.metric or self.metric == "perplexity" else "maximize",
-                      cheap=(n == "trainable_params"))
+                      cheap=(n == "trainable_params"),
+                      scale="linear" if n == self.metric and self.metric != "perplexity" else "log",
+                      bounds=(0.0, 1.0) if n == self.metric and self.metric != "perplexity" else None)
             for n in names
         )
         largest = max(trainable_params({"method": m, "rank": max_rank, "targets": "all", **{s.name: True for s in switches}},

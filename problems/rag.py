@@ -438,11 +438,11 @@ class RagProblem(Problem):
             *([Categorical("rerank_with", ("sentences", "cross-encoder"), active_if={"rerank": [True]})]
               if reranker is not None else []),
         ])
-        self.objectives = (
-            Objective("recall_at_k", "maximize"),
-            Objective("mrr", "maximize"),
-            Objective("latency_ms", "minimize"),
-            Objective("index_mb", "minimize"),
+        self.objectives = (  # scales and bounds: the units of hypervolumes and plots (qd.scaling)
+            Objective("recall_at_k", "maximize", bounds=(0.0, 1.0)),
+            Objective("mrr", "maximize", bounds=(0.0, 1.0)),
+            Objective("latency_ms", "minimize", scale="log"),
+            Objective("index_mb", "minimize", scale="log"),
         )
         self.measures = (
             Measure("log2_chunk_size", int(math.log2(CHUNK_SIZES[0])), int(math.log2(CHUNK_SIZES[-1])), integer=True),

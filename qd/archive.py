@@ -42,6 +42,7 @@ from ribs.archives import ArchiveBase, CVTArchive, GridArchive
 
 from qd.columns import Columns
 from qd.problem import Problem
+from qd.scaling import Scaling
 from qd.store import Store, Trial
 
 ArchiveKind = Literal["grid", "cvt"]
@@ -219,10 +220,20 @@ class ParetoSpec:
     front_size: int
     reference_point: tuple[float, ...]
     reference_source: str  # "problem" or "option"
+    #: The units of the per-cell hypervolumes (``qd.scaling``; empty: objective units).
+    scales: tuple[str, ...] = ()
+    bounds: tuple[tuple[float, float] | None, ...] = ()
+
+    @property
+    def scaling(self) -> Scaling:
+        if not self.scales:
+            return Scaling.identity(len(self.reference_point))
+        return Scaling(self.scales, self.bounds)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "pareto-grid", "bins": list(self.bins), "front_size": self.front_size,
-                "reference_point": list(self.reference_point), "reference_source": self.reference_source}
+                "reference_point": list(self.reference_point), "reference_source": self.reference_source,
+                **({"scaling": self.scaling.to_json()} if not self.scaling.is_identity else {})}
 
 
 def pareto_spec(problem: Problem, *, bins: Any = None, front_size: Any = 10, reference_point: Any = None,
@@ -247,8 +258,10 @@ def pareto_spec(problem: Problem, *, bins: Any = None, front_size: Any = 10, ref
                                      f"a list of {m} finite numbers, one per objective "
                                      f"({', '.join(problem.objective_names)})")
         ref, source = tuple(float(v) for v in reference_point), "option"
+    scaling = problem.scaling
+    scales, bounds = ((), ()) if scaling.is_identity else (scaling.scales, scaling.bounds)
     return ParetoSpec(bins=parse_bins(bins, problem, owner), front_size=int(front_size), reference_point=ref,
-                      reference_source=source)
+                      reference_source=source, scales=scales, bounds=bounds)
 
 
 # --- archives -----------------------------------------------------------------------------------
@@ -459,7 +472,8 @@ class ParetoArchive:
     def __init__(self, problem: Problem, spec: ParetoSpec):
         self.problem, self.spec, self.space = problem, spec, problem.space
         self.signs = np.array([o.sign for o in problem.objectives])  # x sign -> minimised
-        self._ref_min = np.array(spec.reference_point) * self.signs
+        self.scaling = spec.scaling  # hypervolumes in these units; dominance is the same in both
+        self._ref_min = self._minimised(np.array(spec.reference_point)[None])[0]
         # pyribs' grid does the cell arithmetic (bin edges, clipping, epsilon), and nothing else.
         self.grid = GridArchive(solution_dim=1, dims=spec.bins, ranges=_ranges(problem))
         self.fronts: dict[int, _Front] = {}
@@ -477,8 +491,12 @@ class ParetoArchive:
         """(n, k) measures -> (n,) integer cell indices (measures outside the bounds go to edge cells)."""
         return self.grid.index_of(np.atleast_2d(np.asarray(measures, dtype=float)))
 
+    def _minimised(self, values: np.ndarray) -> np.ndarray:
+        """(n, m) objective values -> (n, m) scaled values to minimise."""
+        return self.scaling.apply(values) * self.signs
+
     def _hypervolume(self, values: np.ndarray) -> float:
-        Y = values * self.signs
+        Y = self._minimised(values)
         Y = Y[np.all(Y < self._ref_min, axis=1)]
         return float(moocore.hypervolume(Y, ref=self._ref_min)) if len(Y) else 0.0
 
@@ -524,7 +542,7 @@ class ParetoArchive:
         if not keep[-1]:
             return 0
         if keep.sum() > self.spec.front_size:
-            contributions = moocore.hv_contributions(values[keep] * self.signs, ref=self._ref_min)
+            contributions = moocore.hv_contributions(self._minimised(values[keep]), ref=self._ref_min)
             # Smallest contribution leaves; among equals (e.g. beyond the reference), the oldest.
             drop = np.flatnonzero(keep)[int(np.argmin(contributions))]
             keep[drop] = False
@@ -597,7 +615,9 @@ def spec_from_json(data: Mapping[str, Any]) -> EliteSpec | ParetoSpec:
     kind = data.pop("type")
     if kind == "pareto":
         return ParetoSpec(bins=tuple(data["bins"]), front_size=int(data["front_size"]),
-                          reference_point=tuple(data["reference_point"]), reference_source=data["reference_source"])
+                          reference_point=tuple(data["reference_point"]), reference_source=data["reference_source"],
+                          scales=tuple(data.get("scales", ())),
+                          bounds=tuple(tuple(b) if b is not None else None for b in data.get("bounds", ())))
     if data.get("bins") is not None:
         data["bins"] = tuple(data["bins"])
     return EliteSpec(**data)

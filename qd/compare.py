@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from qd.problem import Problem
+from qd.results import Reference
 from qd.store import Store, Trial
 
 
@@ -28,7 +29,8 @@ class Comparison:
 
     rows: list[dict[str, Any]]
     figures: list[Path] = field(default_factory=list)
-    reference: tuple[float, ...] | None = None
+    reference: Reference | None = None
+    names: tuple[str, ...] = ()
     limits: tuple[float | None, float | None] = (None, None)
 
     def table(self) -> str:
@@ -53,8 +55,7 @@ class Comparison:
                      [False, False, *[True] * len(keys)])
         notes = []
         if self.reference is not None:
-            notes.append(f"hypervolume: of each run's Pareto set, reference point "
-                         f"({', '.join(num(v) for v in self.reference)}) for all runs")
+            notes.append(f"hypervolume: of each run's Pareto set, {self.reference.caption(self.names)}, for all runs")
         if self.limits != (None, None):
             notes.append(f"maps share the colour limits {num(self.limits[0])} .. {num(self.limits[1])}")
         return "\n".join([text, *notes])
@@ -65,14 +66,18 @@ def _file_name(name: str) -> str:
 
 
 def _common_reference(problems: Sequence[Problem | None], trials: Sequence[Sequence[Trial]],
-                      directions: Sequence[str]) -> tuple[float, ...] | None:
-    from qd.results import reference_point
+                      directions: Sequence[str]) -> Reference | None:
+    """One reference for all runs: their problems' point and scaling when they agree, else raw
+    units and a point from all runs' data."""
+    from qd.results import reference_of
 
-    declared = {tuple(p.reference_point) for p in problems if p is not None and p.reference_point is not None}
-    if len(declared) == 1 and all(p is not None and p.reference_point is not None for p in problems):
-        return tuple(float(v) for v in declared.pop())
-    ref = reference_point(None, [t for ts in trials for t in ts], directions)
-    return None if ref is None else ref.point
+    known = [p for p in problems if p is not None]
+    scalings = {p.scaling for p in known}
+    scaling = scalings.pop() if len(known) == len(problems) and len(scalings) == 1 else None
+    declared = {tuple(p.reference_point) if p.reference_point is not None else None for p in known}
+    point = declared.pop() if len(known) == len(problems) and len(declared) == 1 else None
+    values = [t.values for ts in trials for t in ts if t.feasible]
+    return reference_of(np.array(values) if values else np.empty((0, len(directions))), directions, scaling, point)
 
 
 def compare(storage: str, names: Sequence[str], out: str | Path, *, vmin: float | None = None,
@@ -117,7 +122,7 @@ def compare(storage: str, names: Sequence[str], out: str | Path, *, vmin: float 
     archives = [run_archive(s, p) for s, p in zip(stores, problems)]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    comparison = Comparison(rows=[])
+    comparison = Comparison(rows=[], names=tuple(obj_names))
 
     def save(fig: Any, name: str) -> None:
         fig.savefig(out / name, dpi=120)
@@ -132,7 +137,7 @@ def compare(storage: str, names: Sequence[str], out: str | Path, *, vmin: float 
             for name, ts in zip(names, trials):
                 counts, hvs = hypervolume_history(ts, directions, comparison.reference)
                 ax.plot(counts, hvs, label=name)
-            ax.set_ylabel(f"hypervolume (reference {tuple(round(r, 4) for r in comparison.reference)})")
+            ax.set_ylabel(f"hypervolume\n({comparison.reference.caption(comparison.names)})", fontsize=8)
     else:
         for name, ts in zip(names, trials):
             counts, best = best_so_far(ts, directions[0])

@@ -91,7 +91,7 @@ def archive_figure(store: Store, problem: Problem, archive: RunArchive, cols: Co
                            trial_url=lambda n: f"/dashboard/studies/{study_id}/trials?numbers={n}")
 
 
-def pareto_plotly(store: Store, cols: Columns, reference: Sequence[float] | None = None) -> go.Figure:
+def pareto_plotly(store: Store, cols: Columns, reference: Reference | None = None) -> go.Figure:
     """Several objectives: evaluated points and the Pareto set (2-D, 3-D or parallel coordinates),
     trial numbers on hover. One objective: the best value so far against finished evaluations."""
     import plotly.graph_objects as go
@@ -129,19 +129,26 @@ def pareto_plotly(store: Store, cols: Columns, reference: Sequence[float] | None
                                  mode="lines+markers", line={"shape": shape, "color": "#1f77b4"},
                                  marker={"size": 8}, name=f"Pareto set ({len(on_front)})",
                                  customdata=N[order].tolist(), hovertemplate=hover))
-        fig.update_layout(xaxis_title=labels[0], yaxis_title=labels[1])
+        fig.update_layout(xaxis_title=labels[0], yaxis_title=labels[1], xaxis_type=_axis_type(reference, 0),
+                          yaxis_type=_axis_type(reference, 1))
     elif m == 3:
         for group, color, size, label in ((rest, "lightgray", 3, "evaluated"),
                                           (on_front, "#1f77b4", 5, f"Pareto set ({len(on_front)})")):
             fig.add_trace(go.Scatter3d(x=V[group, 0].tolist(), y=V[group, 1].tolist(), z=V[group, 2].tolist(),
                                        mode="markers", name=label, marker={"color": color, "size": size},
                                        customdata=N[group].tolist(), hovertemplate=hover))
-        fig.update_layout(scene={"xaxis_title": labels[0], "yaxis_title": labels[1], "zaxis_title": labels[2]})
+        fig.update_layout(scene={f"{a}axis": {"title": labels[i], "type": _axis_type(reference, i)}
+                                 for i, a in enumerate("xyz")})
     else:
         rows = np.concatenate([rest, on_front])
+        # Scaled units: a log-scaled count reads in decades (qd.scaling); the labels say so.
+        S = reference.scaling.apply(V[rows]) if reference is not None and reference.scaling is not None else V[rows]
+        scaled = [reference.scaling.label(i, n) if reference is not None and reference.scaling is not None else n
+                  for i, n in enumerate(names)]
         fig.add_trace(go.Parcoords(
             line={"color": [0] * len(rest) + [1] * len(on_front), "colorscale": [[0, "lightgray"], [1, "#1f77b4"]]},
-            dimensions=[{"label": labels[i], "values": V[rows, i].tolist()} for i in range(m)]))
+            dimensions=[{"label": f"{scaled[i]} ({directions[i][:3]})", "values": S[:, i].tolist()}
+                        for i in range(m)]))
     text = f"Pareto set: {len(on_front)} of {len(ok)} feasible evaluations"
     if reference is not None and len(on_front):
         text += f", hypervolume {hypervolume(V[on_front], directions, reference):.5g}"
@@ -149,7 +156,13 @@ def pareto_plotly(store: Store, cols: Columns, reference: Sequence[float] | None
     return fig
 
 
-def hypervolume_curve(cols: Columns, directions: Sequence[str], reference: Sequence[float],
+def _axis_type(reference: Reference | None, i: int) -> str:
+    """Plotly's axis type for objective ``i``: "log" where it is measured on a log scale."""
+    scaling = reference.scaling if reference is not None else None
+    return "log" if scaling is not None and scaling.scales[i] == "log" else "linear"
+
+
+def hypervolume_curve(cols: Columns, directions: Sequence[str], reference: Reference | Sequence[float],
                       points: int = 200) -> tuple[np.ndarray, np.ndarray]:
     """Hypervolume after k finished evaluations at up to ``points`` values of k: (p,) counts, (p,) values."""
     fin = np.flatnonzero(cols.finished)
@@ -170,7 +183,7 @@ def hypervolume_curve(cols: Columns, directions: Sequence[str], reference: Seque
 
 
 def metrics_plotly(store: Store, problem: Problem | None, cols: Columns,
-                   reference: Sequence[float] | None) -> go.Figure | None:
+                   reference: Reference | None) -> go.Figure | None:
     """Archives: coverage and QD score against evaluations (``qd.metrics``). Several objectives
     without an archive: the hypervolume history. None when there is nothing to draw."""
     import plotly.graph_objects as go
@@ -199,7 +212,7 @@ def metrics_plotly(store: Store, problem: Problem | None, cols: Columns,
     if not len(counts):
         return None
     fig = go.Figure(go.Scatter(x=counts.tolist(), y=hvs.tolist(), mode="lines", name="hypervolume"))
-    fig.update_layout(title={"text": f"Hypervolume (reference {tuple(round(r, 4) for r in reference)})", "x": 0.02},
+    fig.update_layout(title={"text": f"Hypervolume ({reference.caption(names)})", "x": 0.02},
                       xaxis_title="finished evaluations", yaxis_title="hypervolume")
     return fig
 
@@ -240,9 +253,8 @@ def note_markdown(store: Store, problem: Problem | None, cols: Columns, archive:
         rows.append(("Pareto set", f"{len(front)} trials: " + ", ".join(f"#{n}" for n in numbers[:12])
                      + (" ..." if len(front) > 12 else "")))
         if reference is not None:
-            hv = hypervolume(cols.values[front], directions, reference.point)
-            rows.append(("hypervolume", f"{hv:.6g} (reference {_fmt(list(reference.point))}, from the "
-                                        f"{reference.source})"))
+            hv = hypervolume(cols.values[front], directions, reference)
+            rows.append(("hypervolume", f"{hv:.6g} ({reference.caption(names)})"))
     if archive is not None:
         m = archive.metrics()
         desc = archive.describe()
@@ -313,8 +325,8 @@ def publish(store: Store, problem: Problem | None = None, *, budget: int | None 
     figures: list[tuple[str, go.Figure | None]] = []
     if archive is not None and not archive.empty:
         figures.append((ARCHIVE_ID, archive_figure(store, problem, archive, cols)))
-    figures.append((PARETO_ID, pareto_plotly(store, cols, reference.point if reference else None)))
-    figures.append((METRICS_ID, metrics_plotly(store, problem, cols, reference.point if reference else None)))
+    figures.append((PARETO_ID, pareto_plotly(store, cols, reference)))
+    figures.append((METRICS_ID, metrics_plotly(store, problem, cols, reference)))
     for graph_id, fig in figures:
         if fig is not None:
             save_plotly_graph_object(store.study, fig, graph_object_id=graph_id)

@@ -353,7 +353,7 @@ class Run:
                                  f"objective; allowed: 'maxmin'")
             if self.reference is None:
                 raise ValueError(f"select: run {self.name!r} has no feasible trials, so no hypervolume reference")
-            picked = hypervolume_subset(Y, self.directions, self.reference.point, int(k))
+            picked = hypervolume_subset(Y, self.directions, self.reference, int(k))
         else:
             use_measures = among != "pareto" and self.measures and self.problem is not None
             if use_measures:

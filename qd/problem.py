@@ -14,26 +14,40 @@ import reprlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
 from qd.space import Config, Space
+
+if TYPE_CHECKING:
+    from qd.scaling import Scaling
 
 Direction = Literal["minimize", "maximize"]
 
 
 @dataclass(frozen=True)
 class Objective:
-    """An objective. ``cheap`` ones are computed by ``Problem.cheap_values`` without evaluating."""
+    """An objective. ``cheap`` ones are computed by ``Problem.cheap_values`` without evaluating.
+
+    ``scale`` and ``bounds`` say in which units hypervolumes, MOQD scores and plots measure it
+    (``qd.scaling``): ``scale="log"`` for counts and costs spanning decades (``log10(1 + value)``),
+    ``bounds=(low, high)`` for a stated range of interest, mapped to [0, 1]. Neither changes what
+    is recorded, nor which configurations are better.
+    """
 
     name: str
     direction: Direction = "minimize"
     cheap: bool = False
+    scale: str = "linear"
+    bounds: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.direction not in ("minimize", "maximize"):
             raise ValueError(f"objective {self.name!r}: direction {self.direction!r}; allowed: 'minimize', 'maximize'")
+        from qd.scaling import check_scale
+
+        object.__setattr__(self, "bounds", check_scale(self.scale, self.bounds, f"objective {self.name!r}"))
 
     @property
     def sign(self) -> float:
@@ -248,6 +262,25 @@ class Problem(ABC):
         return [o.direction for o in self.objectives]
 
     @property
+    def scaling(self) -> Scaling:
+        """The objectives' scales and bounds (``qd.scaling``): the units of hypervolumes and plots."""
+        from qd.scaling import Scaling
+
+        return Scaling.of(self.objectives)
+
+    def rescale(self, spec: Mapping[str, Any]) -> None:
+        """Give objectives a scale and bounds (the problem option ``scaling``; see ``qd.scaling.parse``).
+
+        Raises:
+            ValueError: naming the objective, the value and what is allowed.
+        """
+        from qd.scaling import parse
+
+        given = parse(spec, self.objective_names)
+        self.objectives = tuple(dataclasses.replace(o, **given[o.name]) if o.name in given else o
+                                for o in self.objectives)
+
+    @property
     def measure_names(self) -> list[str]:
         return [m.name for m in self.measures]
 
@@ -300,7 +333,9 @@ class Problem(ABC):
         return {
             "name": self.name,
             "doc": (type(self).__doc__ or "").strip().split("\n")[0],
-            "objectives": [{"name": o.name, "direction": o.direction, "cheap": o.cheap} for o in self.objectives],
+            "objectives": [{"name": o.name, "direction": o.direction, "cheap": o.cheap,
+                            **({"scale": o.scale} if o.scale != "linear" else {}),
+                            **({"bounds": list(o.bounds)} if o.bounds is not None else {})} for o in self.objectives],
             "measures": [{"name": m.name, "low": m.low, "high": m.high,
                           **({"integer": True} if m.integer else {}), **({"labels": list(m.labels)} if m.labels else {})}
                          for m in self.measures],

@@ -51,16 +51,21 @@ def problem_class(name: str) -> type[Problem]:
 def get_problem(name: str, **options: Any) -> Problem:
     """Build a registered problem; unknown options are rejected with the allowed ones."""
     cls = problem_class(name)
+    # ``scaling`` is every problem's option (qd.scaling): it is kept with the others so a run rebuilds it.
+    scaling = options.pop("scaling", None)
     params = inspect.signature(cls.__init__).parameters
     allowed = [p for p in params if p != "self" and params[p].kind in (params[p].KEYWORD_ONLY, params[p].POSITIONAL_OR_KEYWORD)]
     unknown = sorted(set(options) - set(allowed))
     if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
         from qd.suggest import did_you_mean
 
-        raise ValueError(f"problem {name!r}: unknown option(s) {unknown}; allowed options: {allowed}"
-                         f"{did_you_mean(unknown, allowed)}")
+        raise ValueError(f"problem {name!r}: unknown option(s) {unknown}; allowed options: {allowed + ['scaling']}"
+                         f"{did_you_mean(unknown, allowed + ['scaling'])}")
     problem = cls(**options)
     problem.name = name
+    if scaling is not None:
+        problem.rescale(scaling)
+        options["scaling"] = scaling
     problem.options = dict(options)
     return problem
 

@@ -89,10 +89,11 @@ def write_figures(run: Run, out: Path) -> list[Path]:
         written.append(out / name)
 
     if len(run.objectives) > 1:
-        save(pareto_figure(trials, run.objectives, run.directions, title), "pareto_front.png")
+        scaling = run.problem.scaling if run.problem is not None else None
+        save(pareto_figure(trials, run.objectives, run.directions, title, scaling), "pareto_front.png")
         if run.reference is not None:
-            counts, hvs = hypervolume_history(trials, run.directions, run.reference.point)
-            save(hypervolume_figure(counts, hvs, run.reference.point, title), "hypervolume.png")
+            counts, hvs = hypervolume_history(trials, run.directions, run.reference)
+            save(hypervolume_figure(counts, hvs, run.reference, title, run.objectives), "hypervolume.png")
     elif any(t.finished for t in trials):
         save(best_so_far_figure(trials, run.objectives[0], run.directions[0], title), "best_so_far.png")
     if run.archive is not None and not run.archive.empty:

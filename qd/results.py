@@ -11,6 +11,7 @@ import numpy as np
 
 from qd.columns import Columns
 from qd.problem import Problem
+from qd.scaling import Scaling
 from qd.store import Store, Trial
 
 
@@ -37,18 +38,34 @@ def pareto_front_mask(values: np.ndarray, directions: Sequence[str]) -> np.ndarr
 
 
 def reference_point_of_values(problem: Problem | None, values: np.ndarray, directions: Sequence[str]) -> Reference | None:
-    """The problem's declared point, else the worst of (n, m) feasible ``values`` per objective
-    pushed 10% of the range out (None when there are none)."""
-    if problem is not None and problem.reference_point is not None:
-        return Reference(tuple(float(v) for v in problem.reference_point), "problem")
+    """The hypervolume reference of a run of ``problem`` (``reference_of`` with its scaling and point)."""
+    return reference_of(values, directions, problem.scaling if problem is not None else None,
+                        problem.reference_point if problem is not None else None)
+
+
+def reference_of(values: np.ndarray, directions: Sequence[str], scaling: Scaling | None = None,
+                 declared: Sequence[float] | None = None) -> Reference | None:
+    """A hypervolume reference in objective units, measured in ``scaling``'s units.
+
+    The ``declared`` point (a problem's); else, when every objective has bounds (``qd.scaling``),
+    the bounds' worst corner; else the worst of (n, m) feasible ``values`` per objective pushed 10%
+    of the range out, in scaled units. None when there is neither a point nor a value.
+    """
+    scaling = scaling if scaling is not None else Scaling.identity(len(directions))
+    if declared is not None:
+        return Reference(tuple(float(v) for v in declared), "problem", scaling)
+    if scaling.bounded:
+        corner = [b[1] if d == "minimize" else b[0] for b, d in zip(scaling.bounds, directions)]
+        return Reference(tuple(float(v) for v in corner), "bounds", scaling)
     values = np.asarray(values, dtype=float).reshape(-1, len(directions))
     if not len(values):
         return None
-    Y = _minimised(values, directions)
+    Y = _minimised(scaling.apply(values), directions)
     worst, best = Y.max(axis=0), Y.min(axis=0)
     span = np.where(worst > best, worst - best, np.maximum(np.abs(worst), 1.0))
     ref_min = worst + 0.1 * span
-    return Reference(tuple(float(v) for v in _minimised(ref_min[None, :], directions)[0]), "data")
+    point = scaling.invert(_minimised(ref_min[None, :], directions))[0]
+    return Reference(tuple(float(v) for v in point), "data", scaling)
 
 
 def feasible(trials: Sequence[Trial]) -> list[Trial]:
@@ -72,38 +89,59 @@ def pareto_trials(trials: Sequence[Trial], directions: Sequence[str]) -> list[Tr
 
 @dataclass(frozen=True)
 class Reference:
-    """A hypervolume reference point in objective units, and where it came from."""
+    """A hypervolume reference point in objective units, where it came from ("problem", "bounds",
+    "data" or "option"), and the scaling the hypervolume is measured in (``qd.scaling``)."""
 
     point: tuple[float, ...]
-    source: str  # "problem" or "data"
+    source: str
+    scaling: Scaling | None = None
+
+    def caption(self, names: Sequence[str]) -> str:
+        """E.g. "reference (0.5, 1e+06) from the data; params on a log scale": what a hypervolume
+        figure is measured against and in which units."""
+        text = f"reference ({', '.join(f'{v:.4g}' for v in self.point)}) from the {self.source}"
+        if self.scaling is not None and not self.scaling.is_identity:
+            scaled = [self.scaling.label(i, n) for i, n in enumerate(names)
+                      if self.scaling.scales[i] != "linear" or self.scaling.bounds[i] is not None]
+            text += "; measured in " + ", ".join(scaled)
+        if self.source == "bounds":
+            text += " (1 = the whole box of the bounds)"
+        return text
+
+    def describe(self, names: Sequence[str]) -> dict[str, Any]:
+        """What ``qd show --json`` and the reports print about it."""
+        scaled = self.scaling.describe(names) if self.scaling is not None else {}
+        return {"point": list(self.point), "source": self.source, **({"scaling": scaled} if scaled else {})}
 
 
 def reference_point(problem: Problem | None, trials: Sequence[Trial], directions: Sequence[str]) -> Reference | None:
-    """The problem's declared point, else the worst feasible value per objective pushed 10% of the range out."""
-    if problem is not None and problem.reference_point is not None:
-        return Reference(tuple(float(v) for v in problem.reference_point), "problem")
+    """``reference_point_of_values`` over the feasible ones of ``trials``."""
     ok = feasible(trials)
-    if not ok:
-        return None
-    Y = _minimised(np.array([t.values for t in ok]), directions)
-    worst, best = Y.max(axis=0), Y.min(axis=0)
-    span = np.where(worst > best, worst - best, np.maximum(np.abs(worst), 1.0))
-    ref_min = worst + 0.1 * span
-    return Reference(tuple(float(v) for v in _minimised(ref_min[None, :], directions)[0]), "data")
+    values = np.array([t.values for t in ok]) if ok else np.empty((0, len(directions)))
+    return reference_point_of_values(problem, values, directions)
 
 
-def hypervolume(values: np.ndarray, directions: Sequence[str], reference: Sequence[float]) -> float:
-    """Hypervolume of (n, m) objective values against ``reference`` (points beyond it add nothing)."""
+def hypervolume(values: np.ndarray, directions: Sequence[str], reference: Reference | Sequence[float]) -> float:
+    """Hypervolume of (n, m) objective values against ``reference`` (points beyond it add nothing).
+
+    A ``Reference`` carries the scaling the volume is measured in; a bare point means raw units.
+    """
+    scaling = reference.scaling if isinstance(reference, Reference) else None
+    point = reference.point if isinstance(reference, Reference) else reference
     values = np.asarray(values, dtype=float).reshape(-1, len(directions))
+    point = np.asarray(point, dtype=float)[None, :]
+    if scaling is not None and not scaling.is_identity:
+        values, point = scaling.apply(values), scaling.apply(point)
     Y = _minimised(values, directions)
-    ref = _minimised(np.asarray(reference, dtype=float)[None, :], directions)[0]
+    ref = _minimised(point, directions)[0]
     Y = Y[np.all(Y < ref, axis=1)]
     if len(Y) == 0:
         return 0.0
     return float(moocore.hypervolume(Y, ref=ref))
 
 
-def hypervolume_history(trials: Sequence[Trial], directions: Sequence[str], reference: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def hypervolume_history(trials: Sequence[Trial], directions: Sequence[str],
+                        reference: Reference | Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """Hypervolume after each finished evaluation: (k,) evaluation counts and (k,) hypervolumes."""
     counts, hvs, points = [], [], []
     finished = [t for t in trials if t.finished]
@@ -150,7 +188,7 @@ def summary(store: Store, problem: Problem | None = None, cols: Columns | None =
     front = front[np.argsort(cols.values[front, 0], kind="stable")] if len(front) else front
     # One objective: the best trial is the answer; a one-dimensional "hypervolume" is only a shifted best value.
     ref = reference_point_of_values(problem, cols.values[ok], directions) if len(directions) > 1 else None
-    hv = hypervolume(cols.values[front], directions, ref.point) if (ref and len(front)) else None
+    hv = hypervolume(cols.values[front], directions, ref) if (ref and len(front)) else None
     configs = store.to_trials(cols.select(front)) if len(front) else []
     failed = np.flatnonzero((cols.state == 2) & ~cols.stale)
     best = None
@@ -171,7 +209,7 @@ def summary(store: Store, problem: Problem | None = None, cols: Columns | None =
                           **({"measures": t.measures} if t.measures else {})} for t in configs],
         "best": {"number": best.number, "value": best.values[0], "params": best.params} if best else None,
         "hypervolume": hv,
-        "hypervolume_reference": {"point": list(ref.point), "source": ref.source} if ref else None,
+        "hypervolume_reference": ref.describe(store.objective_names) if ref else None,
         "failures": [{"number": int(cols.number[i]), "reason": (cols.reason[i] or "").split("\n")[0]}
                      for i in failed[:MAX_LISTED_FAILURES].tolist()],
         **({"archive": _archive_summary(store, problem, cols)}

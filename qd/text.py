@@ -68,8 +68,20 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str], right: Sequence[
 def _ref_text(ref: Mapping[str, Any]) -> str:
     point = "(" + ", ".join(num(v) for v in ref["point"]) + ")"
     source = {"problem": "declared by the problem", "data": "from the data: 10% beyond the worst values seen",
-              "option": "the strategy's option"}.get(ref["source"], ref["source"])
-    return f"reference point {point}, {source}"
+              "option": "the strategy's option",
+              "bounds": "the worst corner of the objectives' bounds (1 = the whole box)"}.get(ref["source"], ref["source"])
+    text = f"reference point {point}, {source}"
+    scaled = ref.get("scaling") or {}
+    if scaled:
+        text += "; measured in " + ", ".join(_scaled_name(n, s) for n, s in scaled.items())
+    return text
+
+
+def _scaled_name(name: str, entry: Mapping[str, Any]) -> str:
+    from qd.scaling import Scaling
+
+    one = Scaling((entry["scale"],), (tuple(entry["bounds"]) if entry.get("bounds") else None,))
+    return one.label(0, name)
 
 
 def summary_text(result: Mapping[str, Any], *, header: bool = True, budget: int | None = None) -> str:

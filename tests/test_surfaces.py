@@ -422,4 +422,7 @@ def test_readme_problem_example_runs(tmp_path):
     assert len(trials) == 12 and all(t.state == "complete" for t in trials)
     assert all(("momentum" in t.params) == (t.params["optimizer"] == "sgd") for t in trials)
     assert all(t.values[1] == problem.cheap_values(t.params)["params"] for t in trials)
-    assert summary(store, problem)["hypervolume_reference"] == {"point": [0.0, 1e6, 60.0], "source": "problem"}
+    assert summary(store, problem)["hypervolume_reference"] == {
+        "point": [0.0, 1e6, 60.0], "source": "problem",
+        "scaling": {"accuracy": {"scale": "linear", "bounds": [0.0, 1.0]}, "params": {"scale": "log"},
+                    "seconds": {"scale": "log"}}}
