@@ -25,7 +25,7 @@ from __future__ import annotations
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -75,9 +75,11 @@ def _title(store: Store) -> str:
     return f"{store.info.name}: {store.info.problem} / {store.info.strategy}"
 
 
-def archive_figure(store: Store, problem: Problem, archive: RunArchive, cols: Columns | None = None) -> go.Figure:
+def archive_figure(store: Store, problem: Problem, archive: RunArchive, cols: Columns | None = None,
+                   pages: Mapping[int, int] | None = None) -> go.Figure:
     """The archive as a native plotly heatmap (``qd.figures.archive_heatmap``): hovering a cell
-    shows its bin ranges, value and trial number; each filled cell links to its trial's page."""
+    shows its bin ranges, value and qd's trial number; a filled cell whose trial is in the study
+    links to its page there (``pages``: qd number -> dashboard trial number, ``Mirror.pages``)."""
     from qd.explore import elite_rows
     from qd.figures import archive_heatmap
 
@@ -88,7 +90,8 @@ def archive_figure(store: Store, problem: Problem, archive: RunArchive, cols: Co
     score = f"MOQD score {m['moqd_score']:.4g}" if "moqd_score" in m else f"QD score {m['qd_score']:.4g}"
     return archive_heatmap(archive, trials=elites, height=CARD_HEIGHT_PX,
                            title=f"Archive: coverage {m['coverage']:.1%}, {score}",
-                           trial_url=lambda n: f"/dashboard/studies/{study_id}/trials?numbers={n}")
+                           trial_url=lambda n: (f"/dashboard/studies/{study_id}/trials?numbers={pages[n]}"
+                                                if pages is not None and n in pages else None))
 
 
 def pareto_plotly(store: Store, cols: Columns, reference: Reference | None = None) -> go.Figure:
@@ -314,17 +317,18 @@ def publish(store: Store, problem: Problem | None = None, *, budget: int | None 
         archive = archive_for_run(store, problem, cols)
     if budget is None:
         budget = store.attrs().get(BUDGET_KEY)
-    mirrored = None
+    mirrored, pages = None, None
     if problem is not None:
         featured, elites = featured_numbers(cols, archive, directions)
         bins = _cell_bins(archive)
         mirror = Mirror(store, problem)
         mirror.sync(cols, featured, elites, bins, time_budget_s=mirror_budget_s)
         mirrored = len(mirror.mirrored())
+        pages = mirror.pages()
     written = []
     figures: list[tuple[str, go.Figure | None]] = []
     if archive is not None and not archive.empty:
-        figures.append((ARCHIVE_ID, archive_figure(store, problem, archive, cols)))
+        figures.append((ARCHIVE_ID, archive_figure(store, problem, archive, cols, pages)))
     figures.append((PARETO_ID, pareto_plotly(store, cols, reference)))
     figures.append((METRICS_ID, metrics_plotly(store, problem, cols, reference)))
     for graph_id, fig in figures:

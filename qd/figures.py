@@ -207,7 +207,8 @@ def archive_heatmap(archive: Any, *, trials: Sequence[Trial] | None = None, titl
         title: the figure title.
         vmin, vmax: colour limits in objective units (shared limits make several runs' maps
             comparable, as pyribs' ``vmin``/``vmax``); default: the archive's own range.
-        trial_url: trial number -> URL; filled cells then carry a link to their (first) trial.
+        trial_url: trial number -> URL (or None for a trial without a page); filled cells then
+            carry a link to their (first) trial.
         measure_names, measures: names / ``Measure`` objects for a bare pyribs archive.
         height: figure height in pixels.
 
@@ -242,7 +243,8 @@ def archive_heatmap(archive: Any, *, trials: Sequence[Trial] | None = None, titl
             for (by, bx), i in first.items():
                 if c.numbers[i]:
                     n = c.numbers[i][0]
-                    text[by, bx] = f"<a href=\"{trial_url(n)}\" target=\"_top\">#{n}</a>"
+                    url = trial_url(n)  # None: the trial has no page (not copied to the dashboard's study)
+                    text[by, bx] = f"<a href=\"{url}\" target=\"_top\">#{n}</a>" if url else f"#{n}"
         lines = [f"{c.names[0]}: %{{customdata[0]}}"] + ([f"{c.names[1]}: %{{customdata[1]}}"] if k >= 2 else [])
         lines += [f"{c.value_label.split(' (reference')[0]}: %{{z:.5g}}", "trial %{customdata[2]}"]
         if k > 2:
