@@ -26,13 +26,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from qd.checks import OptionError
+
 TABLE_FORMATS = ("auto", "csv", "tsv", "jsonl", "parquet", "arrow")
 _SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
              ".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow"}
 DOCUMENT_SUFFIXES = (".txt", ".md")
 
 
-class DataError(ValueError):
+class DataError(OptionError):
     """A data option that cannot be used; the message names the option, the value and what was expected."""
 
 

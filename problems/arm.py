@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from qd.checks import check_int
 from qd.problem import BatchEvaluation, Evaluation, Measure, Objective, Problem
 from qd.space import Config, Float, Space
 
@@ -38,9 +39,7 @@ class Arm(Problem):
     vectorized = True
 
     def __init__(self, dof: int = 12):
-        if isinstance(dof, bool) or not isinstance(dof, (int, np.integer)) or dof < 2:
-            raise ValueError(f"arm: option dof={dof!r} is not allowed; allowed: an integer >= 2")
-        self.dof = int(dof)
+        self.dof = check_int(dof, "dof", "arm", low=2)
         self.space = Space([Float(f"theta{i}", -math.pi, math.pi) for i in range(self.dof)])
         self.objectives = (Objective("score", "maximize"),)
         reach = float(self.dof)

@@ -62,6 +62,7 @@ from typing import Any
 
 import numpy as np
 
+from qd.checks import check_device, check_int, check_number
 from qd.problem import Evaluation, Measure, Objective, Problem, Resources
 from qd.space import Bool, Categorical, Config, Float, Int, Space
 
@@ -384,18 +385,13 @@ class RagProblem(Problem):
         - ``data_seed``: fixes the question and paragraph samples.
         """
         for name, value in (("n_questions", n_questions), ("n_paragraphs", n_paragraphs)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"rag option {name}={value!r} is not allowed; allowed: an integer >= 1, or None for all")
+            check_int(value, name, "rag", low=1, none=True)  # None: all
         if n_paragraphs is not None and n_paragraphs > 240:
             raise ValueError(f"rag option n_paragraphs={n_paragraphs!r} is not allowed; allowed: 1..240 (XQuAD-en has 240), or None")
-        if isinstance(embed_batch, bool) or not isinstance(embed_batch, int) or embed_batch < 1:
-            raise ValueError(f"rag option embed_batch={embed_batch!r} is not allowed; allowed: an integer >= 1")
-        if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(device))):
-            raise ValueError(f"rag option device={device!r} is not allowed; allowed: 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        if isinstance(gpus_per_eval, bool) or not isinstance(gpus_per_eval, (int, float)) or not 0 < gpus_per_eval <= 1:
-            raise ValueError(f"rag option gpus_per_eval={gpus_per_eval!r} is not allowed; allowed: a number in (0, 1]")
-        if isinstance(data_seed, bool) or not isinstance(data_seed, int):
-            raise ValueError(f"rag option data_seed={data_seed!r} is not allowed; allowed: an integer")
+        check_int(embed_batch, "embed_batch", "rag", low=1)
+        check_device(device, "device", "rag")
+        check_number(gpus_per_eval, "gpus_per_eval", "rag", low=0, low_open=True, high=1)
+        check_int(data_seed, "data_seed", "rag")
         self.n_questions, self.n_paragraphs = n_questions, n_paragraphs
         self.device_option, self.embed_batch, self.data_seed = device, embed_batch, data_seed
         self.corpus_path, self.questions_path = corpus, questions

@@ -40,6 +40,7 @@ import moocore
 import numpy as np
 from ribs.archives import ArchiveBase, CVTArchive, GridArchive
 
+from qd.checks import OptionError
 from qd.columns import Columns
 from qd.problem import Problem
 from qd.scaling import Scaling
@@ -55,8 +56,8 @@ MAX_DEFAULT_BINS = 20
 CVT_SAMPLES_PER_CELL = 10
 
 
-class ArchiveOptionError(ValueError):
-    """A bad archive option; the message names the option, the value and what is allowed."""
+class ArchiveOptionError(OptionError):
+    """A bad option of a run's archive (bins, cells, reference point, learning rate, ...)."""
 
 
 # --- options ------------------------------------------------------------------------------------

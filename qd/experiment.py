@@ -31,10 +31,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from qd.checks import QdError, is_int, is_number
+
 DEFAULT_STORAGE = "sqlite:///qd.db"
 
 
-class ExperimentError(ValueError):
+class ExperimentError(QdError, ValueError):
     """An experiment file or flag that is wrong; the message names field, value and what is allowed."""
 
 
@@ -75,9 +77,9 @@ _ALLOWED_TEXT = {str: "a string", int: "an integer", float: "a number", bool: "t
 
 
 def _typed(where: str, value: Any, kind: type) -> Any:
-    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        ok, value = True, float(value)
+    ok = is_int(value) if kind is int else is_number(value) if kind is float else isinstance(value, kind)
+    if kind is float and ok:
+        value = float(value)
     if not ok:
         raise ExperimentError(f"{where} = {value!r} is not allowed; allowed: {_ALLOWED_TEXT[kind]}")
     return value

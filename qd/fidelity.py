@@ -39,6 +39,7 @@ from typing import Any
 import moocore
 import numpy as np
 
+from qd.checks import OptionError
 from qd.noise import config_key
 from qd.problem import Problem
 from qd.space import Categorical, Config, Float, Int
@@ -49,7 +50,7 @@ from qd.strategy import Strategy
 MAX_RUNGS = 4
 
 
-class FidelityError(ValueError):
+class FidelityError(OptionError):
     """A bad multi-fidelity option; the message names it, the value and what is allowed."""
 
 

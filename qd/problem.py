@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
+from qd.checks import QdError
 from qd.space import Config, Space
 
 if TYPE_CHECKING:
@@ -143,7 +144,7 @@ class BatchEvaluation:
     errors: Sequence[str | None] | None = None
 
 
-class EvaluationError(ValueError):
+class EvaluationError(QdError, ValueError):
     """An evaluation result that cannot be recorded as complete (wrong type or shape, NaN, inf, too large)."""
 
 

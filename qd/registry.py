@@ -14,6 +14,7 @@ from importlib.metadata import EntryPoint, PackageNotFoundError, distribution, e
 from pathlib import Path
 from typing import Any
 
+from qd.checks import accepted_options, check_name, check_option_names
 from qd.problem import Problem
 
 GROUP = "qd.problems"
@@ -37,11 +38,7 @@ def problem_names() -> list[str]:
 
 def problem_class(name: str) -> type[Problem]:
     eps = _entry_points()
-    if name not in eps:
-        from qd.suggest import did_you_mean
-
-        raise ValueError(f"problem {name!r} is not registered; registered problems: {sorted(eps)}"
-                         f"{did_you_mean([name], eps)}")
+    check_name(name, "problem", list(eps))
     cls = eps[name].load()
     if not (inspect.isclass(cls) and issubclass(cls, Problem)):
         raise TypeError(f"entry point {name!r} ({eps[name].value}) is not a qd.Problem subclass")
@@ -53,14 +50,8 @@ def get_problem(name: str, **options: Any) -> Problem:
     cls = problem_class(name)
     # ``scaling`` is every problem's option (qd.scaling): it is kept with the others so a run rebuilds it.
     scaling = options.pop("scaling", None)
-    params = inspect.signature(cls.__init__).parameters
-    allowed = [p for p in params if p != "self" and params[p].kind in (params[p].KEYWORD_ONLY, params[p].POSITIONAL_OR_KEYWORD)]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        from qd.suggest import did_you_mean
-
-        raise ValueError(f"problem {name!r}: unknown option(s) {unknown}; allowed options: {allowed + ['scaling']}"
-                         f"{did_you_mean(unknown, allowed + ['scaling'])}")
+    allowed = accepted_options(cls)
+    check_option_names(options, None if allowed is None else [*allowed, "scaling"], f"problem {name!r}")
     problem = cls(**options)
     problem.name = name
     if scaling is not None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 import optuna
 from optuna.distributions import (
     BaseDistribution,
@@ -33,6 +34,8 @@ from optuna.distributions import (
     IntDistribution,
 )
 
+from qd.checks import QdError
+
 Config = dict[str, Any]
 Scalar = bool | int | float | str | None
 
@@ -40,7 +43,7 @@ INACTIVE = 0.5
 _ABSENT = object()  # an inactive entry of a raw row (see ``Space.from_raw``)
 
 
-class SpaceError(ValueError):
+class SpaceError(QdError, ValueError):
     """A configuration or a space definition that breaks the rules; the message says how."""
 
 

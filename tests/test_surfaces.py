@@ -99,10 +99,10 @@ def test_show_without_a_name_lists_runs_as_a_table(url, capsys):
 
 # --- CLI ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args, message", [
-    (["--problem", "zdt1", "--strategy", "botorh"], "strategy 'botorh' is not available; allowed: ["),
+    (["--problem", "zdt1", "--strategy", "botorh"], "strategy 'botorh' is not registered; registered strategies: ["),
     (["--problem", "zdt", "--strategy", "random"], "problem 'zdt' is not registered"),
     (["--problem", "zdt1", "--strategy", "nsga2", "-S", "population=4"], "unknown option(s) ['population']"),
-    (["--problem", "zdt1", "--evaluator", "proces"], "evaluator 'proces' is unknown"),
+    (["--problem", "zdt1", "--evaluator", "proces"], "evaluator 'proces' is not registered"),
 ])
 def test_a_typo_gets_did_you_mean(tmp_path, capsys, args, message):
     code, _, err = _cli(capsys, "run", *args, "--storage", f"sqlite:///{tmp_path}/x.db", "--budget", "3")

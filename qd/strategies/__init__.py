@@ -19,6 +19,7 @@ import inspect
 from importlib.metadata import entry_points
 from typing import Any
 
+from qd.checks import accepted_options, check_name, check_option_names
 from qd.problem import Problem
 from qd.strategy import Strategy
 
@@ -54,11 +55,7 @@ def strategy_names() -> list[str]:
 
 
 def strategy_class(name: str) -> type[Strategy]:
-    if name not in strategy_names():
-        from qd.suggest import did_you_mean
-
-        raise ValueError(f"strategy {name!r} is not available; allowed: {strategy_names()}"
-                         f"{did_you_mean([name], strategy_names())}")
+    check_name(name, "strategy", strategy_names())
     module, attr = _targets()[name].split(":")
     return getattr(importlib.import_module(module), attr)
 
@@ -66,11 +63,11 @@ def strategy_class(name: str) -> type[Strategy]:
 def allowed_options(cls: type[Strategy]) -> list[str] | None:
     """Option names a strategy accepts (None: any)."""
     target = getattr(cls, "sampler_class", cls)
-    params = inspect.signature(target.__init__).parameters
-    if not hasattr(cls, "sampler_class") and any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return None
-    skip = {"self", "problem", "seed", "constraints_func", "args", "kwargs"}
-    return [p for p, v in params.items() if p not in skip and v.kind != v.VAR_KEYWORD]
+    skip = ("self", "problem", "seed", "constraints_func")
+    if not hasattr(cls, "sampler_class"):
+        return accepted_options(target, skip)
+    params = inspect.signature(target.__init__).parameters  # an Optuna sampler: its named options only
+    return [p for p, v in params.items() if p not in skip and v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]
 
 
 #: Options of the wrappers, accepted by every strategy (see the module docstring).
@@ -90,13 +87,8 @@ def check_options(name: str, options: dict[str, Any]) -> None:
     cls = strategy_class(name)
     allowed = allowed_options(cls)
     own, wrapped = _wrapper_options(cls, options)
-    unknown = sorted(set(own) - set(allowed or own))
-    if unknown:
-        extra = [k for k in (*FIDELITY_OPTIONS, *BACKGROUND_OPTIONS) if k not in (allowed or [])]
-        from qd.suggest import did_you_mean
-
-        raise ValueError(f"strategy {name!r}: unknown option(s) {unknown}; allowed options: {allowed} "
-                         f"and, for every strategy, {extra}{did_you_mean(unknown, [*(allowed or []), *extra])}")
+    extra = [k for k in (*FIDELITY_OPTIONS, *BACKGROUND_OPTIONS) if k not in (allowed or [])]
+    check_option_names(own, allowed, f"strategy {name!r}", f" and, for every strategy, {extra}")
     fidelity = wrapped.get("fidelity")
     if fidelity not in (None, "asha"):
         raise ValueError(f"strategy {name!r}: option fidelity={fidelity!r} is not allowed; allowed: null (single "
