@@ -20,8 +20,8 @@ Conventions:
   ``space.encode(trial.params)``, so a rebuilt archive holds exactly what a live one held.
 - Only complete, feasible trials (constraints <= 0) with measures are inserted; failed and
   infeasible ones are left out (they are in the store, not in the map).
-- pyribs maximises. An elite archive stores ``sign * value`` (``sign`` = +1 to maximise, -1 to
-  minimise) and reports values back in the objective's own units. ``qd_score_offset`` is given
+- pyribs maximises. An elite archive stores ``score_factor * value`` (``score_factor`` = +1 to
+  maximise, -1 to minimise: minus the objective's ``sign``) and reports values back in the objective's own units. ``qd_score_offset`` is given
   in objective units: the value that counts as zero in the QD score (default: the problem's
   reference point for that objective if it declares one, else 0), so every elite adds
   ``|value - offset|`` when it is better than the offset.
@@ -42,7 +42,7 @@ from ribs.archives import ArchiveBase, CVTArchive, GridArchive
 
 from qd.checks import OptionError
 from qd.columns import Columns
-from qd.problem import Problem
+from qd.problem import Problem, sign_of
 from qd.scaling import Scaling
 from qd.store import Store, Trial
 
@@ -136,9 +136,9 @@ class EliteSpec:
     fidelity_top: Any = None
 
     @property
-    def sign(self) -> float:
-        """Multiply an objective value by this to get the number pyribs maximises."""
-        return 1.0 if self.direction == "maximize" else -1.0
+    def score_factor(self) -> float:
+        """Multiply an objective value by this to get the number pyribs maximises (``-sign_of``)."""
+        return -sign_of(self.direction)
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "objective": self.objective, "direction": self.direction,
@@ -280,7 +280,7 @@ class EliteArchive:
 
     def __init__(self, problem: Problem, spec: EliteSpec):
         self.problem, self.spec, self.space = problem, spec, problem.space
-        d, sign = problem.space.dim, spec.sign
+        d, sign = problem.space.dim, spec.score_factor
         offset = sign * spec.qd_score_offset
         common = {"solution_dim": d, "ranges": _ranges(problem), "qd_score_offset": offset, "seed": spec.seed}
         if spec.kind == "grid":
@@ -332,7 +332,7 @@ class EliteArchive:
             self.add_trials(trials_of(cols.select(ok), self.space))
             return
         X = self.space.encode_raw(cols.raw[ok])
-        objective = self.spec.sign * cols.values[ok, self.spec.objective_index]
+        objective = self.spec.score_factor * cols.values[ok, self.spec.objective_index]
         measures = cols.measures[ok]
         if self.spec.learning_rate is None:
             self.archive.add(solution=X, objective=objective, measures=measures)
@@ -358,9 +358,9 @@ class EliteArchive:
 
     # objective <-> the maximised number pyribs stores
     def internal_objective(self, trials: Sequence[Trial]) -> np.ndarray:
-        """(n,) maximised objective of complete trials (``sign * value``)."""
+        """(n,) maximised objective of complete trials (``score_factor * value``)."""
         i = self.spec.objective_index
-        return np.array([self.spec.sign * t.values[i] for t in trials], dtype=float)
+        return np.array([self.spec.score_factor * t.values[i] for t in trials], dtype=float)
 
     def add(self, solutions: np.ndarray, trials: Sequence[Trial]) -> dict[str, np.ndarray]:
         """Insert the insertable rows of (n, d) ``solutions`` (results in ``trials``) as one batch.
@@ -424,7 +424,7 @@ class EliteArchive:
 
     def best_value(self) -> float | None:
         best = self.result.stats.obj_max
-        return None if best is None else float(self.spec.sign * best)
+        return None if best is None else float(self.spec.score_factor * best)
 
     def metrics(self) -> dict[str, Any]:
         """Coverage, QD score (offset per ``spec``), normalised QD score, elites, best value."""
@@ -440,7 +440,7 @@ class EliteArchive:
         """The result archive's elites: ``solution`` (e, d), ``objective`` (e,) in objective units,
         ``measures`` (e, k), ``index`` (e,)."""
         data = self.result.data()
-        out = {"solution": data["solution"], "objective": self.spec.sign * data["objective"],
+        out = {"solution": data["solution"], "objective": self.spec.score_factor * data["objective"],
                "measures": data["measures"], "index": data["index"]}
         if self.repeats is not None:  # aggregated: objective and measures are means; add spread and count
             from qd.noise import config_key

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import qmc
 
-from qd.noise import config_key
+from qd.space import config_key
 from qd.space import Config
 from qd.store import Trial
 from qd.strategy import Strategy
@@ -94,7 +94,7 @@ class BackgroundAsks(Strategy):
 
     # --- Strategy ------------------------------------------------------------------------------
     def _key(self, config: Config) -> bytes:
-        return config_key(self.space.encode(config))
+        return self.space.key(config)
 
     def _run(self, n: int, pending: list[Config]) -> None:
         try:

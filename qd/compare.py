@@ -105,8 +105,7 @@ def compare(storage: str, names: Sequence[str], out: str | Path, *, vmin: float 
     if len(names) < 2 or len(set(names)) != len(names):
         raise ValueError(f"compare: runs {list(names)!r} are not allowed; allowed: two or more different run names")
     stores = [Store.open(storage, n) for n in names]
-    objectives = [(tuple(s.study.metric_names or ()), tuple(d.name.lower() for d in s.study.directions))
-                  for s in stores]
+    objectives = [(tuple(s.objective_names), tuple(s.directions)) for s in stores]
     if len(set(objectives)) != 1:
         raise ValueError("compare: the runs have different objectives: "
                          + "; ".join(f"{n}: {list(o[0])} {list(o[1])}" for n, o in zip(names, objectives))

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qd.columns import Columns
-from qd.problem import Problem
+from qd.problem import Problem, sign_of
 from qd.results import Reference, hypervolume, pareto_front_mask, reference_point_of_values
 from qd.run import Listener, RunState
 from qd.store import Store
@@ -110,7 +110,7 @@ def pareto_plotly(store: Store, cols: Columns, reference: Reference | None = Non
     if m == 1:
         fin = np.flatnonzero(cols.finished)
         y = np.where(cols.feasible[fin], V[fin, 0], np.nan)
-        sign = 1.0 if directions[0] == "minimize" else -1.0
+        sign = sign_of(directions[0])
         best = sign * np.fmin.accumulate(sign * y) if len(y) else y
         x = np.arange(1, len(fin) + 1)
         pick = _sample(np.arange(len(fin)))

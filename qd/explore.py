@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from qd.problem import Problem
+from qd.problem import Problem, signs_of
 from qd.columns import Columns
 from qd.results import Reference, hypervolume, pareto_front_mask, pareto_trials, reference_point, reference_point_of_values
 from qd.space import Config
@@ -80,7 +80,7 @@ def elite_rows(cols: Columns, archive: RunArchive) -> np.ndarray:
     rows = np.flatnonzero(cells >= 0)
     if not len(rows):
         return rows
-    score = archive.spec.sign * cols.values[rows, archive.spec.objective_index]
+    score = archive.spec.score_factor * cols.values[rows, archive.spec.objective_index]
     order = np.lexsort((cols.number[rows], -score, cells[rows]))
     ordered = cells[rows][order]
     first = np.r_[True, ordered[1:] != ordered[:-1]]
@@ -254,11 +254,13 @@ class Run:
 
     @property
     def objectives(self) -> list[str]:
-        return list(self.store.study.metric_names or [f"value_{i}" for i in range(len(self.directions))])
+        """The objectives' names, as the run recorded them."""
+        return list(self.store.objective_names)
 
     @property
     def directions(self) -> list[str]:
-        return [d.name.lower() for d in self.store.study.directions]
+        """Each objective's "minimize" or "maximize", as the run recorded them."""
+        return list(self.store.directions)
 
     @property
     def measures(self) -> list[str]:
@@ -346,7 +348,7 @@ class Run:
         rows = rows.reset_index(drop=True)
         value_cols = [f"values.{n}" for n in self.objectives]
         Y = rows[value_cols].to_numpy(dtype=float)
-        signs = np.array([1.0 if d == "minimize" else -1.0 for d in self.directions])
+        signs = signs_of(self.directions)
         if method == "hypervolume":
             if len(self.objectives) < 2:
                 raise ValueError(f"select: method='hypervolume' is not allowed for run {self.name!r} with one "

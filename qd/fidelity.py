@@ -40,7 +40,7 @@ import moocore
 import numpy as np
 
 from qd.checks import OptionError
-from qd.noise import config_key
+from qd.space import config_key
 from qd.problem import Problem
 from qd.space import Categorical, Config, Float, Int
 from qd.store import Trial

@@ -142,7 +142,7 @@ def cells(archive: Any, *, trials: Sequence[Trial] | None = None, measure_names:
         data = grid.data()
         index = np.asarray(data["index"], dtype=int)
         spec = getattr(archive, "spec", None)
-        sign = spec.sign if spec is not None else 1.0
+        sign = spec.score_factor if spec is not None else 1.0
         value = sign * np.asarray(data["objective"], dtype=float)
         value_label = f"{spec.objective} ({spec.direction[:3]})" if spec is not None else "objective"
         low = spec is not None and spec.direction == "minimize"

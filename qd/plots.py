@@ -128,8 +128,7 @@ def plot_run(store: Store, problem: Problem | None, out: str | Path, *, vmin: fl
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     trials = store.trials()
-    names = store.study.metric_names or [f"objective_{i}" for i in range(len(store.study.directions))]
-    directions = [d.name.lower() for d in store.study.directions]
+    names, directions = list(store.objective_names), list(store.directions)
     title = f"{store.info.name}: {store.info.problem} / {store.info.strategy}"
     written = []
     if len(directions) == 1:

@@ -72,7 +72,7 @@ def elite_heatmap_figure(archive: EliteArchive, problem: Problem, title: str = "
                          vmax: float | None = None) -> plt.Figure:
     """The best value per cell (objective units); ``vmin``/``vmax`` fix the colour limits."""
     df = archive.result.data(return_type="pandas")
-    df["objective"] = archive.spec.sign * df["objective"]
+    df["objective"] = archive.spec.score_factor * df["objective"]
     label = f"{archive.spec.objective} ({archive.spec.direction[:3]})"
     m = archive.metrics()
     subtitle = f"coverage {m['coverage']:.1%}, QD score {m['qd_score']:.4g}, {m['num_elites']} elites"

@@ -27,6 +27,17 @@ if TYPE_CHECKING:
 Direction = Literal["minimize", "maximize"]
 
 
+def sign_of(direction: str) -> float:
+    """+1.0 for "minimize", -1.0 for "maximize": multiply a value by it to get one to minimise.
+    The only meaning of "sign" in qd."""
+    return 1.0 if direction == "minimize" else -1.0
+
+
+def signs_of(directions: Sequence[str]) -> np.ndarray:
+    """(m,) ``sign_of`` each direction."""
+    return np.array([sign_of(d) for d in directions])
+
+
 @dataclass(frozen=True)
 class Objective:
     """An objective. ``cheap`` ones are computed by ``Problem.cheap_values`` without evaluating.
@@ -52,8 +63,8 @@ class Objective:
 
     @property
     def sign(self) -> float:
-        """Multiply by this to turn the objective into one to minimise."""
-        return 1.0 if self.direction == "minimize" else -1.0
+        """``sign_of(direction)``: multiply by this to turn the objective into one to minimise."""
+        return sign_of(self.direction)
 
 
 @dataclass(frozen=True)

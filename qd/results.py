@@ -10,15 +10,14 @@ import moocore
 import numpy as np
 
 from qd.columns import Columns
-from qd.problem import Problem
+from qd.problem import Problem, sign_of, signs_of
 from qd.scaling import Scaling
 from qd.store import Store, Trial
 
 
 def _minimised(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
     """(n, m) objective values -> (n, m) values to minimise."""
-    signs = np.array([1.0 if d == "minimize" else -1.0 for d in directions])
-    return values * signs
+    return values * signs_of(directions)
 
 
 def pareto_front_mask(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
@@ -158,7 +157,7 @@ def best_trial(trials: Sequence[Trial], direction: str, index: int = 0) -> Trial
     ok = feasible(trials)
     if not ok:
         return None
-    sign = 1.0 if direction == "minimize" else -1.0
+    sign = sign_of(direction)
     return min(ok, key=lambda t: (sign * t.values[index], t.number))
 
 
@@ -193,7 +192,7 @@ def summary(store: Store, problem: Problem | None = None, cols: Columns | None =
     failed = np.flatnonzero((cols.state == 2) & ~cols.stale)
     best = None
     if len(directions) == 1 and len(ok):
-        sign = 1.0 if directions[0] == "minimize" else -1.0
+        sign = sign_of(directions[0])
         i_best = ok[np.lexsort((cols.number[ok], sign * cols.values[ok, 0]))[0]]
         best = store.to_trials(cols.select(np.array([i_best])))[0]
     return {

@@ -37,6 +37,14 @@ from optuna.distributions import (
 from qd.checks import QdError
 
 Config = dict[str, Any]
+
+
+def config_key(x: np.ndarray) -> bytes:
+    """The identity of a configuration, from its encoded vector of shape (d,) (``Space.encode``):
+    two configurations are the same one exactly when their keys are equal. Rounded to 12 decimals
+    so that encode/decode round trips do not tell a configuration from itself. The only such
+    definition in qd (``Space.key`` applies it to a configuration)."""
+    return np.round(np.asarray(x, dtype=float), 12).tobytes()
 Scalar = bool | int | float | str | None
 
 INACTIVE = 0.5
@@ -228,6 +236,10 @@ class Space:
                 for v in values:
                     self._by_name[parent].check(v)
             self._by_name[p.name] = p
+
+    def key(self, config: Config) -> bytes:
+        """``config_key`` of a valid configuration (inactive conditional parameters do not count)."""
+        return config_key(self.encode(config))
 
     def __len__(self) -> int:
         return len(self.params)

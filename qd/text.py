@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from qd.problem import sign_of
+
 #: Rows of a Pareto set printed before "... more".
 MAX_ROWS = 20
 
@@ -198,7 +200,7 @@ def run_rows(storage: str) -> list[dict[str, Any]]:
         ok = np.flatnonzero(cols.feasible)
         best = None
         if len(ok) and len(directions) == 1:
-            sign = 1.0 if directions[0] == "minimize" else -1.0
+            sign = sign_of(directions[0])
             i = ok[np.lexsort((cols.number[ok], sign * cols.values[ok, 0]))[0]]
             best = f"{names[0]}={num(float(cols.values[i, 0]))} (#{int(cols.number[i])})"
         elif len(ok):

@@ -63,7 +63,7 @@ from scipy.stats import qmc
 from qd.archive import ArchiveOptionError, EliteArchive, EliteSpec, elite_spec, insertable
 from qd.columns import Columns
 from qd.problem import Problem
-from qd.space import Config
+from qd.space import Config, config_key
 from qd.store import Trial
 from qd.strategy import Strategy
 
@@ -71,11 +71,6 @@ RANKERS = ("2imp", "imp", "obj", "2obj", "rd", "2rd", "nov")
 SELECTION_RULES = ("filter", "mu")
 RESTART_RULES = ("no_improvement", "basic")
 OPERATORS = ("gaussian", "iso-line")
-
-
-def _key(x: np.ndarray) -> bytes:
-    """Identity of a configuration: its encoded vector (rounded against float noise)."""
-    return np.round(np.asarray(x, dtype=float), 12).tobytes()
 
 
 def _check_positive(owner: str, option: str, value: Any, *, integer: bool = False, allow_none: bool = False) -> None:
@@ -206,19 +201,19 @@ class _Illumination(Strategy):
             lane.handed += 1
             if not lane.open:
                 self._open.popleft()
-            self._outstanding.setdefault(_key(lane.solutions[slot]), deque()).append((index, lane.batch, slot))
+            self._outstanding.setdefault(config_key(lane.solutions[slot]), deque()).append((index, lane.batch, slot))
             out.append(lane.configs[slot])
         return out
 
     def tell(self, trial: Trial) -> None:
         x = self.space.encode(trial.params)
-        waiting = self._outstanding.get(_key(x))
+        waiting = self._outstanding.get(config_key(x))
         if not waiting:  # not proposed by a lane (re-queued after a resume): insert it as it is
             self.archive.add(x[None], [trial])
             return
         index, batch, slot = waiting.popleft()
         if not waiting:
-            del self._outstanding[_key(x)]
+            del self._outstanding[config_key(x)]
         lane = self._lanes[index]
         if batch != lane.batch:  # a batch the lane has moved past (pipelined lanes): insert directly
             self.archive.add(x[None], [trial])

@@ -74,7 +74,7 @@ from scipy.stats import norm, qmc
 
 from qd.archive import ArchiveOptionError, EliteArchive, EliteSpec, elite_spec
 from qd.fidelity import Promotions
-from qd.noise import config_key
+from qd.space import config_key
 from qd.problem import Problem
 from qd.space import Config
 from qd.store import Trial
@@ -160,7 +160,7 @@ class Sail(Strategy):
         self.archive = EliteArchive(problem, self.spec)
         # The acquisition map: the same cells (CVT centroids included), nothing else.
         self._acq: ArchiveBase = EliteArchive(problem, replace(self.spec, aggregate=False, fidelity=None)).result
-        self._offset = self.spec.sign * self.spec.qd_score_offset  # an empty cell's incumbent (maximised)
+        self._offset = self.spec.score_factor * self.spec.qd_score_offset  # an empty cell's incumbent (maximised)
 
         # Measures computed from the configuration, and those modelled.
         names = problem.measure_names
@@ -174,7 +174,7 @@ class Sail(Strategy):
             self._cheap_measures = [i for i, n in enumerate(names) if n in got]
         self._modelled_measures = [i for i in range(len(names)) if i not in self._cheap_measures]
         obj = problem.objectives[self.spec.objective_index]
-        self._cheap_objective = (CheapValues(problem, [obj.name], [self.spec.sign]) if obj.cheap else None)
+        self._cheap_objective = (CheapValues(problem, [obj.name], [self.spec.score_factor]) if obj.cheap else None)
 
         self.promotions: Promotions | None = None
         self._fid_index: int | None = None
@@ -266,7 +266,7 @@ class Sail(Strategy):
             return
         x = self.space.encode(trial.params)
         self._X.append(x)
-        self._y.append(self.spec.sign * float(trial.values[self.spec.objective_index]))
+        self._y.append(self.spec.score_factor * float(trial.values[self.spec.objective_index]))
         self._M.append(list(trial.measures or [0.0] * len(self.problem.measures)))
         self._C.append(list(trial.constraints or []))
         self._version += 1
