@@ -210,6 +210,8 @@ class Run:
     reference: Reference | None
     #: The run's trials as columns (``qd.columns``), as read when the run was loaded.
     columns: Columns | None = None
+    #: The run loop's report when the run was made by ``qd.optimize`` in this process.
+    report: Any = None
 
     def __repr__(self) -> str:  # a short summary; the DataFrames are one attribute away
         info = self.store.info
