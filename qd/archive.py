@@ -34,7 +34,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import moocore
 import numpy as np
@@ -275,8 +275,51 @@ def _ranges(problem: Problem) -> list[tuple[float, float]]:
     return [m.map_range for m in problem.measures]  # integer measures: bins centred on their values
 
 
+class RunArchive(Protocol):
+    """What a run's archive offers every view and strategy; ``EliteArchive`` and ``ParetoArchive``
+    implement it (``kind`` tells them apart, never ``hasattr``)."""
+
+    #: "elite" (one objective, one elite per cell) or "pareto" (a bounded front per cell).
+    kind: ClassVar[str]
+    problem: Problem
+    spec: EliteSpec | ParetoSpec
+
+    @property
+    def layout(self) -> ArchiveBase:
+        """The pyribs archive that does the cell arithmetic (a ``GridArchive`` or ``CVTArchive``)."""
+
+    @property
+    def empty(self) -> bool: ...
+
+    @property
+    def n_cells(self) -> int: ...
+
+    def cell_of(self, measures: np.ndarray) -> np.ndarray:
+        """(n, k) measures -> (n,) integer cells (outside the bounds: the edge cells)."""
+
+    def cells_of(self, cols: Columns) -> np.ndarray:
+        """(n,) the cell of each row of ``cols`` that the archive would take, else -1."""
+
+    def add_columns(self, cols: Columns) -> None:
+        """Insert the complete, feasible rows of ``cols`` that have measures, in order."""
+
+    def add_trials(self, trials: Sequence[Trial]) -> None:
+        """Insert the complete, feasible ``trials`` that have measures, in order."""
+
+    def metrics(self) -> dict[str, Any]:
+        """Coverage, QD (or MOQD) score, number of elites, best value(s)."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the archive is: its kind, cells and options."""
+
+    def spec_json(self) -> dict[str, Any]:
+        """The spec as the record keeps it (``spec_to_json``)."""
+
+
 class EliteArchive:
     """One objective, one elite per cell, on pyribs archives (see the module docstring)."""
+
+    kind: ClassVar[str] = "elite"
 
     def __init__(self, problem: Problem, spec: EliteSpec):
         self.problem, self.spec, self.space = problem, spec, problem.space
@@ -309,6 +352,13 @@ class EliteArchive:
 
     def spec_json(self) -> dict[str, Any]:
         return spec_to_json(self.spec)
+
+    @property
+    def layout(self) -> ArchiveBase:
+        return self.result
+
+    def cell_of(self, measures: np.ndarray) -> np.ndarray:
+        return np.asarray(self.result.index_of(np.atleast_2d(np.asarray(measures, dtype=float))), dtype=int)
 
     def _takes_rows(self, cols: Columns) -> np.ndarray:
         """(n,) which rows go into this archive (feasible, finite measures, top fidelity)."""
@@ -470,6 +520,8 @@ class ParetoArchive:
     cell keeps the subset that covers the most hypervolume; that member may be the new point.
     """
 
+    kind: ClassVar[str] = "pareto"
+
     def __init__(self, problem: Problem, spec: ParetoSpec):
         self.problem, self.spec, self.space = problem, spec, problem.space
         self.signs = np.array([o.sign for o in problem.objectives])  # x sign -> minimised
@@ -483,6 +535,10 @@ class ParetoArchive:
     @property
     def n_cells(self) -> int:
         return int(np.prod(self.spec.bins))
+
+    @property
+    def layout(self) -> ArchiveBase:
+        return self.grid
 
     @property
     def empty(self) -> bool:
@@ -601,7 +657,6 @@ class _Row:
     measures: np.ndarray
 
 
-RunArchive = EliteArchive | ParetoArchive
 
 
 # --- archive specs as recorded with a run -------------------------------------------------------
@@ -643,8 +698,9 @@ def spec_for_run(problem: Problem, strategy: str, options: Mapping[str, Any], se
         cls = strategy_class(strategy)
     except ValueError:
         cls = None
-    if cls is not None and hasattr(cls, "archive_spec"):
-        return cls.archive_spec(problem, seed, dict(options))
+    spec = cls.archive_spec(problem, seed, dict(options)) if cls is not None else None
+    if spec is not None:
+        return spec
     if len(problem.objectives) > 1 and problem.reference_point is not None:
         return pareto_spec(problem)
     return elite_spec(problem, seed=seed)

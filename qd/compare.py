@@ -152,7 +152,7 @@ def compare(storage: str, names: Sequence[str], out: str | Path, *, vmin: float 
     # Archive metrics on shared axes, maps on one colour scale.
     mapped = [(n, s, p, a, ts) for n, s, p, a, ts in zip(names, stores, problems, archives, trials) if a is not None]
     if mapped:
-        pareto = any(hasattr(a, "fronts") for _, _, _, a, _ in mapped)
+        pareto = any(a.kind == "pareto" for _, _, _, a, _ in mapped)
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         key = "moqd_score" if pareto else "qd_score"
         for n, s, p, a, ts in mapped:
@@ -174,7 +174,7 @@ def compare(storage: str, names: Sequence[str], out: str | Path, *, vmin: float 
         for n, s, p, a, ts in mapped:
             if a.empty:
                 continue
-            draw = moqd_heatmap_figure if hasattr(a, "fronts") else elite_heatmap_figure
+            draw = moqd_heatmap_figure if a.kind == "pareto" else elite_heatmap_figure
             title = f"{n}: {s.info.problem} / {s.info.strategy}"
             save(draw(a, p, title, vmin=comparison.limits[0], vmax=comparison.limits[1]), f"map_{_file_name(n)}.png")
 

@@ -344,10 +344,10 @@ def _cell_bins(archive: RunArchive | None) -> dict[int, list[int]] | None:
     """cell -> per-measure bin indices, for grid archives."""
     if archive is None:
         return None
-    from qd.archive import ParetoArchive
+    from ribs.archives import GridArchive
 
-    grid = archive.grid if isinstance(archive, ParetoArchive) else archive.result
-    if not hasattr(grid, "int_to_grid_index"):
+    grid = archive.layout
+    if not isinstance(grid, GridArchive):
         return None
     cells = np.arange(int(np.prod(grid.dims)))
     return {int(c): [int(b) for b in row] for c, row in zip(cells, grid.int_to_grid_index(cells))}

@@ -73,7 +73,7 @@ def elite_rows(cols: Columns, archive: RunArchive) -> np.ndarray:
     so each cell's elite is the best trial inserted there (the earliest of equal values, as pyribs
     keeps the first).
     """
-    if hasattr(archive, "fronts"):
+    if archive.kind == "pareto":
         wanted = {n for f in archive.fronts.values() for n in f.numbers}
         return np.flatnonzero(np.isin(cols.number, list(wanted)))
     cells = archive.cells_of(cols)
@@ -92,15 +92,15 @@ def cells_of(archive: RunArchive, measures: np.ndarray) -> np.ndarray:
     measures = np.atleast_2d(np.asarray(measures, dtype=float))
     if len(measures) == 0:
         return np.empty(0, dtype=int)
-    if hasattr(archive, "cell_of"):
-        return np.asarray(archive.cell_of(measures), dtype=int)
-    return np.asarray(archive.result.index_of(measures), dtype=int)
+    return np.asarray(archive.cell_of(measures), dtype=int)
 
 
 def grid_index(archive: RunArchive, cells: np.ndarray) -> np.ndarray | None:
     """(n,) cells -> (n, k) per-measure bin indices for grid archives (None for a CVT archive)."""
-    grid = getattr(archive, "grid", None) or getattr(archive, "result", None)
-    if grid is None or not hasattr(grid, "int_to_grid_index"):
+    from ribs.archives import GridArchive
+
+    grid = archive.layout
+    if not isinstance(grid, GridArchive):
         return None
     cells = np.asarray(cells, dtype=int)
     if len(cells) == 0:
@@ -115,7 +115,7 @@ def elite_numbers(archive: RunArchive, trials: Sequence[Trial]) -> dict[int, lis
     earliest trial in its cell with its objective value (pyribs keeps the first of equal values).
     A Pareto archive records the numbers of its front members itself.
     """
-    if hasattr(archive, "fronts"):
+    if archive.kind == "pareto":
         return {int(c): list(f.numbers) for c, f in archive.fronts.items()}
     from qd.archive import insertable
 
@@ -292,10 +292,9 @@ class Run:
         if self.archive is None:
             raise ValueError(f"run {self.name!r} has no archive: problem {self.store.info.problem!r} declares no "
                              f"measures, so there is no map to draw; allowed: runs of problems with measures")
-        from qd.archive import ParetoArchive
         from qd.plots_archive import elite_heatmap_figure, moqd_heatmap_figure
 
-        draw = moqd_heatmap_figure if isinstance(self.archive, ParetoArchive) else elite_heatmap_figure
+        draw = moqd_heatmap_figure if self.archive.kind == "pareto" else elite_heatmap_figure
         return draw(self.archive, self.problem, f"{self.name}: {self.store.info.problem} / {self.store.info.strategy}")
 
     def metrics(self) -> pd.DataFrame:

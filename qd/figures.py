@@ -57,12 +57,8 @@ class Cells:
 
 
 def _pyribs(archive: Any) -> Any:
-    """The pyribs archive that holds the cells (the result archive of an EliteArchive)."""
-    for attr in ("grid", "result"):
-        inner = getattr(archive, attr, None)
-        if inner is not None and hasattr(inner, "index_of"):
-            return inner
-    return archive
+    """The pyribs archive that holds the cells: a run archive's ``layout``, or a pyribs archive."""
+    return getattr(archive, "layout", archive)
 
 
 def measure_bins(archive: Any, measures: np.ndarray) -> np.ndarray | None:
@@ -120,7 +116,6 @@ def cells(archive: Any, *, trials: Sequence[Trial] | None = None, measure_names:
     from a qd archive's problem when not given. ``measure_names`` names the measures of a bare
     pyribs archive.
     """
-    from qd.archive import ParetoArchive
 
     problem = getattr(archive, "problem", None)
     if measures is None and problem is not None:
@@ -131,7 +126,7 @@ def cells(archive: Any, *, trials: Sequence[Trial] | None = None, measure_names:
     labels = [getattr(m, "labels", None) for m in measures] if measures else [None] * k
     integer = [bool(getattr(m, "integer", False)) for m in measures] if measures else [False] * k
     numbers_by_cell = elite_numbers(archive, trials) if trials is not None and problem is not None else {}
-    if isinstance(archive, ParetoArchive):
+    if getattr(archive, "kind", None) == "pareto":
         hv = archive.cell_hypervolumes()
         index = np.array(sorted(hv), dtype=int)
         value = np.array([hv[c] for c in index], dtype=float)

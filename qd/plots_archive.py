@@ -127,7 +127,7 @@ def plot_archive(store: Store, problem: Problem, out: str | Path, trials: Sequen
     cols = store.columns()
     archive: RunArchive = archive_for_run(store, problem, cols)
     written = []
-    if isinstance(archive, ParetoArchive):
+    if archive.kind == "pareto":
         written.append(_save(moqd_heatmap_figure(archive, problem, title, vmin=vmin, vmax=vmax),
                              out / "moqd_heatmap.png"))
     else:
@@ -135,7 +135,7 @@ def plot_archive(store: Store, problem: Problem, out: str | Path, trials: Sequen
                              out / "archive_heatmap.png"))
     rows = history(store, problem, cols)
     if rows:
-        written.append(_save(metrics_figure(rows, isinstance(archive, ParetoArchive), title), out / "qd_metrics.png"))
+        written.append(_save(metrics_figure(rows, archive.kind == "pareto", title), out / "qd_metrics.png"))
     return written
 
 

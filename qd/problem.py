@@ -257,6 +257,23 @@ class Problem(ABC):
                 errors[i] = f"exception: {type(e).__name__}: {e}\n" + "".join(traceback.format_exception(e))[-2000:]
         return BatchEvaluation(values, measures if k else None, constraints if c else None, errors)
 
+    def cheap_measures(self, config: Config) -> dict[str, float]:
+        """Values of measures known from the configuration alone, without evaluating (``sail``
+        uses them instead of modelling them). The default knows none: an empty mapping.
+
+        Args:
+            config: a valid configuration.
+
+        Returns:
+            Measure name -> value, for the measures it knows.
+        """
+        return {}
+
+    def max_hypervolume(self) -> float | None:
+        """The hypervolume of the true Pareto front against ``reference_point``, when known (test
+        problems): progress then shows the share reached. Default: None (unknown)."""
+        return None
+
     def cheap_values(self, config: Config) -> dict[str, float]:
         """Values of the objectives declared ``cheap``, computed without an evaluation."""
         cheap = [o.name for o in self.objectives if o.cheap]

@@ -62,9 +62,9 @@ def strategy_class(name: str) -> type[Strategy]:
 
 def allowed_options(cls: type[Strategy]) -> list[str] | None:
     """Option names a strategy accepts (None: any)."""
-    target = getattr(cls, "sampler_class", cls)
+    target = cls.sampler_class or cls
     skip = ("self", "problem", "seed", "constraints_func")
-    if not hasattr(cls, "sampler_class"):
+    if cls.sampler_class is None:
         return accepted_options(target, skip)
     params = inspect.signature(target.__init__).parameters  # an Optuna sampler: its named options only
     return [p for p, v in params.items() if p not in skip and v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]
@@ -134,7 +134,7 @@ def _description(cls: type[Strategy]) -> str:
     own = cls.__dict__.get("__doc__")
     if own:
         return _summary_line(own)
-    sampler = getattr(cls, "sampler_class", None)
+    sampler = cls.sampler_class
     if sampler is not None:
         return f"Optuna's {sampler.__name__}: {_summary_line(sampler.__doc__, sentences=1)}"
     return _summary_line(importlib.import_module(cls.__module__).__doc__)
@@ -145,11 +145,11 @@ def describe_strategy(name: str) -> dict[str, Any]:
     first paragraph), ``options`` (each ``{"name", "default"}``; a sampler's own options for the
     Optuna strategies) and ``accepts_any_option``."""
     cls = strategy_class(name)
-    target = getattr(cls, "sampler_class", cls)
+    target = cls.sampler_class or cls
     params = inspect.signature(target.__init__).parameters
     allowed = allowed_options(cls)
     options = []
-    own = getattr(cls, "option_defaults", {})  # a strategy's defaults for its sampler's options
+    own = cls.option_defaults  # a strategy's defaults for its sampler's options
     for option in allowed or []:
         default = own[option] if option in own else params[option].default
         options.append({"name": option, "default": None if default is inspect.Parameter.empty else default})

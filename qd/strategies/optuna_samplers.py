@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import optuna
 from optuna.trial import TrialState
@@ -31,7 +31,7 @@ def _constraints(ft: optuna.trial.FrozenTrial) -> Sequence[float]:
 class OptunaSampler(Strategy):
     """Base adapter; subclasses build the sampler. Options are passed to the sampler."""
 
-    sampler_class: type[optuna.samplers.BaseSampler]
+    sampler_class: ClassVar[type[optuna.samplers.BaseSampler]]
 
     def __init__(self, problem: Problem, seed: int = 0, **sampler_options: Any):
         super().__init__(problem, seed)

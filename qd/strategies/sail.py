@@ -164,14 +164,11 @@ class Sail(Strategy):
 
         # Measures computed from the configuration, and those modelled.
         names = problem.measure_names
-        cheap_fn = getattr(problem, "cheap_measures", None)
-        if measures == "cheap" and not callable(cheap_fn):
+        known = self._call_cheap_measures(self.space.decode(np.full(d, 0.5))) if measures != "model" else {}
+        if measures == "cheap" and not known:
             raise _fail("measures", measures, f"'auto' or 'model': problem {problem.name or type(problem).__name__!r} "
-                                              f"defines no cheap_measures(config)")
-        self._cheap_measures: list[int] = []
-        if measures != "model" and callable(cheap_fn):
-            got = self._call_cheap_measures(self.space.decode(np.full(d, 0.5)))
-            self._cheap_measures = [i for i, n in enumerate(names) if n in got]
+                                              f"knows no measure from the configuration (Problem.cheap_measures)")
+        self._cheap_measures: list[int] = [i for i, n in enumerate(names) if n in known]
         self._modelled_measures = [i for i in range(len(names)) if i not in self._cheap_measures]
         obj = problem.objectives[self.spec.objective_index]
         self._cheap_objective = (CheapValues(problem, [obj.name], [self.spec.score_factor]) if obj.cheap else None)
@@ -218,7 +215,7 @@ class Sail(Strategy):
 
     # --- helpers ------------------------------------------------------------------------------
     def _call_cheap_measures(self, config: Config) -> dict[str, float]:
-        got = self.problem.cheap_measures(config)  # type: ignore[attr-defined]
+        got = self.problem.cheap_measures(config)
         names = self.problem.measure_names
         if not isinstance(got, dict):
             got = dict(zip(names, got)) if len(got) == len(names) else None
