@@ -158,7 +158,7 @@ class Evaluator(ABC):
 
     @abstractmethod
     def close(self) -> None:
-        """Stop every worker and abandon unfinished evaluations; safe to call twice."""
+        """Stop every worker and abandon unfinished evaluations."""
 
     def __enter__(self) -> Evaluator:
         return self
