@@ -57,7 +57,13 @@ class SpaceError(QdError, ValueError):
 
 @dataclass(frozen=True)
 class Param(ABC):
-    """One named parameter. ``active_if`` maps parent names to the parent values that activate it."""
+    """One named parameter; it owns one coordinate of the encoded vector.
+
+    Args:
+        name: the parameter's name, unique in its space.
+        active_if: parent name -> the parent values that activate it (all must hold); empty:
+            always active. An inactive parameter is absent from a configuration.
+    """
 
     name: str
     active_if: Mapping[str, Sequence[Scalar]] = field(default_factory=dict, kw_only=True)
