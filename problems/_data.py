@@ -63,6 +63,12 @@ def absolute(value: Any) -> Any:
 
 # --- tables -------------------------------------------------------------------------------
 def table_format(path: Path, fmt: str, owner: str, option: str) -> str:
+    """The format of the table at ``path``: ``fmt`` itself, or for ``"auto"`` one told from the path
+    (a folder: ``"arrow"``; else its suffix, else its first line).
+
+    Raises:
+        DataError: ``fmt`` is not one of ``TABLE_FORMATS``.
+    """
     if fmt not in TABLE_FORMATS:
         raise DataError(f"{owner} option dataset_format={fmt!r} is not allowed; allowed: {list(TABLE_FORMATS)}")
     if fmt != "auto":
@@ -132,6 +138,7 @@ def _read_saved_dataset(path: Path, owner: str, option: str, value: Any) -> dict
 
 
 def require_column(frame: pd.DataFrame, owner: str, option: str, column: Any, dataset: Any) -> None:
+    """Raise ``DataError`` naming the option and the dataset's columns when ``column`` is not one."""
     if column not in frame.columns:
         raise DataError(f"{owner} option {option}={column!r} is not a column of dataset {str(dataset)!r}; "
                         f"expected one of its columns: {[str(c) for c in frame.columns]}")
@@ -184,6 +191,8 @@ def split_size(owner: str, option: str, value: Any, available: int) -> int:
 # --- documents and questions --------------------------------------------------------------
 @dataclass(frozen=True)
 class Document:
+    """A corpus document: its id and its text."""
+
     id: str
     text: str
 

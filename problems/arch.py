@@ -217,6 +217,7 @@ def build_network(config: Mapping[str, Any], side: int | tuple[int, ...], num_cl
 
 
 def count_params(model: nn.Module) -> int:
+    """The number of parameters of ``model``."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -311,9 +312,12 @@ class ArchProblem(Problem):
         return build_network(self.space.validate(config), self.side, self.num_classes)
 
     def cheap_values(self, config: Config) -> dict[str, float]:
+        """The parameter count, from the untrained network (no training)."""
         return {"params": float(count_params(self.build(config)))}
 
     def evaluate(self, config: Config, seed: int) -> Evaluation:
+        """Train the network on the train split with ``seed``; accuracy and latency on the validation
+        split, test accuracy in the metadata."""
         config = self.space.validate(config)
         self._set_threads()
         device = self._device()

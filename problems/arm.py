@@ -46,6 +46,7 @@ class Arm(Problem):
         self.measures = (Measure("x", -reach, reach), Measure("y", -reach, reach))
 
     def evaluate(self, config: Config, seed: int) -> Evaluation:
+        """One arm: its joint evenness and end-effector (x, y); ``seed`` is unused."""
         theta = np.array([[config[f"theta{i}"] for i in range(self.dof)]], dtype=float)
         return Evaluation(values=[float(arm_score(theta)[0])], measures=arm_end_effector(theta)[0].tolist())
 

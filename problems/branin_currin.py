@@ -57,6 +57,7 @@ class BraninCurrin(Problem):
         self.reference_point = REFERENCE_POINT
 
     def evaluate(self, config: Config, seed: int) -> Evaluation:
+        """Both objectives at (x0, x1); ``seed`` draws the noise, if any."""
         x = np.array([config["x0"], config["x1"]], dtype=float)
         values = branin_currin_objectives(x[None])[0]
         metadata: dict[str, Any] = {}

@@ -77,11 +77,13 @@ class DTLZ2(Problem):
 
     @property
     def max_hypervolume(self) -> float:
+        """The exact maximum against (1.1, ..., 1.1): the box minus the positive orthant of the unit ball."""
         m = self.n_objectives
         positive_orthant_of_ball = math.pi ** (m / 2) / math.gamma(m / 2 + 1) / 2**m
         return 1.1**m - positive_orthant_of_ball
 
     def evaluate(self, config: Config, seed: int) -> Evaluation:
+        """The objectives (and measures, when enabled) at ``x``; ``seed`` is unused."""
         x = np.array([[config[f"x{i}"] for i in range(self.dim)]], dtype=float)
         values = dtlz2_objectives(x, self.n_objectives)[0].tolist()
         measures = dtlz2_measures(x, self.n_objectives)[0].tolist() if self.measures else []

@@ -82,10 +82,12 @@ class WeightedCategorical(Categorical):
         return edges
 
     def encode(self, value: Any) -> float:
+        """The centre of the choice's weighted bin."""
         edges, i = self._edges(), self.index(value)
         return (edges[i] + edges[i + 1]) / 2
 
     def decode(self, u: float) -> Scalar:
+        """The choice whose weighted bin holds ``u`` (clipped to [0, 1])."""
         u = min(max(float(u), 0.0), 1.0)
         edges = self._edges()
         for i in range(len(self.choices)):
@@ -160,6 +162,8 @@ class Faulty(Problem):
         self.resources = Resources(cpus=1, gpus=0, memory_mb=self.memory_mb, timeout_s=self.timeout_s)
 
     def evaluate(self, config: Config, seed: int) -> Evaluation:
+        """Succeed, raise, return NaN, hang, kill the process or exhaust memory, as the configuration's
+        ``behaviour`` says."""
         global _calls_in_process
         _calls_in_process += 1
         config = self.space.validate(config)

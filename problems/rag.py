@@ -235,6 +235,7 @@ def chunk_corpus(paragraphs: Sequence[str], chunking: Chunking) -> Chunks:
 
 # --- BM25 --------------------------------------------------------------------------------
 def terms(text: str) -> list[str]:
+    """The lower-cased word tokens of ``text`` (BM25's terms)."""
     return _TERM.findall(text.lower())
 
 
@@ -255,6 +256,7 @@ class Bm25Index:
 
     @classmethod
     def build(cls, texts: Sequence[str]) -> Bm25Index:
+        """The index of ``texts``, one entry per chunk."""
         from rank_bm25 import BM25Okapi
 
         tokenised = [terms(t) for t in texts]
@@ -272,6 +274,7 @@ class Bm25Index:
                    np.array([w for _, w in flat], dtype=np.float32), len(texts))
 
     def scores(self, query: str) -> np.ndarray:
+        """(n_chunks,) BM25 score of every chunk for ``query`` (zeros when no term is known)."""
         ids = [self.vocabulary[t] for t in terms(query) if t in self.vocabulary]
         if not ids:
             return np.zeros(self.n_chunks, dtype=np.float32)
@@ -281,6 +284,7 @@ class Bm25Index:
 
     @property
     def nbytes(self) -> int:
+        """The index's size in bytes (arrays and vocabulary)."""
         vocabulary_bytes = sum(len(t.encode()) for t in self.vocabulary) + 4 * len(self.vocabulary)
         return self.postings_offsets.nbytes + self.postings_chunks.nbytes + self.postings_weights.nbytes + vocabulary_bytes
 
@@ -302,6 +306,7 @@ class EmbeddingCache:
     misses: int = 0
 
     def get(self, texts: Sequence[str], encoder: Any) -> np.ndarray:
+        """(n, 384) float32 vectors of ``texts``, embedding with ``encoder`` only those not seen before."""
         missing = list(dict.fromkeys(t for t in texts if t not in self.vectors))
         self.hits += len(texts) - len(missing)
         self.misses += len(missing)
@@ -494,12 +499,14 @@ class RagProblem(Problem):
         return self._cache[key]
 
     def chunks(self, chunking: Chunking) -> Chunks:
+        """The corpus cut by ``chunking`` (cached per problem)."""
         key = ("chunks", chunking)
         if key not in self._cache:
             self._cache[key] = chunk_corpus(self.corpus()[0], chunking)
         return self._cache[key]
 
     def bm25(self, chunking: Chunking) -> Bm25Index:
+        """The BM25 index of ``chunking``'s chunks (cached per problem)."""
         key = ("bm25", chunking)
         if key not in self._cache:
             self._cache[key] = Bm25Index.build(self.chunks(chunking).texts)

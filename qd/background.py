@@ -50,6 +50,9 @@ class BackgroundAsks(Strategy):
             points (None: they wait for the proposal).
         quick_s: how long ``ask`` waits for the proposal it has just started before returning
             (a cheap ask, such as a warm-up point, then answers at once).
+
+    Raises:
+        ValueError: ``ask_time_limit_s`` is not a number of seconds > 0 or None.
     """
 
     def __init__(self, inner: Strategy, *, ask_time_limit_s: float | None = None, quick_s: float = 0.05):
@@ -123,6 +126,19 @@ class BackgroundAsks(Strategy):
         self._state = self._inner_state()
 
     def ask(self, n: int, pending: Sequence[Config] = ()) -> list[Config]:
+        """Up to ``n`` configurations that are ready now, possibly none; starts a proposal when none runs.
+
+        Args:
+            n: free slots.
+            pending: configurations being evaluated; none of them is handed out again.
+
+        Returns:
+            At most ``n`` configurations: ready proposals, then (once a proposal has run
+            ``ask_time_limit_s``) quasi-random fallbacks.
+
+        Raises:
+            Exception: whatever the inner strategy's last ``ask`` raised, in the caller's thread.
+        """
         self._collect()
         busy_keys = {self._key(c) for c in pending}
         out: list[Config] = []
@@ -168,6 +184,7 @@ class BackgroundAsks(Strategy):
         return out
 
     def tell(self, trial: Trial) -> None:
+        """Tell the inner strategy now, or hold the trial until the running proposal is done."""
         with self._lock:
             if self.busy:
                 self._held.append(trial)
@@ -176,6 +193,7 @@ class BackgroundAsks(Strategy):
         self.inner.tell(trial)
 
     def restore(self, trials: Sequence[Trial]) -> None:
+        """Restore the inner strategy (before any proposal runs)."""
         self.inner.restore(trials)
         self._state = self._inner_state()
 
@@ -186,6 +204,7 @@ class BackgroundAsks(Strategy):
             return {"state": f"unavailable ({type(e).__name__})"}
 
     def state(self) -> dict[str, Any]:
+        """The inner strategy's numbers, plus ``proposing``: how long the current proposal has run."""
         if not self.busy:
             self._state = self._inner_state()
             return {**self._state, "proposing": "no"}

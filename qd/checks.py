@@ -54,6 +54,7 @@ def is_number(value: Any) -> bool:
 
 
 def is_finite_number(value: Any) -> bool:
+    """A finite real number (Python or numpy), not a bool."""
     return is_number(value) and math.isfinite(value)
 
 

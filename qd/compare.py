@@ -34,6 +34,9 @@ class Comparison:
     limits: tuple[float | None, float | None] = (None, None)
 
     def table(self) -> str:
+        """The text table ``qd compare`` prints: one row per run (finished, best, Pareto set size,
+        hypervolume, coverage, QD scores where any run has them), then notes on the shared reference
+        and colour limits."""
         from qd.text import num, pct, table
 
         keys = [k for k in ("finished", "best", "pareto", "hypervolume", "coverage", "qd_score", "moqd_score")
@@ -92,6 +95,10 @@ def compare(storage: str, names: Sequence[str], out: str | Path, *, vmin: float 
 
     Returns:
         A ``Comparison`` (its ``table()`` is what ``qd compare`` prints).
+
+    Raises:
+        ValueError: fewer than two different names, or runs with different objectives.
+        RunNotFound: a name that is not a run in ``storage``.
     """
     import matplotlib.pyplot as plt
 

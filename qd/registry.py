@@ -33,10 +33,23 @@ def _entry_points() -> dict[str, Any]:
 
 
 def problem_names() -> list[str]:
+    """The registered problem names, sorted."""
     return sorted(_entry_points())
 
 
 def problem_class(name: str) -> type[Problem]:
+    """The class registered as ``name`` (loaded from its entry point).
+
+    Args:
+        name: a registered problem name.
+
+    Returns:
+        The ``Problem`` subclass.
+
+    Raises:
+        UnknownName: ``name`` is not registered.
+        TypeError: the entry point is not a ``Problem`` subclass.
+    """
     eps = _entry_points()
     check_name(name, "problem", list(eps))
     cls = eps[name].load()
@@ -46,7 +59,22 @@ def problem_class(name: str) -> type[Problem]:
 
 
 def get_problem(name: str, **options: Any) -> Problem:
-    """Build a registered problem; unknown options are rejected with the allowed ones."""
+    """Build a registered problem; unknown options are rejected with the allowed ones.
+
+    Args:
+        name: a registered problem name.
+        **options: the problem's keyword options, plus ``scaling`` (every problem's; see
+            ``Problem.rescale``).
+
+    Returns:
+        The problem, with ``name`` and ``options`` set so a run can rebuild it.
+
+    Raises:
+        UnknownName: ``name`` is not registered.
+        UnknownOption: an option the problem does not take.
+        ValueError: a ``scaling`` not allowed. The problem's own option checks raise their
+            errors through.
+    """
     cls = problem_class(name)
     # ``scaling`` is every problem's option (qd.scaling): it is kept with the others so a run rebuilds it.
     scaling = options.pop("scaling", None)
@@ -62,7 +90,8 @@ def get_problem(name: str, **options: Any) -> Problem:
 
 
 def list_problems() -> list[dict[str, Any]]:
-    """One description per registered problem; a plug-in that fails to load is listed with its error."""
+    """One description per registered problem (``Problem.describe``); a plug-in that fails to load is
+    listed as ``{"name": ..., "error": ...}``."""
     out = []
     for name in problem_names():
         try:

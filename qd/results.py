@@ -21,7 +21,16 @@ def _minimised(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
 
 
 def pareto_front_mask(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
-    """(n,) True for the non-dominated rows of (n, m) ``values`` (a repeated point kept once)."""
+    """The non-dominated rows of a set of objective values.
+
+    Args:
+        values: (n, m) objective values.
+        directions: m directions, ``"minimize"`` or ``"maximize"``.
+
+    Returns:
+        (n,) bool mask, True for the non-dominated rows; a repeated point is kept once (its first
+        row). With one objective: the first best row.
+    """
     values = np.asarray(values, dtype=float).reshape(-1, len(directions))
     mask = np.zeros(len(values), dtype=bool)
     if not len(values):
@@ -37,7 +46,17 @@ def pareto_front_mask(values: np.ndarray, directions: Sequence[str]) -> np.ndarr
 
 
 def reference_point_of_values(problem: Problem | None, values: np.ndarray, directions: Sequence[str]) -> Reference | None:
-    """The hypervolume reference of a run of ``problem`` (``reference_of`` with its scaling and point)."""
+    """The hypervolume reference of a run of ``problem``: ``reference_of`` with its scaling and
+    declared point.
+
+    Args:
+        problem: the run's problem, or None (raw units, a point from the data).
+        values: (n, m) feasible objective values.
+        directions: m directions.
+
+    Returns:
+        The ``Reference``, or None when there is neither a declared point nor a value.
+    """
     return reference_of(values, directions, problem.scaling if problem is not None else None,
                         problem.reference_point if problem is not None else None)
 
@@ -47,8 +66,18 @@ def reference_of(values: np.ndarray, directions: Sequence[str], scaling: Scaling
     """A hypervolume reference in objective units, measured in ``scaling``'s units.
 
     The ``declared`` point (a problem's); else, when every objective has bounds (``qd.scaling``),
-    the bounds' worst corner; else the worst of (n, m) feasible ``values`` per objective pushed 10%
-    of the range out, in scaled units. None when there is neither a point nor a value.
+    the bounds' worst corner; else the worst of the feasible ``values`` per objective pushed 10% of
+    the range out, in scaled units.
+
+    Args:
+        values: (n, m) feasible objective values.
+        directions: m directions.
+        scaling: the units the hypervolume is measured in (None: raw units).
+        declared: a reference point of m numbers, or None.
+
+    Returns:
+        The ``Reference`` (its ``source`` says which of the three it is), or None when there is
+        neither a point nor a value.
     """
     scaling = scaling if scaling is not None else Scaling.identity(len(directions))
     if declared is not None:
@@ -68,11 +97,20 @@ def reference_of(values: np.ndarray, directions: Sequence[str], scaling: Scaling
 
 
 def feasible(trials: Sequence[Trial]) -> list[Trial]:
+    """The complete trials whose constraints all hold (``Trial.feasible``), in order."""
     return [t for t in trials if t.feasible]
 
 
 def pareto_trials(trials: Sequence[Trial], directions: Sequence[str]) -> list[Trial]:
-    """The non-dominated trials among the complete, feasible ones (duplicates of a point kept once)."""
+    """The non-dominated trials among the complete, feasible ones.
+
+    Args:
+        trials: any trials.
+        directions: m directions.
+
+    Returns:
+        The non-dominated trials in their order; of several with the same values, the first.
+    """
     ok = feasible(trials)
     if not ok:
         return []
@@ -97,7 +135,14 @@ class Reference:
 
     def caption(self, names: Sequence[str]) -> str:
         """E.g. "reference (0.5, 1e+06) from the data; params on a log scale": what a hypervolume
-        figure is measured against and in which units."""
+        figure is measured against and in which units.
+
+        Args:
+            names: the m objective names.
+
+        Returns:
+            The caption.
+        """
         text = f"reference ({', '.join(f'{v:.4g}' for v in self.point)}) from the {self.source}"
         if self.scaling is not None and not self.scaling.is_identity:
             scaled = [self.scaling.label(i, n) for i, n in enumerate(names)
@@ -114,16 +159,32 @@ class Reference:
 
 
 def reference_point(problem: Problem | None, trials: Sequence[Trial], directions: Sequence[str]) -> Reference | None:
-    """``reference_point_of_values`` over the feasible ones of ``trials``."""
+    """``reference_point_of_values`` over the feasible ones of ``trials``.
+
+    Args:
+        problem: the run's problem, or None.
+        trials: the run's trials.
+        directions: m directions.
+
+    Returns:
+        The ``Reference``, or None without a declared point and without feasible trials.
+    """
     ok = feasible(trials)
     values = np.array([t.values for t in ok]) if ok else np.empty((0, len(directions)))
     return reference_point_of_values(problem, values, directions)
 
 
 def hypervolume(values: np.ndarray, directions: Sequence[str], reference: Reference | Sequence[float]) -> float:
-    """Hypervolume of (n, m) objective values against ``reference`` (points beyond it add nothing).
+    """Hypervolume of objective values against a reference (moocore); points beyond it add nothing.
 
-    A ``Reference`` carries the scaling the volume is measured in; a bare point means raw units.
+    Args:
+        values: (n, m) objective values (n may be 0).
+        directions: m directions.
+        reference: a ``Reference``, which carries the scaling the volume is measured in, or a bare
+            point of m numbers in raw units.
+
+    Returns:
+        The hypervolume, >= 0.
     """
     scaling = reference.scaling if isinstance(reference, Reference) else None
     point = reference.point if isinstance(reference, Reference) else reference
@@ -141,7 +202,17 @@ def hypervolume(values: np.ndarray, directions: Sequence[str], reference: Refere
 
 def hypervolume_history(trials: Sequence[Trial], directions: Sequence[str],
                         reference: Reference | Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Hypervolume after each finished evaluation: (k,) evaluation counts and (k,) hypervolumes."""
+    """Hypervolume after each finished evaluation.
+
+    Args:
+        trials: the run's trials in number order.
+        directions: m directions.
+        reference: as for ``hypervolume``.
+
+    Returns:
+        ``(counts, hypervolumes)``: (k,) finished-evaluation counts 1..k and (k,) hypervolumes of
+        the feasible ones so far.
+    """
     counts, hvs, points = [], [], []
     finished = [t for t in trials if t.finished]
     for i, t in enumerate(finished, start=1):
@@ -153,7 +224,16 @@ def hypervolume_history(trials: Sequence[Trial], directions: Sequence[str],
 
 
 def best_trial(trials: Sequence[Trial], direction: str, index: int = 0) -> Trial | None:
-    """The feasible trial with the best value of objective ``index`` (the earliest among equals)."""
+    """The feasible trial with the best value of one objective.
+
+    Args:
+        trials: any trials.
+        direction: that objective's direction.
+        index: that objective's index.
+
+    Returns:
+        The trial (the lowest number among equals), or None when none is feasible.
+    """
     ok = feasible(trials)
     if not ok:
         return None
@@ -162,8 +242,17 @@ def best_trial(trials: Sequence[Trial], direction: str, index: int = 0) -> Trial
 
 
 def best_so_far(trials: Sequence[Trial], direction: str, index: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """One objective over time: (k,) finished-evaluation counts and (k,) best feasible value so far
-    (NaN until the first feasible evaluation)."""
+    """One objective over time.
+
+    Args:
+        trials: the run's trials in number order.
+        direction: that objective's direction.
+        index: that objective's index.
+
+    Returns:
+        ``(counts, best)``: (k,) finished-evaluation counts 1..k and (k,) the best feasible value so
+        far (NaN until the first feasible evaluation).
+    """
     better = min if direction == "minimize" else max
     counts, best, out = [], None, []
     for i, t in enumerate((t for t in trials if t.finished), start=1):
@@ -179,7 +268,19 @@ MAX_LISTED_FAILURES = 100
 
 
 def summary(store: Store, problem: Problem | None = None, cols: Columns | None = None) -> dict[str, Any]:
-    """What ``qd show --json`` prints, from the run's columns (one read of the record)."""
+    """What ``qd show --json`` prints, from the run's columns (one read of the record).
+
+    Args:
+        store: the run's store.
+        problem: the run's problem (needed for its reference point, scaling and archive), or None.
+        cols: the run's columns when already read (default: ``store.columns()``).
+
+    Returns:
+        A JSON-ready dict: the run's identity (``name``, ``problem``, ``strategy``, options,
+        ``seed``), ``objectives``, trial counts, ``pareto_front`` (sorted by the first objective),
+        ``best`` (one objective), ``hypervolume`` and ``hypervolume_reference`` (several),
+        ``failures`` (at most ``MAX_LISTED_FAILURES``), and ``archive`` when the run has one.
+    """
     cols = store.columns() if cols is None else cols
     directions = list(store.directions)
     ok = np.flatnonzero(cols.feasible)

@@ -63,6 +63,7 @@ class Scaling:
 
     @classmethod
     def identity(cls, m: int) -> Scaling:
+        """The scaling that changes nothing, for ``m`` objectives."""
         return cls(("linear",) * m, (None,) * m)
 
     @classmethod
@@ -72,6 +73,7 @@ class Scaling:
 
     @property
     def is_identity(self) -> bool:
+        """Whether every objective is linear and unbounded (``apply`` returns its input)."""
         return all(s == "linear" for s in self.scales) and all(b is None for b in self.bounds)
 
     @property
@@ -127,10 +129,12 @@ class Scaling:
                 for n, s, b in zip(names, self.scales, self.bounds) if s != "linear" or b is not None}
 
     def to_json(self) -> dict[str, Any]:
+        """The scaling as plain JSON (``from_json``'s inverse)."""
         return {"scales": list(self.scales), "bounds": [list(b) if b is not None else None for b in self.bounds]}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any] | None, m: int) -> Scaling:
+        """A scaling from ``to_json``'s output; the identity for ``m`` objectives when ``data`` is empty."""
         if not data:
             return cls.identity(m)
         return cls(tuple(data["scales"]), tuple(tuple(b) if b is not None else None for b in data["bounds"]))

@@ -36,6 +36,7 @@ def num(v: Any, digits: int = 4) -> str:
 
 
 def pct(v: float) -> str:
+    """A fraction as a percentage with one decimal (``0.253`` -> ``"25.3%"``)."""
     return f"{100 * v:.1f}%"
 
 
@@ -45,10 +46,12 @@ def kv(mapping: Mapping[str, Any]) -> str:
 
 
 def width() -> int:
+    """The terminal's width in columns (at least 60)."""
     return max(60, shutil.get_terminal_size((100, 24)).columns)
 
 
 def cut(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, ending in an ellipsis when cut."""
     return text if len(text) <= limit else text[: max(1, limit - 1)] + "…"
 
 
@@ -221,6 +224,8 @@ def runs_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 # --- qd strategies ----------------------------------------------------------------------------------
 def strategies_text(described: Sequence[Mapping[str, Any]]) -> str:
+    """``qd strategies``'s text for ``describe_strategies``'s list: each strategy's description and
+    options with their defaults."""
     out = []
     for d in described:
         if "error" in d:
