@@ -266,6 +266,9 @@ class Problem(ABC):
     fidelity: str | None = None
     #: Hypervolume reference point in objective units (None: derived from the data, and stated).
     reference_point: tuple[float, ...] | None = None
+    #: The hypervolume of the true Pareto front against ``reference_point``, when known (test
+    #: problems; a constant or a property): progress then shows the share reached. None: unknown.
+    max_hypervolume: float | None = None
     #: Options it was built with; set by ``qd.registry.get_problem`` so a run can rebuild it.
     options: dict[str, Any]
     #: True when ``evaluate_batch`` computes a whole batch with array operations: the in-process
@@ -327,11 +330,6 @@ class Problem(ABC):
             Measure name -> value, for the measures it knows.
         """
         return {}
-
-    def max_hypervolume(self) -> float | None:
-        """The hypervolume of the true Pareto front against ``reference_point``, when known (test
-        problems): progress then shows the share reached. Default: None (unknown)."""
-        return None
 
     def cheap_values(self, config: Config) -> dict[str, float]:
         """Values of the objectives declared ``cheap``, computed without an evaluation.
