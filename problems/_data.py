@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from qd.checks import OptionError
+from qd.checks import OptionError, is_number
 
 TABLE_FORMATS = ("auto", "csv", "tsv", "jsonl", "parquet", "arrow")
 _SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
@@ -179,7 +179,7 @@ def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:
 def split_size(owner: str, option: str, value: Any, available: int) -> int:
     """``value`` as a number of rows: an integer >= 1, or a fraction in (0, 1) of ``available``."""
     bad = DataError(f"{owner} option {option}={value!r} is not allowed; expected an integer >= 1 or a fraction in (0, 1)")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         raise bad
     if isinstance(value, float) and 0 < value < 1:
         return max(1, round(value * available))

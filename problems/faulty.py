@@ -43,6 +43,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from qd.checks import is_finite_number
 from qd.problem import Evaluation, Objective, Problem, Resources
 from qd.space import Categorical, Config, Float, Scalar, Space, SpaceError
 
@@ -99,7 +100,7 @@ class WeightedCategorical(Categorical):
 def _number(name: str, value: Any, *, low: float = 0.0, allow_none: bool = False, strict: bool = False) -> Any:
     if value is None and allow_none:
         return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+    ok = is_finite_number(value) and (
         value > low if strict else value >= low)
     if not ok:
         bound = f"> {low:g}" if strict else f">= {low:g}"

@@ -40,7 +40,7 @@ import moocore
 import numpy as np
 from ribs.archives import ArchiveBase, CVTArchive, GridArchive
 
-from qd.checks import OptionError
+from qd.checks import OptionError, is_finite_number, is_int
 from qd.columns import Columns
 from qd.problem import Problem, sign_of
 from qd.scaling import Scaling
@@ -61,10 +61,6 @@ class ArchiveOptionError(OptionError):
 
 
 # --- options ------------------------------------------------------------------------------------
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
 def default_bins(n_measures: int, measures: Sequence[Any] = ()) -> tuple[int, ...]:
     """Bins per measure: one per value for integer and categorical measures (``Measure.integer``),
     and for the continuous ones about ``DEFAULT_TOTAL_CELLS`` cells in all, at most 20 per measure.
@@ -102,10 +98,10 @@ def parse_bins(bins: Any, problem: Problem, owner: str) -> tuple[int, ...]:
         return default_bins(m, problem.measures)
     allowed = (f"one integer >= 1, or a list of {m} integers >= 1 (one per measure: "
                f"{', '.join(problem.measure_names)})")
-    if _is_int(bins) and bins >= 1:
+    if is_int(bins) and bins >= 1:
         return (int(bins),) * m
     if isinstance(bins, Sequence) and not isinstance(bins, str) and len(bins) == m \
-            and all(_is_int(b) and b >= 1 for b in bins):
+            and all(is_int(b) and b >= 1 for b in bins):
         return tuple(int(b) for b in bins)
     raise ArchiveOptionError(f"{owner}: option bins={bins!r} is not allowed; allowed: {allowed}")
 
@@ -133,7 +129,7 @@ def objective_index(problem: Problem, objective: str | None, owner: str) -> int:
 
 
 def _finite_number(value: Any, option: str, owner: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise ArchiveOptionError(f"{owner}: option {option}={value!r} is not allowed; allowed: a finite number")
     return float(value)
 
@@ -232,7 +228,7 @@ def elite_spec(problem: Problem, *, archive: str = "grid", bins: Any = None, cel
                                      f"a CVT archive takes cells (the number of centroids)")
         if cells is None:
             cells = int(np.prod(default_bins(len(problem.measures), problem.measures)))
-        if not _is_int(cells) or cells < 2:
+        if not is_int(cells) or cells < 2:
             raise ArchiveOptionError(f"{owner}: option cells={cells!r} is not allowed; allowed: an integer >= 2")
         grid_bins, n_cells = None, int(cells)
     index = objective_index(problem, objective, owner)
@@ -315,7 +311,7 @@ def pareto_spec(problem: Problem, *, bins: Any = None, front_size: Any = 10, ref
     """
     require_measures(problem, owner)
     m = len(problem.objectives)
-    if not _is_int(front_size) or front_size < 1:
+    if not is_int(front_size) or front_size < 1:
         raise ArchiveOptionError(f"{owner}: option front_size={front_size!r} is not allowed; allowed: an integer >= 1")
     if reference_point is None:
         if problem.reference_point is None:
@@ -326,7 +322,7 @@ def pareto_spec(problem: Problem, *, bins: Any = None, front_size: Any = 10, ref
         ref, source = tuple(float(v) for v in problem.reference_point), "problem"
     else:
         if isinstance(reference_point, str) or not isinstance(reference_point, Sequence) or len(reference_point) != m \
-                or not all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)
+                or not all(is_finite_number(v)
                            for v in reference_point):
             raise ArchiveOptionError(f"{owner}: option reference_point={reference_point!r} is not allowed; allowed: "
                                      f"a list of {m} finite numbers, one per objective "

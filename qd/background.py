@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import qmc
 
+from qd.checks import check_number
 from qd.space import config_key
 from qd.space import Config
 from qd.store import Trial
@@ -57,11 +58,8 @@ class BackgroundAsks(Strategy):
 
     def __init__(self, inner: Strategy, *, ask_time_limit_s: float | None = None, quick_s: float = 0.05):
         super().__init__(inner.problem, inner.seed)
-        if ask_time_limit_s is not None and (isinstance(ask_time_limit_s, bool)
-                                             or not isinstance(ask_time_limit_s, (int, float))
-                                             or not 0 < ask_time_limit_s < float("inf")):
-            raise ValueError(f"strategy {inner.name!r}: option ask_time_limit_s={ask_time_limit_s!r} is not allowed; "
-                             f"allowed: a number of seconds > 0, or null (wait for every proposal)")
+        check_number(ask_time_limit_s, "ask_time_limit_s", f"strategy {inner.name!r}", low=0, low_open=True,
+                     none=True)  # seconds; null: wait for every proposal
         self.inner = inner
         self.name = inner.name
         self.ask_time_limit_s = None if ask_time_limit_s is None else float(ask_time_limit_s)

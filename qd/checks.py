@@ -99,7 +99,7 @@ def check_number(value: Any, option: str, owner: str, *, low: float | None = Non
             parts.append(f"{'>' if low_open else '>='} {low:g}")
         if high is not None:
             parts.append(f"{'<' if high_open else '<='} {high:g}")
-        raise _fail(owner, option, value, "a finite number" + (" " + " and ".join(parts) if parts else "")
+        raise _fail(owner, option, value, ("a number " + " and ".join(parts) if parts else "a finite number")
                     + (" or null" if none else ""))
     return float(value)
 
@@ -125,7 +125,7 @@ def check_choice(value: Any, option: str, owner: str, allowed: Sequence[Any]) ->
         from qd.suggest import did_you_mean
 
         hint = did_you_mean([value], [str(a) for a in allowed]) if isinstance(value, str) else ""
-        raise _fail(owner, option, value, ", ".join(map(repr, allowed)) + hint)
+        raise _fail(owner, option, value, repr(list(allowed)) + hint)
     return value
 
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qd.columns import Columns
+from qd.checks import is_int
 from qd.problem import Problem, sign_of
 from qd.results import Reference, hypervolume, pareto_front_mask, reference_point_of_values
 from qd.run import Listener, RunState
@@ -452,7 +453,7 @@ def refresh(storage: str, names: Sequence[str] | None = None, out: Any = sys.std
 
 def check_port(host: str, port: int) -> None:
     """Fail early, with the fix, when the port cannot be listened on."""
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+    if not (is_int(port) and 0 < port < 65536):
         raise ValueError(f"--port {port!r} is not allowed; allowed: an integer in 1..65535")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

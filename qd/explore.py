@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from qd.checks import check_int, is_int
 from qd.problem import Problem, signs_of
 from qd.columns import Columns
 from qd.results import Reference, hypervolume, pareto_front_mask, pareto_trials, reference_point, reference_point_of_values
@@ -434,8 +435,7 @@ class Run:
             method = "hypervolume" if among == "pareto" and len(self.objectives) > 1 else "maxmin"
         if method not in SELECT_METHODS:
             raise ValueError(f"select: method={method!r} is not allowed; allowed: {list(SELECT_METHODS)}")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"select: k={k!r} is not allowed; allowed: an integer >= 1")
+        check_int(k, "k", "select", low=1)
         rows = {"elites": self.elites, "pareto": self.pareto,
                 "trials": self.trials[self.trials["state"] == "complete"] if len(self.trials) else self.trials}[among]
         if among == "elites" and self.archive is None:
@@ -578,9 +578,9 @@ def reevaluate(store: Store, what: int | Mapping[str, Any], seeds: int | Sequenc
     from evaluators import Job, make_evaluator
     from qd.registry import get_problem
 
-    if isinstance(seeds, bool) or (isinstance(seeds, (int, np.integer)) and seeds < 1):
+    if isinstance(seeds, (bool, np.bool_)) or (is_int(seeds) and seeds < 1):
         raise ValueError(f"reevaluate: seeds={seeds!r} is not allowed; allowed: an integer >= 1 or a list of seeds")
-    seed_list = list(range(int(seeds))) if isinstance(seeds, (int, np.integer)) else [int(s) for s in seeds]
+    seed_list = list(range(int(seeds))) if is_int(seeds) else [int(s) for s in seeds]
     if not seed_list or len(set(seed_list)) != len(seed_list):
         raise ValueError(f"reevaluate: seeds={seeds!r} is not allowed; allowed: a non-empty list of distinct seeds")
     options = {**store.info.problem_options, **dict(problem_options or {})}
@@ -588,7 +588,7 @@ def reevaluate(store: Store, what: int | Mapping[str, Any], seeds: int | Sequenc
         problem = get_problem(store.info.problem, **options)
     except (TypeError, ValueError) as e:
         raise ValueError(f"reevaluate: problem_options={dict(problem_options or {})!r}: {e}") from None
-    if isinstance(what, (int, np.integer)) and not isinstance(what, bool):
+    if is_int(what):
         by_number = {t.number: t for t in store.trials()}
         if int(what) not in by_number:
             raise ValueError(f"reevaluate: trial number {what!r} is not in run {store.info.name!r}; "

@@ -39,7 +39,7 @@ from typing import Any
 import moocore
 import numpy as np
 
-from qd.checks import OptionError
+from qd.checks import OptionError, is_finite_number
 from qd.space import config_key
 from qd.problem import Problem
 from qd.space import Categorical, Config, Float, Int
@@ -107,7 +107,7 @@ class Promotions:
         if not problem.fidelity:
             raise FidelityError(f"{owner}: multi-fidelity search needs a problem that names a fidelity parameter; "
                                 f"problem {problem.name or type(problem).__name__!r} names none (Problem.fidelity)")
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 1 < eta < math.inf:
+        if not (is_finite_number(eta) and eta > 1):
             raise FidelityError(f"{owner}: option eta={eta!r} is not allowed; allowed: a number > 1")
         self.problem, self.space = problem, problem.space
         self.name = problem.fidelity

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from qd.checks import is_finite_number
+
 #: Allowed values of ``Objective.scale``.
 SCALES = ("linear", "log")
 
@@ -39,8 +41,7 @@ def check_scale(scale: Any, bounds: Any, owner: str) -> tuple[float, float] | No
     if bounds is None:
         return None
     ok = (isinstance(bounds, Sequence) and not isinstance(bounds, str) and len(bounds) == 2
-          and all(isinstance(b, (int, float, np.number)) and not isinstance(b, bool) and math.isfinite(b)
-                  for b in bounds) and bounds[0] < bounds[1])
+          and all(is_finite_number(b) for b in bounds) and bounds[0] < bounds[1])
     if not ok:
         raise ValueError(f"{owner}: bounds={bounds!r} is not allowed; allowed: [low, high], two finite numbers "
                          f"with low < high")

@@ -34,7 +34,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from qd.checks import QdError
+from qd.checks import QdError, is_number
 
 Config = dict[str, Any]
 
@@ -148,7 +148,7 @@ class Float(Param):
 
     def check(self, value: Any) -> float:
         """A number in ``[low, high]`` as a float (bools are refused); else ``SpaceError``."""
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        if not is_number(value):
             raise self._reject(value)
         v = float(value)
         if not (self.low <= v <= self.high):

@@ -19,7 +19,7 @@ import inspect
 from importlib.metadata import entry_points
 from typing import Any
 
-from qd.checks import accepted_options, check_name, check_option_names
+from qd.checks import accepted_options, check_bool, is_int, check_name, check_option_names
 from qd.problem import Problem
 from qd.strategy import Strategy
 
@@ -95,9 +95,7 @@ def check_options(name: str, options: dict[str, Any]) -> None:
                          f"fidelity) or 'asha'")
     if fidelity is None and ({"eta", "min_fidelity"} & set(wrapped)):
         raise ValueError(f"strategy {name!r}: options eta and min_fidelity need fidelity='asha'")
-    background = wrapped.get("background", False)
-    if not isinstance(background, bool):
-        raise ValueError(f"strategy {name!r}: option background={background!r} is not allowed; allowed: true or false")
+    check_bool(wrapped.get("background", False), "background", f"strategy {name!r}")
 
 
 def get_strategy(name: str, problem: Problem, seed: int = 0, **options: Any) -> Strategy:
@@ -178,6 +176,6 @@ def warmup(strategy: Strategy) -> tuple[str, int] | None:
             value = getattr(source, option, None)
             if value is None and source is not None:
                 value = getattr(source, f"_{option}", None)  # Optuna keeps its options private
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            if is_int(value) and value > 0:
                 return option, value
     return None

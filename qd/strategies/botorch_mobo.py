@@ -75,6 +75,7 @@ from botorch.utils.sampling import sample_simplex
 from scipy.stats import qmc
 from torch import Tensor
 
+from qd.checks import OptionError, check_int, is_finite_number
 from qd.problem import Problem, signs_of
 from qd.space import Config
 from qd.strategies._botorch_common import (
@@ -101,14 +102,11 @@ ACQUISITIONS_MULTI = ("auto", "nehvi", "parego")
 ACQUISITIONS_SINGLE = ("auto", "nei")
 
 
-def _option_error(option: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"strategy 'botorch': option {option}={value!r} is not allowed; allowed: {allowed}")
+OWNER = "strategy 'botorch'"
 
 
-def _check_int(option: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise _option_error(option, value, f"an integer >= {minimum}")
-    return int(value)
+def _option_error(option: str, value: Any, allowed: str) -> OptionError:
+    return OptionError(f"{OWNER}: option {option}={value!r} is not allowed; allowed: {allowed}")
 
 
 def _column(index: int, Z: Tensor) -> Tensor:
@@ -162,16 +160,16 @@ class BoTorch(Strategy):
             acquisition = "nei" if m == 1 else ("nehvi" if m <= NEHVI_MAX_OBJECTIVES else "parego")
         self.acquisition = acquisition
         d = self.space.dim
-        self.n_init = min(2 * (d + 1), 20) if n_init is None else _check_int("n_init", n_init, 1)
-        self.num_restarts = _check_int("num_restarts", num_restarts, 1)
-        self.raw_samples = _check_int("raw_samples", raw_samples, 1)
+        self.n_init = min(2 * (d + 1), 20) if n_init is None else check_int(n_init, "n_init", OWNER, low=1)
+        self.num_restarts = check_int(num_restarts, "num_restarts", OWNER, low=1)
+        self.raw_samples = check_int(raw_samples, "raw_samples", OWNER, low=1)
         if self.raw_samples < self.num_restarts:
             raise _option_error("raw_samples", raw_samples, f"an integer >= num_restarts={num_restarts}")
-        self.mc_samples = _check_int("mc_samples", mc_samples, 1)
-        self.init_mc_samples = _check_int("init_mc_samples", init_mc_samples, 1)
+        self.mc_samples = check_int(mc_samples, "mc_samples", OWNER, low=1)
+        self.init_mc_samples = check_int(init_mc_samples, "init_mc_samples", OWNER, low=1)
         if noise == "inferred":
             self.noise_std: float | None = None
-        elif isinstance(noise, (int, float, np.number)) and not isinstance(noise, bool) and 0 <= noise < math.inf:
+        elif is_finite_number(noise) and noise >= 0:
             self.noise_std = float(noise)
         else:
             raise _option_error("noise", noise, "'inferred', or a number >= 0 (the known noise standard deviation)")

@@ -72,7 +72,8 @@ from ribs.archives import ArchiveBase
 from ribs.emitters import EmitterBase, GaussianEmitter, IsoLineEmitter
 from scipy.stats import norm, qmc
 
-from qd.archive import ArchiveOptionError, EliteArchive, EliteSpec, elite_spec
+from qd.archive import EliteArchive, EliteSpec, elite_spec
+from qd.checks import OptionError, check_int, check_number
 from qd.fidelity import Promotions
 from qd.space import config_key
 from qd.problem import Problem
@@ -92,26 +93,11 @@ HYPER_GROWTH = 1.1
 DROPPED = -1e12
 
 
-class SailOptionError(ArchiveOptionError):
-    """A bad ``sail`` option; the message names the option, the value and what is allowed."""
+OWNER = "strategy 'sail'"
 
 
-def _fail(option: str, value: Any, allowed: str) -> SailOptionError:
-    return SailOptionError(f"strategy 'sail': option {option}={value!r} is not allowed; allowed: {allowed}")
-
-
-def _int(option: str, value: Any, minimum: int, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise _fail(option, value, f"an integer >= {minimum}" + (" or null (the default)" if allow_none else ""))
-    return int(value)
-
-
-def _positive(option: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 < value < math.inf:
-        raise _fail(option, value, "a number > 0")
-    return float(value)
+def _fail(option: str, value: Any, allowed: str) -> OptionError:
+    return OptionError(f"{OWNER}: option {option}={value!r} is not allowed; allowed: {allowed}")
 
 
 class Sail(Strategy):
@@ -145,15 +131,15 @@ class Sail(Strategy):
             raise _fail("measures", measures, f"{list(MEASURE_MODES)}")
         if fidelity not in FIDELITY_MODES:
             raise _fail("fidelity", fidelity, "null (single fidelity) or 'asha'")
-        self.acquisition, self.ucb_beta = acquisition, _positive("ucb_beta", ucb_beta)
+        self.acquisition, self.ucb_beta = acquisition, check_number(ucb_beta, "ucb_beta", OWNER, low=0, low_open=True)
         d = self.space.dim
-        self.n_init = min(2 * (d + 1), 20) if n_init is None else _int("n_init", n_init, 1)
-        self.generations = _int("generations", generations, 0)
-        self.n_emitters = _int("emitters", emitters, 1)
-        self.emitter_batch = _int("emitter_batch", emitter_batch, 1)
-        self.sigma = _positive("sigma", sigma)
-        self.repeats = _int("repeats", repeats, 1)
-        self.reevaluate = _int("reevaluate", reevaluate, 0)
+        self.n_init = min(2 * (d + 1), 20) if n_init is None else check_int(n_init, "n_init", OWNER, low=1)
+        self.generations = check_int(generations, "generations", OWNER, low=0)
+        self.n_emitters = check_int(emitters, "emitters", OWNER, low=1)
+        self.emitter_batch = check_int(emitter_batch, "emitter_batch", OWNER, low=1)
+        self.sigma = check_number(sigma, "sigma", OWNER, low=0, low_open=True)
+        self.repeats = check_int(repeats, "repeats", OWNER, low=1)
+        self.reevaluate = check_int(reevaluate, "reevaluate", OWNER, low=0)
         self.spec: EliteSpec = self.archive_spec(problem, seed, dict(
             archive=archive, bins=bins, cells=cells, objective=objective, qd_score_offset=qd_score_offset,
             fidelity=fidelity))
