@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import importlib
-import inspect
 from typing import Any
 
 from evaluators.base import Evaluator, Job, Outcome
+from qd.checks import accepted_options, check_name, check_option_names
 
 EVALUATORS: dict[str, str] = {
     "inprocess": "evaluators.inprocess:InProcessEvaluator",
@@ -16,22 +16,25 @@ EVALUATORS: dict[str, str] = {
 
 
 def evaluator_class(name: str) -> type[Evaluator]:
-    if name not in EVALUATORS:
-        from qd.suggest import did_you_mean
+    """The class registered as ``name``.
 
-        raise ValueError(f"evaluator {name!r} is unknown; allowed: {sorted(EVALUATORS)}"
-                         f"{did_you_mean([name], EVALUATORS)}")
+    Raises:
+        UnknownName: ``name`` is not one of ``EVALUATORS``.
+    """
+    check_name(name, "evaluator", list(EVALUATORS))
     module, attr = EVALUATORS[name].split(":")
     return getattr(importlib.import_module(module), attr)
 
 
 def make_evaluator(name: str, **options: Any) -> Evaluator:
+    """Build evaluator ``name`` with keyword ``options``.
+
+    Raises:
+        UnknownName: an unregistered name. UnknownOption: an option the evaluator does not take.
+        OptionError: a bad option value.
+    """
     cls = evaluator_class(name)
-    params = inspect.signature(cls.__init__).parameters
-    allowed = [p for p in params if p != "self"]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"evaluator {name!r}: unknown option(s) {unknown}; allowed options: {allowed}")
+    check_option_names(options, accepted_options(cls), f"evaluator {name!r}")
     return cls(**options)
 
 

@@ -20,6 +20,14 @@ FailureKind = Literal["exception", "timeout", "crash", "oom", "system"]
 
 @dataclass(frozen=True)
 class Job:
+    """One evaluation to run.
+
+    Args:
+        key: the trial number; the ``Outcome`` carries it back.
+        config: a valid configuration of the problem.
+        seed: the evaluation's seed, passed to ``Problem.evaluate``.
+    """
+
     key: int  # the trial number
     config: Config
     seed: int
@@ -27,6 +35,19 @@ class Job:
 
 @dataclass
 class Outcome:
+    """A finished evaluation, successful or not.
+
+    Args:
+        key: the ``Job``'s key.
+        evaluation: what ``Problem.evaluate`` returned (None when it failed); the run loop checks
+            it with ``Problem.normalise``.
+        error: None on success, else the reason (``error_text``: the exception line, then the end of
+            its traceback).
+        kind: why it failed: ``"exception"``, ``"timeout"``, ``"crash"`` (the worker died),
+            ``"oom"`` or ``"system"`` (the evaluator itself, e.g. a worker that did not start).
+        metadata: ``wall_time_s``, ``worker``, ``peak_rss_mb``, ... as the evaluator measured them.
+    """
+
     key: int
     evaluation: Evaluation | None = None
     error: str | None = None
@@ -35,6 +56,7 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
+        """Whether the evaluation returned (``error`` is None)."""
         return self.error is None
 
 
@@ -43,6 +65,13 @@ def error_text(exc: BaseException, limit: int = 2000) -> str:
 
     An exception without a message (the allocator's ``MemoryError``, a bare ``raise KeyError()``)
     is described by what it means, so a recorded reason is never just ``MemoryError: ``.
+
+    Args:
+        exc: the exception.
+        limit: the most characters of traceback kept (its end).
+
+    Returns:
+        The reason as recorded with a failed trial.
     """
     try:
         message = str(exc)
@@ -78,7 +107,14 @@ def address_space_limit_mb() -> int | None:
 
 
 class Evaluator(ABC):
-    """Runs up to ``workers`` evaluations at once."""
+    """Runs up to ``workers`` evaluations at once; the run loop's only view of where they run.
+
+    The contract: ``start`` once, then any number of ``submit`` and ``wait`` calls, then ``close``
+    (also as a context manager). An evaluator never raises for a failing evaluation: exceptions,
+    timeouts, crashed workers and out-of-memory come back as an ``Outcome`` with ``error`` and
+    ``kind`` set. Register a new one in ``evaluators.EVALUATORS``; its constructor's keyword
+    arguments are its options.
+    """
 
     name = ""
     #: True when evaluations run inside ``wait`` (the run loop then need not flush before it).
@@ -86,15 +122,39 @@ class Evaluator(ABC):
 
     @abstractmethod
     def start(self, problem: Problem, workers: int, timeout_s: float | None = None) -> None:
-        """Prepare workers for ``problem``. ``timeout_s`` bounds one evaluation (None: no bound)."""
+        """Prepare workers for ``problem``.
+
+        Args:
+            problem: the problem to evaluate (sent to the workers once).
+            workers: evaluations in flight at once (>= 1).
+            timeout_s: a bound on one evaluation's time (None: the problem's
+                ``resources.timeout_s``, else no bound); one that runs over comes back with kind
+                ``"timeout"``.
+
+        Raises:
+            ValueError: a setting the evaluator cannot honour (e.g. a timeout the in-process
+                evaluator cannot enforce outside the main thread).
+        """
 
     @abstractmethod
     def submit(self, job: Job) -> None:
-        """Start an evaluation; returns at once."""
+        """Start an evaluation; returns at once (a synchronous evaluator may queue it until ``wait``).
+
+        Args:
+            job: the evaluation; its ``key`` comes back in the ``Outcome``.
+        """
 
     @abstractmethod
     def wait(self, timeout: float | None = None) -> list[Outcome]:
-        """Block until at least one evaluation finishes (or ``timeout`` seconds); return those finished."""
+        """Block until at least one evaluation finishes, or ``timeout`` seconds pass.
+
+        Args:
+            timeout: the most seconds to wait (None: until one finishes).
+
+        Returns:
+            The outcomes finished since the last call, in any order; empty on timeout or when
+            nothing is in flight.
+        """
 
     @abstractmethod
     def close(self) -> None:

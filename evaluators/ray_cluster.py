@@ -68,6 +68,7 @@ import ray
 from ray import exceptions as rex
 
 from evaluators.base import Evaluator, Job, Outcome, error_text, evaluate_jobs, population_size
+from qd.checks import check_bool, check_choice, check_int, check_number
 from qd.problem import Problem, Resources
 
 MODES = ("actor", "task")
@@ -305,17 +306,14 @@ def check_runtime_env(env: Any) -> None:
 def ray_options(resources: Resources) -> dict[str, Any]:
     """Ray's resource options for one evaluation with ``resources``; raises naming a bad field."""
     cpus, gpus = resources.cpus, resources.gpus
-    if not isinstance(cpus, (int, float)) or isinstance(cpus, bool) or cpus < 0:
-        raise ValueError(f"resources.cpus={cpus!r} is not allowed; allowed: a number >= 0")
-    if not isinstance(gpus, (int, float)) or isinstance(gpus, bool) or gpus < 0:
-        raise ValueError(f"resources.gpus={gpus!r} is not allowed; allowed: a number >= 0")
+    check_number(cpus, "cpus", "resources", low=0)
+    check_number(gpus, "gpus", "resources", low=0)
     if gpus > 1 and gpus != int(gpus):
         raise ValueError(f"resources.gpus={gpus!r} is not allowed; allowed: a fraction in [0, 1] (several "
                          f"evaluations share a GPU) or a whole number of GPUs")
     options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus}
     if resources.memory_mb is not None:
-        if isinstance(resources.memory_mb, bool) or not isinstance(resources.memory_mb, int) or resources.memory_mb < 1:
-            raise ValueError(f"resources.memory_mb={resources.memory_mb!r} is not allowed; allowed: an integer >= 1")
+        check_int(resources.memory_mb, "memory_mb", "resources", low=1)
         options["memory"] = resources.memory_mb * 2**20
     return options
 
@@ -365,10 +363,20 @@ class _Task:
 
 
 class RayEvaluator(Evaluator):
+    """Evaluations on Ray. This class is actor mode (one long-lived actor per worker slot, the
+    problem loaded once per actor); ``mode="task"`` builds a ``RayTaskEvaluator`` (one task per
+    evaluation). Both share connection, resources, retries, timeouts and failure reasons."""
+
     name = "ray"
     #: How long a worker may take to be placed and started (waiting for free resources included)
     #: before the evaluation waiting for it is failed as a system failure.
     start_timeout_s = 600.0
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> RayEvaluator:
+        mode = kwargs.get("mode", args[1] if len(args) > 1 else "actor")
+        if cls is RayEvaluator and mode == "task":
+            cls = RayTaskEvaluator
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -393,15 +401,11 @@ class RayEvaluator(Evaluator):
         if address is not None and (not isinstance(address, str) or not address):
             raise ValueError(f"ray option address={address!r} is not allowed; allowed: 'auto', 'host:port', "
                              f"'ray://host:port' or None (start a local Ray)")
-        if mode not in MODES:
-            raise ValueError(f"ray option mode={mode!r} is not allowed; allowed: {list(MODES)}")
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise ValueError(f"ray option max_retries={max_retries!r} is not allowed; allowed: an integer >= 0")
+        check_choice(mode, "mode", "ray", MODES)
+        check_int(max_retries, "max_retries", "ray", low=0)
         for opt, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"ray option {opt}={value!r} is not allowed; allowed: an integer >= 0 or None")
-        if not isinstance(memory_limit, bool):
-            raise ValueError(f"ray option memory_limit={memory_limit!r} is not allowed; allowed: true or false")
+            check_int(value, opt, "ray", low=0, none=True)
+        check_bool(memory_limit, "memory_limit", "ray")
         check_runtime_env(runtime_env)
         self.address, self.mode, self.max_retries = address, mode, max_retries
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
@@ -416,7 +420,6 @@ class RayEvaluator(Evaluator):
         self._queue: deque[Job] = deque()
         self._attempts: dict[int, int] = {}  # job key -> runs started
         self._slots: list[_Slot] = []
-        self._tasks: dict[Any, _Task] = {}  # task mode: its generator of (STARTED, result) -> running task
         self._start_failures = 0
         self._dead_logs: list[dict[str, Any]] = []  # infos of killed workers, whose files close() removes
         self._population = 1
@@ -488,14 +491,6 @@ class RayEvaluator(Evaluator):
         self._attempts[job.key] = self._attempts.get(job.key, 0) + 1
 
     def _dispatch(self) -> None:
-        if self.mode == "task":
-            while self._queue and len(self._tasks) < self._size:
-                job = self._queue.popleft()
-                self._run(job)
-                gen = _eval_task.options(**self._worker_options()).remote([self._problem_ref], self._threads,
-                                                                 self._memory_mb, job, _driver())
-                self._tasks[gen] = _Task(job, time.monotonic())
-            return
         while self._queue:
             idle = next((s for s in self._slots if s.ready and not s.jobs), None)
             if idle is None:
@@ -593,38 +588,6 @@ class RayEvaluator(Evaluator):
     def _collect(self, ready: set[Any]) -> list[Outcome]:
         outcomes: list[Outcome] = []
         now = time.monotonic()
-        if self.mode == "task":
-            for gen, task in list(self._tasks.items()):
-                if gen in ready:
-                    try:
-                        ref = next(gen)
-                    except StopIteration:  # cannot happen unless Ray lost the generator's items
-                        ref = None
-                    if task.started is None and ref is not None:
-                        try:
-                            first = ray.get(ref)
-                            if isinstance(first, tuple) and first[0] == _STARTED:
-                                task.started, task.info = time.monotonic(), first[1]
-                                continue
-                        except rex.RayError:
-                            pass  # failed before it started: the error is in this ref
-                    del self._tasks[gen]
-                    if ref is None:
-                        outcome: Outcome | None = Outcome(task.job.key, error="the task ended without a result",
-                                                          kind="system")
-                    else:
-                        outcome, _ = self._finish(task.job, ref, task.started or task.submitted, {}, task.info)
-                    if outcome is not None:
-                        outcomes.append(outcome)
-                elif task.started is not None and self._timeout_s is not None and now - task.started >= self._timeout_s:
-                    ray.cancel(gen, force=True)
-                    del self._tasks[gen]
-                    outcomes.append(self._timeout_outcome(task.job, task.started))
-                elif task.started is None and now - task.submitted >= self.start_timeout_s:
-                    ray.cancel(gen, force=True)
-                    del self._tasks[gen]
-                    outcomes.append(self._not_started(task.job))
-            return outcomes
         for slot in list(self._slots):
             if not slot.ready:
                 if slot.ready_ref in ready:
@@ -675,10 +638,6 @@ class RayEvaluator(Evaluator):
 
     def _pending(self) -> dict[Any, float | None]:
         """Refs to wait on -> the deadline after which something must be done about them (None: none)."""
-        if self.mode == "task":
-            return {gen: (t.submitted + self.start_timeout_s if t.started is None
-                          else t.started + self._timeout_s if self._timeout_s is not None else None)
-                    for gen, t in self._tasks.items()}
         refs: dict[Any, float | None] = {}
         for s in self._slots:
             if not s.ready:
@@ -707,19 +666,81 @@ class RayEvaluator(Evaluator):
                 return []
 
     def close(self) -> None:
-        for gen in list(self._tasks):
-            try:
-                ray.cancel(gen, force=True)
-            except Exception:  # noqa: BLE001 - finished or gone
-                pass
         for slot in list(self._slots):
             self._kill(slot)
-        for info in self._dead_logs + [t.info for t in self._tasks.values()]:
+        for info in self._dead_logs:
             self._forget(info)
         self._dead_logs.clear()
-        self._tasks.clear()
         self._queue.clear()
         self._attempts.clear()
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
             self._owns_ray = False
+
+
+class RayTaskEvaluator(RayEvaluator):
+    """Ray in task mode: one task per evaluation (no worker outlives its evaluation; a timed-out
+    task is force-cancelled). Built by ``RayEvaluator(mode="task")``; everything else is shared."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._tasks: dict[Any, _Task] = {}  # its generator of (STARTED, result) -> running task
+
+    def _dispatch(self) -> None:
+        while self._queue and len(self._tasks) < self._size:
+            job = self._queue.popleft()
+            self._run(job)
+            gen = _eval_task.options(**self._worker_options()).remote([self._problem_ref], self._threads,
+                                                                     self._memory_mb, job, _driver())
+            self._tasks[gen] = _Task(job, time.monotonic())
+
+    def _collect(self, ready: set[Any]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        now = time.monotonic()
+        for gen, task in list(self._tasks.items()):
+            if gen in ready:
+                try:
+                    ref = next(gen)
+                except StopIteration:  # cannot happen unless Ray lost the generator's items
+                    ref = None
+                if task.started is None and ref is not None:
+                    try:
+                        first = ray.get(ref)
+                        if isinstance(first, tuple) and first[0] == _STARTED:
+                            task.started, task.info = time.monotonic(), first[1]
+                            continue
+                    except rex.RayError:
+                        pass  # failed before it started: the error is in this ref
+                del self._tasks[gen]
+                if ref is None:
+                    outcome: Outcome | None = Outcome(task.job.key, error="the task ended without a result",
+                                                      kind="system")
+                else:
+                    outcome, _ = self._finish(task.job, ref, task.started or task.submitted, {}, task.info)
+                if outcome is not None:
+                    outcomes.append(outcome)
+            elif task.started is not None and self._timeout_s is not None and now - task.started >= self._timeout_s:
+                ray.cancel(gen, force=True)
+                del self._tasks[gen]
+                outcomes.append(self._timeout_outcome(task.job, task.started))
+            elif task.started is None and now - task.submitted >= self.start_timeout_s:
+                ray.cancel(gen, force=True)
+                del self._tasks[gen]
+                outcomes.append(self._not_started(task.job))
+        return outcomes
+
+    def _pending(self) -> dict[Any, float | None]:
+        return {gen: (t.submitted + self.start_timeout_s if t.started is None
+                      else t.started + self._timeout_s if self._timeout_s is not None else None)
+                for gen, t in self._tasks.items()}
+
+    def close(self) -> None:
+        for gen in list(self._tasks):
+            try:
+                ray.cancel(gen, force=True)
+            except Exception:  # noqa: BLE001 - finished or gone
+                pass
+        for task in self._tasks.values():
+            self._forget(task.info)
+        self._tasks.clear()
+        super().close()

@@ -22,27 +22,26 @@ import time
 import numpy as np
 import torch
 
-from qd.experiment import Experiment
-from qd.session import execute, prepare
+import qd
+from qd.registry import get_problem
+from qd.strategies import get_strategy
 
 PROBLEM_OPTIONS = {"arch": {"dataset": "digits"}}
 
 
 def run_one(problem: str, strategy: str, seed: int, budget: int, options: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        exp = Experiment(problem=problem, problem_options=PROBLEM_OPTIONS.get(problem, {}), strategy=strategy,
-                         strategy_options=options, seed=seed, budget=budget, workers=1, evaluator="inprocess",
-                         storage=f"sqlite:///{tmp}/asha.db", name="asha", progress=False)
-        prepared = prepare(exp)
+        pb = get_problem(problem, **PROBLEM_OPTIONS.get(problem, {}))
+        strat = get_strategy(strategy, pb, seed=seed, **options)
         if "fidelity" not in options:  # the full-fidelity run: every configuration at the top value
-            fid, inner_ask = prepared.problem.fidelity, prepared.strategy.ask
-            top_value = prepared.problem.space[fid].high
-            prepared.strategy.ask = lambda n, pending=(): [{**c, fid: top_value} for c in inner_ask(n, pending)]
+            fid, inner_ask = pb.fidelity, strat.ask
+            top_value = pb.space[fid].high
+            strat.ask = lambda n, pending=(): [{**c, fid: top_value} for c in inner_ask(n, pending)]
         t0 = time.perf_counter()
-        execute(prepared, dashboard_every_s=None)
+        run = qd.optimize(pb, strat, budget=budget, seed=seed, storage=f"sqlite:///{tmp}/asha.db", name="asha",
+                          progress=False)
         wall = time.perf_counter() - t0
-        trials = [t for t in prepared.store.trials() if t.finished]
-        pb = prepared.problem
+        trials = [t for t in run.store.trials() if t.finished]
     fid = pb.fidelity
     top = pb.space[fid].high
     sign = pb.objectives[0].sign  # +1 minimise, -1 maximise

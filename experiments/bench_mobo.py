@@ -1,6 +1,6 @@
 """Benchmark: the ``botorch`` strategy against Optuna's samplers and random search.
 
-Every run goes through the same loop as ``qd run`` (``qd.session.prepare`` / ``execute``) with
+Every run goes through the same loop as ``qd run`` (``qd.optimize``) with
 the in-process evaluator and a temporary SQLite store; ``--workers`` evaluations are in flight
 (default 1). Each finished run appends one JSON line to ``--out``; runs already there are
 skipped, so an interrupted benchmark resumes where it stopped. The table is printed at the end
@@ -40,11 +40,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from qd.experiment import Experiment
+import qd
 from qd.problem import Evaluation, Problem
 from qd.registry import get_problem
 from qd.results import hypervolume, pareto_trials, reference_point
-from qd.session import execute, prepare
+from qd.registry import get_problem
 from qd.store import Trial
 from qd.strategies import get_strategy
 
@@ -61,12 +61,10 @@ def run_one(problem: str, strategy: str, seed: int, budget: int, workers: int,
             strategy_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """One run through the standard loop; returns its final hypervolume and ask latencies."""
     with tempfile.TemporaryDirectory() as tmp:
-        exp = Experiment(problem=problem, problem_options=PROBLEM_OPTIONS.get(problem, {}), strategy=strategy,
-                         strategy_options=strategy_options or {}, seed=seed, budget=budget, workers=workers,
-                         evaluator="inprocess", storage=f"sqlite:///{tmp}/bench.db", name="bench", progress=False)
-        prepared = prepare(exp)
+        pb = get_problem(problem, **PROBLEM_OPTIONS.get(problem, {}))
+        strat = get_strategy(strategy, pb, seed=seed, **(strategy_options or {}))
         latencies: list[float] = []
-        ask = prepared.strategy.ask
+        ask = strat.ask
 
         def timed_ask(n: int, pending: Sequence = ()) -> list:
             t0 = time.perf_counter()
@@ -74,13 +72,15 @@ def run_one(problem: str, strategy: str, seed: int, budget: int, workers: int,
             latencies.append(time.perf_counter() - t0)
             return out
 
-        prepared.strategy.ask = timed_ask  # type: ignore[method-assign]
+        strat.ask = timed_ask  # type: ignore[method-assign]
         t0, c0 = time.perf_counter(), time.process_time()
-        report = execute(prepared)
+        run = qd.optimize(pb, strat, budget=budget, workers=workers, seed=seed, storage=f"sqlite:///{tmp}/bench.db",
+                          name="bench", progress=False)
+        report = run.report
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        trials = prepared.store.trials()
-        directions = prepared.problem.directions
-        ref = reference_point(prepared.problem, trials, directions)
+        trials = run.store.trials()
+        directions = pb.directions
+        ref = reference_point(pb, trials, directions)
         front = pareto_trials(trials, directions)
         hv = hypervolume(np.array([t.values for t in front]), directions, ref.point) if (ref and front) else 0.0
     return {"problem": problem, "strategy": strategy, "options": strategy_options or {}, "seed": seed,

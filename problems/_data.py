@@ -26,13 +26,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from qd.checks import OptionError, is_number
+
 TABLE_FORMATS = ("auto", "csv", "tsv", "jsonl", "parquet", "arrow")
 _SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
              ".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow"}
 DOCUMENT_SUFFIXES = (".txt", ".md")
 
 
-class DataError(ValueError):
+class DataError(OptionError):
     """A data option that cannot be used; the message names the option, the value and what was expected."""
 
 
@@ -61,6 +63,12 @@ def absolute(value: Any) -> Any:
 
 # --- tables -------------------------------------------------------------------------------
 def table_format(path: Path, fmt: str, owner: str, option: str) -> str:
+    """The format of the table at ``path``: ``fmt`` itself, or for ``"auto"`` one told from the path
+    (a folder: ``"arrow"``; else its suffix, else its first line).
+
+    Raises:
+        DataError: ``fmt`` is not one of ``TABLE_FORMATS``.
+    """
     if fmt not in TABLE_FORMATS:
         raise DataError(f"{owner} option dataset_format={fmt!r} is not allowed; allowed: {list(TABLE_FORMATS)}")
     if fmt != "auto":
@@ -130,6 +138,7 @@ def _read_saved_dataset(path: Path, owner: str, option: str, value: Any) -> dict
 
 
 def require_column(frame: pd.DataFrame, owner: str, option: str, column: Any, dataset: Any) -> None:
+    """Raise ``DataError`` naming the option and the dataset's columns when ``column`` is not one."""
     if column not in frame.columns:
         raise DataError(f"{owner} option {option}={column!r} is not a column of dataset {str(dataset)!r}; "
                         f"expected one of its columns: {[str(c) for c in frame.columns]}")
@@ -170,7 +179,7 @@ def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:
 def split_size(owner: str, option: str, value: Any, available: int) -> int:
     """``value`` as a number of rows: an integer >= 1, or a fraction in (0, 1) of ``available``."""
     bad = DataError(f"{owner} option {option}={value!r} is not allowed; expected an integer >= 1 or a fraction in (0, 1)")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         raise bad
     if isinstance(value, float) and 0 < value < 1:
         return max(1, round(value * available))
@@ -182,6 +191,8 @@ def split_size(owner: str, option: str, value: Any, available: int) -> int:
 # --- documents and questions --------------------------------------------------------------
 @dataclass(frozen=True)
 class Document:
+    """A corpus document: its id and its text."""
+
     id: str
     text: str
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qd.checks import check_device, check_int, check_number
 from qd.problem import Evaluation, Measure, Objective, Problem, Resources
 from qd.space import Categorical, Config, Float, Int, Space
 
@@ -216,6 +217,7 @@ def build_network(config: Mapping[str, Any], side: int | tuple[int, ...], num_cl
 
 
 def count_params(model: nn.Module) -> int:
+    """The number of parameters of ``model``."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -251,14 +253,10 @@ class ArchProblem(Problem):
         if not isinstance(dataset, str) or not dataset:
             raise ValueError(f"arch option dataset={dataset!r} is not allowed; allowed: {list(DATASETS)} or a path")
         for name, value in (("batch_size", batch_size), ("latency_batch", latency_batch), ("image_size", image_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"arch option {name}={value!r} is not allowed; allowed: an integer >= 1")
-        if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(device))):
-            raise ValueError(f"arch option device={device!r} is not allowed; allowed: 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        if isinstance(gpus_per_eval, bool) or not isinstance(gpus_per_eval, (int, float)) or not 0 < gpus_per_eval <= 1:
-            raise ValueError(f"arch option gpus_per_eval={gpus_per_eval!r} is not allowed; allowed: a number in (0, 1]")
-        if isinstance(data_seed, bool) or not isinstance(data_seed, int):
-            raise ValueError(f"arch option data_seed={data_seed!r} is not allowed; allowed: an integer")
+            check_int(value, name, "arch", low=1)
+        check_device(device, "device", "arch")
+        check_number(gpus_per_eval, "gpus_per_eval", "arch", low=0, low_open=True, high=1)
+        check_int(data_seed, "data_seed", "arch")
         self.dataset, self.batch_size, self.latency_batch = dataset, batch_size, latency_batch
         self.label_column, self.image_size = label_column, image_size
         self.device_option, self.data_seed = device, data_seed
@@ -286,10 +284,10 @@ class ArchProblem(Problem):
             Int("epochs", 1, 10),
         ])
         self.fidelity = "epochs"  # more epochs: dearer and more faithful
-        self.objectives = (
-            Objective("accuracy", "maximize"),
-            Objective("params", "minimize", cheap=True),
-            Objective("latency_ms", "minimize"),
+        self.objectives = (  # scales and bounds: the units of hypervolumes and plots (qd.scaling)
+            Objective("accuracy", "maximize", bounds=(0.0, 1.0)),
+            Objective("params", "minimize", cheap=True, scale="log"),
+            Objective("latency_ms", "minimize", scale="log"),
         )
         # 10^2..10^7 covers both built-in datasets: the smallest CNN has 170 parameters, the largest ~4.9M.
         low, high = 2.0, 7.0
@@ -314,9 +312,12 @@ class ArchProblem(Problem):
         return build_network(self.space.validate(config), self.side, self.num_classes)
 
     def cheap_values(self, config: Config) -> dict[str, float]:
+        """The parameter count, from the untrained network (no training)."""
         return {"params": float(count_params(self.build(config)))}
 
     def evaluate(self, config: Config, seed: int) -> Evaluation:
+        """Train the network on the train split with ``seed``; accuracy and latency on the validation
+        split, test accuracy in the metadata."""
         config = self.space.validate(config)
         self._set_threads()
         device = self._device()

@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from qd.checks import check_int
 from qd.problem import BatchEvaluation, Evaluation, Measure, Objective, Problem
 from qd.space import Config, Float, Space
 
@@ -38,15 +39,14 @@ class Arm(Problem):
     vectorized = True
 
     def __init__(self, dof: int = 12):
-        if isinstance(dof, bool) or not isinstance(dof, (int, np.integer)) or dof < 2:
-            raise ValueError(f"arm: option dof={dof!r} is not allowed; allowed: an integer >= 2")
-        self.dof = int(dof)
+        self.dof = check_int(dof, "dof", "arm", low=2)
         self.space = Space([Float(f"theta{i}", -math.pi, math.pi) for i in range(self.dof)])
         self.objectives = (Objective("score", "maximize"),)
         reach = float(self.dof)
         self.measures = (Measure("x", -reach, reach), Measure("y", -reach, reach))
 
     def evaluate(self, config: Config, seed: int) -> Evaluation:
+        """One arm: its joint evenness and end-effector (x, y); ``seed`` is unused."""
         theta = np.array([[config[f"theta{i}"] for i in range(self.dof)]], dtype=float)
         return Evaluation(values=[float(arm_score(theta)[0])], measures=arm_end_effector(theta)[0].tolist())
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from problems.zdt import batch_noise, noise_rng
+from qd.checks import check_number
 from qd.problem import BatchEvaluation, Evaluation, Objective, Problem
 from qd.space import Config, Float, Space
 
@@ -50,14 +51,13 @@ class BraninCurrin(Problem):
     vectorized = True
 
     def __init__(self, noise: float = 0.0):
-        if isinstance(noise, bool) or not isinstance(noise, (int, float, np.number)) or not 0 <= noise < math.inf:
-            raise ValueError(f"branin-currin: option noise={noise!r} is not allowed; allowed: a float >= 0")
-        self.noise = float(noise)
+        self.noise = check_number(noise, "noise", "branin-currin", low=0)
         self.space = Space([Float("x0", 0.0, 1.0), Float("x1", 0.0, 1.0)])
         self.objectives = (Objective("branin"), Objective("currin"))
         self.reference_point = REFERENCE_POINT
 
     def evaluate(self, config: Config, seed: int) -> Evaluation:
+        """Both objectives at (x0, x1); ``seed`` draws the noise, if any."""
         x = np.array([config["x0"], config["x1"]], dtype=float)
         values = branin_currin_objectives(x[None])[0]
         metadata: dict[str, Any] = {}

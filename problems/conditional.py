@@ -115,6 +115,7 @@ class Conditional(Problem):
 
     def evaluate(self, config: Config, seed: int) -> Evaluation:
         # Inactive parameters are absent from the config; their placeholders are never used.
+        """The objectives and measures of the configuration's method; ``seed`` is unused."""
         values = conditional_objectives(
             np.array([METHODS.index(config["method"])]),
             np.array([config.get("rank", 1)]),

@@ -24,6 +24,7 @@ import math
 
 import numpy as np
 
+from qd.checks import check_bool, check_int
 from qd.problem import BatchEvaluation, Evaluation, Measure, Objective, Problem
 from qd.space import Config, Float, Space
 
@@ -60,14 +61,9 @@ class DTLZ2(Problem):
     vectorized = True
 
     def __init__(self, dim: int = 6, n_objectives: int = 3, measures: bool = True):
-        if isinstance(n_objectives, bool) or not isinstance(n_objectives, (int, np.integer)) or n_objectives < 2:
-            raise ValueError(f"dtlz2: option n_objectives={n_objectives!r} is not allowed; allowed: an integer >= 2")
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= n_objectives:
-            raise ValueError(
-                f"dtlz2: option dim={dim!r} is not allowed; allowed: an integer > n_objectives={n_objectives}"
-            )
-        if not isinstance(measures, (bool, np.bool_)):
-            raise ValueError(f"dtlz2: option measures={measures!r} is not allowed; allowed: True or False")
+        check_int(n_objectives, "n_objectives", "dtlz2", low=2)
+        check_int(dim, "dim", "dtlz2", low=n_objectives + 1)
+        check_bool(measures, "measures", "dtlz2")
         self.dim = int(dim)
         self.n_objectives = int(n_objectives)
         self.space = Space([Float(f"x{i}", 0.0, 1.0) for i in range(self.dim)])
@@ -81,11 +77,13 @@ class DTLZ2(Problem):
 
     @property
     def max_hypervolume(self) -> float:
+        """The exact maximum against (1.1, ..., 1.1): the box minus the positive orthant of the unit ball."""
         m = self.n_objectives
         positive_orthant_of_ball = math.pi ** (m / 2) / math.gamma(m / 2 + 1) / 2**m
         return 1.1**m - positive_orthant_of_ball
 
     def evaluate(self, config: Config, seed: int) -> Evaluation:
+        """The objectives (and measures, when enabled) at ``x``; ``seed`` is unused."""
         x = np.array([[config[f"x{i}"] for i in range(self.dim)]], dtype=float)
         values = dtlz2_objectives(x, self.n_objectives)[0].tolist()
         measures = dtlz2_measures(x, self.n_objectives)[0].tolist() if self.measures else []

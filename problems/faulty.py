@@ -43,6 +43,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from qd.checks import is_finite_number
 from qd.problem import Evaluation, Objective, Problem, Resources
 from qd.space import Categorical, Config, Float, Scalar, Space, SpaceError
 
@@ -82,10 +83,12 @@ class WeightedCategorical(Categorical):
         return edges
 
     def encode(self, value: Any) -> float:
+        """The centre of the choice's weighted bin."""
         edges, i = self._edges(), self.index(value)
         return (edges[i] + edges[i + 1]) / 2
 
     def decode(self, u: float) -> Scalar:
+        """The choice whose weighted bin holds ``u`` (clipped to [0, 1])."""
         u = min(max(float(u), 0.0), 1.0)
         edges = self._edges()
         for i in range(len(self.choices)):
@@ -97,7 +100,7 @@ class WeightedCategorical(Categorical):
 def _number(name: str, value: Any, *, low: float = 0.0, allow_none: bool = False, strict: bool = False) -> Any:
     if value is None and allow_none:
         return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+    ok = is_finite_number(value) and (
         value > low if strict else value >= low)
     if not ok:
         bound = f"> {low:g}" if strict else f">= {low:g}"
@@ -160,6 +163,8 @@ class Faulty(Problem):
         self.resources = Resources(cpus=1, gpus=0, memory_mb=self.memory_mb, timeout_s=self.timeout_s)
 
     def evaluate(self, config: Config, seed: int) -> Evaluation:
+        """Succeed, raise, return NaN, hang, kill the process or exhaust memory, as the configuration's
+        ``behaviour`` says."""
         global _calls_in_process
         _calls_in_process += 1
         config = self.space.validate(config)

@@ -59,10 +59,13 @@ def capacity(layers: np.ndarray, width: np.ndarray) -> np.ndarray:
 
 
 def best_dropout(layers: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """(n,) layers and widths -> (n,) the dropout with the lowest error."""
     return 0.025 * capacity(layers, width)
 
 
 def best_log10_lr(activation: np.ndarray, batch_norm: np.ndarray) -> np.ndarray:
+    """(n,) activation indices and batch-norm flags -> (n,) the log10 learning rate with the lowest
+    error."""
     return ACTIVATION_BEST_LOG10_LR[activation] + BATCH_NORM_LR_SHIFT * batch_norm
 
 
@@ -120,6 +123,7 @@ class Mixed(Problem):
         return float(moocore.hypervolume(self.pareto_front()[1], ref=self.reference_point))
 
     def evaluate(self, config: Config, seed: int) -> Evaluation:
+        """The exact objectives and measures of the configuration; ``seed`` is unused."""
         values = mixed_objectives(
             np.array([config["layers"]]),
             np.array([config["width"]]),

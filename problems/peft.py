@@ -45,6 +45,7 @@ import torch
 
 from problems._data import DataError, absolute, class_index, read_table, require_column, split_size, stratified_order
 from problems._minilm import load_checkpoint, mean_pool, resolve_checkpoint
+from qd.checks import check_device, check_choice, check_int, check_number
 from qd.problem import Evaluation, Measure, Objective, Problem, Resources
 from qd.space import Bool, Categorical, Config, Float, Int, Space
 
@@ -314,19 +315,6 @@ def read_split(name: str) -> tuple[list[str], np.ndarray]:
     return [r["text"] for r in rows], np.array([index[r["category"]] for r in rows], dtype=np.int64)
 
 
-def _check_int(name: str, value: Any, low: int, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"peft option {name}={value!r} is not allowed; allowed: an integer >= {low}"
-                         + (" or None" if allow_none else ""))
-
-
-def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
-    if value not in allowed:
-        raise ValueError(f"peft option {name}={value!r} is not allowed; allowed: {list(allowed)}")
-
-
 def lr_factor(step: int, steps: int) -> float:
     """The learning-rate multiplier at 0-based ``step`` of ``steps``: linear warm-up over 6% of the
     steps, then linear decay to zero at the last step."""
@@ -420,22 +408,19 @@ class PeftProblem(Problem):
 
         Every path, column and class count is checked here, before any evaluation.
         """
-        _check_choice("task", task, TASKS)
+        check_choice(task, "task", "peft", TASKS)
         for name, value, low in (("max_length", max_length, 2), ("batch_size", batch_size, 1),
                                  ("min_steps", min_steps, 1), ("data_seed", data_seed, 0), ("max_rank", max_rank, 1),
                                  ("population", population, 1), ("population_queue", population_queue, 1)):
-            _check_int(name, value, low)
-        _check_int("train_size", train_size, 1, allow_none=True)
-        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < min_steps:
-            raise ValueError(f"peft option max_steps={max_steps!r} is not allowed; allowed: an integer >= min_steps={min_steps}")
-        if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(device))):
-            raise ValueError(f"peft option device={device!r} is not allowed; allowed: 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        if isinstance(gpus_per_eval, bool) or not isinstance(gpus_per_eval, (int, float)) or not 0 < gpus_per_eval <= 1:
-            raise ValueError(f"peft option gpus_per_eval={gpus_per_eval!r} is not allowed; allowed: a number in (0, 1]")
-        _check_choice("precision", precision, PRECISIONS)
-        _check_choice("pooling", pooling, POOLINGS)
+            check_int(value, name, "peft", low=low)
+        check_int(train_size, "train_size", "peft", low=1, none=True)
+        check_int(max_steps, "max_steps", "peft", low=min_steps)  # at least min_steps
+        check_device(device, "device", "peft")
+        check_number(gpus_per_eval, "gpus_per_eval", "peft", low=0, low_open=True, high=1)
+        check_choice(precision, "precision", "peft", PRECISIONS)
+        check_choice(pooling, "pooling", "peft", POOLINGS)
         self.metric = METRICS[task][0] if metric == "auto" else metric
-        _check_choice("metric", self.metric, ("auto",) + METRICS[task])
+        check_choice(self.metric, "metric", "peft", ("auto",) + METRICS[task])
         self.task = task
         self.model_path = resolve_checkpoint(model, "peft", "model")
         self.dataset, self.dataset_format = dataset, dataset_format
@@ -486,9 +471,12 @@ class PeftProblem(Problem):
         if not names or len(set(names)) != len(names) or any(n not in allowed for n in names):
             raise ValueError(f"peft option objectives={names!r} is not allowed; allowed: distinct names from {allowed}")
         self.objective_list = names
+        # Hypervolumes in readable units (qd.scaling): costs and perplexity span decades, scores are shares.
         self.objectives = tuple(
             Objective(n, "minimize" if n != self.metric or self.metric == "perplexity" else "maximize",
-                      cheap=(n == "trainable_params"))
+                      cheap=(n == "trainable_params"),
+                      scale="linear" if n == self.metric and self.metric != "perplexity" else "log",
+                      bounds=(0.0, 1.0) if n == self.metric and self.metric != "perplexity" else None)
             for n in names
         )
         largest = max(trainable_params({"method": m, "rank": max_rank, "targets": "all", **{s.name: True for s in switches}},

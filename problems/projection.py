@@ -25,6 +25,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from qd.checks import check_int
 from qd.problem import BatchEvaluation, Evaluation, Measure, Objective, Problem
 from qd.space import Config, Float, Space
 
@@ -69,9 +70,7 @@ class _Projection(Problem):
     vectorized = True
 
     def __init__(self, dim: int = 20):
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 2:
-            raise ValueError(f"{self.function}: option dim={dim!r} is not allowed; allowed: an integer >= 2")
-        self.dim = int(dim)
+        self.dim = check_int(dim, "dim", self.function, low=2)
         self.space = Space([Float(f"x{i}", -BOUND, BOUND) for i in range(self.dim)])
         self.objectives = (Objective("score", "maximize"),)
         first, second = self.dim // 2, self.dim - self.dim // 2

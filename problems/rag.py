@@ -62,6 +62,7 @@ from typing import Any
 
 import numpy as np
 
+from qd.checks import check_device, check_int, check_number
 from qd.problem import Evaluation, Measure, Objective, Problem, Resources
 from qd.space import Bool, Categorical, Config, Float, Int, Space
 
@@ -234,6 +235,7 @@ def chunk_corpus(paragraphs: Sequence[str], chunking: Chunking) -> Chunks:
 
 # --- BM25 --------------------------------------------------------------------------------
 def terms(text: str) -> list[str]:
+    """The lower-cased word tokens of ``text`` (BM25's terms)."""
     return _TERM.findall(text.lower())
 
 
@@ -254,6 +256,7 @@ class Bm25Index:
 
     @classmethod
     def build(cls, texts: Sequence[str]) -> Bm25Index:
+        """The index of ``texts``, one entry per chunk."""
         from rank_bm25 import BM25Okapi
 
         tokenised = [terms(t) for t in texts]
@@ -271,6 +274,7 @@ class Bm25Index:
                    np.array([w for _, w in flat], dtype=np.float32), len(texts))
 
     def scores(self, query: str) -> np.ndarray:
+        """(n_chunks,) BM25 score of every chunk for ``query`` (zeros when no term is known)."""
         ids = [self.vocabulary[t] for t in terms(query) if t in self.vocabulary]
         if not ids:
             return np.zeros(self.n_chunks, dtype=np.float32)
@@ -280,6 +284,7 @@ class Bm25Index:
 
     @property
     def nbytes(self) -> int:
+        """The index's size in bytes (arrays and vocabulary)."""
         vocabulary_bytes = sum(len(t.encode()) for t in self.vocabulary) + 4 * len(self.vocabulary)
         return self.postings_offsets.nbytes + self.postings_chunks.nbytes + self.postings_weights.nbytes + vocabulary_bytes
 
@@ -301,6 +306,7 @@ class EmbeddingCache:
     misses: int = 0
 
     def get(self, texts: Sequence[str], encoder: Any) -> np.ndarray:
+        """(n, 384) float32 vectors of ``texts``, embedding with ``encoder`` only those not seen before."""
         missing = list(dict.fromkeys(t for t in texts if t not in self.vectors))
         self.hits += len(texts) - len(missing)
         self.misses += len(missing)
@@ -384,18 +390,13 @@ class RagProblem(Problem):
         - ``data_seed``: fixes the question and paragraph samples.
         """
         for name, value in (("n_questions", n_questions), ("n_paragraphs", n_paragraphs)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"rag option {name}={value!r} is not allowed; allowed: an integer >= 1, or None for all")
+            check_int(value, name, "rag", low=1, none=True)  # None: all
         if n_paragraphs is not None and n_paragraphs > 240:
             raise ValueError(f"rag option n_paragraphs={n_paragraphs!r} is not allowed; allowed: 1..240 (XQuAD-en has 240), or None")
-        if isinstance(embed_batch, bool) or not isinstance(embed_batch, int) or embed_batch < 1:
-            raise ValueError(f"rag option embed_batch={embed_batch!r} is not allowed; allowed: an integer >= 1")
-        if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(device))):
-            raise ValueError(f"rag option device={device!r} is not allowed; allowed: 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        if isinstance(gpus_per_eval, bool) or not isinstance(gpus_per_eval, (int, float)) or not 0 < gpus_per_eval <= 1:
-            raise ValueError(f"rag option gpus_per_eval={gpus_per_eval!r} is not allowed; allowed: a number in (0, 1]")
-        if isinstance(data_seed, bool) or not isinstance(data_seed, int):
-            raise ValueError(f"rag option data_seed={data_seed!r} is not allowed; allowed: an integer")
+        check_int(embed_batch, "embed_batch", "rag", low=1)
+        check_device(device, "device", "rag")
+        check_number(gpus_per_eval, "gpus_per_eval", "rag", low=0, low_open=True, high=1)
+        check_int(data_seed, "data_seed", "rag")
         self.n_questions, self.n_paragraphs = n_questions, n_paragraphs
         self.device_option, self.embed_batch, self.data_seed = device, embed_batch, data_seed
         self.corpus_path, self.questions_path = corpus, questions
@@ -438,11 +439,11 @@ class RagProblem(Problem):
             *([Categorical("rerank_with", ("sentences", "cross-encoder"), active_if={"rerank": [True]})]
               if reranker is not None else []),
         ])
-        self.objectives = (
-            Objective("recall_at_k", "maximize"),
-            Objective("mrr", "maximize"),
-            Objective("latency_ms", "minimize"),
-            Objective("index_mb", "minimize"),
+        self.objectives = (  # scales and bounds: the units of hypervolumes and plots (qd.scaling)
+            Objective("recall_at_k", "maximize", bounds=(0.0, 1.0)),
+            Objective("mrr", "maximize", bounds=(0.0, 1.0)),
+            Objective("latency_ms", "minimize", scale="log"),
+            Objective("index_mb", "minimize", scale="log"),
         )
         self.measures = (
             Measure("log2_chunk_size", int(math.log2(CHUNK_SIZES[0])), int(math.log2(CHUNK_SIZES[-1])), integer=True),
@@ -498,12 +499,14 @@ class RagProblem(Problem):
         return self._cache[key]
 
     def chunks(self, chunking: Chunking) -> Chunks:
+        """The corpus cut by ``chunking`` (cached per problem)."""
         key = ("chunks", chunking)
         if key not in self._cache:
             self._cache[key] = chunk_corpus(self.corpus()[0], chunking)
         return self._cache[key]
 
     def bm25(self, chunking: Chunking) -> Bm25Index:
+        """The BM25 index of ``chunking``'s chunks (cached per problem)."""
         key = ("bm25", chunking)
         if key not in self._cache:
             self._cache[key] = Bm25Index.build(self.chunks(chunking).texts)

@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from qd.checks import check_bool, check_int, check_number
 from qd.problem import BatchEvaluation, Evaluation, Measure, Objective, Problem
 from qd.space import Config, Float, Space
 
@@ -113,17 +114,14 @@ class _ZDT(Problem):
 
     def __init__(self, dim: int = 6, measures: bool = True, noise: float = 0.0):
         label = type(self).__name__.lower()
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 2:
-            raise ValueError(f"{label}: option dim={dim!r} is not allowed; allowed: an integer >= 2")
-        if not isinstance(measures, (bool, np.bool_)):
-            raise ValueError(f"{label}: option measures={measures!r} is not allowed; allowed: True or False")
+        check_int(dim, "dim", label, low=2)
+        check_bool(measures, "measures", label)
         if measures and dim < 3:
             raise ValueError(
                 f"{label}: option dim={dim!r} is not allowed with measures=True; allowed: dim >= 3 "
                 "(the measures split x1..x{dim-1} in two halves), or measures=False"
             )
-        if isinstance(noise, bool) or not isinstance(noise, (int, float, np.number)) or not 0 <= noise < math.inf:
-            raise ValueError(f"{label}: option noise={noise!r} is not allowed; allowed: a float >= 0")
+        check_number(noise, "noise", label, low=0)
         self.dim = int(dim)
         self.noise = float(noise)
         self.space = Space([Float(f"x{i}", 0.0, 1.0) for i in range(self.dim)])

@@ -2,7 +2,8 @@
 
 The objects, each with one job: ``Space`` (what can be configured), ``Problem`` (what an
 evaluation measures), ``Strategy`` (where to look next: ask/tell), ``Evaluator`` (where
-evaluations run), ``Store`` (the Optuna study that records every evaluation).
+evaluations run), ``Store`` (the record of every evaluation, mirrored into an Optuna study).
+``qd.optimize(problem, strategy, budget=...)`` runs them together and returns the run.
 """
 
 import warnings
@@ -15,6 +16,8 @@ warnings.filterwarnings("ignore", message="IProgress not found", category=TqdmWa
 
 from optuna.exceptions import ExperimentalWarning  # noqa: E402 (after the filter above)
 
+from qd.checks import OptionError, QdError  # noqa: E402
+from qd.optimize import optimize  # noqa: E402
 from qd.problem import Evaluation, Measure, Objective, Problem, Resources  # noqa: E402
 from qd.space import Bool, Categorical, Float, Int, Space, SpaceError  # noqa: E402
 
@@ -22,4 +25,4 @@ from qd.space import Bool, Categorical, Float, Int, Space, SpaceError  # noqa: E
 warnings.filterwarnings("ignore", category=ExperimentalWarning)
 
 __all__ = ["Space", "Float", "Int", "Categorical", "Bool", "SpaceError", "Problem", "Objective", "Measure",
-           "Resources", "Evaluation"]
+           "Resources", "Evaluation", "optimize", "QdError", "OptionError"]

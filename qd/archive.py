@@ -20,8 +20,8 @@ Conventions:
   ``space.encode(trial.params)``, so a rebuilt archive holds exactly what a live one held.
 - Only complete, feasible trials (constraints <= 0) with measures are inserted; failed and
   infeasible ones are left out (they are in the store, not in the map).
-- pyribs maximises. An elite archive stores ``sign * value`` (``sign`` = +1 to maximise, -1 to
-  minimise) and reports values back in the objective's own units. ``qd_score_offset`` is given
+- pyribs maximises. An elite archive stores ``score_factor * value`` (``score_factor`` = +1 to
+  maximise, -1 to minimise: minus the objective's ``sign``) and reports values back in the objective's own units. ``qd_score_offset`` is given
   in objective units: the value that counts as zero in the QD score (default: the problem's
   reference point for that objective if it declares one, else 0), so every elite adds
   ``|value - offset|`` when it is better than the offset.
@@ -34,14 +34,16 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import moocore
 import numpy as np
 from ribs.archives import ArchiveBase, CVTArchive, GridArchive
 
+from qd.checks import OptionError, is_finite_number, is_int
 from qd.columns import Columns
-from qd.problem import Problem
+from qd.problem import Problem, sign_of
+from qd.scaling import Scaling
 from qd.store import Store, Trial
 
 ArchiveKind = Literal["grid", "cvt"]
@@ -54,18 +56,22 @@ MAX_DEFAULT_BINS = 20
 CVT_SAMPLES_PER_CELL = 10
 
 
-class ArchiveOptionError(ValueError):
-    """A bad archive option; the message names the option, the value and what is allowed."""
+class ArchiveOptionError(OptionError):
+    """A bad option of a run's archive (bins, cells, reference point, learning rate, ...)."""
 
 
 # --- options ------------------------------------------------------------------------------------
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
 def default_bins(n_measures: int, measures: Sequence[Any] = ()) -> tuple[int, ...]:
     """Bins per measure: one per value for integer and categorical measures (``Measure.integer``),
-    and for the continuous ones about ``DEFAULT_TOTAL_CELLS`` cells in all, at most 20 per measure."""
+    and for the continuous ones about ``DEFAULT_TOTAL_CELLS`` cells in all, at most 20 per measure.
+
+    Args:
+        n_measures: the number of measures k (used when ``measures`` is empty).
+        measures: the problem's ``Measure`` objects, when known.
+
+    Returns:
+        k bin counts.
+    """
     counts = [len(m.values) if getattr(m, "integer", False) else None for m in measures] or [None] * n_measures
     fixed = int(np.prod([c for c in counts if c is not None] or [1]))
     free = sum(c is None for c in counts)
@@ -74,21 +80,46 @@ def default_bins(n_measures: int, measures: Sequence[Any] = ()) -> tuple[int, ..
 
 
 def parse_bins(bins: Any, problem: Problem, owner: str) -> tuple[int, ...]:
-    """``bins``: one int for every measure, or one int per measure (None: ``default_bins``)."""
+    """Check the ``bins`` option of a grid archive.
+
+    Args:
+        bins: one int >= 1 for every measure, one int >= 1 per measure, or None (``default_bins``).
+        problem: the problem whose measures the grid covers.
+        owner: who takes the option, for the error message.
+
+    Returns:
+        k bin counts, one per measure.
+
+    Raises:
+        ArchiveOptionError: ``bins`` is none of the above.
+    """
     m = len(problem.measures)
     if bins is None:
         return default_bins(m, problem.measures)
     allowed = (f"one integer >= 1, or a list of {m} integers >= 1 (one per measure: "
                f"{', '.join(problem.measure_names)})")
-    if _is_int(bins) and bins >= 1:
+    if is_int(bins) and bins >= 1:
         return (int(bins),) * m
     if isinstance(bins, Sequence) and not isinstance(bins, str) and len(bins) == m \
-            and all(_is_int(b) and b >= 1 for b in bins):
+            and all(is_int(b) and b >= 1 for b in bins):
         return tuple(int(b) for b in bins)
     raise ArchiveOptionError(f"{owner}: option bins={bins!r} is not allowed; allowed: {allowed}")
 
 
 def objective_index(problem: Problem, objective: str | None, owner: str) -> int:
+    """The index of the objective an elite archive ranks by.
+
+    Args:
+        problem: the problem.
+        objective: an objective name, or None for the first.
+        owner: who takes the option, for the error message.
+
+    Returns:
+        Its index in ``problem.objectives``.
+
+    Raises:
+        ArchiveOptionError: ``objective`` is not one of the problem's.
+    """
     if objective is None:
         return 0
     names = problem.objective_names
@@ -98,12 +129,13 @@ def objective_index(problem: Problem, objective: str | None, owner: str) -> int:
 
 
 def _finite_number(value: Any, option: str, owner: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise ArchiveOptionError(f"{owner}: option {option}={value!r} is not allowed; allowed: a finite number")
     return float(value)
 
 
 def require_measures(problem: Problem, owner: str) -> None:
+    """Raise ``ArchiveOptionError`` (naming ``owner``) when ``problem`` declares no measures."""
     if not problem.measures:
         raise ArchiveOptionError(
             f"{owner} needs a problem with measures; problem {problem.name or type(problem).__name__!r} declares none "
@@ -113,7 +145,10 @@ def require_measures(problem: Problem, owner: str) -> None:
 
 @dataclass(frozen=True)
 class EliteSpec:
-    """What an ``EliteArchive`` is made of. Objective-dependent numbers are in objective units."""
+    """What an ``EliteArchive`` is made of. Objective-dependent numbers are in objective units.
+
+    Build it with ``elite_spec``, which checks the options; the record keeps it as ``spec_to_json``.
+    """
 
     kind: ArchiveKind
     bins: tuple[int, ...] | None  # grid
@@ -134,11 +169,12 @@ class EliteSpec:
     fidelity_top: Any = None
 
     @property
-    def sign(self) -> float:
-        """Multiply an objective value by this to get the number pyribs maximises."""
-        return 1.0 if self.direction == "maximize" else -1.0
+    def score_factor(self) -> float:
+        """Multiply an objective value by this to get the number pyribs maximises (``-sign_of``)."""
+        return -sign_of(self.direction)
 
     def describe(self) -> dict[str, Any]:
+        """The spec as a plain dict for ``qd show`` and reports (only the fields in use)."""
         out: dict[str, Any] = {"kind": self.kind, "objective": self.objective, "direction": self.direction,
                                "qd_score_offset": self.qd_score_offset}
         out.update({"bins": list(self.bins)} if self.kind == "grid" else {"cells": self.cells})
@@ -157,8 +193,26 @@ def elite_spec(problem: Problem, *, archive: str = "grid", bins: Any = None, cel
                fidelity: str | None = None) -> EliteSpec:
     """Check the archive options of a single-objective QD run and fill in the defaults.
 
-    ``aggregate``: average repeated evaluations per configuration (not with ``learning_rate``).
-    ``fidelity``: a parameter name; only trials at its most faithful value (``top_value``) count.
+    Args:
+        problem: the problem; it must declare measures.
+        archive: ``"grid"`` or ``"cvt"``.
+        bins: grid only: see ``parse_bins``.
+        cells: CVT only: the number of centroids, an int >= 2 (default: as many as the default grid).
+        objective: the objective to rank by (default: the first).
+        qd_score_offset: the value that counts as zero in the QD score, in objective units
+            (default: the problem's reference point for that objective, else 0).
+        learning_rate: CMA-MAE's archive learning rate in [0, 1] (None: plain elitism).
+        threshold_min: CMA-MAE's initial cell threshold in objective units (default: the offset).
+        seed: seeds the CVT's centroids.
+        owner: who takes the options, for error messages.
+        aggregate: average repeated evaluations per configuration (not with ``learning_rate``).
+        fidelity: a parameter name; only trials at its most faithful value (``top_value``) count.
+
+    Returns:
+        The checked ``EliteSpec``.
+
+    Raises:
+        ArchiveOptionError: any option above not allowed, or a problem without measures.
     """
     require_measures(problem, owner)
     if archive not in ARCHIVE_KINDS:
@@ -174,7 +228,7 @@ def elite_spec(problem: Problem, *, archive: str = "grid", bins: Any = None, cel
                                      f"a CVT archive takes cells (the number of centroids)")
         if cells is None:
             cells = int(np.prod(default_bins(len(problem.measures), problem.measures)))
-        if not _is_int(cells) or cells < 2:
+        if not is_int(cells) or cells < 2:
             raise ArchiveOptionError(f"{owner}: option cells={cells!r} is not allowed; allowed: an integer >= 2")
         grid_bins, n_cells = None, int(cells)
     index = objective_index(problem, objective, owner)
@@ -219,18 +273,45 @@ class ParetoSpec:
     front_size: int
     reference_point: tuple[float, ...]
     reference_source: str  # "problem" or "option"
+    #: The units of the per-cell hypervolumes (``qd.scaling``; empty: objective units).
+    scales: tuple[str, ...] = ()
+    bounds: tuple[tuple[float, float] | None, ...] = ()
+
+    @property
+    def scaling(self) -> Scaling:
+        """The ``Scaling`` the per-cell hypervolumes are computed in (identity when ``scales`` is empty)."""
+        if not self.scales:
+            return Scaling.identity(len(self.reference_point))
+        return Scaling(self.scales, self.bounds)
 
     def describe(self) -> dict[str, Any]:
+        """The spec as a plain dict for ``qd show`` and reports."""
         return {"kind": "pareto-grid", "bins": list(self.bins), "front_size": self.front_size,
-                "reference_point": list(self.reference_point), "reference_source": self.reference_source}
+                "reference_point": list(self.reference_point), "reference_source": self.reference_source,
+                **({"scaling": self.scaling.to_json()} if not self.scaling.is_identity else {})}
 
 
 def pareto_spec(problem: Problem, *, bins: Any = None, front_size: Any = 10, reference_point: Any = None,
                 owner: str = "archive") -> ParetoSpec:
-    """Check MOME's archive options. The reference point is the option, else the problem's."""
+    """Check MOME's archive options and fill in the defaults.
+
+    Args:
+        problem: the problem; it must declare measures.
+        bins: see ``parse_bins``.
+        front_size: the most points a cell's front keeps, an int >= 1.
+        reference_point: m numbers, one per objective (default: the problem's).
+        owner: who takes the options, for error messages.
+
+    Returns:
+        The checked ``ParetoSpec``; its scaling is the problem's.
+
+    Raises:
+        ArchiveOptionError: an option not allowed, no reference point from either source, or a
+            problem without measures.
+    """
     require_measures(problem, owner)
     m = len(problem.objectives)
-    if not _is_int(front_size) or front_size < 1:
+    if not is_int(front_size) or front_size < 1:
         raise ArchiveOptionError(f"{owner}: option front_size={front_size!r} is not allowed; allowed: an integer >= 1")
     if reference_point is None:
         if problem.reference_point is None:
@@ -241,14 +322,16 @@ def pareto_spec(problem: Problem, *, bins: Any = None, front_size: Any = 10, ref
         ref, source = tuple(float(v) for v in problem.reference_point), "problem"
     else:
         if isinstance(reference_point, str) or not isinstance(reference_point, Sequence) or len(reference_point) != m \
-                or not all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)
+                or not all(is_finite_number(v)
                            for v in reference_point):
             raise ArchiveOptionError(f"{owner}: option reference_point={reference_point!r} is not allowed; allowed: "
                                      f"a list of {m} finite numbers, one per objective "
                                      f"({', '.join(problem.objective_names)})")
         ref, source = tuple(float(v) for v in reference_point), "option"
+    scaling = problem.scaling
+    scales, bounds = ((), ()) if scaling.is_identity else (scaling.scales, scaling.bounds)
     return ParetoSpec(bins=parse_bins(bins, problem, owner), front_size=int(front_size), reference_point=ref,
-                      reference_source=source)
+                      reference_source=source, scales=scales, bounds=bounds)
 
 
 # --- archives -----------------------------------------------------------------------------------
@@ -261,12 +344,81 @@ def _ranges(problem: Problem) -> list[tuple[float, float]]:
     return [m.map_range for m in problem.measures]  # integer measures: bins centred on their values
 
 
+class RunArchive(Protocol):
+    """What a run's archive offers every view and strategy; ``EliteArchive`` and ``ParetoArchive``
+    implement it (``kind`` tells them apart, never ``hasattr``)."""
+
+    #: "elite" (one objective, one elite per cell) or "pareto" (a bounded front per cell).
+    kind: ClassVar[str]
+    problem: Problem
+    spec: EliteSpec | ParetoSpec
+
+    @property
+    def layout(self) -> ArchiveBase:
+        """The pyribs archive that does the cell arithmetic (a ``GridArchive`` or ``CVTArchive``)."""
+
+    @property
+    def empty(self) -> bool:
+        """Whether no solution has been inserted."""
+
+    @property
+    def n_cells(self) -> int:
+        """The number of cells of the map."""
+
+    def cell_of(self, measures: np.ndarray) -> np.ndarray:
+        """Cells of measure vectors.
+
+        Args:
+            measures: (n, k) measures (one (k,) vector is taken as n = 1).
+
+        Returns:
+            (n,) integer cell indices; measures outside the bounds go to the edge cells.
+        """
+
+    def cells_of(self, cols: Columns) -> np.ndarray:
+        """Cells of the rows of a run's columns.
+
+        Args:
+            cols: n rows of the record.
+
+        Returns:
+            (n,) the cell of each row the archive would take, else -1.
+        """
+
+    def add_columns(self, cols: Columns) -> None:
+        """Insert the complete, feasible rows of ``cols`` that have measures, in order."""
+
+    def add_trials(self, trials: Sequence[Trial]) -> None:
+        """Insert the complete, feasible ``trials`` that have measures, in order."""
+
+    def metrics(self) -> dict[str, Any]:
+        """The archive's metrics.
+
+        Returns:
+            A dict with ``coverage``, ``qd_score`` (the MOQD score for a Pareto archive),
+            ``norm_qd_score``, ``num_elites`` and ``best`` (a float, a list per objective, or None).
+        """
+
+    def describe(self) -> dict[str, Any]:
+        """What the archive is: its kind, cells and options."""
+
+    def spec_json(self) -> dict[str, Any]:
+        """The spec as the record keeps it (``spec_to_json``)."""
+
+
 class EliteArchive:
-    """One objective, one elite per cell, on pyribs archives (see the module docstring)."""
+    """One objective, one elite per cell, on pyribs archives (see the module docstring).
+
+    Args:
+        problem: the problem; its measures' ``map_range`` give the bounds.
+        spec: the checked options (``elite_spec``).
+    """
+
+    kind: ClassVar[str] = "elite"
 
     def __init__(self, problem: Problem, spec: EliteSpec):
         self.problem, self.spec, self.space = problem, spec, problem.space
-        d, sign = problem.space.dim, spec.sign
+        d, sign = problem.space.dim, spec.score_factor
         offset = sign * spec.qd_score_offset
         common = {"solution_dim": d, "ranges": _ranges(problem), "qd_score_offset": offset, "seed": spec.seed}
         if spec.kind == "grid":
@@ -294,7 +446,17 @@ class EliteArchive:
             self.repeats = RepeatStats(d, len(problem.measures))
 
     def spec_json(self) -> dict[str, Any]:
+        """The spec as the record keeps it (``spec_to_json``)."""
         return spec_to_json(self.spec)
+
+    @property
+    def layout(self) -> ArchiveBase:
+        """The result archive, whose cells every view reads."""
+        return self.result
+
+    def cell_of(self, measures: np.ndarray) -> np.ndarray:
+        """(n, k) measures -> (n,) integer cells (outside the bounds: the edge cells)."""
+        return np.asarray(self.result.index_of(np.atleast_2d(np.asarray(measures, dtype=float))), dtype=int)
 
     def _takes_rows(self, cols: Columns) -> np.ndarray:
         """(n,) which rows go into this archive (feasible, finite measures, top fidelity)."""
@@ -318,7 +480,7 @@ class EliteArchive:
             self.add_trials(trials_of(cols.select(ok), self.space))
             return
         X = self.space.encode_raw(cols.raw[ok])
-        objective = self.spec.sign * cols.values[ok, self.spec.objective_index]
+        objective = self.spec.score_factor * cols.values[ok, self.spec.objective_index]
         measures = cols.measures[ok]
         if self.spec.learning_rate is None:
             self.archive.add(solution=X, objective=objective, measures=measures)
@@ -344,17 +506,22 @@ class EliteArchive:
 
     # objective <-> the maximised number pyribs stores
     def internal_objective(self, trials: Sequence[Trial]) -> np.ndarray:
-        """(n,) maximised objective of complete trials (``sign * value``)."""
+        """(n,) maximised objective of complete trials (``score_factor * value``)."""
         i = self.spec.objective_index
-        return np.array([self.spec.sign * t.values[i] for t in trials], dtype=float)
+        return np.array([self.spec.score_factor * t.values[i] for t in trials], dtype=float)
 
     def add(self, solutions: np.ndarray, trials: Sequence[Trial]) -> dict[str, np.ndarray]:
-        """Insert the insertable rows of (n, d) ``solutions`` (results in ``trials``) as one batch.
+        """Insert the insertable rows of ``solutions`` (results in ``trials``) as one batch.
 
-        Returns pyribs' add info for all n rows: ``status`` (n,) (0 not added, 1 improved, 2 new)
-        and ``value`` (n,); rows not inserted get status 0 and a value below every other, so an
-        emitter ranks them last. Also ``objective`` (n,) and ``measures`` (n, k), finite fillers
-        for the rows without results, ready for ``emitter.tell``.
+        Args:
+            solutions: (n, d) encoded solutions, one per trial.
+            trials: the n trials they were evaluated in; only those ``takes`` accepts are inserted.
+
+        Returns:
+            pyribs' add info for all n rows: ``status`` (n,) (0 not added, 1 improved, 2 new) and
+            ``value`` (n,); rows not inserted get status 0 and a value below every other, so an
+            emitter ranks them last. Also ``objective`` (n,) and ``measures`` (n, k), finite fillers
+            for the rows without results, ready for ``emitter.tell``.
         """
         solutions = np.asarray(solutions, dtype=float).reshape(len(trials), self.space.dim)
         ok = np.array([self.takes(t) for t in trials], dtype=bool)
@@ -402,31 +569,44 @@ class EliteArchive:
 
     @property
     def empty(self) -> bool:
+        """Whether the result archive holds no elite."""
         return self.result.empty
 
     @property
     def n_cells(self) -> int:
+        """The number of cells of the map."""
         return int(self.result.cells)
 
     def best_value(self) -> float | None:
+        """The best elite's objective in objective units, or None when the archive is empty."""
         best = self.result.stats.obj_max
-        return None if best is None else float(self.spec.sign * best)
+        return None if best is None else float(self.spec.score_factor * best)
 
     def metrics(self) -> dict[str, Any]:
-        """Coverage, QD score (offset per ``spec``), normalised QD score, elites, best value."""
+        """The result archive's metrics.
+
+        Returns:
+            ``coverage``, ``qd_score`` (offset per ``spec``), ``norm_qd_score``, ``num_elites`` and
+            ``best`` (``best_value``).
+        """
         stats = self.result.stats
         return {"coverage": float(stats.coverage), "qd_score": float(stats.qd_score),
                 "norm_qd_score": float(stats.norm_qd_score), "num_elites": int(stats.num_elites),
                 "best": self.best_value()}
 
     def describe(self) -> dict[str, Any]:
+        """``spec.describe()`` with the number of cells."""
         return {**self.spec.describe(), "cells": self.n_cells}
 
     def elites(self) -> dict[str, np.ndarray]:
-        """The result archive's elites: ``solution`` (e, d), ``objective`` (e,) in objective units,
-        ``measures`` (e, k), ``index`` (e,)."""
+        """The result archive's elites, e of them.
+
+        Returns:
+            ``solution`` (e, d), ``objective`` (e,) in objective units, ``measures`` (e, k) and
+            ``index`` (e,); when the spec aggregates repeats, also ``std`` (e,) and ``count`` (e,).
+        """
         data = self.result.data()
-        out = {"solution": data["solution"], "objective": self.spec.sign * data["objective"],
+        out = {"solution": data["solution"], "objective": self.spec.score_factor * data["objective"],
                "measures": data["measures"], "index": data["index"]}
         if self.repeats is not None:  # aggregated: objective and measures are means; add spread and count
             from qd.noise import config_key
@@ -454,12 +634,19 @@ class ParetoArchive:
     equals it), and removes the members it dominates. When the front then exceeds ``front_size``
     the member with the smallest exclusive hypervolume contribution (moocore) leaves, so a full
     cell keeps the subset that covers the most hypervolume; that member may be the new point.
+
+    Args:
+        problem: the problem; its measures' ``map_range`` give the bounds.
+        spec: the checked options (``pareto_spec``).
     """
+
+    kind: ClassVar[str] = "pareto"
 
     def __init__(self, problem: Problem, spec: ParetoSpec):
         self.problem, self.spec, self.space = problem, spec, problem.space
         self.signs = np.array([o.sign for o in problem.objectives])  # x sign -> minimised
-        self._ref_min = np.array(spec.reference_point) * self.signs
+        self.scaling = spec.scaling  # hypervolumes in these units; dominance is the same in both
+        self._ref_min = self._minimised(np.array(spec.reference_point)[None])[0]
         # pyribs' grid does the cell arithmetic (bin edges, clipping, epsilon), and nothing else.
         self.grid = GridArchive(solution_dim=1, dims=spec.bins, ranges=_ranges(problem))
         self.fronts: dict[int, _Front] = {}
@@ -467,23 +654,42 @@ class ParetoArchive:
 
     @property
     def n_cells(self) -> int:
+        """The number of grid cells (the product of ``spec.bins``)."""
         return int(np.prod(self.spec.bins))
 
     @property
+    def layout(self) -> ArchiveBase:
+        """The pyribs ``GridArchive`` that does the cell arithmetic (it holds no solutions)."""
+        return self.grid
+
+    @property
     def empty(self) -> bool:
+        """Whether no cell holds a front."""
         return not self.fronts
 
     def cell_of(self, measures: np.ndarray) -> np.ndarray:
         """(n, k) measures -> (n,) integer cell indices (measures outside the bounds go to edge cells)."""
         return self.grid.index_of(np.atleast_2d(np.asarray(measures, dtype=float)))
 
+    def _minimised(self, values: np.ndarray) -> np.ndarray:
+        """(n, m) objective values -> (n, m) scaled values to minimise."""
+        return self.scaling.apply(values) * self.signs
+
     def _hypervolume(self, values: np.ndarray) -> float:
-        Y = values * self.signs
+        Y = self._minimised(values)
         Y = Y[np.all(Y < self._ref_min, axis=1)]
         return float(moocore.hypervolume(Y, ref=self._ref_min)) if len(Y) else 0.0
 
     def add(self, solutions: np.ndarray, trials: Sequence[Trial]) -> np.ndarray:
-        """Insert (n, d) ``solutions`` one by one; (n,) status: 0 not added, 1 joined a front, 2 new cell."""
+        """Insert solutions one by one.
+
+        Args:
+            solutions: (n, d) encoded solutions, one per trial.
+            trials: the n trials they were evaluated in; only insertable ones are inserted.
+
+        Returns:
+            (n,) int32 status: 0 not added, 1 joined a front, 2 opened a new cell.
+        """
         solutions = np.asarray(solutions, dtype=float).reshape(len(trials), self.space.dim)
         status = np.zeros(len(trials), dtype=np.int32)
         for i, t in enumerate(trials):
@@ -492,6 +698,7 @@ class ParetoArchive:
         return status
 
     def spec_json(self) -> dict[str, Any]:
+        """The spec as the record keeps it (``spec_to_json``)."""
         return spec_to_json(self.spec)
 
     def add_columns(self, cols: Columns) -> None:
@@ -504,6 +711,7 @@ class ParetoArchive:
             self._add_one(x, _Row(number, v, mm))
 
     def cells_of(self, cols: Columns) -> np.ndarray:
+        """(n,) the cell of each feasible row of ``cols`` with finite measures, else -1."""
         out = np.full(len(cols), -1, dtype=np.int64)
         ok = cols.feasible & np.isfinite(cols.measures).all(axis=1)
         if ok.any():
@@ -524,7 +732,7 @@ class ParetoArchive:
         if not keep[-1]:
             return 0
         if keep.sum() > self.spec.front_size:
-            contributions = moocore.hv_contributions(values[keep] * self.signs, ref=self._ref_min)
+            contributions = moocore.hv_contributions(self._minimised(values[keep]), ref=self._ref_min)
             # Smallest contribution leaves; among equals (e.g. beyond the reference), the oldest.
             drop = np.flatnonzero(keep)[int(np.argmin(contributions))]
             keep[drop] = False
@@ -538,28 +746,47 @@ class ParetoArchive:
         return 1
 
     def add_trials(self, trials: Sequence[Trial]) -> None:
+        """Insert the insertable ``trials`` in order."""
         good = [t for t in trials if insertable(t)]
         if good:
             self.add(self.space.encode_many([t.params for t in good]), good)
 
     def members(self) -> tuple[np.ndarray, np.ndarray]:
-        """All front members: solutions (e, d) and values (e, m)."""
+        """All front members, e of them.
+
+        Returns:
+            ``(solutions, values)``: (e, d) encoded solutions and (e, m) objective values.
+        """
         if not self.fronts:
             return np.empty((0, self.space.dim)), np.empty((0, len(self.signs)))
         return (np.vstack([f.solutions for f in self.fronts.values()]),
                 np.vstack([f.values for f in self.fronts.values()]))
 
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        """(n, d) solutions drawn uniformly (with replacement) from all front members."""
+        """Draw solutions uniformly, with replacement, from all front members.
+
+        Args:
+            n: how many.
+            rng: the generator to draw from.
+
+        Returns:
+            (n, d) encoded solutions.
+        """
         solutions, _ = self.members()
         return solutions[rng.integers(len(solutions), size=n)]
 
     def cell_hypervolumes(self) -> dict[int, float]:
+        """Occupied cell -> the hypervolume of its front (in ``spec.scaling``'s units)."""
         return {c: f.hypervolume for c, f in self.fronts.items()}
 
     def metrics(self) -> dict[str, Any]:
-        """Coverage, MOQD score (sum of per-cell hypervolumes; also reported as ``qd_score``),
-        normalised MOQD score, global hypervolume, number of front members, best value per objective."""
+        """The archive's metrics.
+
+        Returns:
+            ``coverage``, ``qd_score`` and ``moqd_score`` (the sum of per-cell hypervolumes),
+            ``norm_qd_score``, ``global_hypervolume`` (of all members together), ``num_elites`` (front
+            members) and ``best`` (the best value per objective, or None when empty).
+        """
         _, values = self.members()
         moqd = float(sum(f.hypervolume for f in self.fronts.values()))
         best = None
@@ -570,6 +797,7 @@ class ParetoArchive:
                 "global_hypervolume": self._hypervolume(values) if len(values) else 0.0}
 
     def describe(self) -> dict[str, Any]:
+        """``spec.describe()`` with the number of cells."""
         return {**self.spec.describe(), "cells": self.n_cells}
 
 
@@ -582,7 +810,6 @@ class _Row:
     measures: np.ndarray
 
 
-RunArchive = EliteArchive | ParetoArchive
 
 
 # --- archive specs as recorded with a run -------------------------------------------------------
@@ -593,18 +820,36 @@ def spec_to_json(spec: EliteSpec | ParetoSpec) -> dict[str, Any]:
 
 
 def spec_from_json(data: Mapping[str, Any]) -> EliteSpec | ParetoSpec:
+    """A spec from its recorded JSON (``spec_to_json``'s inverse).
+
+    Args:
+        data: the recorded dict, with ``type`` ``"elite"`` or ``"pareto"``.
+
+    Returns:
+        The ``EliteSpec`` or ``ParetoSpec``.
+    """
     data = dict(data)
     kind = data.pop("type")
     if kind == "pareto":
         return ParetoSpec(bins=tuple(data["bins"]), front_size=int(data["front_size"]),
-                          reference_point=tuple(data["reference_point"]), reference_source=data["reference_source"])
+                          reference_point=tuple(data["reference_point"]), reference_source=data["reference_source"],
+                          scales=tuple(data.get("scales", ())),
+                          bounds=tuple(tuple(b) if b is not None else None for b in data.get("bounds", ())))
     if data.get("bins") is not None:
         data["bins"] = tuple(data["bins"])
     return EliteSpec(**data)
 
 
 def archive_from_spec_json(problem: Problem, data: Mapping[str, Any]) -> RunArchive:
-    """An empty archive of the spec a run recorded."""
+    """An empty archive of the spec a run recorded.
+
+    Args:
+        problem: the run's problem.
+        data: the recorded spec (``spec_to_json``).
+
+    Returns:
+        An empty ``EliteArchive`` or ``ParetoArchive``.
+    """
     return build_archive(problem, spec_from_json(data))
 
 
@@ -615,6 +860,18 @@ def spec_for_run(problem: Problem, strategy: str, options: Mapping[str, Any], se
     The default, for runs of other strategies on problems with measures, inserts them into the map
     a QD strategy would use: a Pareto grid for multi-objective problems with a reference point,
     otherwise a grid on the first objective.
+
+    Args:
+        problem: the run's problem (with measures).
+        strategy: the registered strategy name.
+        options: the strategy's options.
+        seed: the run's seed.
+
+    Returns:
+        The spec.
+
+    Raises:
+        ArchiveOptionError: an archive option of the strategy is not allowed.
     """
     from qd.strategies import strategy_class
 
@@ -622,19 +879,29 @@ def spec_for_run(problem: Problem, strategy: str, options: Mapping[str, Any], se
         cls = strategy_class(strategy)
     except ValueError:
         cls = None
-    if cls is not None and hasattr(cls, "archive_spec"):
-        return cls.archive_spec(problem, seed, dict(options))
+    spec = cls.archive_spec(problem, seed, dict(options)) if cls is not None else None
+    if spec is not None:
+        return spec
     if len(problem.objectives) > 1 and problem.reference_point is not None:
         return pareto_spec(problem)
     return elite_spec(problem, seed=seed)
 
 
 def build_archive(problem: Problem, spec: EliteSpec | ParetoSpec) -> RunArchive:
+    """An empty archive for ``spec``: a ``ParetoArchive`` for a ``ParetoSpec``, else an ``EliteArchive``."""
     return ParetoArchive(problem, spec) if isinstance(spec, ParetoSpec) else EliteArchive(problem, spec)
 
 
 def archive_for_run(store: Store, problem: Problem, cols: Columns | None = None) -> RunArchive:
     """The run's archive (the spec it recorded), rebuilt by inserting its trials in number order.
+
+    Args:
+        store: the run's store.
+        problem: the run's problem.
+        cols: the run's columns when already read (default: ``store.columns()``).
+
+    Returns:
+        The filled ``EliteArchive`` or ``ParetoArchive``.
 
     Raises:
         ValueError: the run records no archive (its problem has no measures).

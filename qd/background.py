@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import qmc
 
-from qd.noise import config_key
+from qd.checks import check_number
+from qd.space import config_key
 from qd.space import Config
 from qd.store import Trial
 from qd.strategy import Strategy
@@ -50,15 +51,15 @@ class BackgroundAsks(Strategy):
             points (None: they wait for the proposal).
         quick_s: how long ``ask`` waits for the proposal it has just started before returning
             (a cheap ask, such as a warm-up point, then answers at once).
+
+    Raises:
+        ValueError: ``ask_time_limit_s`` is not a number of seconds > 0 or None.
     """
 
     def __init__(self, inner: Strategy, *, ask_time_limit_s: float | None = None, quick_s: float = 0.05):
         super().__init__(inner.problem, inner.seed)
-        if ask_time_limit_s is not None and (isinstance(ask_time_limit_s, bool)
-                                             or not isinstance(ask_time_limit_s, (int, float))
-                                             or not 0 < ask_time_limit_s < float("inf")):
-            raise ValueError(f"strategy {inner.name!r}: option ask_time_limit_s={ask_time_limit_s!r} is not allowed; "
-                             f"allowed: a number of seconds > 0, or null (wait for every proposal)")
+        check_number(ask_time_limit_s, "ask_time_limit_s", f"strategy {inner.name!r}", low=0, low_open=True,
+                     none=True)  # seconds; null: wait for every proposal
         self.inner = inner
         self.name = inner.name
         self.ask_time_limit_s = None if ask_time_limit_s is None else float(ask_time_limit_s)
@@ -94,7 +95,7 @@ class BackgroundAsks(Strategy):
 
     # --- Strategy ------------------------------------------------------------------------------
     def _key(self, config: Config) -> bytes:
-        return config_key(self.space.encode(config))
+        return self.space.key(config)
 
     def _run(self, n: int, pending: list[Config]) -> None:
         try:
@@ -123,6 +124,19 @@ class BackgroundAsks(Strategy):
         self._state = self._inner_state()
 
     def ask(self, n: int, pending: Sequence[Config] = ()) -> list[Config]:
+        """Up to ``n`` configurations that are ready now, possibly none; starts a proposal when none runs.
+
+        Args:
+            n: free slots.
+            pending: configurations being evaluated; none of them is handed out again.
+
+        Returns:
+            At most ``n`` configurations: ready proposals, then (once a proposal has run
+            ``ask_time_limit_s``) quasi-random fallbacks.
+
+        Raises:
+            Exception: whatever the inner strategy's last ``ask`` raised, in the caller's thread.
+        """
         self._collect()
         busy_keys = {self._key(c) for c in pending}
         out: list[Config] = []
@@ -168,6 +182,7 @@ class BackgroundAsks(Strategy):
         return out
 
     def tell(self, trial: Trial) -> None:
+        """Tell the inner strategy now, or hold the trial until the running proposal is done."""
         with self._lock:
             if self.busy:
                 self._held.append(trial)
@@ -176,6 +191,7 @@ class BackgroundAsks(Strategy):
         self.inner.tell(trial)
 
     def restore(self, trials: Sequence[Trial]) -> None:
+        """Restore the inner strategy (before any proposal runs)."""
         self.inner.restore(trials)
         self._state = self._inner_state()
 
@@ -186,6 +202,7 @@ class BackgroundAsks(Strategy):
             return {"state": f"unavailable ({type(e).__name__})"}
 
     def state(self) -> dict[str, Any]:
+        """The inner strategy's numbers, plus ``proposing``: how long the current proposal has run."""
         if not self.busy:
             self._state = self._inner_state()
             return {**self._state, "proposing": "no"}

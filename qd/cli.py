@@ -32,6 +32,7 @@ def _existing_storage(storage: str) -> str:
 
 
 def cmd_problems(args: argparse.Namespace) -> int:
+    """``qd problems``: list the registered problems (``--json``: their full descriptions)."""
     from qd.registry import list_problems
 
     problems = list_problems()
@@ -51,6 +52,7 @@ def cmd_problems(args: argparse.Namespace) -> int:
 
 # --- qd strategies -------------------------------------------------------------------------------
 def cmd_strategies(args: argparse.Namespace) -> int:
+    """``qd strategies``: list the strategies with their options and defaults."""
     from qd.strategies import describe_strategies
     from qd.text import strategies_text
 
@@ -115,6 +117,7 @@ def _prepare_leaving_nothing(exp: Experiment, prepare: Any) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """``qd run``: check and prepare the experiment, run it, print its summary."""
     from qd.results import summary
     from qd.session import execute, prepare
     from qd.text import summary_text, warmup_warning
@@ -140,6 +143,7 @@ def _open(args: argparse.Namespace):
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    """``qd show``: the runs of a storage, or one run's summary (``--json``: as data)."""
     from qd.results import summary
     from qd.session import problem_of
     from qd.storage_url import mask
@@ -160,6 +164,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 # --- qd plot / qd compare ------------------------------------------------------------------------
 def cmd_plot(args: argparse.Namespace) -> int:
+    """``qd plot``: write a run's figures and print their paths."""
     from qd.plots import plot_run
     from qd.session import problem_of
 
@@ -170,6 +175,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    """``qd compare``: a table of several runs and their side-by-side figures."""
     from qd.compare import compare
 
     comparison = compare(_existing_storage(args.storage), args.runs, args.out, vmin=args.vmin, vmax=args.vmax)
@@ -186,6 +192,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
+    """``qd dashboard``: serve optuna-dashboard on the storage (read-only unless ``--allow-writes``)."""
     from qd.dashboard import serve
 
     try:
@@ -197,6 +204,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """``qd report``: write a run's report and print its path."""
     from qd.explore import load_run
     from qd.report import report
 
@@ -205,6 +213,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """``qd export``: write a run's trials in the chosen format and print the paths."""
     from qd.explore import load_run
     from qd.report import export
 
@@ -245,6 +254,7 @@ def _add_user_surfaces(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_new_problem(args: argparse.Namespace) -> int:
+    """``qd new-problem``: write a plug-in package for a new problem and say how to install it."""
     from qd.scaffold import write_plugin
 
     for path in write_plugin(args.name, args.dir):
@@ -335,6 +345,7 @@ def _add_show_plot_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``qd`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="qd", description="Quality-diversity and multi-objective search over "
                                      "ML configuration spaces. Every evaluation is an Optuna trial.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -360,6 +371,15 @@ def _tidy(message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``qd`` command line.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0, 2 for bad input (one ``qd: error:`` line, no traceback), 141 for a
+        closed pipe, or 128 + the signal's number when interrupted.
+    """
     from qd.stopping import exit_status, stop_signal
     from qd.storage_url import mask_text
 

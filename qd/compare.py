@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from qd.problem import Problem
+from qd.results import Reference
 from qd.store import Store, Trial
 
 
@@ -28,10 +29,14 @@ class Comparison:
 
     rows: list[dict[str, Any]]
     figures: list[Path] = field(default_factory=list)
-    reference: tuple[float, ...] | None = None
+    reference: Reference | None = None
+    names: tuple[str, ...] = ()
     limits: tuple[float | None, float | None] = (None, None)
 
     def table(self) -> str:
+        """The text table ``qd compare`` prints: one row per run (finished, best, Pareto set size,
+        hypervolume, coverage, QD scores where any run has them), then notes on the shared reference
+        and colour limits."""
         from qd.text import num, pct, table
 
         keys = [k for k in ("finished", "best", "pareto", "hypervolume", "coverage", "qd_score", "moqd_score")
@@ -53,8 +58,7 @@ class Comparison:
                      [False, False, *[True] * len(keys)])
         notes = []
         if self.reference is not None:
-            notes.append(f"hypervolume: of each run's Pareto set, reference point "
-                         f"({', '.join(num(v) for v in self.reference)}) for all runs")
+            notes.append(f"hypervolume: of each run's Pareto set, {self.reference.caption(self.names)}, for all runs")
         if self.limits != (None, None):
             notes.append(f"maps share the colour limits {num(self.limits[0])} .. {num(self.limits[1])}")
         return "\n".join([text, *notes])
@@ -65,14 +69,18 @@ def _file_name(name: str) -> str:
 
 
 def _common_reference(problems: Sequence[Problem | None], trials: Sequence[Sequence[Trial]],
-                      directions: Sequence[str]) -> tuple[float, ...] | None:
-    from qd.results import reference_point
+                      directions: Sequence[str]) -> Reference | None:
+    """One reference for all runs: their problems' point and scaling when they agree, else raw
+    units and a point from all runs' data."""
+    from qd.results import reference_of
 
-    declared = {tuple(p.reference_point) for p in problems if p is not None and p.reference_point is not None}
-    if len(declared) == 1 and all(p is not None and p.reference_point is not None for p in problems):
-        return tuple(float(v) for v in declared.pop())
-    ref = reference_point(None, [t for ts in trials for t in ts], directions)
-    return None if ref is None else ref.point
+    known = [p for p in problems if p is not None]
+    scalings = {p.scaling for p in known}
+    scaling = scalings.pop() if len(known) == len(problems) and len(scalings) == 1 else None
+    declared = {tuple(p.reference_point) if p.reference_point is not None else None for p in known}
+    point = declared.pop() if len(known) == len(problems) and len(declared) == 1 else None
+    values = [t.values for ts in trials for t in ts if t.feasible]
+    return reference_of(np.array(values) if values else np.empty((0, len(directions))), directions, scaling, point)
 
 
 def compare(storage: str, names: Sequence[str], out: str | Path, *, vmin: float | None = None,
@@ -87,6 +95,10 @@ def compare(storage: str, names: Sequence[str], out: str | Path, *, vmin: float 
 
     Returns:
         A ``Comparison`` (its ``table()`` is what ``qd compare`` prints).
+
+    Raises:
+        ValueError: fewer than two different names, or runs with different objectives.
+        RunNotFound: a name that is not a run in ``storage``.
     """
     import matplotlib.pyplot as plt
 
@@ -100,8 +112,7 @@ def compare(storage: str, names: Sequence[str], out: str | Path, *, vmin: float 
     if len(names) < 2 or len(set(names)) != len(names):
         raise ValueError(f"compare: runs {list(names)!r} are not allowed; allowed: two or more different run names")
     stores = [Store.open(storage, n) for n in names]
-    objectives = [(tuple(s.study.metric_names or ()), tuple(d.name.lower() for d in s.study.directions))
-                  for s in stores]
+    objectives = [(tuple(s.objective_names), tuple(s.directions)) for s in stores]
     if len(set(objectives)) != 1:
         raise ValueError("compare: the runs have different objectives: "
                          + "; ".join(f"{n}: {list(o[0])} {list(o[1])}" for n, o in zip(names, objectives))
@@ -117,7 +128,7 @@ def compare(storage: str, names: Sequence[str], out: str | Path, *, vmin: float 
     archives = [run_archive(s, p) for s, p in zip(stores, problems)]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    comparison = Comparison(rows=[])
+    comparison = Comparison(rows=[], names=tuple(obj_names))
 
     def save(fig: Any, name: str) -> None:
         fig.savefig(out / name, dpi=120)
@@ -132,7 +143,7 @@ def compare(storage: str, names: Sequence[str], out: str | Path, *, vmin: float 
             for name, ts in zip(names, trials):
                 counts, hvs = hypervolume_history(ts, directions, comparison.reference)
                 ax.plot(counts, hvs, label=name)
-            ax.set_ylabel(f"hypervolume (reference {tuple(round(r, 4) for r in comparison.reference)})")
+            ax.set_ylabel(f"hypervolume\n({comparison.reference.caption(comparison.names)})", fontsize=8)
     else:
         for name, ts in zip(names, trials):
             counts, best = best_so_far(ts, directions[0])
@@ -148,7 +159,7 @@ def compare(storage: str, names: Sequence[str], out: str | Path, *, vmin: float 
     # Archive metrics on shared axes, maps on one colour scale.
     mapped = [(n, s, p, a, ts) for n, s, p, a, ts in zip(names, stores, problems, archives, trials) if a is not None]
     if mapped:
-        pareto = any(hasattr(a, "fronts") for _, _, _, a, _ in mapped)
+        pareto = any(a.kind == "pareto" for _, _, _, a, _ in mapped)
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         key = "moqd_score" if pareto else "qd_score"
         for n, s, p, a, ts in mapped:
@@ -170,7 +181,7 @@ def compare(storage: str, names: Sequence[str], out: str | Path, *, vmin: float 
         for n, s, p, a, ts in mapped:
             if a.empty:
                 continue
-            draw = moqd_heatmap_figure if hasattr(a, "fronts") else elite_heatmap_figure
+            draw = moqd_heatmap_figure if a.kind == "pareto" else elite_heatmap_figure
             title = f"{n}: {s.info.problem} / {s.info.strategy}"
             save(draw(a, p, title, vmin=comparison.limits[0], vmax=comparison.limits[1]), f"map_{_file_name(n)}.png")
 

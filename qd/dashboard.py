@@ -25,14 +25,15 @@ from __future__ import annotations
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from qd.columns import Columns
-from qd.problem import Problem
+from qd.checks import is_int
+from qd.problem import Problem, sign_of
 from qd.results import Reference, hypervolume, pareto_front_mask, reference_point_of_values
 from qd.run import Listener, RunState
 from qd.store import Store
@@ -75,9 +76,11 @@ def _title(store: Store) -> str:
     return f"{store.info.name}: {store.info.problem} / {store.info.strategy}"
 
 
-def archive_figure(store: Store, problem: Problem, archive: RunArchive, cols: Columns | None = None) -> go.Figure:
+def archive_figure(store: Store, problem: Problem, archive: RunArchive, cols: Columns | None = None,
+                   pages: Mapping[int, int] | None = None) -> go.Figure:
     """The archive as a native plotly heatmap (``qd.figures.archive_heatmap``): hovering a cell
-    shows its bin ranges, value and trial number; each filled cell links to its trial's page."""
+    shows its bin ranges, value and qd's trial number; a filled cell whose trial is in the study
+    links to its page there (``pages``: qd number -> dashboard trial number, ``Mirror.pages``)."""
     from qd.explore import elite_rows
     from qd.figures import archive_heatmap
 
@@ -88,10 +91,11 @@ def archive_figure(store: Store, problem: Problem, archive: RunArchive, cols: Co
     score = f"MOQD score {m['moqd_score']:.4g}" if "moqd_score" in m else f"QD score {m['qd_score']:.4g}"
     return archive_heatmap(archive, trials=elites, height=CARD_HEIGHT_PX,
                            title=f"Archive: coverage {m['coverage']:.1%}, {score}",
-                           trial_url=lambda n: f"/dashboard/studies/{study_id}/trials?numbers={n}")
+                           trial_url=lambda n: (f"/dashboard/studies/{study_id}/trials?numbers={pages[n]}"
+                                                if pages is not None and n in pages else None))
 
 
-def pareto_plotly(store: Store, cols: Columns, reference: Sequence[float] | None = None) -> go.Figure:
+def pareto_plotly(store: Store, cols: Columns, reference: Reference | None = None) -> go.Figure:
     """Several objectives: evaluated points and the Pareto set (2-D, 3-D or parallel coordinates),
     trial numbers on hover. One objective: the best value so far against finished evaluations."""
     import plotly.graph_objects as go
@@ -107,7 +111,7 @@ def pareto_plotly(store: Store, cols: Columns, reference: Sequence[float] | None
     if m == 1:
         fin = np.flatnonzero(cols.finished)
         y = np.where(cols.feasible[fin], V[fin, 0], np.nan)
-        sign = 1.0 if directions[0] == "minimize" else -1.0
+        sign = sign_of(directions[0])
         best = sign * np.fmin.accumulate(sign * y) if len(y) else y
         x = np.arange(1, len(fin) + 1)
         pick = _sample(np.arange(len(fin)))
@@ -129,19 +133,26 @@ def pareto_plotly(store: Store, cols: Columns, reference: Sequence[float] | None
                                  mode="lines+markers", line={"shape": shape, "color": "#1f77b4"},
                                  marker={"size": 8}, name=f"Pareto set ({len(on_front)})",
                                  customdata=N[order].tolist(), hovertemplate=hover))
-        fig.update_layout(xaxis_title=labels[0], yaxis_title=labels[1])
+        fig.update_layout(xaxis_title=labels[0], yaxis_title=labels[1], xaxis_type=_axis_type(reference, 0),
+                          yaxis_type=_axis_type(reference, 1))
     elif m == 3:
         for group, color, size, label in ((rest, "lightgray", 3, "evaluated"),
                                           (on_front, "#1f77b4", 5, f"Pareto set ({len(on_front)})")):
             fig.add_trace(go.Scatter3d(x=V[group, 0].tolist(), y=V[group, 1].tolist(), z=V[group, 2].tolist(),
                                        mode="markers", name=label, marker={"color": color, "size": size},
                                        customdata=N[group].tolist(), hovertemplate=hover))
-        fig.update_layout(scene={"xaxis_title": labels[0], "yaxis_title": labels[1], "zaxis_title": labels[2]})
+        fig.update_layout(scene={f"{a}axis": {"title": labels[i], "type": _axis_type(reference, i)}
+                                 for i, a in enumerate("xyz")})
     else:
         rows = np.concatenate([rest, on_front])
+        # Scaled units: a log-scaled count reads in decades (qd.scaling); the labels say so.
+        S = reference.scaling.apply(V[rows]) if reference is not None and reference.scaling is not None else V[rows]
+        scaled = [reference.scaling.label(i, n) if reference is not None and reference.scaling is not None else n
+                  for i, n in enumerate(names)]
         fig.add_trace(go.Parcoords(
             line={"color": [0] * len(rest) + [1] * len(on_front), "colorscale": [[0, "lightgray"], [1, "#1f77b4"]]},
-            dimensions=[{"label": labels[i], "values": V[rows, i].tolist()} for i in range(m)]))
+            dimensions=[{"label": f"{scaled[i]} ({directions[i][:3]})", "values": S[:, i].tolist()}
+                        for i in range(m)]))
     text = f"Pareto set: {len(on_front)} of {len(ok)} feasible evaluations"
     if reference is not None and len(on_front):
         text += f", hypervolume {hypervolume(V[on_front], directions, reference):.5g}"
@@ -149,7 +160,13 @@ def pareto_plotly(store: Store, cols: Columns, reference: Sequence[float] | None
     return fig
 
 
-def hypervolume_curve(cols: Columns, directions: Sequence[str], reference: Sequence[float],
+def _axis_type(reference: Reference | None, i: int) -> str:
+    """Plotly's axis type for objective ``i``: "log" where it is measured on a log scale."""
+    scaling = reference.scaling if reference is not None else None
+    return "log" if scaling is not None and scaling.scales[i] == "log" else "linear"
+
+
+def hypervolume_curve(cols: Columns, directions: Sequence[str], reference: Reference | Sequence[float],
                       points: int = 200) -> tuple[np.ndarray, np.ndarray]:
     """Hypervolume after k finished evaluations at up to ``points`` values of k: (p,) counts, (p,) values."""
     fin = np.flatnonzero(cols.finished)
@@ -170,7 +187,7 @@ def hypervolume_curve(cols: Columns, directions: Sequence[str], reference: Seque
 
 
 def metrics_plotly(store: Store, problem: Problem | None, cols: Columns,
-                   reference: Sequence[float] | None) -> go.Figure | None:
+                   reference: Reference | None) -> go.Figure | None:
     """Archives: coverage and QD score against evaluations (``qd.metrics``). Several objectives
     without an archive: the hypervolume history. None when there is nothing to draw."""
     import plotly.graph_objects as go
@@ -199,7 +216,7 @@ def metrics_plotly(store: Store, problem: Problem | None, cols: Columns,
     if not len(counts):
         return None
     fig = go.Figure(go.Scatter(x=counts.tolist(), y=hvs.tolist(), mode="lines", name="hypervolume"))
-    fig.update_layout(title={"text": f"Hypervolume (reference {tuple(round(r, 4) for r in reference)})", "x": 0.02},
+    fig.update_layout(title={"text": f"Hypervolume ({reference.caption(names)})", "x": 0.02},
                       xaxis_title="finished evaluations", yaxis_title="hypervolume")
     return fig
 
@@ -240,9 +257,8 @@ def note_markdown(store: Store, problem: Problem | None, cols: Columns, archive:
         rows.append(("Pareto set", f"{len(front)} trials: " + ", ".join(f"#{n}" for n in numbers[:12])
                      + (" ..." if len(front) > 12 else "")))
         if reference is not None:
-            hv = hypervolume(cols.values[front], directions, reference.point)
-            rows.append(("hypervolume", f"{hv:.6g} (reference {_fmt(list(reference.point))}, from the "
-                                        f"{reference.source})"))
+            hv = hypervolume(cols.values[front], directions, reference)
+            rows.append(("hypervolume", f"{hv:.6g} ({reference.caption(names)})"))
     if archive is not None:
         m = archive.metrics()
         desc = archive.describe()
@@ -302,19 +318,20 @@ def publish(store: Store, problem: Problem | None = None, *, budget: int | None 
         archive = archive_for_run(store, problem, cols)
     if budget is None:
         budget = store.attrs().get(BUDGET_KEY)
-    mirrored = None
+    mirrored, pages = None, None
     if problem is not None:
         featured, elites = featured_numbers(cols, archive, directions)
         bins = _cell_bins(archive)
         mirror = Mirror(store, problem)
         mirror.sync(cols, featured, elites, bins, time_budget_s=mirror_budget_s)
         mirrored = len(mirror.mirrored())
+        pages = mirror.pages()
     written = []
     figures: list[tuple[str, go.Figure | None]] = []
     if archive is not None and not archive.empty:
-        figures.append((ARCHIVE_ID, archive_figure(store, problem, archive, cols)))
-    figures.append((PARETO_ID, pareto_plotly(store, cols, reference.point if reference else None)))
-    figures.append((METRICS_ID, metrics_plotly(store, problem, cols, reference.point if reference else None)))
+        figures.append((ARCHIVE_ID, archive_figure(store, problem, archive, cols, pages)))
+    figures.append((PARETO_ID, pareto_plotly(store, cols, reference)))
+    figures.append((METRICS_ID, metrics_plotly(store, problem, cols, reference)))
     for graph_id, fig in figures:
         if fig is not None:
             save_plotly_graph_object(store.study, fig, graph_object_id=graph_id)
@@ -328,10 +345,10 @@ def _cell_bins(archive: RunArchive | None) -> dict[int, list[int]] | None:
     """cell -> per-measure bin indices, for grid archives."""
     if archive is None:
         return None
-    from qd.archive import ParetoArchive
+    from ribs.archives import GridArchive
 
-    grid = archive.grid if isinstance(archive, ParetoArchive) else archive.result
-    if not hasattr(grid, "int_to_grid_index"):
+    grid = archive.layout
+    if not isinstance(grid, GridArchive):
         return None
     cells = np.arange(int(np.prod(grid.dims)))
     return {int(c): [int(b) for b in row] for c, row in zip(cells, grid.int_to_grid_index(cells))}
@@ -436,7 +453,7 @@ def refresh(storage: str, names: Sequence[str] | None = None, out: Any = sys.std
 
 def check_port(host: str, port: int) -> None:
     """Fail early, with the fix, when the port cannot be listened on."""
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+    if not (is_int(port) and 0 < port < 65536):
         raise ValueError(f"--port {port!r} is not allowed; allowed: an integer in 1..65535")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -31,15 +31,23 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from qd.checks import QdError, is_int, is_number
+
 DEFAULT_STORAGE = "sqlite:///qd.db"
 
 
-class ExperimentError(ValueError):
+class ExperimentError(QdError, ValueError):
     """An experiment file or flag that is wrong; the message names field, value and what is allowed."""
 
 
 @dataclass(frozen=True)
 class Experiment:
+    """One run as an experiment file or the CLI's flags state it; the fields are the file's keys.
+
+    Build it with ``load`` or ``from_dict`` (which check types) or directly in code; ``check``
+    checks values, ``qd.session.prepare`` builds what it names.
+    """
+
     problem: str
     name: str = ""
     storage: str = DEFAULT_STORAGE
@@ -61,9 +69,11 @@ class Experiment:
 
     @property
     def run_name(self) -> str:
+        """The run's name: ``name``, or ``"<problem>-<strategy>-s<seed>"``."""
         return self.name or f"{self.problem}-{self.strategy}-s{self.seed}"
 
     def with_overrides(self, **overrides: Any) -> Experiment:
+        """A copy with the given fields changed (None values are ignored) and marked as given."""
         changes = {k: v for k, v in overrides.items() if v is not None}
         given = None if self.given is None else self.given | set(changes)
         return replace(self, **changes, given=given)
@@ -75,9 +85,9 @@ _ALLOWED_TEXT = {str: "a string", int: "an integer", float: "a number", bool: "t
 
 
 def _typed(where: str, value: Any, kind: type) -> Any:
-    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        ok, value = True, float(value)
+    ok = is_int(value) if kind is int else is_number(value) if kind is float else isinstance(value, kind)
+    if kind is float and ok:
+        value = float(value)
     if not ok:
         raise ExperimentError(f"{where} = {value!r} is not allowed; allowed: {_ALLOWED_TEXT[kind]}")
     return value
@@ -94,7 +104,17 @@ def _section(doc: dict[str, Any], name: str, keys: dict[str, type], source: str)
 
 
 def load(path: str | Path) -> Experiment:
-    """Read and check an experiment file."""
+    """Read and check an experiment file.
+
+    Args:
+        path: a TOML file with the sections [run], [problem], [strategy] and [evaluator].
+
+    Returns:
+        The ``Experiment``.
+
+    Raises:
+        ExperimentError: a missing file, invalid TOML, or a section or key not allowed.
+    """
     path = Path(path)
     if not path.is_file():
         raise ExperimentError(f"experiment file {str(path)!r} does not exist")
@@ -106,6 +126,19 @@ def load(path: str | Path) -> Experiment:
 
 
 def from_dict(doc: dict[str, Any], source: str = "experiment") -> Experiment:
+    """An experiment from a parsed experiment file.
+
+    Args:
+        doc: the file's tables: [run], [problem] (with ``name``), [strategy], [evaluator].
+        source: where ``doc`` came from, for error messages.
+
+    Returns:
+        The ``Experiment``; its ``given`` holds the fields ``doc`` sets.
+
+    Raises:
+        ExperimentError: an unknown section or key, a value of the wrong type, no problem name, or
+            [run].evaluator and [evaluator].name that disagree.
+    """
     unknown = sorted(set(doc) - {"run", "problem", "strategy", "evaluator"})
     if unknown:
         raise ExperimentError(f"{source}: unknown section(s) {unknown}; allowed: [run], [problem], [strategy], [evaluator]")
@@ -129,7 +162,12 @@ def from_dict(doc: dict[str, Any], source: str = "experiment") -> Experiment:
 
 
 def check(exp: Experiment) -> None:
-    """Value checks that need no imports of plug-ins (those are checked when built)."""
+    """Value checks that need no imports of plug-ins (those are checked when built).
+
+    Raises:
+        ExperimentError: a budget or workers < 1, a time limit <= 0, a run name or a storage that
+            is not allowed.
+    """
     if exp.budget < 1:
         raise ExperimentError(f"budget = {exp.budget} is not allowed; allowed: an integer >= 1")
     if exp.workers < 1:

@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from qd.problem import Problem
+from qd.checks import check_int, is_int
+from qd.problem import Problem, signs_of
 from qd.columns import Columns
 from qd.results import Reference, hypervolume, pareto_front_mask, pareto_trials, reference_point, reference_point_of_values
 from qd.space import Config
@@ -58,7 +59,16 @@ SELECT_METHODS: tuple[str, ...] = ("maxmin", "hypervolume")
 
 # --- archive cells and elites ------------------------------------------------------------------
 def run_archive(store: Store, problem: Problem | None, cols: Columns | None = None) -> RunArchive | None:
-    """The run's archive (its recorded spec) rebuilt from the record, or None without measures."""
+    """The run's archive (its recorded spec) rebuilt from the record.
+
+    Args:
+        store: the run's store.
+        problem: the run's problem, or None when it cannot be built.
+        cols: the run's columns when already read.
+
+    Returns:
+        An ``EliteArchive`` or ``ParetoArchive``, or None without a problem or without measures.
+    """
     if problem is None or store.archive_spec_json is None:
         return None
     from qd.archive import archive_for_run
@@ -72,15 +82,22 @@ def elite_rows(cols: Columns, archive: RunArchive) -> np.ndarray:
     A Pareto archive knows its members' trial numbers. An elite archive keeps encoded solutions,
     so each cell's elite is the best trial inserted there (the earliest of equal values, as pyribs
     keeps the first).
+
+    Args:
+        cols: the run's n rows.
+        archive: the run's archive, built from ``cols``.
+
+    Returns:
+        (e,) int row indices into ``cols``.
     """
-    if hasattr(archive, "fronts"):
+    if archive.kind == "pareto":
         wanted = {n for f in archive.fronts.values() for n in f.numbers}
         return np.flatnonzero(np.isin(cols.number, list(wanted)))
     cells = archive.cells_of(cols)
     rows = np.flatnonzero(cells >= 0)
     if not len(rows):
         return rows
-    score = archive.spec.sign * cols.values[rows, archive.spec.objective_index]
+    score = archive.spec.score_factor * cols.values[rows, archive.spec.objective_index]
     order = np.lexsort((cols.number[rows], -score, cells[rows]))
     ordered = cells[rows][order]
     first = np.r_[True, ordered[1:] != ordered[:-1]]
@@ -92,15 +109,15 @@ def cells_of(archive: RunArchive, measures: np.ndarray) -> np.ndarray:
     measures = np.atleast_2d(np.asarray(measures, dtype=float))
     if len(measures) == 0:
         return np.empty(0, dtype=int)
-    if hasattr(archive, "cell_of"):
-        return np.asarray(archive.cell_of(measures), dtype=int)
-    return np.asarray(archive.result.index_of(measures), dtype=int)
+    return np.asarray(archive.cell_of(measures), dtype=int)
 
 
 def grid_index(archive: RunArchive, cells: np.ndarray) -> np.ndarray | None:
     """(n,) cells -> (n, k) per-measure bin indices for grid archives (None for a CVT archive)."""
-    grid = getattr(archive, "grid", None) or getattr(archive, "result", None)
-    if grid is None or not hasattr(grid, "int_to_grid_index"):
+    from ribs.archives import GridArchive
+
+    grid = archive.layout
+    if not isinstance(grid, GridArchive):
         return None
     cells = np.asarray(cells, dtype=int)
     if len(cells) == 0:
@@ -114,8 +131,15 @@ def elite_numbers(archive: RunArchive, trials: Sequence[Trial]) -> dict[int, lis
     An elite archive stores encoded solutions, not trial numbers: each elite is matched to the
     earliest trial in its cell with its objective value (pyribs keeps the first of equal values).
     A Pareto archive records the numbers of its front members itself.
+
+    Args:
+        archive: the run's archive.
+        trials: the trials it was built from.
+
+    Returns:
+        Cell -> trial numbers (one for an elite archive, the front's for a Pareto archive).
     """
-    if hasattr(archive, "fronts"):
+    if archive.kind == "pareto":
         return {int(c): list(f.numbers) for c, f in archive.fronts.items()}
     from qd.archive import insertable
 
@@ -138,10 +162,22 @@ def elite_numbers(archive: RunArchive, trials: Sequence[Trial]) -> dict[int, lis
 # --- selection --------------------------------------------------------------------------------
 def maxmin_subset(points: np.ndarray, k: int, start: int = 0,
                   bounds: tuple[np.ndarray, np.ndarray] | None = None) -> list[int]:
-    """Indices of ``k`` rows of (n, m) ``points`` chosen by greedy max-min distance.
+    """Indices of ``k`` rows of ``points`` chosen by greedy max-min distance.
 
-    Columns are scaled to [0, 1] by ``bounds`` (low, high) or else by the points' own range, so
-    no column dominates by its units. The first pick is ``start``; ties go to the lower index.
+    Columns are scaled to [0, 1] by ``bounds`` or else by the points' own range, so no column
+    dominates by its units. The first pick is ``start``; ties go to the lower index.
+
+    Args:
+        points: (n, m) points.
+        k: how many to pick (>= 1).
+        start: the first pick's row.
+        bounds: ``(low, high)``, two (m,) arrays, or None.
+
+    Returns:
+        At most ``k`` row indices in pick order; fewer when only duplicates of picks are left.
+
+    Raises:
+        ValueError: ``k < 1`` or ``start`` outside ``[0, n)``.
     """
     points = np.asarray(points, dtype=float)
     n = len(points)
@@ -166,10 +202,22 @@ def maxmin_subset(points: np.ndarray, k: int, start: int = 0,
 
 
 def hypervolume_subset(values: np.ndarray, directions: Sequence[str], reference: Sequence[float], k: int) -> list[int]:
-    """Indices of ``k`` rows of (n, m) objective ``values`` chosen greedily by hypervolume gain.
+    """Indices of ``k`` rows of objective ``values`` chosen greedily by hypervolume gain.
 
     Rows that add nothing (dominated by the picks, or beyond the reference point) are never picked,
     so fewer than ``k`` indices come back when fewer rows add hypervolume.
+
+    Args:
+        values: (n, m) objective values.
+        directions: m directions.
+        reference: the reference point (or a ``Reference``), as for ``qd.results.hypervolume``.
+        k: how many to pick (>= 1).
+
+    Returns:
+        At most ``k`` row indices in pick order.
+
+    Raises:
+        ValueError: ``k < 1``.
     """
     values = np.asarray(values, dtype=float)
     if k < 1:
@@ -194,11 +242,17 @@ def hypervolume_subset(values: np.ndarray, directions: Sequence[str], reference:
 # --- the run ---------------------------------------------------------------------------------
 @dataclass
 class Run:
-    """A run opened for exploration: its store, problem, archive and three DataFrames.
+    """A run opened for exploration (``load_run``): its store, problem, archive and three DataFrames.
 
-    ``trials``: one row per trial (``Store.dataframe`` plus ``cell`` where the run has an archive).
-    ``elites``: the archive's members, the rows of ``trials`` with their ``cell`` (empty without
-    measures). ``pareto``: the non-dominated complete, feasible trials.
+    Attributes:
+        trials: one row per trial (``Store.dataframe``: ``number``, ``state``, ``params.*``,
+            ``values.*``, ``measures.*``, ...; plus ``cell`` where the run has an archive).
+        elites: the archive's members, the rows of ``trials`` with their ``cell`` (empty without
+            measures).
+        pareto: the non-dominated complete, feasible trials.
+        archive: the rebuilt ``EliteArchive`` or ``ParetoArchive``, or None.
+        problem: the run's problem, or None when it cannot be built here.
+        reference: the hypervolume ``Reference``, or None without feasible trials.
     """
 
     store: Store
@@ -210,6 +264,8 @@ class Run:
     reference: Reference | None
     #: The run's trials as columns (``qd.columns``), as read when the run was loaded.
     columns: Columns | None = None
+    #: The run loop's report when the run was made by ``qd.optimize`` in this process.
+    report: Any = None
 
     def __repr__(self) -> str:  # a short summary; the DataFrames are one attribute away
         info = self.store.info
@@ -230,12 +286,22 @@ class Run:
         return "\n".join(parts)
 
     def query(self, expr: str, among: Among = "trials") -> pd.DataFrame:
-        """Rows of ``trials``, ``elites`` or ``pareto`` matching a pandas ``expr`` that names columns
+        """Rows of ``trials``, ``elites`` or ``pareto`` matching a pandas expression that names columns
         without their prefix and without backticks: ``run.query("accuracy > 0.8 and depth <= 2")``.
 
         Short names are the objectives, measures and parameters (``values.``, ``measures.``,
         ``params.`` dropped; where two share a name, the objective wins, then the measure); full
         names work in backticks as in ``DataFrame.query``.
+
+        Args:
+            expr: the expression, as for ``DataFrame.eval``.
+            among: ``"trials"``, ``"elites"`` or ``"pareto"``.
+
+        Returns:
+            The matching rows.
+
+        Raises:
+            ValueError: ``among`` is not allowed. Errors of ``expr`` come from pandas.
         """
         if among not in SELECT_AMONG:
             raise ValueError(f"query: among={among!r} is not allowed; allowed: {list(SELECT_AMONG)}")
@@ -250,22 +316,30 @@ class Run:
 
     @property
     def name(self) -> str:
+        """The run's name."""
         return self.store.info.name
 
     @property
     def objectives(self) -> list[str]:
-        return list(self.store.study.metric_names or [f"value_{i}" for i in range(len(self.directions))])
+        """The objectives' names, as the run recorded them."""
+        return list(self.store.objective_names)
 
     @property
     def directions(self) -> list[str]:
-        return [d.name.lower() for d in self.store.study.directions]
+        """Each objective's "minimize" or "maximize", as the run recorded them."""
+        return list(self.store.directions)
 
     @property
     def measures(self) -> list[str]:
+        """The measures' names, as the run recorded them."""
         return list(self.store.measure_names)
 
     def config(self, number: int) -> Config:
-        """The configuration trial ``number`` evaluated."""
+        """The configuration trial ``number`` evaluated.
+
+        Raises:
+            KeyError: no trial ``number`` in the run.
+        """
         cols = self.store.columns() if self.columns is None else self.columns
         rows = np.flatnonzero(cols.number == number)
         if not len(rows):
@@ -284,18 +358,28 @@ class Run:
     # --- figures ------------------------------------------------------------------------------
     def heatmap(self) -> plt.Figure:
         """The archive heatmap of ``qd.plots_archive`` (the map ``qd plot`` and ``qd report`` draw):
-        the objective per cell, or the hypervolume of each cell's front for a Pareto archive."""
+        the objective per cell, or the hypervolume of each cell's front for a Pareto archive.
+
+        Returns:
+            The matplotlib figure.
+
+        Raises:
+            ValueError: the run has no archive (its problem declares no measures).
+        """
         if self.archive is None:
             raise ValueError(f"run {self.name!r} has no archive: problem {self.store.info.problem!r} declares no "
                              f"measures, so there is no map to draw; allowed: runs of problems with measures")
-        from qd.archive import ParetoArchive
         from qd.plots_archive import elite_heatmap_figure, moqd_heatmap_figure
 
-        draw = moqd_heatmap_figure if isinstance(self.archive, ParetoArchive) else elite_heatmap_figure
+        draw = moqd_heatmap_figure if self.archive.kind == "pareto" else elite_heatmap_figure
         return draw(self.archive, self.problem, f"{self.name}: {self.store.info.problem} / {self.store.info.strategy}")
 
     def metrics(self) -> pd.DataFrame:
-        """Archive metrics against finished evaluations (coverage, QD score, ...; ``qd.metrics``)."""
+        """Archive metrics against finished evaluations (``qd.metrics.history``).
+
+        Returns:
+            One row per recorded point (coverage, QD score, ...); empty without an archive.
+        """
         if self.archive is None:
             return pd.DataFrame()
         from qd.metrics import history
@@ -303,7 +387,14 @@ class Run:
         return pd.DataFrame(history(self.store, self.problem))
 
     def front(self, highlight: pd.DataFrame | None = None) -> plt.Figure:
-        """All complete trials and the Pareto set; rows of ``highlight`` (e.g. ``select``'s) circled."""
+        """All complete trials and the Pareto set.
+
+        Args:
+            highlight: rows to circle and label (e.g. ``select``'s), drawn with two objectives.
+
+        Returns:
+            The matplotlib figure.
+        """
         from qd.plots import pareto_figure
 
         fig = pareto_figure(self.store.trials(), self.objectives, self.directions,
@@ -323,10 +414,20 @@ class Run:
     def select(self, k: int, among: Among = "pareto", method: Method | None = None) -> pd.DataFrame:
         """``k`` spread-out rows of ``elites``, ``pareto`` or complete ``trials`` (see the module doc).
 
-        ``method``: ``maxmin`` (default for elites and trials: in measure space, scaled by the
-        measures' bounds) or ``hypervolume`` (default for the Pareto set: greedy hypervolume
-        contributions against the run's reference point). For the Pareto set, ``maxmin`` works in
-        objective space scaled by the set's range.
+        Args:
+            k: how many (>= 1); fewer come back when the set is smaller or has duplicates.
+            among: ``"elites"``, ``"pareto"`` or ``"trials"``.
+            method: ``"maxmin"`` (default for elites and trials: in measure space, scaled by the
+                measures' bounds) or ``"hypervolume"`` (default for a multi-objective Pareto set: greedy
+                hypervolume contributions against the run's reference point). For the Pareto set,
+                ``maxmin`` works in objective space scaled by the set's range.
+
+        Returns:
+            The picked rows in pick order, with a ``pick`` column (1, 2, ...) first.
+
+        Raises:
+            ValueError: ``k``, ``among`` or ``method`` not allowed, ``"elites"`` for a run without an
+                archive, or ``"hypervolume"`` with one objective or no feasible trial.
         """
         if among not in SELECT_AMONG:
             raise ValueError(f"select: among={among!r} is not allowed; allowed: {list(SELECT_AMONG)}")
@@ -334,8 +435,7 @@ class Run:
             method = "hypervolume" if among == "pareto" and len(self.objectives) > 1 else "maxmin"
         if method not in SELECT_METHODS:
             raise ValueError(f"select: method={method!r} is not allowed; allowed: {list(SELECT_METHODS)}")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"select: k={k!r} is not allowed; allowed: an integer >= 1")
+        check_int(k, "k", "select", low=1)
         rows = {"elites": self.elites, "pareto": self.pareto,
                 "trials": self.trials[self.trials["state"] == "complete"] if len(self.trials) else self.trials}[among]
         if among == "elites" and self.archive is None:
@@ -346,14 +446,14 @@ class Run:
         rows = rows.reset_index(drop=True)
         value_cols = [f"values.{n}" for n in self.objectives]
         Y = rows[value_cols].to_numpy(dtype=float)
-        signs = np.array([1.0 if d == "minimize" else -1.0 for d in self.directions])
+        signs = signs_of(self.directions)
         if method == "hypervolume":
             if len(self.objectives) < 2:
                 raise ValueError(f"select: method='hypervolume' is not allowed for run {self.name!r} with one "
                                  f"objective; allowed: 'maxmin'")
             if self.reference is None:
                 raise ValueError(f"select: run {self.name!r} has no feasible trials, so no hypervolume reference")
-            picked = hypervolume_subset(Y, self.directions, self.reference.point, int(k))
+            picked = hypervolume_subset(Y, self.directions, self.reference, int(k))
         else:
             use_measures = among != "pareto" and self.measures and self.problem is not None
             if use_measures:
@@ -380,20 +480,48 @@ class Run:
                    problem_options: Mapping[str, Any] | None = None, evaluator: str = "inprocess",
                    evaluator_options: Mapping[str, Any] | None = None, workers: int = 1,
                    timeout_s: float | None = None) -> pd.DataFrame:
-        """Evaluate one configuration again: a trial ``number`` or a configuration dict.
+        """Evaluate one configuration again, under several seeds.
 
-        ``seeds``: how many (seeds 0..n-1) or which. ``problem_options`` override the run's
-        problem options (e.g. a test split, no noise); ``evaluator`` is where it runs
-        (``inprocess``, ``process``, ``ray``). Returns one row per seed (the index: the seed) with
-        ``ok``, ``error``, ``wall_time_s``, ``values.*`` and ``measures.*``, then rows ``mean``
-        and ``std`` (sample standard deviation, ddof=1) over the seeds that succeeded.
+        Args:
+            what: a trial number of the run, or a configuration dict.
+            seeds: how many (seeds 0..n-1) or which (distinct).
+            problem_options: override the run's problem options (e.g. a test split, no noise).
+            evaluator: where it runs: ``"inprocess"``, ``"process"`` or ``"ray"``.
+            evaluator_options: the evaluator's options.
+            workers: evaluations at once.
+            timeout_s: a bound on one evaluation (None: none).
+
+        Returns:
+            One row per seed (the index: the seed) with ``ok``, ``error``, ``wall_time_s``,
+            ``values.*`` and ``measures.*``, then rows ``mean`` and ``std`` (sample standard
+            deviation, ddof=1) over the seeds that succeeded.
+
+        Raises:
+            ValueError: bad ``seeds``, ``what`` or ``problem_options``, or a configuration not valid
+                for the problem. A failing evaluation is a row with ``ok`` False, not an error.
         """
         return reevaluate(self.store, what, seeds, problem_options=problem_options, evaluator=evaluator,
                           evaluator_options=evaluator_options, workers=workers, timeout_s=timeout_s)
 
 
 def load_run(storage: str, name: str) -> Run:
-    """Open run ``name`` in ``storage`` (an Optuna storage URL) with its trials, elites and Pareto set."""
+    """Open a run with its trials, elites and Pareto set.
+
+    A problem that cannot be rebuilt here (a plug-in not installed) only warns: the record is still
+    read, without an archive, with a reference point from the data.
+
+    Args:
+        storage: an Optuna storage URL (``sqlite:///PATH``, ``postgresql://...``,
+            ``journal:///PATH``).
+        name: the run's name.
+
+    Returns:
+        The ``Run``.
+
+    Raises:
+        StorageError: ``storage`` is not allowed or (SQLite) does not exist.
+        RunNotFound: no run ``name`` there (the message lists the runs).
+    """
     from qd.session import problem_of
 
     store = Store.open(storage, name)
@@ -410,7 +538,15 @@ def load_run(storage: str, name: str) -> Run:
 
 def build_run(store: Store, problem: Problem | None) -> Run:
     """A ``Run`` from an open store (and its problem, when it can be built): one read of the
-    record's columns, every table derived from them."""
+    record's columns, every table derived from them.
+
+    Args:
+        store: the run's store.
+        problem: the run's problem, or None.
+
+    Returns:
+        The ``Run``.
+    """
     cols = store.columns()
     frame = store.dataframe(cols)
     if frame.empty:
@@ -438,13 +574,13 @@ def reevaluate(store: Store, what: int | Mapping[str, Any], seeds: int | Sequenc
                problem_options: Mapping[str, Any] | None = None, evaluator: str = "inprocess",
                evaluator_options: Mapping[str, Any] | None = None, workers: int = 1,
                timeout_s: float | None = None) -> pd.DataFrame:
-    """See ``Run.reevaluate``."""
+    """``Run.reevaluate`` for the run of ``store`` (see it for arguments, result and errors)."""
     from evaluators import Job, make_evaluator
     from qd.registry import get_problem
 
-    if isinstance(seeds, bool) or (isinstance(seeds, (int, np.integer)) and seeds < 1):
+    if isinstance(seeds, (bool, np.bool_)) or (is_int(seeds) and seeds < 1):
         raise ValueError(f"reevaluate: seeds={seeds!r} is not allowed; allowed: an integer >= 1 or a list of seeds")
-    seed_list = list(range(int(seeds))) if isinstance(seeds, (int, np.integer)) else [int(s) for s in seeds]
+    seed_list = list(range(int(seeds))) if is_int(seeds) else [int(s) for s in seeds]
     if not seed_list or len(set(seed_list)) != len(seed_list):
         raise ValueError(f"reevaluate: seeds={seeds!r} is not allowed; allowed: a non-empty list of distinct seeds")
     options = {**store.info.problem_options, **dict(problem_options or {})}
@@ -452,7 +588,7 @@ def reevaluate(store: Store, what: int | Mapping[str, Any], seeds: int | Sequenc
         problem = get_problem(store.info.problem, **options)
     except (TypeError, ValueError) as e:
         raise ValueError(f"reevaluate: problem_options={dict(problem_options or {})!r}: {e}") from None
-    if isinstance(what, (int, np.integer)) and not isinstance(what, bool):
+    if is_int(what):
         by_number = {t.number: t for t in store.trials()}
         if int(what) not in by_number:
             raise ValueError(f"reevaluate: trial number {what!r} is not in run {store.info.name!r}; "

@@ -39,7 +39,8 @@ from typing import Any
 import moocore
 import numpy as np
 
-from qd.noise import config_key
+from qd.checks import OptionError, is_finite_number
+from qd.space import config_key
 from qd.problem import Problem
 from qd.space import Categorical, Config, Float, Int
 from qd.store import Trial
@@ -49,12 +50,25 @@ from qd.strategy import Strategy
 MAX_RUNGS = 4
 
 
-class FidelityError(ValueError):
+class FidelityError(OptionError):
     """A bad multi-fidelity option; the message names it, the value and what is allowed."""
 
 
 def rung_values(param: Any, eta: float, min_fidelity: float | None = None) -> list[Any]:
-    """Ascending fidelity values of the rungs, ending at the parameter's top value."""
+    """Ascending fidelity values of the rungs, ending at the parameter's top value.
+
+    Args:
+        param: the fidelity parameter (``Int``, ``Float`` or ``Categorical``).
+        eta: the reduction factor between rungs (> 1).
+        min_fidelity: the lowest rung's value (default: the parameter's low end); ignored for a
+            categorical, whose choices are the rungs.
+
+    Returns:
+        The rung values, lowest first (integers for an ``Int`` parameter).
+
+    Raises:
+        FidelityError: a parameter of another type, or ``min_fidelity`` outside its range.
+    """
     if isinstance(param, Categorical):
         return list(param.choices)
     if not isinstance(param, (Int, Float)):
@@ -81,6 +95,11 @@ class Promotions:
         eta: reduction factor (> 1): a rung keeps its best 1/eta.
         min_fidelity: the lowest rung's value (default the parameter's low end).
         cell_of: trial -> archive cell, to rank within cells first (quality diversity), or None.
+        owner: who takes the options, for error messages.
+
+    Raises:
+        FidelityError: the problem names no fidelity parameter, or ``eta`` or ``min_fidelity`` is
+            not allowed.
     """
 
     def __init__(self, problem: Problem, *, eta: float = 3, min_fidelity: float | None = None,
@@ -88,7 +107,7 @@ class Promotions:
         if not problem.fidelity:
             raise FidelityError(f"{owner}: multi-fidelity search needs a problem that names a fidelity parameter; "
                                 f"problem {problem.name or type(problem).__name__!r} names none (Problem.fidelity)")
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 1 < eta < math.inf:
+        if not (is_finite_number(eta) and eta > 1):
             raise FidelityError(f"{owner}: option eta={eta!r} is not allowed; allowed: a number > 1")
         self.problem, self.space = problem, problem.space
         self.name = problem.fidelity
@@ -109,6 +128,7 @@ class Promotions:
 
     @property
     def rungs(self) -> int:
+        """The number of rungs."""
         return len(self.values)
 
     def identity(self, config: Config) -> bytes:
@@ -138,6 +158,8 @@ class Promotions:
         return self.identity(config) in self._reached
 
     def tell(self, trial: Trial) -> None:
+        """Count a finished trial at its rung; failed and infeasible ones are never promoted, and trials
+        whose fidelity is not a rung value are ignored."""
         rung = self.rung_of(trial.params)
         if rung is None:
             return
@@ -199,6 +221,13 @@ class FidelityWrapper(Strategy):
     The inner strategy's proposals start at the lowest rung; promotions go first. Every finished
     trial (any rung) is told to the inner strategy, so a model-based one sees the fidelity as an
     input. An archive of the run should count only the top rung (``elite_spec(..., fidelity=...)``).
+
+    Args:
+        inner: the strategy that proposes new configurations.
+        eta, min_fidelity, cell_of: as for ``Promotions``.
+
+    Raises:
+        FidelityError: as for ``Promotions``.
     """
 
     def __init__(self, inner: Strategy, *, eta: float = 3, min_fidelity: float | None = None,
@@ -210,6 +239,7 @@ class FidelityWrapper(Strategy):
                                      owner=f"strategy {inner.name!r}")
 
     def ask(self, n: int, pending: Sequence[Config] = ()) -> list[Config]:
+        """Up to ``n`` configurations: promotions first, then the inner strategy's at the lowest rung."""
         out = self.promotions.ready(n)
         if len(out) < n:
             for config in self.inner.ask(n - len(out), pending):
@@ -217,10 +247,12 @@ class FidelityWrapper(Strategy):
         return out
 
     def tell(self, trial: Trial) -> None:
+        """Tell the trial to the promotions and to the inner strategy."""
         self.promotions.tell(trial)
         self.inner.tell(trial)
 
     def restore(self, trials: Sequence[Trial]) -> None:
+        """Restore the inner strategy and the rungs; stale trials count as handed out at their rung."""
         self.inner.restore(trials)
         for t in trials:
             if t.finished:
@@ -231,4 +263,5 @@ class FidelityWrapper(Strategy):
                 self.promotions._reached[key] = max(self.promotions._reached.get(key, 0), rung)
 
     def state(self) -> dict[str, Any]:
+        """The inner strategy's numbers, plus ``rungs``: configurations finished per rung."""
         return {**self.inner.state(), "rungs": "/".join(map(str, self.promotions.counts()))}

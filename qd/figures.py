@@ -57,12 +57,8 @@ class Cells:
 
 
 def _pyribs(archive: Any) -> Any:
-    """The pyribs archive that holds the cells (the result archive of an EliteArchive)."""
-    for attr in ("grid", "result"):
-        inner = getattr(archive, attr, None)
-        if inner is not None and hasattr(inner, "index_of"):
-            return inner
-    return archive
+    """The pyribs archive that holds the cells: a run archive's ``layout``, or a pyribs archive."""
+    return getattr(archive, "layout", archive)
 
 
 def measure_bins(archive: Any, measures: np.ndarray) -> np.ndarray | None:
@@ -120,7 +116,6 @@ def cells(archive: Any, *, trials: Sequence[Trial] | None = None, measure_names:
     from a qd archive's problem when not given. ``measure_names`` names the measures of a bare
     pyribs archive.
     """
-    from qd.archive import ParetoArchive
 
     problem = getattr(archive, "problem", None)
     if measures is None and problem is not None:
@@ -131,7 +126,7 @@ def cells(archive: Any, *, trials: Sequence[Trial] | None = None, measure_names:
     labels = [getattr(m, "labels", None) for m in measures] if measures else [None] * k
     integer = [bool(getattr(m, "integer", False)) for m in measures] if measures else [False] * k
     numbers_by_cell = elite_numbers(archive, trials) if trials is not None and problem is not None else {}
-    if isinstance(archive, ParetoArchive):
+    if getattr(archive, "kind", None) == "pareto":
         hv = archive.cell_hypervolumes()
         index = np.array(sorted(hv), dtype=int)
         value = np.array([hv[c] for c in index], dtype=float)
@@ -142,7 +137,7 @@ def cells(archive: Any, *, trials: Sequence[Trial] | None = None, measure_names:
         data = grid.data()
         index = np.asarray(data["index"], dtype=int)
         spec = getattr(archive, "spec", None)
-        sign = spec.sign if spec is not None else 1.0
+        sign = spec.score_factor if spec is not None else 1.0
         value = sign * np.asarray(data["objective"], dtype=float)
         value_label = f"{spec.objective} ({spec.direction[:3]})" if spec is not None else "objective"
         low = spec is not None and spec.direction == "minimize"
@@ -207,7 +202,8 @@ def archive_heatmap(archive: Any, *, trials: Sequence[Trial] | None = None, titl
         title: the figure title.
         vmin, vmax: colour limits in objective units (shared limits make several runs' maps
             comparable, as pyribs' ``vmin``/``vmax``); default: the archive's own range.
-        trial_url: trial number -> URL; filled cells then carry a link to their (first) trial.
+        trial_url: trial number -> URL (or None for a trial without a page); filled cells then
+            carry a link to their (first) trial.
         measure_names, measures: names / ``Measure`` objects for a bare pyribs archive.
         height: figure height in pixels.
 
@@ -242,7 +238,8 @@ def archive_heatmap(archive: Any, *, trials: Sequence[Trial] | None = None, titl
             for (by, bx), i in first.items():
                 if c.numbers[i]:
                     n = c.numbers[i][0]
-                    text[by, bx] = f"<a href=\"{trial_url(n)}\" target=\"_top\">#{n}</a>"
+                    url = trial_url(n)  # None: the trial has no page (not copied to the dashboard's study)
+                    text[by, bx] = f"<a href=\"{url}\" target=\"_top\">#{n}</a>" if url else f"#{n}"
         lines = [f"{c.names[0]}: %{{customdata[0]}}"] + ([f"{c.names[1]}: %{{customdata[1]}}"] if k >= 2 else [])
         lines += [f"{c.value_label.split(' (reference')[0]}: %{{z:.5g}}", "trial %{customdata[2]}"]
         if k > 2:

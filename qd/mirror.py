@@ -24,7 +24,7 @@ from qd.problem import Problem
 
 MIRROR_ALL = 200
 MIRROR_CAP = 600
-_KEY = "qd_mirrored"  # study system attr: the qd numbers copied so far
+_KEY = "qd_mirrored"  # study system attr: the qd numbers copied so far, in the order copied
 
 
 class Mirror:
@@ -33,12 +33,21 @@ class Mirror:
     def __init__(self, store: Any, problem: Problem, all_up_to: int = MIRROR_ALL, cap: int = MIRROR_CAP):
         self.store, self.problem = store, problem
         self.all_up_to, self.cap = int(all_up_to), int(cap)
-        self._done: set[int] | None = None
+        self._done: list[int] | None = None
 
     def mirrored(self) -> set[int]:
+        """The qd numbers copied so far."""
+        return set(self._copied())
+
+    def pages(self) -> dict[int, int]:
+        """qd number -> the study's trial number (its page in optuna-dashboard), for copied trials.
+        The mirror is the study's only writer and copies in order, so the i-th copied is trial i."""
+        return {n: i for i, n in enumerate(self._copied())}
+
+    def _copied(self) -> list[int]:
         if self._done is None:
             study = self.store.study
-            self._done = set(study._storage.get_study_system_attrs(study._study_id).get(_KEY, []))
+            self._done = list(study._storage.get_study_system_attrs(study._study_id).get(_KEY, []))
         return self._done
 
     def pending(self, cols: Columns, featured: Iterable[int] = ()) -> list[int]:
@@ -82,8 +91,8 @@ class Mirror:
             copied += [int(cols.number[i]) for i in batch]
             if time_budget_s is not None and time.monotonic() - t0 > time_budget_s:
                 break
-        self._done = self.mirrored() | set(copied)
-        study._storage.set_study_system_attr(study._study_id, _KEY, sorted(self._done))
+        self._done = self._copied() + copied
+        study._storage.set_study_system_attr(study._study_id, _KEY, self._done)
         return len(copied)
 
     def _frozen(self, cols: Columns, i: int, elites: set[int] | None,

@@ -7,7 +7,7 @@ configuration by the mean of its measures and ranks it by the mean of its object
 its evaluations, and reports the spread (sample standard deviation) and the count per elite.
 
 A configuration is identified by its encoded vector (``space.encode(params)``), rounded against
-float noise (``config_key``), the same identity the illumination strategies use.
+float noise (``qd.space.config_key``), the same identity every strategy uses.
 """
 
 from __future__ import annotations
@@ -16,10 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-def config_key(x: np.ndarray) -> bytes:
-    """Identity of a configuration from its encoded vector of shape (d,)."""
-    return np.round(np.asarray(x, dtype=float), 12).tobytes()
+from qd.space import config_key
 
 
 @dataclass

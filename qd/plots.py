@@ -10,12 +10,17 @@ import matplotlib.pyplot as plt  # without a display matplotlib falls back to Ag
 import numpy as np
 
 from qd.problem import Problem
-from qd.results import best_so_far, hypervolume_history, pareto_trials, reference_point
+from qd.results import Reference, best_so_far, hypervolume_history, pareto_trials, reference_point
+from qd.scaling import Scaling
 from qd.store import Store, Trial
 
 
-def pareto_figure(trials: Sequence[Trial], names: Sequence[str], directions: Sequence[str], title: str = "") -> plt.Figure:
-    """2 objectives: scatter with the front as a step line; 3: 3-D and pairwise views; more: parallel coordinates."""
+def pareto_figure(trials: Sequence[Trial], names: Sequence[str], directions: Sequence[str], title: str = "",
+                  scaling: Scaling | None = None) -> plt.Figure:
+    """2 objectives: scatter with the front as a step line; 3: 3-D and pairwise views; more: parallel
+    coordinates. Objectives measured on a log scale (``qd.scaling``) get log axes; parallel
+    coordinates are drawn in scaled units."""
+    scaling = scaling if scaling is not None else Scaling.identity(len(names))
     done = [t for t in trials if t.state == "complete"]
     front = pareto_trials(done, directions)
     Y = np.array([t.values for t in done]) if done else np.empty((0, len(names)))
@@ -31,6 +36,7 @@ def pareto_figure(trials: Sequence[Trial], names: Sequence[str], directions: Seq
             ax.scatter(F[:, 0], F[:, 1], s=24, c="C0", label=f"Pareto set ({len(F)})")
         ax.set_xlabel(f"{names[0]} ({directions[0][:3]})")
         ax.set_ylabel(f"{names[1]} ({directions[1][:3]})")
+        _log_axes(ax, scaling, Y, (0, 1))
         ax.legend()
     elif m == 3:
         # A 3-D view for the shape, and the three pairwise projections to read values from.
@@ -46,20 +52,19 @@ def pareto_figure(trials: Sequence[Trial], names: Sequence[str], directions: Seq
             ax.scatter(Y[:, i], Y[:, j], s=10, c="lightgray")
             if len(F):
                 ax.scatter(F[:, i], F[:, j], s=22, c="C0")
-            for axis, col in ((ax.set_xscale, i), (ax.set_yscale, j)):
-                if directions[col] == "minimize" and _spans_decades(Y[:, col]):
-                    axis("log")
+            _log_axes(ax, scaling, Y, (i, j))
             ax.set_xlabel(f"{names[i]} ({directions[i][:3]})")
             ax.set_ylabel(f"{names[j]} ({directions[j][:3]})")
     else:
         fig, ax = plt.subplots(figsize=(1.6 * m + 2, 4.5))
+        Y, F = scaling.apply(Y), scaling.apply(F)
         lo, hi = Y.min(axis=0), Y.max(axis=0)
         scale = np.where(hi > lo, hi - lo, 1.0)
         for row in (Y - lo) / scale:
             ax.plot(range(m), row, color="lightgray", lw=0.5)
         for row in (F - lo) / scale:
             ax.plot(range(m), row, color="C0", lw=1.2)
-        ax.set_xticks(range(m), [f"{n}\n({d[:3]})" for n, d in zip(names, directions)])
+        ax.set_xticks(range(m), [f"{scaling.label(i, n)}\n({d[:3]})" for i, (n, d) in enumerate(zip(names, directions))])
         ax.set_ylabel("normalised value (0 = min seen, 1 = max seen)")
     if title:
         fig.suptitle(title)
@@ -67,16 +72,25 @@ def pareto_figure(trials: Sequence[Trial], names: Sequence[str], directions: Seq
     return fig
 
 
-def _spans_decades(values: np.ndarray) -> bool:
-    """Positive costs (parameters, seconds, bytes) over a wide range read better on a log axis."""
-    return len(values) > 0 and values.min() > 0 and values.max() / values.min() > 30
+def _log_axes(ax: plt.Axes, scaling: Scaling, Y: np.ndarray, columns: tuple[int, int]) -> None:
+    """Log axes for the objectives measured on a log scale (symlog when a value is 0 or less)."""
+    for set_scale, col in zip((ax.set_xscale, ax.set_yscale), columns):
+        if scaling.scales[col] == "log":
+            positive = len(Y) == 0 or Y[:, col].min() > 0
+            set_scale("log") if positive else set_scale("symlog", linthresh=1.0)
 
 
-def hypervolume_figure(counts: np.ndarray, hvs: np.ndarray, reference: Sequence[float], title: str = "") -> plt.Figure:
+def hypervolume_figure(counts: np.ndarray, hvs: np.ndarray, reference: Reference | Sequence[float], title: str = "",
+                       names: Sequence[str] | None = None) -> plt.Figure:
+    """Hypervolume against finished evaluations; the y label states the reference and the units."""
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(counts, hvs, color="C0")
     ax.set_xlabel("finished evaluations")
-    ax.set_ylabel(f"hypervolume (reference {tuple(round(r, 4) for r in reference)})")
+    if isinstance(reference, Reference):
+        caption = reference.caption(names if names is not None else [f"f{i + 1}" for i in range(len(reference.point))])
+    else:
+        caption = f"reference {tuple(round(r, 4) for r in reference)}"
+    ax.set_ylabel(f"hypervolume\n({caption})", fontsize=8 if len(caption) > 40 else 10)
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -114,19 +128,19 @@ def plot_run(store: Store, problem: Problem | None, out: str | Path, *, vmin: fl
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     trials = store.trials()
-    names = store.study.metric_names or [f"objective_{i}" for i in range(len(store.study.directions))]
-    directions = [d.name.lower() for d in store.study.directions]
+    names, directions = list(store.objective_names), list(store.directions)
     title = f"{store.info.name}: {store.info.problem} / {store.info.strategy}"
     written = []
     if len(directions) == 1:
         if any(t.finished for t in trials):
             written.append(_save(best_so_far_figure(trials, names[0], directions[0], title), out / "best_so_far.png"))
     else:
-        written.append(_save(pareto_figure(trials, names, directions, title), out / "pareto_front.png"))
+        scaling = problem.scaling if problem is not None else None
+        written.append(_save(pareto_figure(trials, names, directions, title, scaling), out / "pareto_front.png"))
         ref = reference_point(problem, trials, directions)
         if ref is not None:
-            counts, hvs = hypervolume_history(trials, directions, ref.point)
-            written.append(_save(hypervolume_figure(counts, hvs, ref.point, title), out / "hypervolume.png"))
+            counts, hvs = hypervolume_history(trials, directions, ref)
+            written.append(_save(hypervolume_figure(counts, hvs, ref, title, names), out / "hypervolume.png"))
     if problem is not None and problem.measures:  # archive heatmap and QD metrics (qd.plots_archive)
         from qd.plots_archive import plot_archive
 

@@ -72,7 +72,7 @@ def elite_heatmap_figure(archive: EliteArchive, problem: Problem, title: str = "
                          vmax: float | None = None) -> plt.Figure:
     """The best value per cell (objective units); ``vmin``/``vmax`` fix the colour limits."""
     df = archive.result.data(return_type="pandas")
-    df["objective"] = archive.spec.sign * df["objective"]
+    df["objective"] = archive.spec.score_factor * df["objective"]
     label = f"{archive.spec.objective} ({archive.spec.direction[:3]})"
     m = archive.metrics()
     subtitle = f"coverage {m['coverage']:.1%}, QD score {m['qd_score']:.4g}, {m['num_elites']} elites"
@@ -127,7 +127,7 @@ def plot_archive(store: Store, problem: Problem, out: str | Path, trials: Sequen
     cols = store.columns()
     archive: RunArchive = archive_for_run(store, problem, cols)
     written = []
-    if isinstance(archive, ParetoArchive):
+    if archive.kind == "pareto":
         written.append(_save(moqd_heatmap_figure(archive, problem, title, vmin=vmin, vmax=vmax),
                              out / "moqd_heatmap.png"))
     else:
@@ -135,7 +135,7 @@ def plot_archive(store: Store, problem: Problem, out: str | Path, trials: Sequen
                              out / "archive_heatmap.png"))
     rows = history(store, problem, cols)
     if rows:
-        written.append(_save(metrics_figure(rows, isinstance(archive, ParetoArchive), title), out / "qd_metrics.png"))
+        written.append(_save(metrics_figure(rows, archive.kind == "pareto", title), out / "qd_metrics.png"))
     return written
 
 

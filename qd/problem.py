@@ -14,40 +14,84 @@ import reprlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
+from qd.checks import QdError
 from qd.space import Config, Space
+
+if TYPE_CHECKING:
+    from qd.scaling import Scaling
 
 Direction = Literal["minimize", "maximize"]
 
 
+def sign_of(direction: str) -> float:
+    """+1.0 for "minimize", -1.0 for "maximize": multiply a value by it to get one to minimise.
+    The only meaning of "sign" in qd."""
+    return 1.0 if direction == "minimize" else -1.0
+
+
+def signs_of(directions: Sequence[str]) -> np.ndarray:
+    """(m,) ``sign_of`` each direction."""
+    return np.array([sign_of(d) for d in directions])
+
+
 @dataclass(frozen=True)
 class Objective:
-    """An objective. ``cheap`` ones are computed by ``Problem.cheap_values`` without evaluating."""
+    """An objective. ``cheap`` ones are computed by ``Problem.cheap_values`` without evaluating.
+
+    ``scale`` and ``bounds`` say in which units hypervolumes, MOQD scores and plots measure it
+    (``qd.scaling``): ``scale="log"`` for counts and costs spanning decades (``log10(1 + value)``),
+    ``bounds=(low, high)`` for a stated range of interest, mapped to [0, 1]. Neither changes what
+    is recorded, nor which configurations are better.
+
+    Args:
+        name: the objective's name (the key of ``Evaluation.values`` given as a mapping).
+        direction: ``"minimize"`` or ``"maximize"``.
+        cheap: known from the configuration alone (``Problem.cheap_values``).
+        scale: ``"linear"`` or ``"log"``.
+        bounds: ``(low, high)`` with low < high, or None.
+
+    Raises:
+        ValueError: a direction, scale or bounds not allowed.
+    """
 
     name: str
     direction: Direction = "minimize"
     cheap: bool = False
+    scale: str = "linear"
+    bounds: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.direction not in ("minimize", "maximize"):
             raise ValueError(f"objective {self.name!r}: direction {self.direction!r}; allowed: 'minimize', 'maximize'")
+        from qd.scaling import check_scale
+
+        object.__setattr__(self, "bounds", check_scale(self.scale, self.bounds, f"objective {self.name!r}"))
 
     @property
     def sign(self) -> float:
-        """Multiply by this to turn the objective into one to minimise."""
-        return 1.0 if self.direction == "minimize" else -1.0
+        """``sign_of(direction)``: multiply by this to turn the objective into one to minimise."""
+        return sign_of(self.direction)
 
 
 @dataclass(frozen=True)
 class Measure:
     """A feature of a solution that places it in the archive; ``low``/``high`` bound the map.
 
-    ``integer``: the measure takes whole values only (a layer count, a depth). Its map has one bin
-    per whole value in ``[low, high]`` by default, each bin centred on its value, with integer ticks.
-    ``labels``: a categorical measure (``Measure.categorical``): value ``i`` is ``labels[i]``.
+    Args:
+        name: the measure's name.
+        low: the map's lower bound.
+        high: the map's upper bound; must be > ``low``.
+        integer: the measure takes whole values only (a layer count, a depth). Its map has one bin
+            per whole value in ``[low, high]`` by default, each bin centred on its value, with
+            integer ticks.
+        labels: a categorical measure (``Measure.categorical``): value ``i`` is ``labels[i]``.
+
+    Raises:
+        ValueError: ``low >= high``, or an integer measure with no whole value in range.
     """
 
     name: str
@@ -65,7 +109,18 @@ class Measure:
 
     @classmethod
     def categorical(cls, name: str, labels: Sequence[str]) -> Measure:
-        """A measure whose value is the index of one of ``labels`` (0, 1, ...)."""
+        """A measure whose value is the index of one of ``labels`` (0, 1, ...).
+
+        Args:
+            name: the measure's name.
+            labels: the categories, at least one, in value order.
+
+        Returns:
+            An integer ``Measure`` over ``0 .. len(labels) - 1`` with ``labels`` set.
+
+        Raises:
+            ValueError: ``labels`` is empty.
+        """
         labels = tuple(str(v) for v in labels)
         if not labels:
             raise ValueError(f"measure {name!r}: a categorical measure needs at least one label")
@@ -90,7 +145,14 @@ class Measure:
 
 @dataclass(frozen=True)
 class Resources:
-    """What one evaluation needs. Fractional ``gpus`` let several evaluations share a GPU."""
+    """What one evaluation needs, as evaluators reserve it.
+
+    Args:
+        cpus: CPU cores.
+        gpus: GPUs; fractional values let several evaluations share a GPU.
+        memory_mb: memory to reserve (None: no reservation).
+        timeout_s: a bound on one evaluation's time (None: none).
+    """
 
     cpus: float = 1.0
     gpus: float = 0.0
@@ -100,11 +162,14 @@ class Resources:
 
 @dataclass
 class Evaluation:
-    """What ``Problem.evaluate`` returns.
+    """What ``Problem.evaluate`` returns; ``Problem.normalise`` checks it.
 
-    ``values``: one number per objective (a sequence in declared order, or a mapping by name).
-    ``measures``: one number per measure. ``constraints``: one number per constraint, feasible
-    when <= 0. ``metadata``: anything JSON-serialisable (wall time, peak memory, ...).
+    Args:
+        values: one number per objective, a sequence in declared order or a mapping by name.
+        measures: one number per measure, in declared order.
+        constraints: one number per constraint, feasible when <= 0.
+        metadata: anything JSON-serialisable (wall time, peak memory, ...), at most
+            ``MAX_METADATA_BYTES`` as JSON.
     """
 
     values: Sequence[float] | Mapping[str, float]
@@ -129,7 +194,7 @@ class BatchEvaluation:
     errors: Sequence[str | None] | None = None
 
 
-class EvaluationError(ValueError):
+class EvaluationError(QdError, ValueError):
     """An evaluation result that cannot be recorded as complete (wrong type or shape, NaN, inf, too large)."""
 
 
@@ -179,7 +244,15 @@ def _short_repr(obj: Any) -> str:
 
 
 class Problem(ABC):
-    """Subclass and set ``space``, ``objectives`` (and optionally the rest) in ``__init__``."""
+    """A search problem: subclass it and set ``space`` and ``objectives`` (and optionally the rest)
+    in ``__init__``; implement ``evaluate``.
+
+    Plug-ins register the class under the entry-point group ``qd.problems``; keyword arguments of
+    ``__init__`` are the problem's options. The class attributes below are its declared extension
+    points, each with a default: ``measures`` and ``constraints`` (empty), ``resources``,
+    ``fidelity``, ``reference_point``, ``vectorized``, and the methods ``evaluate_batch``,
+    ``cheap_values``, ``cheap_measures`` and ``max_hypervolume``.
+    """
 
     #: Registered name; set by subclasses.
     name: ClassVar[str] = ""
@@ -193,6 +266,9 @@ class Problem(ABC):
     fidelity: str | None = None
     #: Hypervolume reference point in objective units (None: derived from the data, and stated).
     reference_point: tuple[float, ...] | None = None
+    #: The hypervolume of the true Pareto front against ``reference_point``, when known (test
+    #: problems; a constant or a property): progress then shows the share reached. None: unknown.
+    max_hypervolume: float | None = None
     #: Options it was built with; set by ``qd.registry.get_problem`` so a run can rebuild it.
     options: dict[str, Any]
     #: True when ``evaluate_batch`` computes a whole batch with array operations: the in-process
@@ -206,7 +282,19 @@ class Problem(ABC):
 
     @abstractmethod
     def evaluate(self, config: Config, seed: int) -> Evaluation:
-        """Evaluate one valid configuration. Exceptions become failed trials with their reason."""
+        """Evaluate one valid configuration.
+
+        Args:
+            config: a configuration valid in ``space`` (inactive parameters absent).
+            seed: the evaluation's seed; use it for every random choice, so a re-run repeats it.
+
+        Returns:
+            An ``Evaluation`` with one value per objective, measure and constraint.
+
+        Raises:
+            Exception: anything; the evaluator records it as the trial's failure reason and the run
+                goes on.
+        """
 
     def evaluate_batch(self, X: np.ndarray, seeds: np.ndarray) -> BatchEvaluation:
         """Evaluate n valid configurations at once.
@@ -255,8 +343,30 @@ class Problem(ABC):
                 out.append(e)
         return out
 
+    def cheap_measures(self, config: Config) -> dict[str, float]:
+        """Values of measures known from the configuration alone, without evaluating (``sail``
+        uses them instead of modelling them). The default knows none: an empty mapping.
+
+        Args:
+            config: a valid configuration.
+
+        Returns:
+            Measure name -> value, for the measures it knows.
+        """
+        return {}
+
     def cheap_values(self, config: Config) -> dict[str, float]:
-        """Values of the objectives declared ``cheap``, computed without an evaluation."""
+        """Values of the objectives declared ``cheap``, computed without an evaluation.
+
+        Args:
+            config: a valid configuration.
+
+        Returns:
+            Objective name -> value, for the cheap objectives. The default: an empty mapping.
+
+        Raises:
+            TypeError: the problem declares cheap objectives but does not override this.
+        """
         cheap = [o.name for o in self.objectives if o.cheap]
         if cheap:
             raise TypeError(f"{type(self).__name__} declares cheap objectives {cheap} but no cheap_values()")
@@ -265,23 +375,56 @@ class Problem(ABC):
     # --- helpers --------------------------------------------------------------------------
     @property
     def objective_names(self) -> list[str]:
+        """Objective names in declared order."""
         return [o.name for o in self.objectives]
 
     @property
     def directions(self) -> list[str]:
+        """Each objective's direction (``"minimize"`` or ``"maximize"``), in declared order."""
         return [o.direction for o in self.objectives]
 
     @property
+    def scaling(self) -> Scaling:
+        """The objectives' scales and bounds (``qd.scaling``): the units of hypervolumes and plots."""
+        from qd.scaling import Scaling
+
+        return Scaling.of(self.objectives)
+
+    def rescale(self, spec: Mapping[str, Any]) -> None:
+        """Give objectives a scale and bounds (the problem option ``scaling``; see ``qd.scaling.parse``).
+
+        Args:
+            spec: objective name -> ``"log"``, ``"linear"``, ``[low, high]``, or a mapping with ``scale`` and
+                ``bounds``.
+
+        Raises:
+            ValueError: naming the objective, the value and what is allowed.
+        """
+        from qd.scaling import parse
+
+        given = parse(spec, self.objective_names)
+        self.objectives = tuple(dataclasses.replace(o, **given[o.name]) if o.name in given else o
+                                for o in self.objectives)
+
+    @property
     def measure_names(self) -> list[str]:
+        """Measure names in declared order."""
         return [m.name for m in self.measures]
 
     def normalise(self, ev: Any) -> tuple[list[float], list[float], list[float]]:
-        """Check whatever ``evaluate`` returned; return (values, measures, constraints).
+        """Check whatever ``evaluate`` returned.
 
-        Raises ``EvaluationError`` (never anything else), naming what is wrong, for a result that is
-        not an ``Evaluation``, has the wrong number of values, values that are not finite numbers or
-        larger in magnitude than ``MAX_ABS_VALUE``, or metadata that is not a JSON-storable mapping
-        of at most ``MAX_METADATA_BYTES``.
+        Args:
+            ev: the returned object.
+
+        Returns:
+            ``(values, measures, constraints)``: lists of m, k and c floats in declared order.
+
+        Raises:
+            EvaluationError: (never anything else) naming what is wrong, for a result that is not an
+                ``Evaluation``, has the wrong number of values, values that are not finite numbers or
+                larger in magnitude than ``MAX_ABS_VALUE``, or metadata that is not a JSON-storable
+                mapping of at most ``MAX_METADATA_BYTES``.
         """
         if not isinstance(ev, Evaluation):
             hint = ("; wrap the numbers: Evaluation(values=[...])"
@@ -321,10 +464,14 @@ class Problem(ABC):
         return out[0], out[1], out[2]
 
     def describe(self) -> dict[str, Any]:
+        """The problem as a plain dict (name, first doc line, objectives, measures, constraints, space,
+        resources), as ``qd problems`` prints it."""
         return {
             "name": self.name,
             "doc": (type(self).__doc__ or "").strip().split("\n")[0],
-            "objectives": [{"name": o.name, "direction": o.direction, "cheap": o.cheap} for o in self.objectives],
+            "objectives": [{"name": o.name, "direction": o.direction, "cheap": o.cheap,
+                            **({"scale": o.scale} if o.scale != "linear" else {}),
+                            **({"bounds": list(o.bounds)} if o.bounds is not None else {})} for o in self.objectives],
             "measures": [{"name": m.name, "low": m.low, "high": m.high,
                           **({"integer": True} if m.integer else {}), **({"labels": list(m.labels)} if m.labels else {})}
                          for m in self.measures],

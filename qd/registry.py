@@ -14,6 +14,7 @@ from importlib.metadata import EntryPoint, PackageNotFoundError, distribution, e
 from pathlib import Path
 from typing import Any
 
+from qd.checks import accepted_options, check_name, check_option_names
 from qd.problem import Problem
 
 GROUP = "qd.problems"
@@ -32,16 +33,25 @@ def _entry_points() -> dict[str, Any]:
 
 
 def problem_names() -> list[str]:
+    """The registered problem names, sorted."""
     return sorted(_entry_points())
 
 
 def problem_class(name: str) -> type[Problem]:
-    eps = _entry_points()
-    if name not in eps:
-        from qd.suggest import did_you_mean
+    """The class registered as ``name`` (loaded from its entry point).
 
-        raise ValueError(f"problem {name!r} is not registered; registered problems: {sorted(eps)}"
-                         f"{did_you_mean([name], eps)}")
+    Args:
+        name: a registered problem name.
+
+    Returns:
+        The ``Problem`` subclass.
+
+    Raises:
+        UnknownName: ``name`` is not registered.
+        TypeError: the entry point is not a ``Problem`` subclass.
+    """
+    eps = _entry_points()
+    check_name(name, "problem", list(eps))
     cls = eps[name].load()
     if not (inspect.isclass(cls) and issubclass(cls, Problem)):
         raise TypeError(f"entry point {name!r} ({eps[name].value}) is not a qd.Problem subclass")
@@ -49,24 +59,39 @@ def problem_class(name: str) -> type[Problem]:
 
 
 def get_problem(name: str, **options: Any) -> Problem:
-    """Build a registered problem; unknown options are rejected with the allowed ones."""
-    cls = problem_class(name)
-    params = inspect.signature(cls.__init__).parameters
-    allowed = [p for p in params if p != "self" and params[p].kind in (params[p].KEYWORD_ONLY, params[p].POSITIONAL_OR_KEYWORD)]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        from qd.suggest import did_you_mean
+    """Build a registered problem; unknown options are rejected with the allowed ones.
 
-        raise ValueError(f"problem {name!r}: unknown option(s) {unknown}; allowed options: {allowed}"
-                         f"{did_you_mean(unknown, allowed)}")
+    Args:
+        name: a registered problem name.
+        **options: the problem's keyword options, plus ``scaling`` (every problem's; see
+            ``Problem.rescale``).
+
+    Returns:
+        The problem, with ``name`` and ``options`` set so a run can rebuild it.
+
+    Raises:
+        UnknownName: ``name`` is not registered.
+        UnknownOption: an option the problem does not take.
+        ValueError: a ``scaling`` not allowed. The problem's own option checks raise their
+            errors through.
+    """
+    cls = problem_class(name)
+    # ``scaling`` is every problem's option (qd.scaling): it is kept with the others so a run rebuilds it.
+    scaling = options.pop("scaling", None)
+    allowed = accepted_options(cls)
+    check_option_names(options, None if allowed is None else [*allowed, "scaling"], f"problem {name!r}")
     problem = cls(**options)
     problem.name = name
+    if scaling is not None:
+        problem.rescale(scaling)
+        options["scaling"] = scaling
     problem.options = dict(options)
     return problem
 
 
 def list_problems() -> list[dict[str, Any]]:
-    """One description per registered problem; a plug-in that fails to load is listed with its error."""
+    """One description per registered problem (``Problem.describe``); a plug-in that fails to load is
+    listed as ``{"name": ..., "error": ...}``."""
     out = []
     for name in problem_names():
         try:

@@ -59,7 +59,19 @@ def write_table(df: pd.DataFrame, path: Path, fmt: str) -> Path:
 
 def export(run: Run, out: str | Path, fmt: str = "csv") -> list[Path]:
     """Write ``trials``, ``elites`` (empty when the problem has no measures) and ``pareto`` tables,
-    plus ``run.json`` (the run's summary) into ``out``; returns the paths."""
+    plus ``run.json`` (the run's summary) into ``out``.
+
+    Args:
+        run: the run (``qd.explore.load_run``).
+        out: the output folder (created if missing).
+        fmt: the tables' format, one of ``EXPORT_FORMATS``.
+
+    Returns:
+        The paths written, ``run.json`` last.
+
+    Raises:
+        ValueError: ``fmt`` is not allowed.
+    """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"--format {fmt!r} is not allowed; allowed: {list(EXPORT_FORMATS)}")
     out = Path(out)
@@ -89,10 +101,11 @@ def write_figures(run: Run, out: Path) -> list[Path]:
         written.append(out / name)
 
     if len(run.objectives) > 1:
-        save(pareto_figure(trials, run.objectives, run.directions, title), "pareto_front.png")
+        scaling = run.problem.scaling if run.problem is not None else None
+        save(pareto_figure(trials, run.objectives, run.directions, title, scaling), "pareto_front.png")
         if run.reference is not None:
-            counts, hvs = hypervolume_history(trials, run.directions, run.reference.point)
-            save(hypervolume_figure(counts, hvs, run.reference.point, title), "hypervolume.png")
+            counts, hvs = hypervolume_history(trials, run.directions, run.reference)
+            save(hypervolume_figure(counts, hvs, run.reference, title, run.objectives), "hypervolume.png")
     elif any(t.finished for t in trials):
         save(best_so_far_figure(trials, run.objectives[0], run.directions[0], title), "best_so_far.png")
     if run.archive is not None and not run.archive.empty:
@@ -200,8 +213,19 @@ def _fmt(v: Any) -> str:
 
 
 def report(run: Run, out: str | Path, *, pareto_rows: int = 50, elite_rows: int = 30, picks: int = 6) -> Path:
-    """Write the report folder ``out``: ``index.html``, its PNGs, and the tables as CSV. Returns
-    the HTML path. Everything is referenced relatively, so the folder can be moved or zipped."""
+    """Write the report folder ``out``: ``index.html``, its PNGs, and the tables as CSV. Everything
+    is referenced relatively, so the folder can be moved or zipped.
+
+    Args:
+        run: the run (``qd.explore.load_run``).
+        out: the output folder (created if missing).
+        pareto_rows: the most Pareto-set rows shown in the page.
+        elite_rows: the most elite rows shown in the page.
+        picks: how many spread-out rows (``Run.select``) the page lists.
+
+    Returns:
+        The path of ``index.html``.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures = write_figures(run, out)

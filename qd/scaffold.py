@@ -45,6 +45,7 @@ import time
 import numpy as np
 
 from qd import Categorical, Evaluation, Float, Int, Measure, Objective, Problem, Space
+from qd.checks import check_int, check_number
 
 
 class {cls}(Problem):
@@ -57,10 +58,9 @@ class {cls}(Problem):
         - ``noise``: standard deviation of the label noise.
         - ``data_seed``: fixes the data set (the evaluation seed drives the train/validation shuffle).
         """
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 20:
-            raise ValueError(f"{name} option n_samples={{n_samples!r}} is not allowed; allowed: an integer >= 20")
-        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or noise < 0:
-            raise ValueError(f"{name} option noise={{noise!r}} is not allowed; allowed: a number >= 0")
+        # qd's own checks: the error names the option, the value and what is allowed.
+        check_int(n_samples, "n_samples", "{name}", low=20)
+        check_number(noise, "noise", "{name}", low=0)
         self.n_samples, self.noise, self.data_seed = n_samples, float(noise), data_seed
         self.space = Space([
             Float("l2", 1e-6, 1e2, log=True),

@@ -18,6 +18,8 @@ from qd.strategy import Strategy
 
 @dataclass
 class Prepared:
+    """What ``prepare`` built for an experiment: checked, nothing evaluated yet."""
+
     experiment: Experiment
     problem: Problem
     strategy: Strategy
@@ -26,7 +28,21 @@ class Prepared:
 
 
 def prepare(exp: Experiment) -> Prepared:
-    """Validate and build the problem, strategy, evaluator and store; no evaluation runs here."""
+    """Validate and build the problem, strategy, evaluator and store; no evaluation runs here.
+
+    On resume the recorded problem, strategy and seed are used (a given one that differs is an
+    error).
+
+    Args:
+        exp: the experiment.
+
+    Returns:
+        The ``Prepared`` run.
+
+    Raises:
+        ExperimentError: any bad field or option (the message names it), a resume that conflicts
+            with the record, or a run that exists without ``resume``.
+    """
     if exp.resume:
         exp = _as_recorded(exp)
     check(exp)

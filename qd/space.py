@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 import optuna
 from optuna.distributions import (
     BaseDistribution,
@@ -33,43 +34,84 @@ from optuna.distributions import (
     IntDistribution,
 )
 
+from qd.checks import QdError, is_number
+
 Config = dict[str, Any]
+
+
+def config_key(x: np.ndarray) -> bytes:
+    """The identity of a configuration, from its encoded vector of shape (d,) (``Space.encode``):
+    two configurations are the same one exactly when their keys are equal. Rounded to 12 decimals
+    so that encode/decode round trips do not tell a configuration from itself. The only such
+    definition in qd (``Space.key`` applies it to a configuration)."""
+    return np.round(np.asarray(x, dtype=float), 12).tobytes()
 Scalar = bool | int | float | str | None
 
 INACTIVE = 0.5
 _ABSENT = object()  # an inactive entry of a raw row (see ``Space.from_raw``)
 
 
-class SpaceError(ValueError):
+class SpaceError(QdError, ValueError):
     """A configuration or a space definition that breaks the rules; the message says how."""
 
 
 @dataclass(frozen=True)
 class Param(ABC):
-    """One named parameter. ``active_if`` maps parent names to the parent values that activate it."""
+    """One named parameter; it owns one coordinate of the encoded vector.
+
+    Args:
+        name: the parameter's name, unique in its space.
+        active_if: parent name -> the parent values that activate it (all must hold); empty:
+            always active. An inactive parameter is absent from a configuration.
+    """
 
     name: str
     active_if: Mapping[str, Sequence[Scalar]] = field(default_factory=dict, kw_only=True)
 
     @abstractmethod
     def check(self, value: Any) -> Any:
-        """Return ``value`` normalised to this parameter's type, or raise ``SpaceError``."""
+        """Check one value and normalise it to this parameter's type.
+
+        Args:
+            value: the value a configuration gives this parameter.
+
+        Returns:
+            The value in this parameter's own type (e.g. an integral float becomes an int).
+
+        Raises:
+            SpaceError: the value is not allowed; the message names the parameter and what is allowed.
+        """
 
     @abstractmethod
     def encode(self, value: Any) -> float:
-        """Map a valid value into [0, 1]."""
+        """Map a valid value to its coordinate in [0, 1].
+
+        Args:
+            value: a value that ``check`` accepts.
+
+        Returns:
+            The coordinate, a float in [0, 1].
+        """
 
     @abstractmethod
     def decode(self, u: float) -> Any:
-        """Map any number (clipped to [0, 1]) to a valid value."""
+        """Map a coordinate to a valid value; any number decodes (it is clipped to [0, 1] first).
+
+        Args:
+            u: the coordinate.
+
+        Returns:
+            A value that ``check`` accepts.
+        """
 
     @abstractmethod
     def distribution(self) -> BaseDistribution:
-        """The equivalent Optuna distribution."""
+        """The equivalent Optuna distribution (``FloatDistribution``, ``IntDistribution`` or
+        ``CategoricalDistribution``)."""
 
     @abstractmethod
     def allowed(self) -> str:
-        """Human description of the allowed values, for error messages."""
+        """The allowed values in words, as error messages quote them (e.g. ``"a float in [0, 1]"``)."""
 
     def _reject(self, value: Any) -> SpaceError:
         return SpaceError(f"parameter {self.name!r}: value {value!r} is not allowed; allowed: {self.allowed()}")
@@ -81,6 +123,19 @@ def _clip01(u: float) -> float:
 
 @dataclass(frozen=True)
 class Float(Param):
+    """A float parameter in ``[low, high]``, linear or, with ``log=True``, on a log scale.
+
+    Args:
+        name: the parameter's name.
+        low: the lowest value.
+        high: the highest value; must be > ``low``.
+        log: encode the position on a log scale (needs ``low > 0``).
+        active_if: parent name -> the parent values under which this parameter is active.
+
+    Raises:
+        SpaceError: ``low >= high``, or ``log`` with ``low <= 0``.
+    """
+
     low: float
     high: float
     log: bool = False
@@ -92,7 +147,8 @@ class Float(Param):
             raise SpaceError(f"parameter {self.name!r}: log scale needs low > 0, got low={self.low}")
 
     def check(self, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        """A number in ``[low, high]`` as a float (bools are refused); else ``SpaceError``."""
+        if not is_number(value):
             raise self._reject(value)
         v = float(value)
         if not (self.low <= v <= self.high):
@@ -103,24 +159,42 @@ class Float(Param):
         return math.log(v) if self.log else v
 
     def encode(self, value: Any) -> float:
+        """The value's position in the range (in log space when ``log``), in [0, 1]."""
         lo, hi = self._t(self.low), self._t(self.high)
         return _clip01((self._t(float(value)) - lo) / (hi - lo))
 
     def decode(self, u: float) -> float:
+        """The value at position ``u`` (clipped to [0, 1]) of the range."""
         lo, hi = self._t(self.low), self._t(self.high)
         v = lo + _clip01(u) * (hi - lo)
         v = math.exp(v) if self.log else v
         return min(max(v, self.low), self.high)
 
     def distribution(self) -> FloatDistribution:
+        """Optuna's ``FloatDistribution(low, high, log=log)``."""
         return FloatDistribution(self.low, self.high, log=self.log)
 
     def allowed(self) -> str:
+        """The range in words, e.g. ``"a float in [0.0, 1.0] (log scale)"``."""
         return f"a float in [{self.low}, {self.high}]" + (" (log scale)" if self.log else "")
 
 
 @dataclass(frozen=True)
 class Int(Param):
+    """An integer parameter in ``[low, high]``; ``[0, 1]`` is cut into ``high - low + 1`` equal bins
+    (equal on a log scale with ``log=True``).
+
+    Args:
+        name: the parameter's name.
+        low: the lowest value.
+        high: the highest value; must be >= ``low``.
+        log: bins equal on a log scale (needs ``low > 0``).
+        active_if: parent name -> the parent values under which this parameter is active.
+
+    Raises:
+        SpaceError: ``low > high``, or ``log`` with ``low <= 0``.
+    """
+
     low: int
     high: int
     log: bool = False
@@ -132,6 +206,8 @@ class Int(Param):
             raise SpaceError(f"parameter {self.name!r}: log scale needs low > 0, got low={self.low}")
 
     def check(self, value: Any) -> int:
+        """An integer in ``[low, high]`` as an int (integral floats accepted, bools refused); else
+        ``SpaceError``."""
         if isinstance(value, bool):
             raise self._reject(value)
         if isinstance(value, (float, np.floating)) and float(value).is_integer():
@@ -147,25 +223,40 @@ class Int(Param):
         return self.low - 0.5, self.high + 0.5
 
     def encode(self, value: Any) -> float:
+        """The centre of the value's bin, in [0, 1]."""
         lo, hi = self._edges()
         t = math.log(value) if self.log else float(value)
         return _clip01((t - lo) / (hi - lo))
 
     def decode(self, u: float) -> int:
+        """The integer whose bin holds ``u`` (clipped to [0, 1])."""
         lo, hi = self._edges()
         t = lo + _clip01(u) * (hi - lo)
         v = math.exp(t) if self.log else t
         return int(min(max(math.floor(v + 0.5), self.low), self.high))  # half-up: equal bins
 
     def distribution(self) -> IntDistribution:
+        """Optuna's ``IntDistribution(low, high, log=log)``."""
         return IntDistribution(self.low, self.high, log=self.log)
 
     def allowed(self) -> str:
+        """The range in words, e.g. ``"an integer in [1, 8]"``."""
         return f"an integer in [{self.low}, {self.high}]" + (" (log scale)" if self.log else "")
 
 
 @dataclass(frozen=True)
 class Categorical(Param):
+    """A choice among ``choices`` (scalars), encoded by ordinal index: ``n`` equal bins in choice order.
+
+    Args:
+        name: the parameter's name.
+        choices: the allowed values, at least one, none repeated.
+        active_if: parent name -> the parent values under which this parameter is active.
+
+    Raises:
+        SpaceError: no choices, or a repeated choice.
+    """
+
     choices: tuple[Scalar, ...]
 
     def __post_init__(self) -> None:
@@ -176,6 +267,20 @@ class Categorical(Param):
             raise SpaceError(f"parameter {self.name!r}: choices {self.choices!r} repeat a value")
 
     def index(self, value: Any) -> int:
+        """The position of ``value`` among ``choices``.
+
+        Numbers match numeric choices of another numeric type (``1`` matches ``1.0``), but a bool never
+        matches an int, since ``True == 1`` would pick another choice.
+
+        Args:
+            value: a candidate value.
+
+        Returns:
+            Its index in ``choices``.
+
+        Raises:
+            SpaceError: ``value`` is not one of the choices.
+        """
         for i, c in enumerate(self.choices):
             if type(c) is type(value) and c == value:
                 return i
@@ -187,18 +292,23 @@ class Categorical(Param):
         raise self._reject(value)
 
     def check(self, value: Any) -> Scalar:
+        """The choice equal to ``value`` (see ``index``); else ``SpaceError``."""
         return self.choices[self.index(value)]
 
     def encode(self, value: Any) -> float:
+        """The centre of the choice's bin, ``(index + 0.5) / n``."""
         return (self.index(value) + 0.5) / len(self.choices)
 
     def decode(self, u: float) -> Scalar:
+        """The choice whose bin holds ``u`` (clipped to [0, 1])."""
         return self.choices[min(int(_clip01(u) * len(self.choices)), len(self.choices) - 1)]
 
     def distribution(self) -> CategoricalDistribution:
+        """Optuna's ``CategoricalDistribution(choices)``."""
         return CategoricalDistribution(self.choices)
 
     def allowed(self) -> str:
+        """The choices in words, e.g. ``"one of ['a', 'b']"``."""
         return f"one of {list(self.choices)!r}"
 
 
@@ -208,7 +318,16 @@ def Bool(name: str, **kw: Any) -> Categorical:  # noqa: N802 - reads like the ot
 
 
 class Space:
-    """An ordered set of parameters; parents come before the parameters they condition."""
+    """An ordered set of parameters; parents come before the parameters they condition.
+
+    Args:
+        params: the parameters in coordinate order. A parameter's ``active_if`` may name only
+            parameters before it, with values those parents allow.
+
+    Raises:
+        SpaceError: a name defined twice, a condition on a later or unknown parameter, or a
+            condition value its parent does not allow.
+    """
 
     def __init__(self, params: Sequence[Param]):
         self.params: tuple[Param, ...] = tuple(params)
@@ -226,6 +345,21 @@ class Space:
                     self._by_name[parent].check(v)
             self._by_name[p.name] = p
 
+    def key(self, config: Config) -> bytes:
+        """The identity of a configuration (``config_key`` of its encoding); inactive conditional
+        parameters do not count.
+
+        Args:
+            config: a valid configuration.
+
+        Returns:
+            Bytes, equal for two configurations exactly when they are the same one.
+
+        Raises:
+            SpaceError: ``config`` is not valid in this space.
+        """
+        return config_key(self.encode(config))
+
     def __len__(self) -> int:
         return len(self.params)
 
@@ -237,17 +371,30 @@ class Space:
 
     @property
     def names(self) -> list[str]:
+        """Parameter names in coordinate order."""
         return [p.name for p in self.params]
 
     @property
     def dim(self) -> int:
+        """The number of parameters ``d``: the length of an encoded vector."""
         return len(self.params)
 
     @property
     def is_conditional(self) -> bool:
+        """Whether any parameter has a condition (``active_if``)."""
         return any(p.active_if for p in self.params)
 
     def is_active(self, param: Param, config: Mapping[str, Any]) -> bool:
+        """Whether ``param``'s condition holds in ``config`` (its parents present, active, and at one of
+        the activating values).
+
+        Args:
+            param: a parameter of this space.
+            config: a (possibly partial) configuration holding the parents.
+
+        Returns:
+            True when ``param`` is active.
+        """
         for parent, values in param.active_if.items():
             if parent not in config or not self.is_active(self._by_name[parent], config):
                 return False
@@ -259,7 +406,18 @@ class Space:
         return True
 
     def validate(self, config: Mapping[str, Any]) -> Config:
-        """Return the normalised configuration, or raise ``SpaceError`` naming the parameter."""
+        """Check a configuration and normalise its values.
+
+        Args:
+            config: parameter name -> value, one entry per active parameter.
+
+        Returns:
+            A new dict, in space order, with each value normalised by its parameter's ``check``.
+
+        Raises:
+            SpaceError: not a mapping, an unknown name, a missing active parameter, a given inactive
+                one, or a value not allowed; the message names the parameter.
+        """
         if not isinstance(config, Mapping):
             raise SpaceError(f"a configuration must be a mapping of parameter names to values, got {config!r}")
         unknown = sorted(set(config) - set(self._by_name))
@@ -279,16 +437,46 @@ class Space:
         return out
 
     def encode(self, config: Mapping[str, Any]) -> np.ndarray:
-        """Config -> vector of shape (d,) in [0, 1]."""
+        """Encode one configuration.
+
+        Args:
+            config: a valid configuration.
+
+        Returns:
+            (d,) array in [0, 1]; inactive parameters are 0.5.
+
+        Raises:
+            SpaceError: ``config`` is not valid (see ``validate``).
+        """
         config = self.validate(config)
         return np.array([p.encode(config[p.name]) if p.name in config else INACTIVE for p in self.params])
 
     def encode_many(self, configs: Sequence[Mapping[str, Any]]) -> np.ndarray:
-        """Configs -> array of shape (n, d)."""
+        """Encode configurations.
+
+        Args:
+            configs: n valid configurations.
+
+        Returns:
+            (n, d) array in [0, 1].
+
+        Raises:
+            SpaceError: a configuration is not valid.
+        """
         return np.array([self.encode(c) for c in configs]).reshape(len(configs), self.dim)
 
     def decode(self, x: Sequence[float]) -> Config:
-        """Vector of shape (d,) (values outside [0, 1] are clipped) -> valid config."""
+        """Decode one vector; every vector gives a valid configuration.
+
+        Args:
+            x: (d,) vector; values outside [0, 1] are clipped.
+
+        Returns:
+            The configuration, without its inactive parameters.
+
+        Raises:
+            SpaceError: ``x`` does not have length d.
+        """
         x = np.asarray(x, dtype=float).reshape(-1)
         if x.shape[0] != self.dim:
             raise SpaceError(f"a vector for this space has length {self.dim}, got {x.shape[0]}")
@@ -299,14 +487,40 @@ class Space:
         return out
 
     def decode_many(self, X: np.ndarray) -> list[Config]:
-        """Array of shape (n, d) -> list of n configs."""
+        """Decode vectors.
+
+        Args:
+            X: (n, d) array (or one (d,) vector); values outside [0, 1] are clipped.
+
+        Returns:
+            A list of n valid configurations.
+
+        Raises:
+            SpaceError: rows do not have length d.
+        """
         return [self.decode(x) for x in np.atleast_2d(X)]
 
     def snap(self, X: np.ndarray) -> np.ndarray:
-        """Array (n, d) -> array (n, d) of the vectors of the configurations they decode to."""
+        """Map vectors to the vectors of the configurations they decode to.
+
+        Args:
+            X: (n, d) array.
+
+        Returns:
+            (n, d) array, ``encode_many(decode_many(X))``.
+        """
         return self.encode_many(self.decode_many(X))
 
     def sample(self, n: int, rng: np.random.Generator) -> list[Config]:
+        """Draw configurations uniformly in the encoded cube.
+
+        Args:
+            n: how many.
+            rng: the generator to draw from.
+
+        Returns:
+            A list of n valid configurations.
+        """
         return self.decode_many(rng.random((n, self.dim)))
 
     # --- raw matrices: one row per configuration, one float column per parameter -----------
@@ -315,7 +529,14 @@ class Space:
     # conditional parameter is inactive. It is how the record stores configurations (exact, and
     # columnar) and what vectorised problems (``Problem.evaluate_batch``) receive.
     def to_raw(self, configs: Sequence[Mapping[str, Any]]) -> np.ndarray:
-        """Valid configs -> array (n, d) of raw values (see above)."""
+        """Configurations as a raw matrix (see the comment above).
+
+        Args:
+            configs: n valid configurations.
+
+        Returns:
+            (n, d) float array of raw values, NaN where a parameter is inactive.
+        """
         R = np.full((len(configs), self.dim), np.nan)
         for i, c in enumerate(configs):
             for j, p in enumerate(self.params):
@@ -325,7 +546,14 @@ class Space:
         return R
 
     def from_raw(self, R: np.ndarray) -> list[Config]:
-        """Array (n, d) of raw values -> n configs (NaN columns left out)."""
+        """Configurations from a raw matrix; the inverse of ``to_raw``.
+
+        Args:
+            R: (n, d) raw values (or one (d,) row).
+
+        Returns:
+            A list of n configurations; NaN entries are left out.
+        """
         R = np.atleast_2d(np.asarray(R, dtype=float))
         cols = []
         # ``_ABSENT`` marks inactive entries: None is a value a categorical may take.
@@ -350,8 +578,14 @@ class Space:
         return self._box
 
     def decode_raw(self, X: np.ndarray) -> np.ndarray:
-        """Encoded array (n, d) (clipped to [0, 1]) -> raw array (n, d); row-wise equal to
-        ``to_raw(decode_many(X))``, without building configurations."""
+        """Decode vectors straight to raw values, without building configurations.
+
+        Args:
+            X: (n, d) encoded array; values outside [0, 1] are clipped.
+
+        Returns:
+            (n, d) raw array, row-wise equal to ``to_raw(decode_many(X))``.
+        """
         U = np.clip(np.atleast_2d(np.asarray(X, dtype=float)), 0.0, 1.0)
         box = self._linear_box()
         if box is not None:  # all plain floats: one array operation
@@ -385,7 +619,14 @@ class Space:
         return R
 
     def encode_raw(self, R: np.ndarray) -> np.ndarray:
-        """Raw array (n, d) -> encoded array (n, d); row-wise equal to ``encode_many(from_raw(R))``."""
+        """Encode raw values straight to vectors, without building configurations.
+
+        Args:
+            R: (n, d) raw array (NaN for inactive parameters).
+
+        Returns:
+            (n, d) encoded array in [0, 1], row-wise equal to ``encode_many(from_raw(R))``.
+        """
         R = np.atleast_2d(np.asarray(R, dtype=float))
         box = self._linear_box()
         if box is not None:
@@ -411,10 +652,19 @@ class Space:
 
     # --- Optuna -------------------------------------------------------------------------
     def distributions(self) -> dict[str, BaseDistribution]:
+        """Parameter name -> its Optuna distribution, for every parameter."""
         return {p.name: p.distribution() for p in self.params}
 
     def suggest(self, trial: optuna.Trial) -> Config:
-        """Define-by-run suggestion: only active parameters are suggested, in order."""
+        """Suggest a configuration through an Optuna trial, define-by-run: only active parameters are
+        suggested, in order.
+
+        Args:
+            trial: the Optuna trial to suggest with.
+
+        Returns:
+            The suggested configuration.
+        """
         out: Config = {}
         for p in self.params:
             if self.is_active(p, out):
@@ -428,6 +678,7 @@ class Space:
         return out
 
     def active_distributions(self, config: Mapping[str, Any]) -> dict[str, BaseDistribution]:
+        """Parameter name -> Optuna distribution, for the parameters present in ``config``."""
         return {p.name: p.distribution() for p in self.params if p.name in config}
 
     # --- structure for vector optimisers ---------------------------------------------------
@@ -442,6 +693,8 @@ class Space:
         return {i: p.high - p.low + 1 for i, p in enumerate(self.params) if isinstance(p, Int)}
 
     def describe(self) -> list[dict[str, Any]]:
+        """One row per parameter: ``name``, ``type``, ``allowed``, and ``active_if`` where conditional
+        (what ``qd problems`` prints)."""
         rows = []
         for p in self.params:
             row = {"name": p.name, "type": type(p).__name__.lower(), "allowed": p.allowed()}

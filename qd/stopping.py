@@ -41,6 +41,7 @@ class Interrupted(KeyboardInterrupt):
 
     @property
     def name(self) -> str:
+        """The signal's name, e.g. ``"SIGINT"``."""
         return signal.Signals(self.signum).name
 
 
@@ -70,9 +71,11 @@ class StopOnSignals:
 
     @property
     def stopped(self) -> bool:
+        """Whether a signal has arrived."""
         return self.signum is not None
 
     def restore(self) -> None:
+        """Put back the signal handlers found at install time."""
         for s, previous in self._previous.items():
             signal.signal(s, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()

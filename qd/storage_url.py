@@ -25,6 +25,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from qd.checks import QdError
+
 #: Optuna's ``studies.study_name`` column holds 512 characters.
 MAX_RUN_NAME = 512
 SUPPORTED = ("sqlite:///PATH (a file), postgresql://USER:PASSWORD@HOST[:PORT]/DATABASE or journal:///PATH "
@@ -37,11 +39,11 @@ _PLACEHOLDERS = ("***", "PASSWORD")  # in messages that say what is allowed
 _URL_WITH_PASSWORD = re.compile(r"(?P<pre>\b[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s'\"]*):(?P<pw>[^@\s'\"]*)@")
 
 
-class StorageError(ValueError):
+class StorageError(QdError, ValueError):
     """A storage URL that is not allowed, or a storage that cannot be reached."""
 
 
-class RunNotFound(LookupError):
+class RunNotFound(QdError, LookupError):
     """No such run in the storage."""
 
 

@@ -25,7 +25,40 @@ if TYPE_CHECKING:
 
 
 class Strategy(ABC):
+    """Subclass and implement ``ask``; override the rest where the method has something better.
+
+    Extension points (each with a working default):
+
+    - ``ask`` (required), ``tell``, ``restore``: the per-configuration contract above;
+    - ``batch_hint``, ``ask_raw``, ``tell_columns``, ``restore_columns``: the columnar path of
+      array-native strategies (vectorised problems, resumes of 10^6 trials);
+    - ``archive_spec`` (classmethod) and ``archive``: the archive the strategy keeps; the run
+      records the spec and shares the archive (``qd.run.RunState``) instead of building its own;
+    - ``sampler_class`` and ``option_defaults``: strategies that wrap an Optuna sampler take its
+      options (``qd strategies`` lists them);
+    - ``state``: numbers for progress displays.
+
+    ``qd.testing`` holds the contract test suite every strategy, built-in or plug-in, can run.
+    """
+
     name: ClassVar[str] = ""
+    #: The Optuna sampler whose keyword options this strategy accepts (None: its own ``__init__``'s).
+    sampler_class: ClassVar[type | None] = None
+    #: This strategy's defaults for its sampler's options, where they differ from the sampler's.
+    option_defaults: ClassVar[dict[str, Any]] = {}
+    #: The archive the strategy keeps (``qd.archive.RunArchive``), shared with the run; None: none.
+    archive: Any = None
+
+    @classmethod
+    def archive_spec(cls, problem: Problem, seed: int, options: dict[str, Any]) -> Any:
+        """The spec (``qd.archive.EliteSpec`` or ``ParetoSpec``) of the archive this strategy keeps
+        for ``problem`` with these options, checked; None when it keeps none (the run then maps a
+        problem with measures with ``qd.archive.spec_for_run``'s default).
+
+        Raises:
+            OptionError: a bad archive option (named, with what is allowed).
+        """
+        return None
 
     def __init__(self, problem: Problem, seed: int = 0):
         self.problem = problem

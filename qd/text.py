@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from qd.problem import sign_of
+
 #: Rows of a Pareto set printed before "... more".
 MAX_ROWS = 20
 
@@ -34,6 +36,7 @@ def num(v: Any, digits: int = 4) -> str:
 
 
 def pct(v: float) -> str:
+    """A fraction as a percentage with one decimal (``0.253`` -> ``"25.3%"``)."""
     return f"{100 * v:.1f}%"
 
 
@@ -43,10 +46,12 @@ def kv(mapping: Mapping[str, Any]) -> str:
 
 
 def width() -> int:
+    """The terminal's width in columns (at least 60)."""
     return max(60, shutil.get_terminal_size((100, 24)).columns)
 
 
 def cut(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, ending in an ellipsis when cut."""
     return text if len(text) <= limit else text[: max(1, limit - 1)] + "…"
 
 
@@ -68,8 +73,20 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str], right: Sequence[
 def _ref_text(ref: Mapping[str, Any]) -> str:
     point = "(" + ", ".join(num(v) for v in ref["point"]) + ")"
     source = {"problem": "declared by the problem", "data": "from the data: 10% beyond the worst values seen",
-              "option": "the strategy's option"}.get(ref["source"], ref["source"])
-    return f"reference point {point}, {source}"
+              "option": "the strategy's option",
+              "bounds": "the worst corner of the objectives' bounds (1 = the whole box)"}.get(ref["source"], ref["source"])
+    text = f"reference point {point}, {source}"
+    scaled = ref.get("scaling") or {}
+    if scaled:
+        text += "; measured in " + ", ".join(_scaled_name(n, s) for n, s in scaled.items())
+    return text
+
+
+def _scaled_name(name: str, entry: Mapping[str, Any]) -> str:
+    from qd.scaling import Scaling
+
+    one = Scaling((entry["scale"],), (tuple(entry["bounds"]) if entry.get("bounds") else None,))
+    return one.label(0, name)
 
 
 def summary_text(result: Mapping[str, Any], *, header: bool = True, budget: int | None = None) -> str:
@@ -186,7 +203,7 @@ def run_rows(storage: str) -> list[dict[str, Any]]:
         ok = np.flatnonzero(cols.feasible)
         best = None
         if len(ok) and len(directions) == 1:
-            sign = 1.0 if directions[0] == "minimize" else -1.0
+            sign = sign_of(directions[0])
             i = ok[np.lexsort((cols.number[ok], sign * cols.values[ok, 0]))[0]]
             best = f"{names[0]}={num(float(cols.values[i, 0]))} (#{int(cols.number[i])})"
         elif len(ok):
@@ -207,6 +224,8 @@ def runs_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 # --- qd strategies ----------------------------------------------------------------------------------
 def strategies_text(described: Sequence[Mapping[str, Any]]) -> str:
+    """``qd strategies``'s text for ``describe_strategies``'s list: each strategy's description and
+    options with their defaults."""
     out = []
     for d in described:
         if "error" in d:

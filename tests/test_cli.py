@@ -47,10 +47,10 @@ def test_experiment_file_with_flag_overrides(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--problem", "zdt1", "--budget", "0"], "budget = 0 is not allowed; allowed: an integer >= 1"),
     (["--problem", "nope"], "problem 'nope' is not registered; registered problems: ["),
-    (["--problem", "zdt1", "--strategy", "annealing"], "strategy 'annealing' is not available; allowed: ["),
+    (["--problem", "zdt1", "--strategy", "annealing"], "strategy 'annealing' is not registered; registered strategies: ["),
     (["--problem", "zdt1", "-S", "n_startup=3", "--strategy", "tpe"], "unknown option(s) ['n_startup']"),
     (["--problem", "zdt1", "-P", "dims=3"], "unknown option(s) ['dims']; allowed options:"),
-    (["--problem", "zdt1", "--evaluator", "gpu"], "evaluator 'gpu' is unknown; allowed:"),
+    (["--problem", "zdt1", "--evaluator", "gpu"], "evaluator 'gpu' is not registered; registered evaluators:"),
     (["--problem", "zdt1", "--storage", "r.db"], "storage = 'r.db' is not allowed; allowed: an Optuna storage URL"),
     (["bad.toml"], "[run] has unknown key(s) ['budgte']; allowed keys:"),
     (["badtype.toml"], "[run].workers = 'two' is not allowed; allowed: an integer"),

@@ -42,6 +42,42 @@ def storage(tmp_path_factory):
     return url
 
 
+def test_heatmap_links_lead_to_the_dashboard_page_of_the_same_trial(tmp_path):
+    """Beyond the copied prefix the study's trial numbers are not qd's: a link must name the study's
+    number of that very trial, and an elite that was not copied gets no link."""
+    from qd.archive import archive_for_run
+    from qd.dashboard import archive_figure, featured_numbers
+    from qd.mirror import Mirror
+
+    url = f"sqlite:///{tmp_path}/runs.db"
+    execute(prepare(_experiment(url, "big", budget=60)), dashboard_every_s=None)
+    store = Store.open(url, "big")
+    problem, cols = problem_of(store), store.columns()
+    archive = archive_for_run(store, problem, cols)
+    featured, elites = featured_numbers(cols, archive, list(store.directions))
+    late = [n for n in featured if n >= 30]  # copied after the first 5: their study numbers are not qd's
+    mirror = Mirror(store, problem, all_up_to=5, cap=5 + len(late))
+    mirror.sync(cols, late, elites)
+    pages = mirror.pages()
+    by_page = {t.number: t.user_attrs["qd_number"] for t in store.study.get_trials(deepcopy=False)}
+    assert any(page != n for n, page in pages.items())
+    heat = archive_figure(store, problem, archive, cols, pages).data[0]
+    linked = unlinked = 0
+    for row in heat.text:
+        for text in row:
+            if not text:
+                continue
+            shown = int(re.search(r"#(\d+)", text).group(1))
+            page = re.search(r"numbers=(\d+)", text)
+            if page:
+                assert by_page[int(page.group(1))] == shown
+                linked += 1
+            else:
+                assert shown not in pages
+                unlinked += 1
+    assert linked and unlinked
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -164,7 +164,7 @@ def test_reevaluate_on_the_process_pool_gives_the_same_numbers(storage):
     ({"seeds": 0}, "seeds=0 is not allowed; allowed: an integer >= 1"),
     ({"what": 10_000}, "trial number 10000 is not in run 'zdt'"),
     ({"what": {"x0": 2.0}}, "is not valid for 'zdt1'"),
-    ({"evaluator": "gpu"}, "evaluator 'gpu' is unknown; allowed:"),
+    ({"evaluator": "gpu"}, "evaluator 'gpu' is not registered; registered evaluators:"),
 ])
 def test_reevaluate_errors_name_the_field(storage, kwargs, message):
     run = load_run(storage, "zdt")

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from qd.checks import OptionError
 from qd.archive import ArchiveOptionError, EliteArchive, archive_for_run, elite_spec
 from qd.cli import main
 from qd.metrics import METRICS_KEY, replay
@@ -136,7 +137,7 @@ def test_objective_option_picks_what_is_illuminated():
     ("cma-me", {"ranker": "best"}, "option ranker='best' is not allowed; allowed: ['2imp'"),
 ])
 def test_bad_options_name_the_option_the_value_and_what_is_allowed(name, options, message):
-    with pytest.raises(ArchiveOptionError) as err:
+    with pytest.raises(OptionError) as err:
         get_strategy(name, get_problem("mixed"), **options)
     assert message in str(err.value) and f"strategy {name!r}" in str(err.value)
 

@@ -39,8 +39,10 @@ SMALL_PEFT = ["-P", "train_size=48", "-P", "val_size=32", "-P", "test_size=32", 
 
 @needs_shared
 @pytest.mark.parametrize("strategy, extra", [("map-elites", ["-S", "initial_population=2", "-S", "batch_size=2"]),
-                                             ("botorch", ["--strategy", "botorch", "-S", "n_init=2", "-S", "raw_samples=32",
-                                                          "-S", "num_restarts=2"])])
+                                             # Real fine-tuning twice is CI's heaviest minute: botorch's variant is slow.
+                                             pytest.param("botorch", ["--strategy", "botorch", "-S", "n_init=2", "-S",
+                                                                      "raw_samples=32", "-S", "num_restarts=2"],
+                                                          marks=pytest.mark.slow)])
 def test_own_peft_file_runs_with_map_elites_and_with_botorch(tmp_path, strategy, extra):
     storage = f"sqlite:///{tmp_path}/own.db"
     data = [] if (ROOT.parent / "shared").is_dir() else ["-P", f"dataset={SHARED}/sms_spam/SMSSpamCollection"]

@@ -73,9 +73,9 @@ def test_resources_become_ray_options():
     assert ray_options(Resources()) == {"num_cpus": 1.0, "num_gpus": 0.0}
     with pytest.raises(ValueError, match=r"resources.gpus=1.5 is not allowed; allowed: a fraction in \[0, 1\]"):
         ray_options(Resources(gpus=1.5))
-    with pytest.raises(ValueError, match=r"resources.cpus=-1 is not allowed; allowed: a number >= 0"):
+    with pytest.raises(ValueError, match=r"resources: option cpus=-1 is not allowed; allowed: a number >= 0"):
         ray_options(Resources(cpus=-1))
-    with pytest.raises(ValueError, match=r"resources.memory_mb=0 is not allowed"):
+    with pytest.raises(ValueError, match=r"resources: option memory_mb=0 is not allowed"):
         ray_options(Resources(memory_mb=0))
 
 

@@ -15,7 +15,8 @@ import torch
 from problems.arm import Arm, arm_end_effector
 from problems.mixed import Mixed
 from problems.projection import Sphere, projection_measures
-from qd.archive import ArchiveOptionError, build_archive, spec_for_run
+from qd.checks import OptionError
+from qd.archive import build_archive, spec_for_run
 from qd.metrics import replay
 from qd.noise import config_key
 from qd.problem import Problem
@@ -130,7 +131,7 @@ def test_cheap_measures_are_computed_not_modelled():
     assert set(modelled._fitted()) == {"objective", "measure0", "measure1"}
     # A problem without cheap_measures gets its measures modelled; insisting on cheap ones is an error.
     assert get_strategy("sail", Sphere(dim=4))._modelled_measures == [0, 1]
-    with pytest.raises(ArchiveOptionError, match=r"measures='cheap'.*cheap_measures"):
+    with pytest.raises(OptionError, match=r"measures='cheap'.*cheap_measures"):
         get_strategy("sail", Sphere(dim=4), measures="cheap")
 
 

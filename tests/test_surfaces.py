@@ -99,10 +99,10 @@ def test_show_without_a_name_lists_runs_as_a_table(url, capsys):
 
 # --- CLI ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args, message", [
-    (["--problem", "zdt1", "--strategy", "botorh"], "strategy 'botorh' is not available; allowed: ["),
+    (["--problem", "zdt1", "--strategy", "botorh"], "strategy 'botorh' is not registered; registered strategies: ["),
     (["--problem", "zdt", "--strategy", "random"], "problem 'zdt' is not registered"),
     (["--problem", "zdt1", "--strategy", "nsga2", "-S", "population=4"], "unknown option(s) ['population']"),
-    (["--problem", "zdt1", "--evaluator", "proces"], "evaluator 'proces' is unknown"),
+    (["--problem", "zdt1", "--evaluator", "proces"], "evaluator 'proces' is not registered"),
 ])
 def test_a_typo_gets_did_you_mean(tmp_path, capsys, args, message):
     code, _, err = _cli(capsys, "run", *args, "--storage", f"sqlite:///{tmp_path}/x.db", "--budget", "3")
@@ -422,4 +422,7 @@ def test_readme_problem_example_runs(tmp_path):
     assert len(trials) == 12 and all(t.state == "complete" for t in trials)
     assert all(("momentum" in t.params) == (t.params["optimizer"] == "sgd") for t in trials)
     assert all(t.values[1] == problem.cheap_values(t.params)["params"] for t in trials)
-    assert summary(store, problem)["hypervolume_reference"] == {"point": [0.0, 1e6, 60.0], "source": "problem"}
+    assert summary(store, problem)["hypervolume_reference"] == {
+        "point": [0.0, 1e6, 60.0], "source": "problem",
+        "scaling": {"accuracy": {"scale": "linear", "bounds": [0.0, 1.0]}, "params": {"scale": "log"},
+                    "seconds": {"scale": "log"}}}

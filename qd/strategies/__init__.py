@@ -19,6 +19,7 @@ import inspect
 from importlib.metadata import entry_points
 from typing import Any
 
+from qd.checks import accepted_options, check_bool, is_int, check_name, check_option_names
 from qd.problem import Problem
 from qd.strategy import Strategy
 
@@ -54,23 +55,19 @@ def strategy_names() -> list[str]:
 
 
 def strategy_class(name: str) -> type[Strategy]:
-    if name not in strategy_names():
-        from qd.suggest import did_you_mean
-
-        raise ValueError(f"strategy {name!r} is not available; allowed: {strategy_names()}"
-                         f"{did_you_mean([name], strategy_names())}")
+    check_name(name, "strategy", strategy_names())
     module, attr = _targets()[name].split(":")
     return getattr(importlib.import_module(module), attr)
 
 
 def allowed_options(cls: type[Strategy]) -> list[str] | None:
     """Option names a strategy accepts (None: any)."""
-    target = getattr(cls, "sampler_class", cls)
-    params = inspect.signature(target.__init__).parameters
-    if not hasattr(cls, "sampler_class") and any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return None
-    skip = {"self", "problem", "seed", "constraints_func", "args", "kwargs"}
-    return [p for p, v in params.items() if p not in skip and v.kind != v.VAR_KEYWORD]
+    target = cls.sampler_class or cls
+    skip = ("self", "problem", "seed", "constraints_func")
+    if cls.sampler_class is None:
+        return accepted_options(target, skip)
+    params = inspect.signature(target.__init__).parameters  # an Optuna sampler: its named options only
+    return [p for p, v in params.items() if p not in skip and v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]
 
 
 #: Options of the wrappers, accepted by every strategy (see the module docstring).
@@ -90,22 +87,15 @@ def check_options(name: str, options: dict[str, Any]) -> None:
     cls = strategy_class(name)
     allowed = allowed_options(cls)
     own, wrapped = _wrapper_options(cls, options)
-    unknown = sorted(set(own) - set(allowed or own))
-    if unknown:
-        extra = [k for k in (*FIDELITY_OPTIONS, *BACKGROUND_OPTIONS) if k not in (allowed or [])]
-        from qd.suggest import did_you_mean
-
-        raise ValueError(f"strategy {name!r}: unknown option(s) {unknown}; allowed options: {allowed} "
-                         f"and, for every strategy, {extra}{did_you_mean(unknown, [*(allowed or []), *extra])}")
+    extra = [k for k in (*FIDELITY_OPTIONS, *BACKGROUND_OPTIONS) if k not in (allowed or [])]
+    check_option_names(own, allowed, f"strategy {name!r}", f" and, for every strategy, {extra}")
     fidelity = wrapped.get("fidelity")
     if fidelity not in (None, "asha"):
         raise ValueError(f"strategy {name!r}: option fidelity={fidelity!r} is not allowed; allowed: null (single "
                          f"fidelity) or 'asha'")
     if fidelity is None and ({"eta", "min_fidelity"} & set(wrapped)):
         raise ValueError(f"strategy {name!r}: options eta and min_fidelity need fidelity='asha'")
-    background = wrapped.get("background", False)
-    if not isinstance(background, bool):
-        raise ValueError(f"strategy {name!r}: option background={background!r} is not allowed; allowed: true or false")
+    check_bool(wrapped.get("background", False), "background", f"strategy {name!r}")
 
 
 def get_strategy(name: str, problem: Problem, seed: int = 0, **options: Any) -> Strategy:
@@ -142,7 +132,7 @@ def _description(cls: type[Strategy]) -> str:
     own = cls.__dict__.get("__doc__")
     if own:
         return _summary_line(own)
-    sampler = getattr(cls, "sampler_class", None)
+    sampler = cls.sampler_class
     if sampler is not None:
         return f"Optuna's {sampler.__name__}: {_summary_line(sampler.__doc__, sentences=1)}"
     return _summary_line(importlib.import_module(cls.__module__).__doc__)
@@ -153,11 +143,11 @@ def describe_strategy(name: str) -> dict[str, Any]:
     first paragraph), ``options`` (each ``{"name", "default"}``; a sampler's own options for the
     Optuna strategies) and ``accepts_any_option``."""
     cls = strategy_class(name)
-    target = getattr(cls, "sampler_class", cls)
+    target = cls.sampler_class or cls
     params = inspect.signature(target.__init__).parameters
     allowed = allowed_options(cls)
     options = []
-    own = getattr(cls, "option_defaults", {})  # a strategy's defaults for its sampler's options
+    own = cls.option_defaults  # a strategy's defaults for its sampler's options
     for option in allowed or []:
         default = own[option] if option in own else params[option].default
         options.append({"name": option, "default": None if default is inspect.Parameter.empty else default})
@@ -186,6 +176,6 @@ def warmup(strategy: Strategy) -> tuple[str, int] | None:
             value = getattr(source, option, None)
             if value is None and source is not None:
                 value = getattr(source, f"_{option}", None)  # Optuna keeps its options private
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            if is_int(value) and value > 0:
                 return option, value
     return None

@@ -48,7 +48,7 @@ from qd.strategies._kernel import disable_botorch_loader
 from torch import Tensor
 
 from qd.problem import Problem
-from qd.space import INACTIVE, Categorical, Config, Int, Param, Space
+from qd.space import INACTIVE, Categorical, Config, Int, Param, Space, config_key
 
 # qd builds BoTorch's fused qLogNEHVI kernel itself (qd.strategies._kernel): BoTorch's own loader
 # would compile it inside the asking process and wait on torch's lock file without a timeout.
@@ -287,20 +287,19 @@ class CheapValues:
     """Problem.cheap_values as a batched function of encoded inputs, memoised per configuration.
 
     ``X`` of shape ``batch x q x d`` -> ``batch x q x k`` values of the ``names`` objectives,
-    multiplied by ``signs`` (so that larger is better when ``signs`` turn minimised into
-    maximised). Candidates are decoded first, so inactive and off-grid coordinates do not matter.
+    multiplied by ``factors`` (e.g. -1 for a minimised objective, so that larger is better). Candidates are decoded first, so inactive and off-grid coordinates do not matter.
     """
 
-    def __init__(self, problem: Problem, names: Sequence[str], signs: Sequence[float], cache_size: int = 100_000):
+    def __init__(self, problem: Problem, names: Sequence[str], factors: Sequence[float], cache_size: int = 100_000):
         self.problem = problem
         self.names = list(names)
-        self.signs = torch.tensor(list(signs), dtype=DTYPE)
+        self.factors = torch.tensor(list(factors), dtype=DTYPE)
         self.cache_size = cache_size
-        self._cache: OrderedDict[tuple, list[float]] = OrderedDict()
+        self._cache: OrderedDict[bytes, list[float]] = OrderedDict()
         self.calls = 0  # calls into the problem (cache misses)
 
     def _values(self, config: Config) -> list[float]:
-        key = tuple(sorted((k, repr(v)) for k, v in config.items()))
+        key = self.problem.space.key(config)
         hit = self._cache.get(key)
         if hit is not None:
             return hit
@@ -320,7 +319,7 @@ class CheapValues:
         flat = X.detach().reshape(-1, X.shape[-1]).cpu().numpy()
         rows = [self._values(c) for c in self.problem.space.decode_many(flat)]
         out = torch.tensor(rows, dtype=DTYPE).reshape(*X.shape[:-1], len(self.names))
-        return out * self.signs.to(out)
+        return out * self.factors.to(out)
 
     def model(self) -> GenericDeterministicModel:
         return GenericDeterministicModel(self, num_outputs=len(self.names))
@@ -414,9 +413,9 @@ def prune_baseline(model: Model, X: Tensor, ref_point: Tensor, objective: Any = 
     return X[idcs] if len(idcs) else X
 
 
-def row_keys(X: Tensor, decimals: int = 9) -> set[tuple[float, ...]]:
-    """``n x d`` -> a set of hashable rows, for duplicate checks on snapped vectors."""
-    return {tuple(r) for r in np.round(X.detach().cpu().numpy(), decimals)}
+def row_keys(X: Tensor) -> set[bytes]:
+    """``n x d`` encoded rows -> their identities (``qd.space.config_key``), for duplicate checks."""
+    return {config_key(r) for r in X.detach().cpu().numpy().reshape(-1, X.shape[-1])}
 
 
 __all__ = ["DTYPE", "quiet", "CheapValues", "non_dominated", "prune_baseline", "ConditionalProjection", "SpaceGeometry", "as_tensor", "fit_gp",

@@ -75,19 +75,19 @@ from botorch.utils.sampling import sample_simplex
 from scipy.stats import qmc
 from torch import Tensor
 
-from qd.problem import Problem
+from qd.checks import OptionError, check_int, is_finite_number
+from qd.problem import Problem, signs_of
 from qd.space import Config
 from qd.strategies._botorch_common import (
     DTYPE,
     CheapValues,
     SpaceGeometry,
     as_tensor,
-    fit_gp,
-    hyperparameters,
     optimize_candidate,
     prune_baseline,
     quiet,
     row_keys,
+    WarmFits,
 )
 from qd.strategies._kernel import KernelStatus, default_kernel
 from qd.strategy import Strategy
@@ -102,14 +102,11 @@ ACQUISITIONS_MULTI = ("auto", "nehvi", "parego")
 ACQUISITIONS_SINGLE = ("auto", "nei")
 
 
-def _option_error(option: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"strategy 'botorch': option {option}={value!r} is not allowed; allowed: {allowed}")
+OWNER = "strategy 'botorch'"
 
 
-def _check_int(option: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise _option_error(option, value, f"an integer >= {minimum}")
-    return int(value)
+def _option_error(option: str, value: Any, allowed: str) -> OptionError:
+    return OptionError(f"{OWNER}: option {option}={value!r} is not allowed; allowed: {allowed}")
 
 
 def _column(index: int, Z: Tensor) -> Tensor:
@@ -163,16 +160,16 @@ class BoTorch(Strategy):
             acquisition = "nei" if m == 1 else ("nehvi" if m <= NEHVI_MAX_OBJECTIVES else "parego")
         self.acquisition = acquisition
         d = self.space.dim
-        self.n_init = min(2 * (d + 1), 20) if n_init is None else _check_int("n_init", n_init, 1)
-        self.num_restarts = _check_int("num_restarts", num_restarts, 1)
-        self.raw_samples = _check_int("raw_samples", raw_samples, 1)
+        self.n_init = min(2 * (d + 1), 20) if n_init is None else check_int(n_init, "n_init", OWNER, low=1)
+        self.num_restarts = check_int(num_restarts, "num_restarts", OWNER, low=1)
+        self.raw_samples = check_int(raw_samples, "raw_samples", OWNER, low=1)
         if self.raw_samples < self.num_restarts:
             raise _option_error("raw_samples", raw_samples, f"an integer >= num_restarts={num_restarts}")
-        self.mc_samples = _check_int("mc_samples", mc_samples, 1)
-        self.init_mc_samples = _check_int("init_mc_samples", init_mc_samples, 1)
+        self.mc_samples = check_int(mc_samples, "mc_samples", OWNER, low=1)
+        self.init_mc_samples = check_int(init_mc_samples, "init_mc_samples", OWNER, low=1)
         if noise == "inferred":
             self.noise_std: float | None = None
-        elif isinstance(noise, (int, float, np.number)) and not isinstance(noise, bool) and 0 <= noise < math.inf:
+        elif is_finite_number(noise) and noise >= 0:
             self.noise_std = float(noise)
         else:
             raise _option_error("noise", noise, "'inferred', or a number >= 0 (the known noise standard deviation)")
@@ -182,10 +179,10 @@ class BoTorch(Strategy):
 
         self.geometry = SpaceGeometry(self.space)
         objectives = problem.objectives
-        self._signs = np.array([-o.sign for o in objectives])  # to maximised units
+        self._to_max = -signs_of([o.direction for o in objectives])  # x this: maximised units (BoTorch maximises)
         self._expensive = [i for i, o in enumerate(objectives) if not o.cheap]
         cheap = [i for i, o in enumerate(objectives) if o.cheap]
-        self._cheap = (CheapValues(problem, [objectives[i].name for i in cheap], self._signs[cheap])
+        self._cheap = (CheapValues(problem, [objectives[i].name for i in cheap], self._to_max[cheap])
                        if cheap else None)
         self._cheap_index = cheap
         if not self._expensive and not problem.constraints:
@@ -206,8 +203,9 @@ class BoTorch(Strategy):
         self._version = 0
         self._fitted: tuple[int, Model, list[int], list[int]] | None = None
         self._pruned: tuple[int, Tensor] | None = None
-        self._warm: dict[str, dict[str, Tensor]] = {}
-        self._cold_fit_size: dict[str, int] = {}
+        # Independent single-output GPs (several times faster to fit here than one batched
+        # multi-output GP), each warm-started from its last fit (qd.strategies._botorch_common).
+        self._fits = WarmFits(self.geometry, growth=COLD_REFIT_GROWTH)
 
         self._sobol = qmc.Sobol(d=d, scramble=True, seed=seed)
         self._warmup_issued = 0
@@ -221,7 +219,7 @@ class BoTorch(Strategy):
     def tell(self, trial: Trial) -> None:
         if trial.state == "complete" and trial.values is not None:
             x = self.space.encode(trial.params)
-            values = np.asarray(trial.values, dtype=float) * self._signs
+            values = np.asarray(trial.values, dtype=float) * self._to_max
             constraints = list(trial.constraints or [])
             self._X.append(x)
             self._Y.append([*values[self._expensive].tolist(), *constraints])
@@ -291,20 +289,6 @@ class BoTorch(Strategy):
             self.latencies.append((len(self._X), time.perf_counter() - t0))
         return out
 
-    def _fit(self, key: str, X: Tensor, y: Tensor, Yvar: Tensor | None) -> Model:
-        """Fit one single-output GP (``X``: ``n x d``, ``y``/``Yvar``: ``n x 1``), warm-started from its last fit.
-
-        Independent single-output GPs fit several times faster than one batched multi-output
-        GP here. Warm starts make a refit take a few L-BFGS steps; a cold fit whenever the data
-        have grown by a quarter since the last one keeps a poor early optimum from sticking.
-        """
-        cold = len(X) >= COLD_REFIT_GROWTH * self._cold_fit_size.get(key, 0)
-        gp = fit_gp(X, y, self.geometry, Yvar=Yvar, warm_start=None if cold else self._warm.get(key))
-        if cold:
-            self._cold_fit_size[key] = len(X)
-        self._warm[key] = hyperparameters(gp)
-        return gp
-
     def _model(self) -> tuple[Model, list[int], list[int]]:
         """The fitted model (refit when data changed) with its objective and constraint output indices.
 
@@ -316,19 +300,19 @@ class BoTorch(Strategy):
         X = as_tensor(self._X)
         Y = as_tensor(self._Y).reshape(len(X), -1)
         models: list[Model] = []
-        objective_outputs = [0] * len(self._signs)
+        objective_outputs = [0] * len(self._to_max)
         for k, i in enumerate(self._expensive):
             objective_outputs[i] = k
         constraint_outputs = list(range(len(self._expensive), Y.shape[-1]))
         for j in range(Y.shape[-1]):
             y = Y[:, j : j + 1]
             Yvar = None if self.noise_std is None else torch.full_like(y, max(self.noise_std**2, 1e-6))
-            models.append(self._fit(f"outcome{j}", X, y, Yvar))
+            models.append(self._fits.fit(f"outcome{j}", X, y, Yvar))
         if self.avoid_failures and self._X_failed:
             X_all = torch.cat([X, as_tensor(self._X_failed)])
             label = torch.cat([-torch.ones(len(X), 1, dtype=DTYPE), torch.ones(len(self._X_failed), 1, dtype=DTYPE)])
             constraint_outputs.append(len(models))
-            models.append(self._fit("failure", X_all, label, None))
+            models.append(self._fits.fit("failure", X_all, label, None))
         if self._cheap is not None:
             for k, i in enumerate(self._cheap_index):
                 objective_outputs[i] = len(models) + k
@@ -342,7 +326,7 @@ class BoTorch(Strategy):
     def reference_point(self) -> Tensor:
         """The NEHVI reference point in maximised units, shape ``(m,)``."""
         if self.problem.reference_point is not None:
-            return torch.tensor(np.asarray(self.problem.reference_point, dtype=float) * self._signs, dtype=DTYPE)
+            return torch.tensor(np.asarray(self.problem.reference_point, dtype=float) * self._to_max, dtype=DTYPE)
         F = as_tensor(self._F)
         feasible = torch.tensor(self._feasible)
         if feasible.any():

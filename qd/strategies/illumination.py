@@ -60,10 +60,11 @@ import numpy as np
 from ribs.emitters import EmitterBase, EvolutionStrategyEmitter, GaussianEmitter, IsoLineEmitter
 from scipy.stats import qmc
 
-from qd.archive import ArchiveOptionError, EliteArchive, EliteSpec, elite_spec, insertable
+from qd.checks import OptionError, check_choice, check_int, check_number, is_int
+from qd.archive import EliteArchive, EliteSpec, elite_spec, insertable
 from qd.columns import Columns
 from qd.problem import Problem
-from qd.space import Config
+from qd.space import Config, config_key
 from qd.store import Trial
 from qd.strategy import Strategy
 
@@ -71,28 +72,6 @@ RANKERS = ("2imp", "imp", "obj", "2obj", "rd", "2rd", "nov")
 SELECTION_RULES = ("filter", "mu")
 RESTART_RULES = ("no_improvement", "basic")
 OPERATORS = ("gaussian", "iso-line")
-
-
-def _key(x: np.ndarray) -> bytes:
-    """Identity of a configuration: its encoded vector (rounded against float noise)."""
-    return np.round(np.asarray(x, dtype=float), 12).tobytes()
-
-
-def _check_positive(owner: str, option: str, value: Any, *, integer: bool = False, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    ok = not isinstance(value, bool) and (
-        (isinstance(value, (int, np.integer)) if integer else isinstance(value, (int, float, np.number)))
-        and np.isfinite(value) and value > 0)
-    if not ok:
-        kind = "an integer >= 1" if integer else "a number > 0"
-        raise ArchiveOptionError(f"{owner}: option {option}={value!r} is not allowed; allowed: {kind}"
-                                 + (" or null (the default)" if allow_none else ""))
-
-
-def _check_choice(owner: str, option: str, value: Any, allowed: Sequence[Any]) -> None:
-    if value not in allowed:
-        raise ArchiveOptionError(f"{owner}: option {option}={value!r} is not allowed; allowed: {list(allowed)}")
 
 
 @dataclass
@@ -128,8 +107,8 @@ class _Illumination(Strategy):
                  batch_size: int | None):
         super().__init__(problem, seed)
         owner = f"strategy {self.name!r}"
-        _check_positive(owner, "emitters", emitters, integer=True)
-        _check_positive(owner, "batch_size", batch_size, integer=True, allow_none=True)
+        check_int(emitters, "emitters", owner, low=1)
+        check_int(batch_size, "batch_size", owner, low=1, none=True)
         self.n_emitters, self.batch_size = int(emitters), batch_size
         self.spec: EliteSpec = self.archive_spec(problem, seed, archive_options)
         self.archive = EliteArchive(problem, self.spec)
@@ -206,19 +185,19 @@ class _Illumination(Strategy):
             lane.handed += 1
             if not lane.open:
                 self._open.popleft()
-            self._outstanding.setdefault(_key(lane.solutions[slot]), deque()).append((index, lane.batch, slot))
+            self._outstanding.setdefault(config_key(lane.solutions[slot]), deque()).append((index, lane.batch, slot))
             out.append(lane.configs[slot])
         return out
 
     def tell(self, trial: Trial) -> None:
         x = self.space.encode(trial.params)
-        waiting = self._outstanding.get(_key(x))
+        waiting = self._outstanding.get(config_key(x))
         if not waiting:  # not proposed by a lane (re-queued after a resume): insert it as it is
             self.archive.add(x[None], [trial])
             return
         index, batch, slot = waiting.popleft()
         if not waiting:
-            del self._outstanding[_key(x)]
+            del self._outstanding[config_key(x)]
         lane = self._lanes[index]
         if batch != lane.batch:  # a batch the lane has moved past (pipelined lanes): insert directly
             self.archive.add(x[None], [trial])
@@ -290,12 +269,12 @@ class MapElites(_Illumination):
                  bins: Any = None, cells: int | None = None, objective: str | None = None,
                  qd_score_offset: float | None = None):
         owner = f"strategy {self.name!r}"
-        _check_choice(owner, "operator", operator, OPERATORS)
-        _check_positive(owner, "eval_batch", eval_batch, integer=True)
+        check_choice(operator, "operator", owner, OPERATORS)
+        check_int(eval_batch, "eval_batch", owner, low=1)
         self.eval_batch = int(eval_batch)
         for option, value in (("sigma", sigma), ("iso_sigma", iso_sigma), ("line_sigma", line_sigma)):
-            _check_positive(owner, option, value)
-        _check_positive(owner, "initial_population", initial_population, integer=True)
+            check_number(value, option, owner, low=0, low_open=True)
+        check_int(initial_population, "initial_population", owner, low=1)
         super().__init__(problem, seed, emitters=emitters, batch_size=batch_size,
                          archive_options=dict(archive=archive, bins=bins, cells=cells, objective=objective,
                                               qd_score_offset=qd_score_offset))
@@ -382,16 +361,14 @@ class _Cma(_Illumination):
                ranker: str | None, selection_rule: str | None, restart_rule: str | int | None,
                archive_options: dict[str, Any]) -> None:
         owner = f"strategy {self.name!r}"
-        _check_positive(owner, "sigma0", sigma0)
+        check_number(sigma0, "sigma0", owner, low=0, low_open=True)
         self.ranker = ranker or self.default_ranker
         self.selection_rule = selection_rule or self.default_selection
         self.restart_rule = self.default_restart if restart_rule is None else restart_rule
-        _check_choice(owner, "ranker", self.ranker, RANKERS)
-        _check_choice(owner, "selection_rule", self.selection_rule, SELECTION_RULES)
-        if not (self.restart_rule in RESTART_RULES or (isinstance(self.restart_rule, int)
-                                                        and not isinstance(self.restart_rule, bool)
-                                                        and self.restart_rule >= 1)):
-            raise ArchiveOptionError(f"{owner}: option restart_rule={restart_rule!r} is not allowed; allowed: "
+        check_choice(self.ranker, "ranker", owner, RANKERS)
+        check_choice(self.selection_rule, "selection_rule", owner, SELECTION_RULES)
+        if not (self.restart_rule in RESTART_RULES or (is_int(self.restart_rule) and self.restart_rule >= 1)):
+            raise OptionError(f"{owner}: option restart_rule={restart_rule!r} is not allowed; allowed: "
                                      f"{list(RESTART_RULES)} or an integer >= 1 (restart after that many iterations)")
         self.sigma0 = float(sigma0)
         _Illumination.__init__(self, problem, seed, emitters=emitters, batch_size=batch_size,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import optuna
 from optuna.trial import TrialState
@@ -20,10 +20,6 @@ from qd.strategy import Strategy
 from qd.store import Trial
 
 
-def _key(config: Config) -> tuple:
-    return tuple(sorted((k, repr(v)) for k, v in config.items()))
-
-
 def _constraints(ft: optuna.trial.FrozenTrial) -> Sequence[float]:
     return ft.user_attrs.get("constraints", ())
 
@@ -31,13 +27,13 @@ def _constraints(ft: optuna.trial.FrozenTrial) -> Sequence[float]:
 class OptunaSampler(Strategy):
     """Base adapter; subclasses build the sampler. Options are passed to the sampler."""
 
-    sampler_class: type[optuna.samplers.BaseSampler]
+    sampler_class: ClassVar[type[optuna.samplers.BaseSampler]]
 
     def __init__(self, problem: Problem, seed: int = 0, **sampler_options: Any):
         super().__init__(problem, seed)
         self._options = sampler_options
         self._study = optuna.create_study(directions=problem.directions, sampler=self._sampler(seed))
-        self._running: dict[tuple, list[optuna.Trial]] = defaultdict(list)
+        self._running: dict[bytes, list[optuna.Trial]] = defaultdict(list)
 
     def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         raise TypeError(f"{type(self).__name__} must define _sampler")
@@ -51,12 +47,12 @@ class OptunaSampler(Strategy):
         for _ in range(n):
             trial = self._study.ask()
             config = self.space.suggest(trial)
-            self._running[_key(config)].append(trial)
+            self._running[self.space.key(config)].append(trial)
             out.append(config)
         return out
 
     def tell(self, trial: Trial) -> None:
-        waiting = self._running.get(_key(trial.params))
+        waiting = self._running.get(self.space.key(trial.params))
         if waiting:
             mirror = waiting.pop(0)
             if trial.constraints:

@@ -72,9 +72,10 @@ from ribs.archives import ArchiveBase
 from ribs.emitters import EmitterBase, GaussianEmitter, IsoLineEmitter
 from scipy.stats import norm, qmc
 
-from qd.archive import ArchiveOptionError, EliteArchive, EliteSpec, elite_spec
+from qd.archive import EliteArchive, EliteSpec, elite_spec
+from qd.checks import OptionError, check_int, check_number
 from qd.fidelity import Promotions
-from qd.noise import config_key
+from qd.space import config_key
 from qd.problem import Problem
 from qd.space import Config
 from qd.store import Trial
@@ -92,26 +93,11 @@ HYPER_GROWTH = 1.1
 DROPPED = -1e12
 
 
-class SailOptionError(ArchiveOptionError):
-    """A bad ``sail`` option; the message names the option, the value and what is allowed."""
+OWNER = "strategy 'sail'"
 
 
-def _fail(option: str, value: Any, allowed: str) -> SailOptionError:
-    return SailOptionError(f"strategy 'sail': option {option}={value!r} is not allowed; allowed: {allowed}")
-
-
-def _int(option: str, value: Any, minimum: int, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise _fail(option, value, f"an integer >= {minimum}" + (" or null (the default)" if allow_none else ""))
-    return int(value)
-
-
-def _positive(option: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 < value < math.inf:
-        raise _fail(option, value, "a number > 0")
-    return float(value)
+def _fail(option: str, value: Any, allowed: str) -> OptionError:
+    return OptionError(f"{OWNER}: option {option}={value!r} is not allowed; allowed: {allowed}")
 
 
 class Sail(Strategy):
@@ -145,36 +131,33 @@ class Sail(Strategy):
             raise _fail("measures", measures, f"{list(MEASURE_MODES)}")
         if fidelity not in FIDELITY_MODES:
             raise _fail("fidelity", fidelity, "null (single fidelity) or 'asha'")
-        self.acquisition, self.ucb_beta = acquisition, _positive("ucb_beta", ucb_beta)
+        self.acquisition, self.ucb_beta = acquisition, check_number(ucb_beta, "ucb_beta", OWNER, low=0, low_open=True)
         d = self.space.dim
-        self.n_init = min(2 * (d + 1), 20) if n_init is None else _int("n_init", n_init, 1)
-        self.generations = _int("generations", generations, 0)
-        self.n_emitters = _int("emitters", emitters, 1)
-        self.emitter_batch = _int("emitter_batch", emitter_batch, 1)
-        self.sigma = _positive("sigma", sigma)
-        self.repeats = _int("repeats", repeats, 1)
-        self.reevaluate = _int("reevaluate", reevaluate, 0)
+        self.n_init = min(2 * (d + 1), 20) if n_init is None else check_int(n_init, "n_init", OWNER, low=1)
+        self.generations = check_int(generations, "generations", OWNER, low=0)
+        self.n_emitters = check_int(emitters, "emitters", OWNER, low=1)
+        self.emitter_batch = check_int(emitter_batch, "emitter_batch", OWNER, low=1)
+        self.sigma = check_number(sigma, "sigma", OWNER, low=0, low_open=True)
+        self.repeats = check_int(repeats, "repeats", OWNER, low=1)
+        self.reevaluate = check_int(reevaluate, "reevaluate", OWNER, low=0)
         self.spec: EliteSpec = self.archive_spec(problem, seed, dict(
             archive=archive, bins=bins, cells=cells, objective=objective, qd_score_offset=qd_score_offset,
             fidelity=fidelity))
         self.archive = EliteArchive(problem, self.spec)
         # The acquisition map: the same cells (CVT centroids included), nothing else.
         self._acq: ArchiveBase = EliteArchive(problem, replace(self.spec, aggregate=False, fidelity=None)).result
-        self._offset = self.spec.sign * self.spec.qd_score_offset  # an empty cell's incumbent (maximised)
+        self._offset = self.spec.score_factor * self.spec.qd_score_offset  # an empty cell's incumbent (maximised)
 
         # Measures computed from the configuration, and those modelled.
         names = problem.measure_names
-        cheap_fn = getattr(problem, "cheap_measures", None)
-        if measures == "cheap" and not callable(cheap_fn):
+        known = self._call_cheap_measures(self.space.decode(np.full(d, 0.5))) if measures != "model" else {}
+        if measures == "cheap" and not known:
             raise _fail("measures", measures, f"'auto' or 'model': problem {problem.name or type(problem).__name__!r} "
-                                              f"defines no cheap_measures(config)")
-        self._cheap_measures: list[int] = []
-        if measures != "model" and callable(cheap_fn):
-            got = self._call_cheap_measures(self.space.decode(np.full(d, 0.5)))
-            self._cheap_measures = [i for i, n in enumerate(names) if n in got]
+                                              f"knows no measure from the configuration (Problem.cheap_measures)")
+        self._cheap_measures: list[int] = [i for i, n in enumerate(names) if n in known]
         self._modelled_measures = [i for i in range(len(names)) if i not in self._cheap_measures]
         obj = problem.objectives[self.spec.objective_index]
-        self._cheap_objective = (CheapValues(problem, [obj.name], [self.spec.sign]) if obj.cheap else None)
+        self._cheap_objective = (CheapValues(problem, [obj.name], [self.spec.score_factor]) if obj.cheap else None)
 
         self.promotions: Promotions | None = None
         self._fid_index: int | None = None
@@ -218,7 +201,7 @@ class Sail(Strategy):
 
     # --- helpers ------------------------------------------------------------------------------
     def _call_cheap_measures(self, config: Config) -> dict[str, float]:
-        got = self.problem.cheap_measures(config)  # type: ignore[attr-defined]
+        got = self.problem.cheap_measures(config)
         names = self.problem.measure_names
         if not isinstance(got, dict):
             got = dict(zip(names, got)) if len(got) == len(names) else None
@@ -266,7 +249,7 @@ class Sail(Strategy):
             return
         x = self.space.encode(trial.params)
         self._X.append(x)
-        self._y.append(self.spec.sign * float(trial.values[self.spec.objective_index]))
+        self._y.append(self.spec.score_factor * float(trial.values[self.spec.objective_index]))
         self._M.append(list(trial.measures or [0.0] * len(self.problem.measures)))
         self._C.append(list(trial.constraints or []))
         self._version += 1
