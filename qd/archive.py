@@ -36,13 +36,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from typing import TYPE_CHECKING
+
 import moocore
 import numpy as np
-from ribs.archives import ArchiveBase, CVTArchive, GridArchive
 
 from qd.columns import Columns
 from qd.problem import Problem
 from qd.store import Store, Trial
+
+if TYPE_CHECKING:  # pyribs imports torch, sklearn and numba: seconds that `qd show` need not pay
+    from ribs.archives import ArchiveBase
 
 ArchiveKind = Literal["grid", "cvt"]
 ARCHIVE_KINDS: tuple[str, ...] = ("grid", "cvt")
@@ -266,6 +270,8 @@ class EliteArchive:
 
     def __init__(self, problem: Problem, spec: EliteSpec):
         self.problem, self.spec, self.space = problem, spec, problem.space
+        from ribs.archives import CVTArchive, GridArchive
+
         d, sign = problem.space.dim, spec.sign
         offset = sign * spec.qd_score_offset
         common = {"solution_dim": d, "ranges": _ranges(problem), "qd_score_offset": offset, "seed": spec.seed}
@@ -298,13 +304,7 @@ class EliteArchive:
 
     def _takes_rows(self, cols: Columns) -> np.ndarray:
         """(n,) which rows go into this archive (feasible, finite measures, top fidelity)."""
-        ok = cols.feasible & np.isfinite(cols.measures).all(axis=1)
-        if self.spec.fidelity is not None:
-            j = self.space.names.index(self.spec.fidelity)
-            from qd.space import _raw_value
-
-            ok &= cols.raw[:, j] == _raw_value(self.space.params[j], self.spec.fidelity_top)
-        return ok
+        return _elite_rows_taken(self.spec, self.space, cols)
 
     def add_columns(self, cols: Columns) -> None:
         """Insert the rows of ``cols`` this archive takes, in order (one pyribs batch when the
@@ -333,7 +333,8 @@ class EliteArchive:
         out = np.full(len(cols), -1, dtype=np.int64)
         ok = self._takes_rows(cols)
         if ok.any():
-            out[ok] = self.result.index_of(cols.measures[ok])
+            out[ok] = grid_cells(self.spec, self.problem, cols.measures[ok]) if self.spec.kind == "grid" \
+                else self.result.index_of(cols.measures[ok])
         return out
 
     def takes(self, trial: Trial) -> bool:
@@ -437,6 +438,53 @@ class EliteArchive:
         return out
 
 
+def _elite_rows_taken(spec: EliteSpec, space: Any, cols: Columns) -> np.ndarray:
+    """(n,) the rows an elite archive of ``spec`` takes: feasible, finite measures, top fidelity."""
+    ok = cols.feasible & np.isfinite(cols.measures).all(axis=1)
+    if spec.fidelity is not None:
+        j = space.names.index(spec.fidelity)
+        from qd.space import _raw_value
+
+        ok &= cols.raw[:, j] == _raw_value(space.params[j], spec.fidelity_top)
+    return ok
+
+
+#: pyribs' ``GridArchive`` default ``epsilon`` (added before flooring, against rounding).
+GRID_EPSILON = 1e-6
+
+
+def grid_cells(spec: EliteSpec, problem: Problem, measures: np.ndarray) -> np.ndarray:
+    """(n, k) finite measures -> (n,) cells of a grid archive of ``spec``, with pyribs'
+    ``GridArchive.index_of`` arithmetic (clipped to the grid), in numpy alone."""
+    lower, upper = (np.array(b, dtype=np.float64) for b in zip(*_ranges(problem)))
+    dims = np.array(spec.bins, dtype=np.int32)
+    index = ((dims * (np.asarray(measures, dtype=np.float64) - lower) + GRID_EPSILON) / (upper - lower)).astype(np.int32)
+    index = np.clip(index, 0, dims - 1)
+    return np.ravel_multi_index(index.T, dims).astype(np.int64)
+
+
+def grid_summary(problem: Problem, spec_json: Mapping[str, Any], cols: Columns) -> dict[str, Any] | None:
+    """``metrics()`` and ``describe()`` of the run's result archive, from its columns with numpy
+    alone, for a grid elite archive (its result archive keeps the best row of each cell, whatever
+    the insertion order; CMA-MAE's thresholds only shape the archive emitters learn from).
+    None for other archives (CVT, averaged repeats, Pareto): build them with ``archive_for_run``.
+    The figures agree with pyribs' own to rounding (a test rebuilds the archive with pyribs)."""
+    spec = spec_from_json(spec_json)
+    if not isinstance(spec, EliteSpec) or spec.kind != "grid" or spec.aggregate:
+        return None
+    ok = _elite_rows_taken(spec, problem.space, cols)
+    n_cells = int(np.prod(spec.bins))
+    stored = spec.sign * cols.values[ok, spec.objective_index]  # what pyribs maximises
+    best_of_cell = np.full(n_cells, -np.inf)
+    np.maximum.at(best_of_cell, grid_cells(spec, problem, cols.measures[ok]), stored)
+    elites = best_of_cell[np.isfinite(best_of_cell)]
+    offset = spec.sign * spec.qd_score_offset
+    qd_score = float(np.sum(elites) - len(elites) * offset)
+    metrics = {"coverage": len(elites) / n_cells, "qd_score": qd_score, "norm_qd_score": qd_score / n_cells,
+               "num_elites": int(len(elites)), "best": float(spec.sign * elites.max()) if len(elites) else None}
+    return {**metrics, **spec.describe(), "cells": n_cells}
+
+
 @dataclass
 class _Front:
     """One cell's Pareto front: ``solutions`` (k, d), ``values`` (k, m) in objective units."""
@@ -461,6 +509,8 @@ class ParetoArchive:
         self.signs = np.array([o.sign for o in problem.objectives])  # x sign -> minimised
         self._ref_min = np.array(spec.reference_point) * self.signs
         # pyribs' grid does the cell arithmetic (bin edges, clipping, epsilon), and nothing else.
+        from ribs.archives import GridArchive
+
         self.grid = GridArchive(solution_dim=1, dims=spec.bins, ranges=_ranges(problem))
         self.fronts: dict[int, _Front] = {}
         self.n_inserted = 0

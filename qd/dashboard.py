@@ -302,13 +302,13 @@ def publish(store: Store, problem: Problem | None = None, *, budget: int | None 
         archive = archive_for_run(store, problem, cols)
     if budget is None:
         budget = store.attrs().get(BUDGET_KEY)
-    mirrored = None
+    mirrored, left = None, 0
     if problem is not None:
         featured, elites = featured_numbers(cols, archive, directions)
         bins = _cell_bins(archive)
         mirror = Mirror(store, problem)
         mirror.sync(cols, featured, elites, bins, time_budget_s=mirror_budget_s)
-        mirrored = len(mirror.mirrored())
+        mirrored, left = len(mirror.mirrored()), mirror.left
     written = []
     figures: list[tuple[str, go.Figure | None]] = []
     if archive is not None and not archive.empty:
@@ -320,7 +320,10 @@ def publish(store: Store, problem: Problem | None = None, *, budget: int | None 
             save_plotly_graph_object(store.study, fig, graph_object_id=graph_id)
             written.append(graph_id)
     save_note(store.study, note_markdown(store, problem, cols, archive, reference, budget, mirrored))
-    store.study._storage.set_study_system_attr(store.study._study_id, PUBLISHED_KEY, int(cols.finished.sum()))
+    # Up to date only once every trial due is mirrored: `qd dashboard` copies what a run's own
+    # (time-bounded) publishing left.
+    store.study._storage.set_study_system_attr(store.study._study_id, PUBLISHED_KEY,
+                                               -1 if left else int(cols.finished.sum()))
     return written
 
 
@@ -352,8 +355,14 @@ class Publisher(Listener):
 
     Publishes every ``every_s`` seconds and at the end, and never spends more than
     ``MAX_PUBLISH_SHARE`` of the run's time doing it: the interval stretches when figures get
-    expensive. Publishing errors are reported once on stderr and never stop the run.
+    expensive, and mirroring trials into the study (Optuna writes a trial in tens of
+    milliseconds) gets what is left of that share, at least ``MIN_MIRROR_S`` per publish. What a
+    fast run leaves unmirrored, ``qd dashboard`` copies before it serves. Publishing errors are
+    reported once on stderr and never stop the run.
     """
+
+    #: Each publish may mirror trials for at least this long.
+    MIN_MIRROR_S = 0.25
 
     def __init__(self, store: Store, problem: Problem, budget: int | None = None, every_s: float = 10.0,
                  max_share: float | None = MAX_PUBLISH_SHARE):
@@ -365,11 +374,20 @@ class Publisher(Listener):
         self._failed = False
         self.published = 0
         self._published_at = -1
+        self._t0 = time.monotonic()
+        #: Seconds spent publishing so far.
+        self.spent_s = 0.0
         if budget is not None:
             store.set_attr(BUDGET_KEY, int(budget))
 
+    def _mirror_budget(self, most_s: float) -> float:
+        if self.max_share is None:
+            return most_s
+        allowed = self.max_share * (time.monotonic() - self._t0) - self.spent_s
+        return min(most_s, max(self.MIN_MIRROR_S, allowed))
+
     def update(self, state: RunState) -> None:
-        self.publish(state, mirror_budget_s=1.0)
+        self.publish(state, mirror_budget_s=self._mirror_budget(1.0))
 
     def publish(self, state: RunState, mirror_budget_s: float | None = None) -> None:
         t0 = time.monotonic()
@@ -383,13 +401,15 @@ class Publisher(Listener):
             if not self._failed:
                 print(f"qd: dashboard figures not updated: {type(e).__name__}: {e}", file=sys.stderr)
             self._failed = True
+        spent = time.monotonic() - t0
+        self.spent_s += spent
         if self.max_share is not None:
-            self.every_s = max(self.base_every_s, (time.monotonic() - t0) / self.max_share)
+            self.every_s = max(self.base_every_s, spent / self.max_share)
 
     def close(self, state: RunState) -> None:
         """Publish the final state (after the metrics' last row, which the loop writes first)."""
         if self._published_at != state.n_finished or not self.published:
-            self.publish(state, mirror_budget_s=10.0)
+            self.publish(state, mirror_budget_s=self._mirror_budget(10.0))
 
 
 # --- serving ----------------------------------------------------------------------------------

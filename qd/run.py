@@ -44,7 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from evaluators.base import Evaluator, Job, Outcome
-from qd.columns import COMPLETE, FAILED, ORIGIN_REQUEUE, Columns, dumps_metadata
+from qd.columns import COMPLETE, FAILED, ORIGIN_REQUEUE, Columns, ColumnsBuilder, dumps_metadata
 from qd.experiment import ExperimentError
 from qd.problem import BatchEvaluation, EvaluationError, Problem
 from qd.results import hypervolume, pareto_front_mask, reference_point_of_values
@@ -315,7 +315,9 @@ class RunState:
         from qd.metrics import METRICS_KEY, rows_every
 
         self.store, self.problem, self.budget = store, problem, budget
-        self._chunks: list[Columns] = [history]
+        # Room for the whole budget from the start (pages are only used once written).
+        self._columns = ColumnsBuilder(history, capacity=len(history) + max(0, budget - int(history.finished.sum())))
+        self._columns.append(history)
         self.n_finished = int(history.finished.sum())
         self.n_complete = int(history.complete.sum())
         self.n_failed = self.n_finished - self.n_complete
@@ -341,7 +343,7 @@ class RunState:
     # trials
     def add(self, cols: Columns) -> None:
         """Finished trials (already recorded and told to the strategy)."""
-        self._chunks.append(cols)
+        self._columns.append(cols)
         fin = int(cols.finished.sum())
         comp = int(cols.complete.sum())
         before = self.n_finished
@@ -354,11 +356,13 @@ class RunState:
         if self.archive is not None and self.n_finished // self.every > before // self.every:
             self.append_metrics()
 
+    def reserve(self, n: int) -> Columns:
+        """n blank rows for the next batch, filled in place, then given to ``add``."""
+        return self._columns.reserve(n)
+
     def columns(self) -> Columns:
-        """Every trial finished so far, in the order recorded (one array each; cached)."""
-        if len(self._chunks) > 1:
-            self._chunks = [Columns.concat(self._chunks)]
-        return self._chunks[0]
+        """Every trial finished so far, in the order recorded (views of the run's arrays)."""
+        return self._columns.view()
 
     def cells(self, cols: Columns) -> np.ndarray:
         return np.full(len(cols), -1, dtype=np.int64) if self.archive is None else self.archive.cells_of(cols)
@@ -581,8 +585,7 @@ class _Loop:
             raws, origins, requeue_of = [R[:left]], [0] * min(left, len(R)), [-1] * min(left, len(R))
         R = np.vstack(raws)
         n = len(R)
-        d, m, k, c = self.store.dims
-        cols = Columns.empty(d, m, k, c, n=n)
+        cols = self.state.reserve(n)  # filled in place: the run's columns hold it without a copy
         cols.number[:] = self.store.next_numbers(n)
         cols.raw[:] = R
         cols.origin[:] = origins
@@ -603,7 +606,7 @@ class _Loop:
         self.strategy.tell_columns(cols)
         self.state.add(cols)
         self.progress.update(cols, 0, force=self.state.n_finished >= self.budget)
-        self.store.maybe_flush()
+        self.store.maybe_flush(wait=False)  # cheap outcomes: written beside the next batch
         self.notify()
         return True
 
@@ -618,6 +621,7 @@ class _Loop:
         if len(history):  # a fresh run keeps the strategy exactly as its seed made it
             self.strategy.restore_columns(history, self.store)
         self.state = RunState(self.store, self.problem, self.strategy, history, self.budget)
+        del history  # the state holds its own copy, with room for the budget
         self.progress = _Progress(self.store, self.problem, self.strategy, self.budget, self.state, self.show_progress)
         self.store.autoflush = False
         stop = None
@@ -641,7 +645,10 @@ class _Loop:
                 if hasattr(self.strategy, "close"):
                     self.strategy.close()
                 self.evaluator.close()
-                self.store.flush()
+                try:
+                    self.store.flush()
+                finally:
+                    self.store.close_writer()
                 self.state.close()
                 for listener in self.listeners:
                     listener.close(self.state)
@@ -651,8 +658,9 @@ class _Loop:
                 self.progress.close()
                 if stop is not None:
                     stop.restore()  # last: a signal during the cleanup above is ignored
-        counts = self.store.columns().counts()
-        return RunReport(finished=self.state.n_finished, complete=counts["n_complete"], failed=counts["n_failed"],
+        # The run's state counts what the record holds (its history plus what this session
+        # flushed): reading 10^6 rows back to count them would cost seconds and their memory twice.
+        return RunReport(finished=self.state.n_finished, complete=self.state.n_complete, failed=self.state.n_failed,
                          requeued=n_requeued, elapsed_s=time.monotonic() - self.t_start, stopped_by=self.stopped_by)
 
 
@@ -690,8 +698,13 @@ def _fill(cols: Columns, be: BatchEvaluation | None, batch_error: str | None, pr
     measures = np.asarray(be.measures, dtype=float).reshape(n, k) if k else np.empty((n, 0))
     constraints = np.asarray(be.constraints, dtype=float).reshape(n, c) if c else np.empty((n, 0))
     finite = np.isfinite(values).all(axis=1) & np.isfinite(measures).all(axis=1) & np.isfinite(constraints).all(axis=1)
-    errors = list(be.errors) if be.errors is not None else [None] * n
-    ok = finite & np.array([e is None for e in errors], dtype=bool)
+    errors = list(be.errors) if be.errors is not None else None
+    ok = finite if errors is None else finite & np.array([e is None for e in errors], dtype=bool)
+    if ok.all():  # the common case: whole arrays, no masked copies
+        cols.state[:] = COMPLETE
+        cols.values[:], cols.measures[:], cols.constraints[:] = values, measures, constraints
+        return
+    errors = errors or [None] * n
     cols.state[:] = np.where(ok, COMPLETE, FAILED)
     cols.values[ok], cols.measures[ok], cols.constraints[ok] = values[ok], measures[ok], constraints[ok]
     if not ok.all():

@@ -200,6 +200,8 @@ class Store:
         self.flush_s = 0.05
         self.flush_rows = 4096
         self.n_flushes = 0
+        self._writer: Any = None  # a one-thread executor for flush(wait=False), made on first use
+        self._write: Any = None  # the write in flight (a Future)
         self._flush_cost = 0.0
         self._last_heartbeat = 0.0
 
@@ -307,10 +309,11 @@ class Store:
         """Record finished trials (complete or failed); their in-flight rows, if any, go.
         ``urgent``: an expensive result, flushed at the next ``maybe_flush``."""
         buf = self._buffer
-        for number in cols.number.tolist():
-            if buf.started.pop(number, None) is None and number in self._in_db_running:
-                buf.ended.append(number)
-                self._in_db_running.discard(number)
+        if buf.started or self._in_db_running:  # not so for a vectorised batch: it is never in flight
+            for number in cols.number.tolist():
+                if buf.started.pop(number, None) is None and number in self._in_db_running:
+                    buf.ended.append(number)
+                    self._in_db_running.discard(number)
         buf.finished.append(cols)
         buf.n_finished += len(cols)
         buf.urgent |= urgent
@@ -339,28 +342,60 @@ class Store:
         interval = max(self.flush_s, self._flush_cost / MAX_FLUSH_SHARE)
         return max(0.0, interval - (time.monotonic() - buf.since))
 
-    def maybe_flush(self) -> bool:
+    def maybe_flush(self, wait: bool = True) -> bool:
+        """``flush`` if due; ``wait=False``: cheap outcomes are written beside the caller (see ``flush``)."""
         if self.flush_due():
-            self.flush()
+            self.flush(wait=wait or self._buffer.urgent)
             return True
         return False
 
-    def flush(self) -> None:
-        """Write everything buffered in one transaction."""
+    def flush(self, wait: bool = True) -> None:
+        """Write everything buffered in one transaction.
+
+        ``wait=False`` hands the transaction to a writer thread and returns at once (the database's
+        I/O then overlaps the caller's work): the run loop does so for cheap outcomes. At most one
+        such write is in flight; every other call of this store (a flush, a read) waits for it
+        first, and re-raises its error. A kill before it lands costs those outcomes, as it would
+        have cost them unflushed: the transaction lands whole or not at all.
+        """
+        t0 = time.monotonic()
+        self.wait_writes()  # part of this flush's cost: the interval stretches when the disk is slow
         buf = self._buffer
         if not buf and self.owner is None:
             return
-        t0 = time.monotonic()
         finished = Columns.concat(buf.finished) if buf.finished else None
         started = list(buf.started.items())
         beat = self.owner is not None and t0 - self._last_heartbeat >= HEARTBEAT_S
-        self.record.write(finished, started, buf.ended, heartbeat_of=self.owner if beat else None)
+        args = (finished, started, buf.ended, self.owner if beat else None)
+        if wait:
+            self.record.write(*args)
+        else:
+            if self._writer is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qd-record-writer")
+            self._write = self._writer.submit(self.record.write, *args)
         if beat:
             self._last_heartbeat = t0
         self._in_db_running.update(buf.started)
         self._buffer = _Buffer()
         self.n_flushes += 1
         self._flush_cost = time.monotonic() - t0
+
+    def wait_writes(self) -> None:
+        """Wait for the write in flight (``flush(wait=False)``), re-raising its error."""
+        write, self._write = self._write, None
+        if write is not None:
+            write.result()
+
+    def close_writer(self) -> None:
+        """Wait for the write in flight and stop the writer thread (the run loop, at its end)."""
+        try:
+            self.wait_writes()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
 
     # Single-trial forms, for scripts, tests and the per-configuration run loop.
     def start(self, params: Config, distributions: dict | None = None, *, origin: str = "strategy", seed: int = 0,
@@ -430,6 +465,7 @@ class Store:
 
     def set_attr(self, key: str, value: Any) -> None:
         """Store run-level data (e.g. the metrics history) in the record."""
+        self.wait_writes()
         self.record.set_attr(key, value)
 
     def attrs(self) -> dict[str, Any]:
@@ -440,6 +476,7 @@ class Store:
         """All trials in number order as arrays (``qd.columns``); flushes this store's buffer first."""
         if self._buffer:
             self.flush()
+        self.wait_writes()
         cols, drivers = self.record.read()
         return (cols, drivers) if with_drivers else cols
 

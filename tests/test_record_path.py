@@ -172,6 +172,44 @@ def test_show_reports_what_an_independently_rebuilt_archive_holds(tmp_path):
     assert EliteArchive(problem, elite_spec(problem)).n_cells == 400
 
 
+@pytest.mark.parametrize("options", [{}, {"qd_score_offset": -50.0, "bins": [7, 9], "direction": "minimize"},
+                                     {"learning_rate": 0.1, "threshold_min": -1000.0}])
+def test_grid_figures_without_pyribs_equal_pyribs_own(options):
+    """`qd show` computes a grid archive's cells and metrics with numpy (no pyribs import): they
+    equal pyribs' ``index_of`` and the stats of an ``EliteArchive`` filled with the same rows,
+    measures on and outside the bounds and on bin edges included, for either direction."""
+    import dataclasses
+
+    from qd.archive import grid_cells, grid_summary, spec_to_json
+    from qd.columns import COMPLETE, Columns
+
+    rng = np.random.default_rng(3)
+    problem = get_problem("sphere")
+    direction = options.pop("direction", None)
+    spec = elite_spec(problem, **options)
+    if direction:
+        spec = dataclasses.replace(spec, direction=direction)
+    n, k = 5000, len(problem.measures)
+    lo, hi = (np.array(b) for b in zip(*[m.map_range for m in problem.measures]))
+    measures = lo + rng.uniform(-0.1, 1.1, (n, k)) * (hi - lo)
+    measures[:500] = lo + np.round(rng.uniform(0, 1, (500, k)) * 63) / 63 * (hi - lo)  # on bin edges
+    cols = Columns.empty(problem.space.dim, 1, k, 0, n=n)
+    cols.state[:] = COMPLETE
+    cols.number[:] = np.arange(n)
+    cols.raw[:] = problem.space.decode_raw(rng.uniform(0, 1, (n, problem.space.dim)))
+    cols.values[:, 0] = rng.normal(0, 30, n)
+    cols.measures[:] = measures
+    cols.state[:50] = 2  # failed rows stay out
+    archive = EliteArchive(problem, spec)
+    assert np.array_equal(grid_cells(spec, problem, measures), archive.result.index_of(measures))
+    archive.add_columns(cols)
+    quick = grid_summary(problem, spec_to_json(spec), cols)
+    expected = {**archive.metrics(), **archive.describe()}
+    assert quick.keys() == expected.keys()
+    for key, value in expected.items():
+        assert quick[key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value), key
+
+
 def test_unknown_storage_urls_fail_cleanly(tmp_path, capsys):
     assert main(["show", "--storage", "mysql://u@h/db", "--name", "x"]) == 2
     assert "Traceback" not in capsys.readouterr().err
