@@ -148,8 +148,15 @@ def decode_segments(blobs: Iterable[bytes], dims: tuple[int, int, int, int], n: 
 
 # --- in-flight rows -----------------------------------------------------------------------------
 def running_row(cols: Columns, i: int, driver: dict[str, Any] | None) -> str:
-    return json.dumps({"raw": cols.raw[i].tolist(), "seed": int(cols.seed[i]), "origin": int(cols.origin[i]),
-                       "requeue_of": int(cols.requeue_of[i]), "t_start": float(cols.t_start[i]), "driver": driver})
+    return running_json(cols.raw[i], int(cols.seed[i]), int(cols.origin[i]), int(cols.requeue_of[i]),
+                        float(cols.t_start[i]), driver)
+
+
+def running_json(raw: np.ndarray, seed: int, origin: int, requeue_of: int, t_start: float,
+                 driver: dict[str, Any] | None) -> str:
+    """The in-flight row of one trial (JSON; NaN for an inactive parameter, as JSON's ``NaN``)."""
+    return json.dumps({"raw": raw.tolist(), "seed": seed, "origin": origin, "requeue_of": requeue_of,
+                       "t_start": t_start, "driver": driver})
 
 
 def running_columns(rows: Sequence[tuple[int, str]], dims: tuple[int, int, int, int]) -> tuple[Columns, list[Any]]:

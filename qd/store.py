@@ -32,7 +32,7 @@ import pandas as pd
 from qd.columns import (COMPLETE, FAILED, ORIGIN_CODES, ORIGIN_NAMES, RUNNING, STATE_NAMES, Columns,
                         dumps_metadata)
 from qd.problem import Problem
-from qd.record import Record, engine_for, running_row
+from qd.record import Record, engine_for, running_json, running_row
 from qd.space import Config
 from qd.storage_url import RunNotFound, check_run_name, check_storage, mask  # noqa: F401 (RunNotFound: re-exported)
 
@@ -86,7 +86,21 @@ def optuna_storage(storage: str) -> Any:
     url = resolve_storage(storage)
     if url.startswith("sqlite"):
         engine_for(url)  # WAL mode on the file before Optuna opens it
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        rdb = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        # As the record's own connections: in WAL mode a killed process loses nothing committed, and
+        # commits do not wait for the disk (Optuna writes a mirrored trial in tens of statements).
+        import sqlalchemy as sa
+
+        @sa.event.listens_for(rdb.engine, "connect")
+        def _synchronous_normal(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute("PRAGMA synchronous=NORMAL")
+            finally:
+                cursor.close()
+
+        rdb.engine.dispose()  # connections made while Optuna checked its schema get the pragma too
+        return rdb
     return url
 
 
@@ -200,6 +214,8 @@ class Store:
         self.flush_s = 0.05
         self.flush_rows = 4096
         self.n_flushes = 0
+        self._blank: Columns | None = None  # a blank row to copy (``_finished_row``)
+        self._raws: dict[int, np.ndarray] = {}  # raw rows of trials started here, until they finish
         self._writer: Any = None  # a one-thread executor for flush(wait=False), made on first use
         self._write: Any = None  # the write in flight (a Future)
         self._flush_cost = 0.0
@@ -403,16 +419,15 @@ class Store:
               number: int | None = None) -> Trial:
         """Record a RUNNING trial for a configuration about to be evaluated (``distributions`` is
         accepted for compatibility and unused: the record knows the space)."""
-        d, m, k, c = self.dims
-        cols = Columns.empty(d, m, k, c, n=1)
-        cols.number[0] = self.next_numbers(1)[0] if number is None else number
-        cols.raw[0] = self._raw_of(params) if raw is None else raw
-        cols.seed[0], cols.origin[0] = seed, ORIGIN_CODES[origin]
-        cols.requeue_of[0] = -1 if requeue_of is None else requeue_of
-        cols.t_start[0] = time.time()
-        self.start_many(cols, driver)
-        return Trial(number=int(cols.number[0]), params=dict(params), state="running", origin=origin, seed=seed,
-                     driver=driver, requeue_of=requeue_of)
+        number = int(self.next_numbers(1)[0]) if number is None else int(number)
+        row = self._raw_of(params) if raw is None else np.asarray(raw, dtype=float)
+        self._buffer.started[number] = running_json(row, int(seed), ORIGIN_CODES[origin],
+                                                    -1 if requeue_of is None else int(requeue_of), time.time(), driver)
+        self._touch()
+        trial = Trial(number=number, params=dict(params), state="running", origin=origin, seed=seed,
+                      driver=driver, requeue_of=requeue_of)
+        self._raws[number] = row  # for its finished row, without encoding the configuration again
+        return trial
 
     def _raw_of(self, params: Config) -> np.ndarray:
         row = np.full(self.dims[0], np.nan)
@@ -423,9 +438,11 @@ class Store:
         return row
 
     def _finished_row(self, trial: Trial) -> Columns:
-        d, m, k, c = self.dims
-        cols = Columns.empty(d, m, k, c, n=1)
-        cols.number[0], cols.raw[0] = trial.number, self._raw_of(trial.params)
+        if self._blank is None:
+            self._blank = Columns.empty(*self.dims, n=1)
+        cols = Columns.row_like(self._blank)
+        raw = self._raws.pop(trial.number, None)
+        cols.number[0], cols.raw[0] = trial.number, self._raw_of(trial.params) if raw is None else raw
         cols.seed[0], cols.origin[0] = trial.seed, ORIGIN_CODES[trial.origin]
         cols.requeue_of[0] = -1 if trial.requeue_of is None else trial.requeue_of
         cols.t_end[0] = time.time()
