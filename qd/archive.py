@@ -292,6 +292,7 @@ class EliteArchive:
         if spec.learning_rate is not None:
             self.archive = make(learning_rate=spec.learning_rate, threshold_min=sign * spec.threshold_min)
         self.n_inserted = 0
+        self._grid: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (dims, lower, interval) of a grid
         #: Per-configuration sums when ``spec.aggregate`` (``qd.noise``), else None.
         self.repeats = None
         if spec.aggregate:
@@ -333,8 +334,13 @@ class EliteArchive:
         out = np.full(len(cols), -1, dtype=np.int64)
         ok = self._takes_rows(cols)
         if ok.any():
-            out[ok] = grid_cells(self.spec, self.problem, cols.measures[ok]) if self.spec.kind == "grid" \
-                else self.result.index_of(cols.measures[ok])
+            if self.spec.kind == "grid":
+                if self._grid is None:
+                    lower, upper = (np.array(b, dtype=np.float64) for b in zip(*_ranges(self.problem)))
+                    self._grid = (np.array(self.spec.bins, dtype=np.int32), lower, upper - lower)
+                out[ok] = _grid_index(*self._grid, cols.measures[ok])
+            else:
+                out[ok] = self.result.index_of(cols.measures[ok])
         return out
 
     def takes(self, trial: Trial) -> bool:
@@ -457,9 +463,12 @@ def grid_cells(spec: EliteSpec, problem: Problem, measures: np.ndarray) -> np.nd
     """(n, k) finite measures -> (n,) cells of a grid archive of ``spec``, with pyribs'
     ``GridArchive.index_of`` arithmetic (clipped to the grid), in numpy alone."""
     lower, upper = (np.array(b, dtype=np.float64) for b in zip(*_ranges(problem)))
-    dims = np.array(spec.bins, dtype=np.int32)
-    index = ((dims * (np.asarray(measures, dtype=np.float64) - lower) + GRID_EPSILON) / (upper - lower)).astype(np.int32)
-    index = np.clip(index, 0, dims - 1)
+    return _grid_index(np.array(spec.bins, dtype=np.int32), lower, upper - lower, measures)
+
+
+def _grid_index(dims: np.ndarray, lower: np.ndarray, interval: np.ndarray, measures: np.ndarray) -> np.ndarray:
+    index = ((dims * (np.asarray(measures, dtype=np.float64) - lower) + GRID_EPSILON) / interval).astype(np.int32)
+    np.clip(index, 0, dims - 1, out=index)
     return np.ravel_multi_index(index.T, dims).astype(np.int64)
 
 

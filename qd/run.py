@@ -385,6 +385,8 @@ class RunState:
         if not ok.any():
             return
         new = cols.values[ok]
+        if len(self.directions) == 1 and len(new) > 1:  # one objective: the front is the best row
+            new = new[[int(np.argmin(self._sign[0] * new[:, 0]))]]
         if len(self.front) and len(new) == 1:  # a trial at a time: most are dominated, which is cheap to see
             if len(self.directions) == 1:
                 if self._sign[0] * self.front[0, 0] <= self._sign[0] * new[0, 0]:
