@@ -75,14 +75,17 @@ def _title(store: Store) -> str:
     return f"{store.info.name}: {store.info.problem} / {store.info.strategy}"
 
 
-def archive_figure(store: Store, problem: Problem, archive: RunArchive, cols: Columns | None = None) -> go.Figure:
+def archive_figure(store: Store, problem: Problem, archive: RunArchive, cols: Columns | None = None,
+                   elite_rows: np.ndarray | None = None) -> go.Figure:
     """The archive as a native plotly heatmap (``qd.figures.archive_heatmap``): hovering a cell
-    shows its bin ranges, value and trial number; each filled cell links to its trial's page."""
-    from qd.explore import elite_rows
+    shows its bin ranges, value and trial number; each filled cell links to its trial's page.
+    ``elite_rows``: the elites' rows of ``cols`` when known (the run loop keeps them)."""
+    from qd.explore import elite_rows as find_elite_rows
     from qd.figures import archive_heatmap
 
     cols = store.columns() if cols is None else cols
-    elites = store.to_trials(cols.select(elite_rows(cols, archive)))  # one per cell, not the whole run
+    rows = find_elite_rows(cols, archive) if elite_rows is None else elite_rows
+    elites = store.to_trials(cols.select(rows))  # one per cell, not the whole run
     study_id = store.study._study_id
     m = archive.metrics()
     score = f"MOQD score {m['moqd_score']:.4g}" if "moqd_score" in m else f"QD score {m['qd_score']:.4g}"
@@ -268,15 +271,18 @@ def note_markdown(store: Store, problem: Problem | None, cols: Columns, archive:
 
 
 # --- publishing -------------------------------------------------------------------------------
-def featured_numbers(cols: Columns, archive: RunArchive | None, directions: Sequence[str]) -> tuple[list[int], set[int]]:
+def featured_numbers(cols: Columns, archive: RunArchive | None, directions: Sequence[str],
+                     elite_rows: np.ndarray | None = None) -> tuple[list[int], set[int]]:
     """(trial numbers worth mirroring beyond the first ones, the numbers of the elites): the
     archive's elites (the best trial of each cell) and the Pareto set."""
     elites: set[int] = set()
     ok = np.flatnonzero(cols.feasible)
-    if archive is not None and len(ok):
-        from qd.explore import elite_rows
+    if elite_rows is not None:
+        elites = set(cols.number[elite_rows].tolist())
+    elif archive is not None and len(ok):
+        from qd.explore import elite_rows as find_elite_rows
 
-        elites = set(cols.number[elite_rows(cols, archive)].tolist())
+        elites = set(cols.number[find_elite_rows(cols, archive)].tolist())
     front: list[int] = []
     if len(directions) > 1 and len(ok):
         front = cols.number[ok[pareto_front_mask(cols.values[ok], directions)]].tolist()
@@ -285,8 +291,9 @@ def featured_numbers(cols: Columns, archive: RunArchive | None, directions: Sequ
 
 def publish(store: Store, problem: Problem | None = None, *, budget: int | None = None,
             cols: Columns | None = None, archive: RunArchive | None = None,
-            mirror_budget_s: float | None = None) -> list[str]:
+            mirror_budget_s: float | None = None, elite_rows: np.ndarray | None = None) -> list[str]:
     """Write the run's figures and note into its study, and mirror its trials there (``qd.mirror``).
+    ``elite_rows``: the rows of ``cols`` holding the archive's elites, when the caller keeps them.
     Returns the figure ids written."""
     from optuna_dashboard import save_note, save_plotly_graph_object
 
@@ -304,7 +311,7 @@ def publish(store: Store, problem: Problem | None = None, *, budget: int | None 
         budget = store.attrs().get(BUDGET_KEY)
     mirrored, left = None, 0
     if problem is not None:
-        featured, elites = featured_numbers(cols, archive, directions)
+        featured, elites = featured_numbers(cols, archive, directions, elite_rows)
         bins = _cell_bins(archive)
         mirror = Mirror(store, problem)
         mirror.sync(cols, featured, elites, bins, time_budget_s=mirror_budget_s)
@@ -312,7 +319,7 @@ def publish(store: Store, problem: Problem | None = None, *, budget: int | None 
     written = []
     figures: list[tuple[str, go.Figure | None]] = []
     if archive is not None and not archive.empty:
-        figures.append((ARCHIVE_ID, archive_figure(store, problem, archive, cols)))
+        figures.append((ARCHIVE_ID, archive_figure(store, problem, archive, cols, elite_rows)))
     figures.append((PARETO_ID, pareto_plotly(store, cols, reference.point if reference else None)))
     figures.append((METRICS_ID, metrics_plotly(store, problem, cols, reference.point if reference else None)))
     for graph_id, fig in figures:
@@ -363,6 +370,8 @@ class Publisher(Listener):
 
     #: Each publish may mirror trials for at least this long.
     MIN_MIRROR_S = 0.25
+    #: What the first publish is expected to cost (figures, note, mirror), before one was timed.
+    FIRST_COST_S = 1.0
 
     def __init__(self, store: Store, problem: Problem, budget: int | None = None, every_s: float = 10.0,
                  max_share: float | None = MAX_PUBLISH_SHARE):
@@ -377,6 +386,7 @@ class Publisher(Listener):
         self._t0 = time.monotonic()
         #: Seconds spent publishing so far.
         self.spent_s = 0.0
+        self._last_cost = 0.0
         if budget is not None:
             store.set_attr(BUDGET_KEY, int(budget))
 
@@ -387,6 +397,12 @@ class Publisher(Listener):
         return min(most_s, max(self.MIN_MIRROR_S, allowed))
 
     def update(self, state: RunState) -> None:
+        if self.max_share is not None:
+            # Not before the run has lasted long enough for a publish (as costly as the last one, or
+            # ``FIRST_COST_S``) to fit in the share: a fast run is published once, at its end.
+            cost = self._last_cost if self.published else self.FIRST_COST_S
+            if self.spent_s + cost > self.max_share * (time.monotonic() - self._t0):
+                return
         self.publish(state, mirror_budget_s=self._mirror_budget(1.0))
 
     def publish(self, state: RunState, mirror_budget_s: float | None = None) -> None:
@@ -394,7 +410,7 @@ class Publisher(Listener):
         try:
             self.store.flush()
             publish(self.store, self.problem, budget=self.budget, cols=state.columns(), archive=state.archive,
-                    mirror_budget_s=mirror_budget_s)
+                    mirror_budget_s=mirror_budget_s, elite_rows=state.elite_rows())
             self.published += 1
             self._published_at = state.n_finished
         except Exception as e:  # the dashboard is a view: it must never stop a run
@@ -403,6 +419,7 @@ class Publisher(Listener):
             self._failed = True
         spent = time.monotonic() - t0
         self.spent_s += spent
+        self._last_cost = spent
         if self.max_share is not None:
             self.every_s = max(self.base_every_s, spent / self.max_share)
 

@@ -342,6 +342,12 @@ class RunState:
             else:
                 self.archive, self.own_archive = archive_from_spec_json(problem, spec), True
                 self.archive.add_columns(history)
+        # The row of each cell's elite (best value, earliest trial of equals: ``qd.explore.elite_rows``),
+        # kept as batches arrive, so a publish at 10^6 trials does not sort them all to find 400.
+        self._elites: _EliteRows | None = None
+        if self.archive is not None and hasattr(self.archive, "spec") and not hasattr(self.archive, "fronts"):
+            self._elites = _EliteRows(self.archive)
+            self._elites.add(history, 0)
         self.metrics_key = METRICS_KEY
         self.every = rows_every(budget)
         self.metrics: list[dict[str, Any]] = [r for r in store.attrs().get(METRICS_KEY, [])
@@ -351,7 +357,10 @@ class RunState:
     # trials
     def add(self, cols: Columns) -> None:
         """Finished trials (already recorded and told to the strategy)."""
+        at = len(self._columns)
         self._columns.append(cols)
+        if self._elites is not None:
+            self._elites.add(cols, at)
         if len(cols) == 1:  # a trial at a time (the per-configuration loop): no array reductions
             state = int(cols.state[0])
             comp = int(state == COMPLETE)
@@ -376,6 +385,11 @@ class RunState:
     def columns(self) -> Columns:
         """Every trial finished so far, in the order recorded (views of the run's arrays)."""
         return self._columns.view()
+
+    def elite_rows(self) -> np.ndarray | None:
+        """Row indices (into ``columns()``) of the archive's elites, one per occupied cell in cell
+        order, as ``qd.explore.elite_rows`` finds them; None where the archive is not an elite one."""
+        return None if self._elites is None else self._elites.rows()
 
     def cells(self, cols: Columns) -> np.ndarray:
         return np.full(len(cols), -1, dtype=np.int64) if self.archive is None else self.archive.cells_of(cols)
@@ -416,6 +430,33 @@ class RunState:
         if self.archive is not None and self.n_finished:
             self.append_metrics()
         self.flush_metrics()
+
+
+class _EliteRows:
+    """Per cell of an elite archive: the row, score (``sign * value``) and number of its best trial."""
+
+    def __init__(self, archive: Any):
+        self.sign, self.objective = archive.spec.sign, archive.spec.objective_index
+        self.row = np.full(archive.n_cells, -1, dtype=np.int64)
+        self.score = np.full(archive.n_cells, -np.inf)
+        self.number = np.full(archive.n_cells, np.iinfo(np.int64).max, dtype=np.int64)
+
+    def add(self, cols: Columns, first_row: int) -> None:
+        rows = np.flatnonzero(cols.cell >= 0)
+        if not len(rows):
+            return
+        cell, number = cols.cell[rows], cols.number[rows]
+        score = self.sign * cols.values[rows, self.objective]
+        order = np.lexsort((number, -score, cell))  # per cell: best score, then the earliest trial
+        rows, cell, number, score = rows[order], cell[order], number[order], score[order]
+        first = np.r_[True, cell[1:] != cell[:-1]]
+        rows, cell, number, score = rows[first], cell[first], number[first], score[first]
+        better = (score > self.score[cell]) | ((score == self.score[cell]) & (number < self.number[cell]))
+        cell = cell[better]
+        self.row[cell], self.score[cell], self.number[cell] = rows[better] + first_row, score[better], number[better]
+
+    def rows(self) -> np.ndarray:
+        return self.row[self.row >= 0]
 
 
 class Listener:

@@ -210,6 +210,37 @@ def test_grid_figures_without_pyribs_equal_pyribs_own(options):
         assert quick[key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value), key
 
 
+@pytest.mark.parametrize("vectorised", [True, False])
+def test_elites_kept_by_the_loop_are_those_found_from_the_columns(tmp_path, vectorised):
+    """The run loop keeps each cell's elite row as batches arrive (the dashboard reads it); they
+    are the rows ``qd.explore.elite_rows`` finds in the whole run, across a resume too."""
+    from qd.explore import elite_rows
+    from qd.run import Listener
+
+    class Check(Listener):
+        every_s = 0.0
+
+        def update(self, state):
+            self.close(state)
+
+        def close(self, state):
+            cols = state.columns()
+            assert np.array_equal(state.elite_rows(), elite_rows(cols, state.archive))
+            self.checked = getattr(self, "checked", 0) + 1
+
+    problem = get_problem("sphere")
+    problem.vectorized = vectorised
+    info = RunInfo(name="e", problem="sphere", problem_options=problem.options, strategy="map-elites",
+                   strategy_options={}, seed=0)
+    storage = f"sqlite:///{tmp_path}/e.db"
+    for budget in (300, 600):
+        store = Store.create(storage, info, problem, resume=True)
+        check = Check()
+        run(problem, get_strategy("map-elites", problem, seed=0), make_evaluator("inprocess"), store, budget=budget,
+            progress=False, listeners=[check])
+        assert check.checked >= 2
+
+
 def test_unknown_storage_urls_fail_cleanly(tmp_path, capsys):
     assert main(["show", "--storage", "mysql://u@h/db", "--name", "x"]) == 2
     assert "Traceback" not in capsys.readouterr().err
