@@ -118,7 +118,7 @@ def part_vectorised(sizes: list[int], optuna_s: float, tmp: Path) -> None:
         opt_rate = bare_optuna(n, optuna_s, str(tmp / f"optuna{n}.db"))
         size_mb = sum(p.stat().st_size for p in tmp.glob(f"scale{n}.db*")) / 2**20
         resume_wall, _, _ = _qd(["run", "--resume", "--name", "big", "--storage", url, "--budget", str(n + 1),
-                                 "--no-progress"])
+                                 "--evaluator", "inprocess", "--no-progress"])  # as the run was made
         show_wall, _, out = _qd(["show", "--storage", url, "--name", "big", "--json"])
         complete = json.loads(out)["n_complete"]
         assert complete == n + 1, complete

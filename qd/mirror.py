@@ -83,7 +83,7 @@ class Mirror:
         study = self.store.study
         t0 = time.monotonic()
         copied: list[int] = []
-        size, start = 50 if time_budget_s is None else 4, 0
+        size, start = 50 if time_budget_s is None else 1, 0
         while start < len(rows):
             batch = rows[start:start + size]
             study.add_trials([self._frozen(cols, i, elites, cell_bins) for i in batch])

@@ -32,7 +32,7 @@ import pandas as pd
 from qd.columns import (COMPLETE, FAILED, ORIGIN_CODES, ORIGIN_NAMES, RUNNING, STATE_NAMES, Columns,
                         dumps_metadata)
 from qd.problem import Problem
-from qd.record import Record, engine_for, running_json, running_row
+from qd.record import WAL_AUTOCHECKPOINT_PAGES, Record, engine_for, running_json, running_row
 from qd.space import Config
 from qd.storage_url import RunNotFound, check_run_name, check_storage, mask  # noqa: F401 (RunNotFound: re-exported)
 
@@ -96,6 +96,7 @@ def optuna_storage(storage: str) -> Any:
             cursor = dbapi_connection.cursor()
             try:
                 cursor.execute("PRAGMA synchronous=NORMAL")
+                cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
             finally:
                 cursor.close()
 

@@ -244,3 +244,31 @@ def test_elites_kept_by_the_loop_are_those_found_from_the_columns(tmp_path, vect
 def test_unknown_storage_urls_fail_cleanly(tmp_path, capsys):
     assert main(["show", "--storage", "mysql://u@h/db", "--name", "x"]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_big_restore_inserts_each_cells_best_and_builds_the_same_archive():
+    """Restoring a plain grid from many rows inserts only each cell's best (the earliest of equal
+    values): the archive holds the same elites, solutions and stats as inserting every row."""
+    from qd.archive import spec_to_json  # noqa: F401
+    from qd.columns import COMPLETE, Columns
+
+    problem = get_problem("sphere")
+    spec = elite_spec(problem, bins=[5, 5])
+    rng = np.random.default_rng(0)
+    n = 2000
+    cols = Columns.empty(problem.space.dim, 1, 2, 0, n=n)
+    cols.state[:], cols.number[:] = COMPLETE, np.arange(n)
+    cols.raw[:] = problem.space.decode_raw(rng.uniform(0, 1, (n, problem.space.dim)))
+    cols.values[:, 0] = np.round(rng.normal(0, 3, n))  # many equal values: ties go to the earliest row
+    cols.measures[:] = rng.uniform(-60, 60, (n, 2))
+    quick = EliteArchive(problem, spec)
+    quick.add_columns(cols)
+    full = EliteArchive(problem, spec)
+    for start in range(0, n, 50):  # batches below the threshold: every row goes to pyribs
+        full.add_columns(cols.select(np.arange(start, start + 50)))
+    a, b = quick.result.data(), full.result.data()
+    order_a, order_b = np.argsort(a["index"]), np.argsort(b["index"])
+    for key in ("index", "objective", "measures", "solution"):
+        assert np.array_equal(a[key][order_a], b[key][order_b]), key
+    assert quick.metrics() == pytest.approx(full.metrics())
+    assert quick.n_inserted == full.n_inserted == n
