@@ -323,10 +323,7 @@ class EliteArchive:
             # A plain elitist grid keeps each cell's best row (the earliest of equals, as pyribs does):
             # inserting only those builds the same archive (a resume of 10^6 trials adds 400 rows).
             score = self.spec.sign * cols.values[rows, self.spec.objective_index]
-            cells = self._grid_cells(cols.measures[rows])
-            order = np.lexsort((cols.number[rows], -score, cells))
-            first = np.r_[True, cells[order][1:] != cells[order][:-1]]
-            keep = rows[np.sort(order[first])]
+            keep = rows[best_of_cells(self._grid_cells(cols.measures[rows]), score, cols.number[rows], self.n_cells)]
             self.n_inserted += len(rows) - len(keep)
             rows = keep
         X = self.space.encode_raw(cols.raw[rows])
@@ -465,6 +462,17 @@ def _elite_rows_taken(spec: EliteSpec, space: Any, cols: Columns) -> np.ndarray:
 
         ok &= cols.raw[:, j] == _raw_value(space.params[j], spec.fidelity_top)
     return ok
+
+
+def best_of_cells(cells: np.ndarray, score: np.ndarray, number: np.ndarray, n_cells: int) -> np.ndarray:
+    """(n,) mask of the rows that hold their cell: the best ``score``, the smallest ``number`` of
+    equals (pyribs keeps the first of equal elites). Linear: no sort of 10^6 rows."""
+    best = np.full(n_cells, -np.inf)
+    np.maximum.at(best, cells, score)
+    tied = score == best[cells]
+    first = np.full(n_cells, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, cells[tied], number[tied])
+    return tied & (number == first[cells])
 
 
 #: pyribs' ``GridArchive`` default ``epsilon`` (added before flooring, against rounding).

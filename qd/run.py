@@ -445,11 +445,11 @@ class _EliteRows:
         rows = np.flatnonzero(cols.cell >= 0)
         if not len(rows):
             return
+        from qd.archive import best_of_cells
+
         cell, number = cols.cell[rows], cols.number[rows]
         score = self.sign * cols.values[rows, self.objective]
-        order = np.lexsort((number, -score, cell))  # per cell: best score, then the earliest trial
-        rows, cell, number, score = rows[order], cell[order], number[order], score[order]
-        first = np.r_[True, cell[1:] != cell[:-1]]
+        first = best_of_cells(cell, score, number, len(self.row))  # per cell: best score, then the earliest trial
         rows, cell, number, score = rows[first], cell[first], number[first], score[first]
         better = (score > self.score[cell]) | ((score == self.score[cell]) & (number < self.number[cell]))
         cell = cell[better]
