@@ -337,6 +337,12 @@ class Record:
             done, drivers = done.select(order), [drivers[i] for i in order]
         return done, drivers
 
+    def running_drivers(self) -> list[Any]:
+        """The driver of each in-flight row (what a claim checks is not alive)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(RUNNING_ROWS.c.data).where(RUNNING_ROWS.c.run_id == self.run_id))
+            return [json.loads(text).get("driver") for (text,) in rows]
+
     def max_number(self) -> int:
         """The largest trial number recorded (finished or in flight), or -1."""
         with self.engine.connect() as conn:

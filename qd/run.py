@@ -497,8 +497,11 @@ class _Loop:
     # steps
     def recover(self) -> Columns:
         """Claim the run, fail trials left in flight as stale, queue their configurations again."""
-        cols, drivers = self.store.columns(with_drivers=True)
-        claim_run(self.store, self.token, self.driver, [d for d, s in zip(drivers, cols.state) if s == 0])
+        # Claim first, read after: a driver that read the run before another one finished and
+        # released it would otherwise resume from a stale picture (and reuse its trial numbers).
+        claim_run(self.store, self.token, self.driver, self.store.record.running_drivers())
+        self.store.sync_numbers()
+        cols = self.store.columns()
         running = cols.state == 0
         if running.any():
             stale = cols.select(running)

@@ -309,6 +309,11 @@ class Store:
         return self.meta.get("archive")
 
     # --- writing ----------------------------------------------------------------------------
+    def sync_numbers(self) -> None:
+        """Continue numbering after what the record holds now (a driver calls it once it owns the run:
+        the previous owner may have written trials since this store was opened)."""
+        self._next = max(self._next, self.record.max_number() + 1)
+
     def next_numbers(self, n: int) -> np.ndarray:
         """Reserve the next n trial numbers (the driver that owns a run numbers its trials)."""
         out = np.arange(self._next, self._next + n, dtype=np.int64)
