@@ -322,8 +322,9 @@ class RunState:
         from qd.metrics import METRICS_KEY, rows_every
 
         self.store, self.problem, self.budget = store, problem, budget
-        # Room for the whole budget from the start (pages are only used once written).
-        self._columns = ColumnsBuilder(history, capacity=len(history) + max(0, budget - int(history.finished.sum())))
+        # Room for the budget from the start (pages count once written; beyond 2^21 rows it grows).
+        left = max(0, budget - int(history.finished.sum()))
+        self._columns = ColumnsBuilder(history, capacity=len(history) + min(left, 1 << 21))
         self._columns.append(history)
         self.n_finished = int(history.finished.sum())
         self.n_complete = int(history.complete.sum())
