@@ -443,6 +443,13 @@ class _EliteRows:
         self.number = np.full(archive.n_cells, np.iinfo(np.int64).max, dtype=np.int64)
 
     def add(self, cols: Columns, first_row: int) -> None:
+        if len(cols) == 1:  # a trial at a time: scalars, not array passes
+            cell = int(cols.cell[0])
+            if cell >= 0:
+                score, number = self.sign * float(cols.values[0, self.objective]), int(cols.number[0])
+                if score > self.score[cell] or (score == self.score[cell] and number < self.number[cell]):
+                    self.row[cell], self.score[cell], self.number[cell] = first_row, score, number
+            return
         rows = np.flatnonzero(cols.cell >= 0)
         if not len(rows):
             return
