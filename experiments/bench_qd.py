@@ -50,7 +50,7 @@ from qd.registry import get_problem
 from qd.space import Config
 from qd.store import Trial
 from qd.strategies import get_strategy
-from qd.strategies.illumination import _Illumination, _key
+from qd.strategies.illumination import _Illumination
 from qd.strategy import Strategy
 
 SPHERE_SIGMA = 0.5 / 10.24
@@ -85,15 +85,15 @@ class SchedulerBarrier(Strategy):
         out = []
         while len(out) < n and self._handed < len(self._configs):
             config = self._configs[self._handed]
-            self._slots.setdefault(_key(self.space.encode(config)), []).append(self._handed)
+            self._slots.setdefault(self.space.key(config), []).append(self._handed)
             self._handed += 1
             out.append(config)
         return out
 
     def tell(self, trial: Trial) -> None:
-        self._results[self._slots[_key(self.space.encode(trial.params))].pop(0)] = trial
+        self._results[self._slots[self.space.key(trial.params)].pop(0)] = trial
         if all(r is not None for r in self._results):
-            sign, i = self.archive.spec.sign, self.archive.spec.objective_index
+            sign, i = self.archive.spec.score_factor, self.archive.spec.objective_index
             self.scheduler.tell(np.array([sign * r.values[i] for r in self._results]),
                                 np.array([r.measures for r in self._results]))
             self._configs = []

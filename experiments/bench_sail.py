@@ -104,7 +104,7 @@ def run_bop_elites(problem: Problem, spec: EliteSpec, budget: int, batch: int, n
                           seed=seed)
     emitter = BayesianOptimizationEmitter(archive, bounds=[(0.0, 1.0)] * d, num_initial_samples=n_init,
                                           batch_size=batch, search_nrestarts=max(5, batch),
-                                          min_obj=spec.sign * spec.qd_score_offset, seed=seed)
+                                          min_obj=spec.score_factor * spec.qd_score_offset, seed=seed)
     scheduler = BayesianOptimizationScheduler(archive, [emitter])
     trials: list[Trial] = []
     asks: list[float] = []
@@ -118,7 +118,7 @@ def run_bop_elites(problem: Problem, spec: EliteSpec, budget: int, batch: int, n
         trials.extend(results)
         if last:  # the budget is spent: nothing more to learn
             break
-        scheduler.tell(np.array([spec.sign * r.values[spec.objective_index] for r in results]),
+        scheduler.tell(np.array([spec.score_factor * r.values[spec.objective_index] for r in results]),
                        np.array([r.measures for r in results]))
     return trials, asks[1:]  # the first ask only returns the Sobol sample
 

@@ -34,17 +34,19 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import moocore
 import numpy as np
-from ribs.archives import ArchiveBase, CVTArchive, GridArchive
 
 from qd.checks import OptionError, is_finite_number, is_int
 from qd.columns import Columns
 from qd.problem import Problem, sign_of
 from qd.scaling import Scaling
 from qd.store import Store, Trial
+
+if TYPE_CHECKING:  # pyribs imports torch, sklearn and numba: seconds that `qd show` need not pay
+    from ribs.archives import ArchiveBase
 
 ArchiveKind = Literal["grid", "cvt"]
 ARCHIVE_KINDS: tuple[str, ...] = ("grid", "cvt")
@@ -418,6 +420,8 @@ class EliteArchive:
 
     def __init__(self, problem: Problem, spec: EliteSpec):
         self.problem, self.spec, self.space = problem, spec, problem.space
+        from ribs.archives import CVTArchive, GridArchive
+
         d, sign = problem.space.dim, spec.score_factor
         offset = sign * spec.qd_score_offset
         common = {"solution_dim": d, "ranges": _ranges(problem), "qd_score_offset": offset, "seed": spec.seed}
@@ -438,6 +442,7 @@ class EliteArchive:
         if spec.learning_rate is not None:
             self.archive = make(learning_rate=spec.learning_rate, threshold_min=sign * spec.threshold_min)
         self.n_inserted = 0
+        self._grid: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (dims, lower, interval) of a grid
         #: Per-configuration sums when ``spec.aggregate`` (``qd.noise``), else None.
         self.repeats = None
         if spec.aggregate:
@@ -460,13 +465,7 @@ class EliteArchive:
 
     def _takes_rows(self, cols: Columns) -> np.ndarray:
         """(n,) which rows go into this archive (feasible, finite measures, top fidelity)."""
-        ok = cols.feasible & np.isfinite(cols.measures).all(axis=1)
-        if self.spec.fidelity is not None:
-            j = self.space.names.index(self.spec.fidelity)
-            from qd.space import _raw_value
-
-            ok &= cols.raw[:, j] == _raw_value(self.space.params[j], self.spec.fidelity_top)
-        return ok
+        return _elite_rows_taken(self.spec, self.space, cols)
 
     def add_columns(self, cols: Columns) -> None:
         """Insert the rows of ``cols`` this archive takes, in order (one pyribs batch when the
@@ -479,24 +478,39 @@ class EliteArchive:
 
             self.add_trials(trials_of(cols.select(ok), self.space))
             return
-        X = self.space.encode_raw(cols.raw[ok])
-        objective = self.spec.score_factor * cols.values[ok, self.spec.objective_index]
-        measures = cols.measures[ok]
+        rows = np.flatnonzero(ok)
+        if self.spec.learning_rate is None and self.spec.kind == "grid" and len(rows) > 4 * self.n_cells:
+            # A plain elitist grid keeps each cell's best row (the earliest of equals, as pyribs does):
+            # inserting only those builds the same archive (a resume of 10^6 trials adds 400 rows).
+            score = self.spec.score_factor * cols.values[rows, self.spec.objective_index]
+            keep = rows[best_of_cells(self._grid_cells(cols.measures[rows]), score, cols.number[rows], self.n_cells)]
+            self.n_inserted += len(rows) - len(keep)
+            rows = keep
+        X = self.space.encode_raw(cols.raw[rows])
+        objective = self.spec.score_factor * cols.values[rows, self.spec.objective_index]
+        measures = cols.measures[rows]
         if self.spec.learning_rate is None:
             self.archive.add(solution=X, objective=objective, measures=measures)
         else:
             for i in range(len(X)):
                 self.archive.add(solution=X[i:i + 1], objective=objective[i:i + 1], measures=measures[i:i + 1])
             self.result.add(solution=X, objective=objective, measures=measures)
-        self.n_inserted += int(ok.sum())
+        self.n_inserted += len(rows)
 
     def cells_of(self, cols: Columns) -> np.ndarray:
         """(n,) the cell of each row this archive takes, else -1."""
         out = np.full(len(cols), -1, dtype=np.int64)
         ok = self._takes_rows(cols)
         if ok.any():
-            out[ok] = self.result.index_of(cols.measures[ok])
+            out[ok] = self._grid_cells(cols.measures[ok]) if self.spec.kind == "grid" \
+                else self.result.index_of(cols.measures[ok])
         return out
+
+    def _grid_cells(self, measures: np.ndarray) -> np.ndarray:
+        if self._grid is None:
+            lower, upper = (np.array(b, dtype=np.float64) for b in zip(*_ranges(self.problem)))
+            self._grid = (np.array(self.spec.bins, dtype=np.int32), lower, upper - lower)
+        return _grid_index(*self._grid, measures)
 
     def takes(self, trial: Trial) -> bool:
         """Whether ``trial`` goes into this archive: insertable, and at the top fidelity when one is set."""
@@ -617,6 +631,67 @@ class EliteArchive:
         return out
 
 
+def _elite_rows_taken(spec: EliteSpec, space: Any, cols: Columns) -> np.ndarray:
+    """(n,) the rows an elite archive of ``spec`` takes: feasible, finite measures, top fidelity."""
+    ok = cols.feasible & np.isfinite(cols.measures).all(axis=1)
+    if spec.fidelity is not None:
+        j = space.names.index(spec.fidelity)
+        from qd.space import _raw_value
+
+        ok &= cols.raw[:, j] == _raw_value(space.params[j], spec.fidelity_top)
+    return ok
+
+
+def best_of_cells(cells: np.ndarray, score: np.ndarray, number: np.ndarray, n_cells: int) -> np.ndarray:
+    """(n,) mask of the rows that hold their cell: the best ``score``, the smallest ``number`` of
+    equals (pyribs keeps the first of equal elites). Linear: no sort of 10^6 rows."""
+    best = np.full(n_cells, -np.inf)
+    np.maximum.at(best, cells, score)
+    tied = score == best[cells]
+    first = np.full(n_cells, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, cells[tied], number[tied])
+    return tied & (number == first[cells])
+
+
+#: pyribs' ``GridArchive`` default ``epsilon`` (added before flooring, against rounding).
+GRID_EPSILON = 1e-6
+
+
+def grid_cells(spec: EliteSpec, problem: Problem, measures: np.ndarray) -> np.ndarray:
+    """(n, k) finite measures -> (n,) cells of a grid archive of ``spec``, with pyribs'
+    ``GridArchive.index_of`` arithmetic (clipped to the grid), in numpy alone."""
+    lower, upper = (np.array(b, dtype=np.float64) for b in zip(*_ranges(problem)))
+    return _grid_index(np.array(spec.bins, dtype=np.int32), lower, upper - lower, measures)
+
+
+def _grid_index(dims: np.ndarray, lower: np.ndarray, interval: np.ndarray, measures: np.ndarray) -> np.ndarray:
+    index = ((dims * (np.asarray(measures, dtype=np.float64) - lower) + GRID_EPSILON) / interval).astype(np.int32)
+    np.clip(index, 0, dims - 1, out=index)
+    return np.ravel_multi_index(index.T, dims).astype(np.int64)
+
+
+def grid_summary(problem: Problem, spec_json: Mapping[str, Any], cols: Columns) -> dict[str, Any] | None:
+    """``metrics()`` and ``describe()`` of the run's result archive, from its columns with numpy
+    alone, for a grid elite archive (its result archive keeps the best row of each cell, whatever
+    the insertion order; CMA-MAE's thresholds only shape the archive emitters learn from).
+    None for other archives (CVT, averaged repeats, Pareto): build them with ``archive_for_run``.
+    The figures agree with pyribs' own to rounding (a test rebuilds the archive with pyribs)."""
+    spec = spec_from_json(spec_json)
+    if not isinstance(spec, EliteSpec) or spec.kind != "grid" or spec.aggregate:
+        return None
+    ok = _elite_rows_taken(spec, problem.space, cols)
+    n_cells = int(np.prod(spec.bins))
+    stored = spec.score_factor * cols.values[ok, spec.objective_index]  # what pyribs maximises
+    best_of_cell = np.full(n_cells, -np.inf)
+    np.maximum.at(best_of_cell, grid_cells(spec, problem, cols.measures[ok]), stored)
+    elites = best_of_cell[np.isfinite(best_of_cell)]
+    offset = spec.score_factor * spec.qd_score_offset
+    qd_score = float(np.sum(elites) - len(elites) * offset)
+    metrics = {"coverage": len(elites) / n_cells, "qd_score": qd_score, "norm_qd_score": qd_score / n_cells,
+               "num_elites": int(len(elites)), "best": float(spec.score_factor * elites.max()) if len(elites) else None}
+    return {**metrics, **spec.describe(), "cells": n_cells}
+
+
 @dataclass
 class _Front:
     """One cell's Pareto front: ``solutions`` (k, d), ``values`` (k, m) in objective units."""
@@ -648,6 +723,8 @@ class ParetoArchive:
         self.scaling = spec.scaling  # hypervolumes in these units; dominance is the same in both
         self._ref_min = self._minimised(np.array(spec.reference_point)[None])[0]
         # pyribs' grid does the cell arithmetic (bin edges, clipping, epsilon), and nothing else.
+        from ribs.archives import GridArchive
+
         self.grid = GridArchive(solution_dim=1, dims=spec.bins, ranges=_ranges(problem))
         self.fronts: dict[int, _Front] = {}
         self.n_inserted = 0

@@ -77,15 +77,17 @@ def _title(store: Store) -> str:
 
 
 def archive_figure(store: Store, problem: Problem, archive: RunArchive, cols: Columns | None = None,
-                   pages: Mapping[int, int] | None = None) -> go.Figure:
+                   elite_rows: np.ndarray | None = None, pages: Mapping[int, int] | None = None) -> go.Figure:
     """The archive as a native plotly heatmap (``qd.figures.archive_heatmap``): hovering a cell
     shows its bin ranges, value and qd's trial number; a filled cell whose trial is in the study
-    links to its page there (``pages``: qd number -> dashboard trial number, ``Mirror.pages``)."""
-    from qd.explore import elite_rows
+    links to its page there (``pages``: qd number -> dashboard trial number, ``Mirror.pages``).
+    ``elite_rows``: the elites' rows of ``cols`` when known (the run loop keeps them)."""
+    from qd.explore import elite_rows as find_elite_rows
     from qd.figures import archive_heatmap
 
     cols = store.columns() if cols is None else cols
-    elites = store.to_trials(cols.select(elite_rows(cols, archive)))  # one per cell, not the whole run
+    rows = find_elite_rows(cols, archive) if elite_rows is None else elite_rows
+    elites = store.to_trials(cols.select(rows))  # one per cell, not the whole run
     study_id = store.study._study_id
     m = archive.metrics()
     score = f"MOQD score {m['moqd_score']:.4g}" if "moqd_score" in m else f"QD score {m['qd_score']:.4g}"
@@ -103,7 +105,10 @@ def pareto_plotly(store: Store, cols: Columns, reference: Reference | None = Non
     names, directions = _names(store)
     ok = np.flatnonzero(cols.feasible)
     on_front = ok[pareto_front_mask(cols.values[ok], directions)] if len(ok) else ok
-    rest = _sample(np.setdiff1d(ok, on_front))
+    others = np.zeros(len(cols), dtype=bool)  # a mask, not a set difference: linear at 10^6 rows
+    others[ok] = True
+    others[on_front] = False
+    rest = _sample(np.flatnonzero(others))
     labels = [f"{n} ({d[:3]})" for n, d in zip(names, directions)]
     fig = go.Figure()
     m = len(names)
@@ -284,15 +289,18 @@ def note_markdown(store: Store, problem: Problem | None, cols: Columns, archive:
 
 
 # --- publishing -------------------------------------------------------------------------------
-def featured_numbers(cols: Columns, archive: RunArchive | None, directions: Sequence[str]) -> tuple[list[int], set[int]]:
+def featured_numbers(cols: Columns, archive: RunArchive | None, directions: Sequence[str],
+                     elite_rows: np.ndarray | None = None) -> tuple[list[int], set[int]]:
     """(trial numbers worth mirroring beyond the first ones, the numbers of the elites): the
     archive's elites (the best trial of each cell) and the Pareto set."""
     elites: set[int] = set()
     ok = np.flatnonzero(cols.feasible)
-    if archive is not None and len(ok):
-        from qd.explore import elite_rows
+    if elite_rows is not None:
+        elites = set(cols.number[elite_rows].tolist())
+    elif archive is not None and len(ok):
+        from qd.explore import elite_rows as find_elite_rows
 
-        elites = set(cols.number[elite_rows(cols, archive)].tolist())
+        elites = set(cols.number[find_elite_rows(cols, archive)].tolist())
     front: list[int] = []
     if len(directions) > 1 and len(ok):
         front = cols.number[ok[pareto_front_mask(cols.values[ok], directions)]].tolist()
@@ -301,8 +309,9 @@ def featured_numbers(cols: Columns, archive: RunArchive | None, directions: Sequ
 
 def publish(store: Store, problem: Problem | None = None, *, budget: int | None = None,
             cols: Columns | None = None, archive: RunArchive | None = None,
-            mirror_budget_s: float | None = None) -> list[str]:
+            mirror_budget_s: float | None = None, elite_rows: np.ndarray | None = None) -> list[str]:
     """Write the run's figures and note into its study, and mirror its trials there (``qd.mirror``).
+    ``elite_rows``: the rows of ``cols`` holding the archive's elites, when the caller keeps them.
     Returns the figure ids written."""
     from optuna_dashboard import save_note, save_plotly_graph_object
 
@@ -318,18 +327,18 @@ def publish(store: Store, problem: Problem | None = None, *, budget: int | None 
         archive = archive_for_run(store, problem, cols)
     if budget is None:
         budget = store.attrs().get(BUDGET_KEY)
-    mirrored, pages = None, None
+    mirrored, left, pages = None, 0, None
     if problem is not None:
-        featured, elites = featured_numbers(cols, archive, directions)
+        featured, elites = featured_numbers(cols, archive, directions, elite_rows)
         bins = _cell_bins(archive)
         mirror = Mirror(store, problem)
         mirror.sync(cols, featured, elites, bins, time_budget_s=mirror_budget_s)
-        mirrored = len(mirror.mirrored())
+        mirrored, left = len(mirror.mirrored()), mirror.left
         pages = mirror.pages()
     written = []
     figures: list[tuple[str, go.Figure | None]] = []
     if archive is not None and not archive.empty:
-        figures.append((ARCHIVE_ID, archive_figure(store, problem, archive, cols, pages)))
+        figures.append((ARCHIVE_ID, archive_figure(store, problem, archive, cols, elite_rows, pages)))
     figures.append((PARETO_ID, pareto_plotly(store, cols, reference)))
     figures.append((METRICS_ID, metrics_plotly(store, problem, cols, reference)))
     for graph_id, fig in figures:
@@ -337,7 +346,10 @@ def publish(store: Store, problem: Problem | None = None, *, budget: int | None 
             save_plotly_graph_object(store.study, fig, graph_object_id=graph_id)
             written.append(graph_id)
     save_note(store.study, note_markdown(store, problem, cols, archive, reference, budget, mirrored))
-    store.study._storage.set_study_system_attr(store.study._study_id, PUBLISHED_KEY, int(cols.finished.sum()))
+    # Up to date only once every trial due is mirrored: `qd dashboard` copies what a run's own
+    # (time-bounded) publishing left.
+    store.study._storage.set_study_system_attr(store.study._study_id, PUBLISHED_KEY,
+                                               -1 if left else int(cols.finished.sum()))
     return written
 
 
@@ -369,8 +381,16 @@ class Publisher(Listener):
 
     Publishes every ``every_s`` seconds and at the end, and never spends more than
     ``MAX_PUBLISH_SHARE`` of the run's time doing it: the interval stretches when figures get
-    expensive. Publishing errors are reported once on stderr and never stop the run.
+    expensive, and mirroring trials into the study (Optuna writes a trial in tens of
+    milliseconds) gets what is left of that share, at least ``MIN_MIRROR_S`` per publish. What a
+    fast run leaves unmirrored, ``qd dashboard`` copies before it serves. Publishing errors are
+    reported once on stderr and never stop the run.
     """
+
+    #: Each publish may mirror trials for at least this long.
+    MIN_MIRROR_S = 0.25
+    #: What the first publish is expected to cost (figures, note, mirror), before one was timed.
+    FIRST_COST_S = 1.0
 
     def __init__(self, store: Store, problem: Problem, budget: int | None = None, every_s: float = 10.0,
                  max_share: float | None = MAX_PUBLISH_SHARE):
@@ -382,31 +402,50 @@ class Publisher(Listener):
         self._failed = False
         self.published = 0
         self._published_at = -1
+        self._t0 = time.monotonic()
+        #: Seconds spent publishing so far.
+        self.spent_s = 0.0
+        self._last_cost = 0.0
         if budget is not None:
             store.set_attr(BUDGET_KEY, int(budget))
 
+    def _mirror_budget(self, most_s: float) -> float:
+        if self.max_share is None:
+            return most_s
+        allowed = self.max_share * (time.monotonic() - self._t0) - self.spent_s
+        return min(most_s, max(self.MIN_MIRROR_S, allowed))
+
     def update(self, state: RunState) -> None:
-        self.publish(state, mirror_budget_s=1.0)
+        if self.max_share is not None:
+            # Not before the run has lasted long enough for a publish (as costly as the last one, or
+            # ``FIRST_COST_S``) to fit in the share: a fast run is published once, at its end.
+            cost = self._last_cost if self.published else self.FIRST_COST_S
+            if self.spent_s + cost > self.max_share * (time.monotonic() - self._t0):
+                return
+        self.publish(state, mirror_budget_s=self._mirror_budget(1.0))
 
     def publish(self, state: RunState, mirror_budget_s: float | None = None) -> None:
         t0 = time.monotonic()
         try:
             self.store.flush()
             publish(self.store, self.problem, budget=self.budget, cols=state.columns(), archive=state.archive,
-                    mirror_budget_s=mirror_budget_s)
+                    mirror_budget_s=mirror_budget_s, elite_rows=state.elite_rows())
             self.published += 1
             self._published_at = state.n_finished
         except Exception as e:  # the dashboard is a view: it must never stop a run
             if not self._failed:
                 print(f"qd: dashboard figures not updated: {type(e).__name__}: {e}", file=sys.stderr)
             self._failed = True
+        spent = time.monotonic() - t0
+        self.spent_s += spent
+        self._last_cost = spent
         if self.max_share is not None:
-            self.every_s = max(self.base_every_s, (time.monotonic() - t0) / self.max_share)
+            self.every_s = max(self.base_every_s, spent / self.max_share)
 
     def close(self, state: RunState) -> None:
         """Publish the final state (after the metrics' last row, which the loop writes first)."""
         if self._published_at != state.n_finished or not self.published:
-            self.publish(state, mirror_budget_s=10.0)
+            self.publish(state, mirror_budget_s=self._mirror_budget(10.0))
 
 
 # --- serving ----------------------------------------------------------------------------------

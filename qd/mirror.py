@@ -3,7 +3,9 @@
 The record (``qd.store``) is the source of truth; the study is a view, kept small enough for a
 browser: every finished trial of a run up to ``MIRROR_ALL`` trials, in number order (so the
 dashboard's trial numbers are qd's), then only trials the caller features (the archive's elites,
-the Pareto set) up to ``MIRROR_CAP`` in all. Each mirrored trial carries qd's number
+the Pareto set) up to ``MIRROR_CAP`` in all; fewer, and a shorter prefix, where that many would
+make the dashboard's study page heavier than ``MIRROR_PAGE_BYTES`` (spaces of many parameters:
+a 20-parameter trial is about 5.7 KB there). Each mirrored trial carries qd's number
 (``qd_number``), its measures, cell and per-measure bins, and ``is_elite`` as it was when it was
 copied. Trials are copied in batches with ``Study.add_trials`` within a time budget, so a
 publish never stalls the run loop for long; what is left waits for the next one.
@@ -11,6 +13,7 @@ publish never stalls the run loop for long; what is left waits for the next one.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -24,6 +27,9 @@ from qd.problem import Problem
 
 MIRROR_ALL = 200
 MIRROR_CAP = 600
+#: What the mirrored trials may weigh on the dashboard's study page (its JSON), in all: a trial of
+#: a 20-parameter space is about 5.7 KB there, so such a run shows fewer than ``MIRROR_CAP``.
+MIRROR_PAGE_BYTES = 1_500_000
 _KEY = "qd_mirrored"  # study system attr: the qd numbers copied so far, in the order copied
 
 
@@ -34,6 +40,9 @@ class Mirror:
         self.store, self.problem = store, problem
         self.all_up_to, self.cap = int(all_up_to), int(cap)
         self._done: list[int] | None = None
+        #: Trials the last ``sync`` left to copy (its time budget ran out first).
+        self.left = 0
+        self._page_fitted = False
 
     def mirrored(self) -> set[int]:
         """The qd numbers copied so far."""
@@ -60,11 +69,15 @@ class Mirror:
         stop = int(prefix[-1]) + 1 if len(prefix) else 0
         rows = [i for i in prefix.tolist() if int(cols.number[i]) not in done]
         room = self.cap - len(done) - len(rows)
-        if room > 0:
-            position = {int(n): i for i, n in enumerate(cols.number.tolist())} if featured else {}
-            extra = [position[n] for n in featured if n in position and n not in done and position[n] >= stop
-                     and finished[position[n]]]
-            rows += sorted(set(extra))[:room]
+        if room > 0 and len(featured):
+            # Rows of the featured numbers by binary search (cols is in number order): no map of
+            # every row, which at 10^6 trials costs a second and a hundred MB.
+            wanted = np.array(sorted({int(n) for n in featured} - done), dtype=np.int64)
+            at = np.searchsorted(cols.number, wanted)
+            inside = at < len(cols)
+            at = at[inside][cols.number[at[inside]] == wanted[inside]]
+            extra = at[(at >= stop) & finished[at]] if len(at) else at
+            rows += np.unique(extra).tolist()[:room]
         return rows[: max(0, self.cap - len(done))]
 
     def sync(self, cols: Columns, featured: Sequence[int] = (), elites: set[int] | None = None,
@@ -79,21 +92,52 @@ class Mirror:
             time_budget_s: stop copying after about this long (None: copy everything pending).
         """
         cols = cols.sorted()
+        self._fit_page(cols)
         rows = self.pending(cols, featured)
+        self.left = len(rows)
         if not rows:
             return 0
         study = self.store.study
         t0 = time.monotonic()
         copied: list[int] = []
-        for start in range(0, len(rows), 50):
-            batch = rows[start:start + 50]
+        size, start = 50 if time_budget_s is None else 1, 0
+        while start < len(rows):
+            batch = rows[start:start + size]
             study.add_trials([self._frozen(cols, i, elites, cell_bins) for i in batch])
             copied += [int(cols.number[i]) for i in batch]
-            if time_budget_s is not None and time.monotonic() - t0 > time_budget_s:
-                break
+            start += len(batch)
+            if time_budget_s is not None:
+                # Optuna writes a trial in tens of milliseconds: size the next batch to what is left.
+                spent = time.monotonic() - t0
+                if spent >= time_budget_s:
+                    break
+                size = int(max(1, min(50, (time_budget_s - spent) / (spent / len(copied)))))
         self._done = self._copied() + copied
         study._storage.set_study_system_attr(study._study_id, _KEY, self._done)
+        self.left = len(rows) - len(copied)
         return len(copied)
+
+    def _fit_page(self, cols: Columns) -> None:
+        """Lower ``cap`` so the mirrored trials stay within ``MIRROR_PAGE_BYTES`` of the study page
+        (one trial measured as optuna-dashboard serialises it), and the first-trials prefix to a
+        third of it: in a big run the elites are what is worth showing."""
+        if self._page_fitted:
+            return
+        done = np.flatnonzero(cols.state == COMPLETE)
+        if not len(done):
+            return
+        self._page_fitted = True
+        try:
+            from optuna_dashboard._serializer import serialize_frozen_trial
+
+            trial = self._frozen(cols, int(done[0]), set(), {})
+            size = len(json.dumps(serialize_frozen_trial(0, trial, {}), default=str)) + 300  # measures, bins
+        except Exception:  # another dashboard version: about 250 bytes a parameter
+            size = 250 * len(self.problem.space.params) + 800
+        fit = max(1, MIRROR_PAGE_BYTES // size)
+        if fit < self.cap:
+            self.cap = int(fit)
+            self.all_up_to = min(self.all_up_to, max(1, self.cap // 3))
 
     def _frozen(self, cols: Columns, i: int, elites: set[int] | None,
                 cell_bins: dict[int, list[int]] | None) -> optuna.trial.FrozenTrial:

@@ -319,7 +319,10 @@ def summary(store: Store, problem: Problem | None = None, cols: Columns | None =
 
 def _archive_summary(store: Store, problem: Problem, cols: Columns) -> dict[str, Any]:
     """The run's archive rebuilt from its trials: metrics and what the archive is (qd.archive)."""
-    from qd.archive import archive_for_run
+    from qd.archive import archive_for_run, grid_summary
 
+    quick = grid_summary(problem, store.archive_spec_json, cols)  # grids without pyribs (its import costs seconds)
+    if quick is not None:
+        return quick
     archive = archive_for_run(store, problem, cols)
     return {**archive.metrics(), **archive.describe()}

@@ -44,7 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from evaluators.base import Evaluator, Job, Outcome
-from qd.columns import COMPLETE, FAILED, ORIGIN_REQUEUE, Columns, dumps_metadata
+from qd.columns import COMPLETE, FAILED, ORIGIN_REQUEUE, Columns, ColumnsBuilder, dumps_metadata
 from qd.experiment import ExperimentError
 from qd.problem import BatchEvaluation, EvaluationError, Problem
 from qd.results import hypervolume, pareto_front_mask, reference_point_of_values
@@ -134,8 +134,15 @@ def evaluation_seeds(run_seed: int, numbers: np.ndarray) -> np.ndarray:
     return (z & np.uint64(0x7FFFFFFF)).astype(np.int64)
 
 
+_M64 = 2**64 - 1
+
+
 def evaluation_seed(run_seed: int, trial_number: int) -> int:
-    return int(evaluation_seeds(run_seed, np.array([trial_number]))[0])
+    """``evaluation_seeds`` for one trial, in Python integers (equal; a tenth of the cost)."""
+    z = (int(trial_number) + (run_seed & 0xFFFFFFFF) * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return (z ^ (z >> 31)) & 0x7FFFFFFF
 
 
 class _Progress:
@@ -179,9 +186,8 @@ class _Progress:
 
     def _max_hypervolume(self) -> float | None:
         if self._max_hv is False:
-            try:  # a benchmark's known maximum (a property or a method); most problems do not know theirs
-                top = getattr(self.problem, "max_hypervolume", None)
-                top = top() if callable(top) else top
+            try:  # a benchmark's known maximum (Problem.max_hypervolume); most problems do not know theirs
+                top = self.problem.max_hypervolume
                 self._max_hv = float(top) if top else None
             except Exception:
                 self._max_hv = None
@@ -315,23 +321,33 @@ class RunState:
         from qd.metrics import METRICS_KEY, rows_every
 
         self.store, self.problem, self.budget = store, problem, budget
-        self._chunks: list[Columns] = [history]
+        # Room for the budget from the start (pages count once written; beyond 2^21 rows it grows).
+        left = max(0, budget - int(history.finished.sum()))
+        self._columns = ColumnsBuilder(history, capacity=len(history) + min(left, 1 << 21))
+        self._columns.append(history)
         self.n_finished = int(history.finished.sum())
         self.n_complete = int(history.complete.sum())
         self.n_failed = self.n_finished - self.n_complete
         self.directions = problem.directions
+        self._sign = np.array([1.0 if d == "minimize" else -1.0 for d in self.directions])  # minimised = sign * value
         self.front = np.empty((0, len(problem.objectives)))
         self._update_front(history)
         self.archive = None
         self.own_archive = False
         spec = store.archive_spec_json
         if spec is not None:
-            shared = getattr(strategy, "archive", None)
-            if shared is not None and getattr(shared, "spec_json", lambda: None)() == spec:
+            shared = strategy.archive  # Strategy.archive: None unless it keeps one
+            if shared is not None and shared.spec_json() == spec:
                 self.archive = shared  # restored by the strategy from the same history
             else:
                 self.archive, self.own_archive = archive_from_spec_json(problem, spec), True
                 self.archive.add_columns(history)
+        # The row of each cell's elite (best value, earliest trial of equals: ``qd.explore.elite_rows``),
+        # kept as batches arrive, so a publish at 10^6 trials does not sort them all to find 400.
+        self._elites: _EliteRows | None = None
+        if self.archive is not None and hasattr(self.archive, "spec") and not hasattr(self.archive, "fronts"):
+            self._elites = _EliteRows(self.archive)
+            self._elites.add(history, 0)
         self.metrics_key = METRICS_KEY
         self.every = rows_every(budget)
         self.metrics: list[dict[str, Any]] = [r for r in store.attrs().get(METRICS_KEY, [])
@@ -341,9 +357,17 @@ class RunState:
     # trials
     def add(self, cols: Columns) -> None:
         """Finished trials (already recorded and told to the strategy)."""
-        self._chunks.append(cols)
-        fin = int(cols.finished.sum())
-        comp = int(cols.complete.sum())
+        at = len(self._columns)
+        self._columns.append(cols)
+        if self._elites is not None:
+            self._elites.add(cols, at)
+        if len(cols) == 1:  # a trial at a time (the per-configuration loop): no array reductions
+            state = int(cols.state[0])
+            comp = int(state == COMPLETE)
+            fin = int(comp or (state == FAILED and not cols.stale[0]))
+        else:
+            fin = int(cols.finished.sum())
+            comp = int(cols.complete.sum())
         before = self.n_finished
         self.n_finished += fin
         self.n_complete += comp
@@ -354,11 +378,18 @@ class RunState:
         if self.archive is not None and self.n_finished // self.every > before // self.every:
             self.append_metrics()
 
+    def reserve(self, n: int) -> Columns:
+        """n blank rows for the next batch, filled in place, then given to ``add``."""
+        return self._columns.reserve(n)
+
     def columns(self) -> Columns:
-        """Every trial finished so far, in the order recorded (one array each; cached)."""
-        if len(self._chunks) > 1:
-            self._chunks = [Columns.concat(self._chunks)]
-        return self._chunks[0]
+        """Every trial finished so far, in the order recorded (views of the run's arrays)."""
+        return self._columns.view()
+
+    def elite_rows(self) -> np.ndarray | None:
+        """Row indices (into ``columns()``) of the archive's elites, one per occupied cell in cell
+        order, as ``qd.explore.elite_rows`` finds them; None where the archive is not an elite one."""
+        return None if self._elites is None else self._elites.rows()
 
     def cells(self, cols: Columns) -> np.ndarray:
         return np.full(len(cols), -1, dtype=np.int64) if self.archive is None else self.archive.cells_of(cols)
@@ -367,7 +398,16 @@ class RunState:
         ok = cols.feasible
         if not ok.any():
             return
-        Y = np.vstack([self.front, cols.values[ok]])
+        new = cols.values[ok]
+        if len(self.directions) == 1 and len(new) > 1:  # one objective: the front is the best row
+            new = new[[int(np.argmin(self._sign[0] * new[:, 0]))]]
+        if len(self.front) and len(new) == 1:  # a trial at a time: most are dominated, which is cheap to see
+            if len(self.directions) == 1:
+                if self._sign[0] * self.front[0, 0] <= self._sign[0] * new[0, 0]:
+                    return
+            elif np.any(np.all(self.front * self._sign <= new[0] * self._sign, axis=1)):  # dominated or equal
+                return
+        Y = np.vstack([self.front, new])
         self.front = Y[pareto_front_mask(Y, self.directions)]
 
     # metrics
@@ -390,6 +430,40 @@ class RunState:
         if self.archive is not None and self.n_finished:
             self.append_metrics()
         self.flush_metrics()
+
+
+class _EliteRows:
+    """Per cell of an elite archive: the row, score (``sign * value``) and number of its best trial."""
+
+    def __init__(self, archive: Any):
+        self.factor, self.objective = archive.spec.score_factor, archive.spec.objective_index
+        self.row = np.full(archive.n_cells, -1, dtype=np.int64)
+        self.score = np.full(archive.n_cells, -np.inf)
+        self.number = np.full(archive.n_cells, np.iinfo(np.int64).max, dtype=np.int64)
+
+    def add(self, cols: Columns, first_row: int) -> None:
+        if len(cols) == 1:  # a trial at a time: scalars, not array passes
+            cell = int(cols.cell[0])
+            if cell >= 0:
+                score, number = self.factor * float(cols.values[0, self.objective]), int(cols.number[0])
+                if score > self.score[cell] or (score == self.score[cell] and number < self.number[cell]):
+                    self.row[cell], self.score[cell], self.number[cell] = first_row, score, number
+            return
+        rows = np.flatnonzero(cols.cell >= 0)
+        if not len(rows):
+            return
+        from qd.archive import best_of_cells
+
+        cell, number = cols.cell[rows], cols.number[rows]
+        score = self.factor * cols.values[rows, self.objective]
+        first = best_of_cells(cell, score, number, len(self.row))  # per cell: best score, then the earliest trial
+        rows, cell, number, score = rows[first], cell[first], number[first], score[first]
+        better = (score > self.score[cell]) | ((score == self.score[cell]) & (number < self.number[cell]))
+        cell = cell[better]
+        self.row[cell], self.score[cell], self.number[cell] = rows[better] + first_row, score[better], number[better]
+
+    def rows(self) -> np.ndarray:
+        return self.row[self.row >= 0]
 
 
 class Listener:
@@ -430,8 +504,11 @@ class _Loop:
     # steps
     def recover(self) -> Columns:
         """Claim the run, fail trials left in flight as stale, queue their configurations again."""
-        cols, drivers = self.store.columns(with_drivers=True)
-        claim_run(self.store, self.token, self.driver, [d for d, s in zip(drivers, cols.state) if s == 0])
+        # Claim first, read after: a driver that read the run before another one finished and
+        # released it would otherwise resume from a stale picture (and reuse its trial numbers).
+        claim_run(self.store, self.token, self.driver, self.store.record.running_drivers())
+        self.store.sync_numbers()
+        cols = self.store.columns()
         running = cols.state == 0
         if running.any():
             stale = cols.select(running)
@@ -581,8 +658,7 @@ class _Loop:
             raws, origins, requeue_of = [R[:left]], [0] * min(left, len(R)), [-1] * min(left, len(R))
         R = np.vstack(raws)
         n = len(R)
-        d, m, k, c = self.store.dims
-        cols = Columns.empty(d, m, k, c, n=n)
+        cols = self.state.reserve(n)  # filled in place: the run's columns hold it without a copy
         cols.number[:] = self.store.next_numbers(n)
         cols.raw[:] = R
         cols.origin[:] = origins
@@ -603,7 +679,7 @@ class _Loop:
         self.strategy.tell_columns(cols)
         self.state.add(cols)
         self.progress.update(cols, 0, force=self.state.n_finished >= self.budget)
-        self.store.maybe_flush()
+        self.store.maybe_flush(wait=False)  # cheap outcomes: written beside the next batch
         self.notify()
         return True
 
@@ -618,6 +694,7 @@ class _Loop:
         if len(history):  # a fresh run keeps the strategy exactly as its seed made it
             self.strategy.restore_columns(history, self.store)
         self.state = RunState(self.store, self.problem, self.strategy, history, self.budget)
+        del history  # the state holds its own copy, with room for the budget
         self.progress = _Progress(self.store, self.problem, self.strategy, self.budget, self.state, self.show_progress)
         self.store.autoflush = False
         stop = None
@@ -641,7 +718,10 @@ class _Loop:
                 if hasattr(self.strategy, "close"):
                     self.strategy.close()
                 self.evaluator.close()
-                self.store.flush()
+                try:
+                    self.store.flush()
+                finally:
+                    self.store.close_writer()
                 self.state.close()
                 for listener in self.listeners:
                     listener.close(self.state)
@@ -651,8 +731,9 @@ class _Loop:
                 self.progress.close()
                 if stop is not None:
                     stop.restore()  # last: a signal during the cleanup above is ignored
-        counts = self.store.columns().counts()
-        return RunReport(finished=self.state.n_finished, complete=counts["n_complete"], failed=counts["n_failed"],
+        # The run's state counts what the record holds (its history plus what this session
+        # flushed): reading 10^6 rows back to count them would cost seconds and their memory twice.
+        return RunReport(finished=self.state.n_finished, complete=self.state.n_complete, failed=self.state.n_failed,
                          requeued=n_requeued, elapsed_s=time.monotonic() - self.t_start, stopped_by=self.stopped_by)
 
 
@@ -690,8 +771,13 @@ def _fill(cols: Columns, be: BatchEvaluation | None, batch_error: str | None, pr
     measures = np.asarray(be.measures, dtype=float).reshape(n, k) if k else np.empty((n, 0))
     constraints = np.asarray(be.constraints, dtype=float).reshape(n, c) if c else np.empty((n, 0))
     finite = np.isfinite(values).all(axis=1) & np.isfinite(measures).all(axis=1) & np.isfinite(constraints).all(axis=1)
-    errors = list(be.errors) if be.errors is not None else [None] * n
-    ok = finite & np.array([e is None for e in errors], dtype=bool)
+    errors = list(be.errors) if be.errors is not None else None
+    ok = finite if errors is None else finite & np.array([e is None for e in errors], dtype=bool)
+    if ok.all():  # the common case: whole arrays, no masked copies
+        cols.state[:] = COMPLETE
+        cols.values[:], cols.measures[:], cols.constraints[:] = values, measures, constraints
+        return
+    errors = errors or [None] * n
     cols.state[:] = np.where(ok, COMPLETE, FAILED)
     cols.values[ok], cols.measures[ok], cols.constraints[ok] = values[ok], measures[ok], constraints[ok]
     if not ok.all():

@@ -32,7 +32,7 @@ import pandas as pd
 from qd.columns import (COMPLETE, FAILED, ORIGIN_CODES, ORIGIN_NAMES, RUNNING, STATE_NAMES, Columns,
                         dumps_metadata)
 from qd.problem import Problem
-from qd.record import Record, engine_for, running_row
+from qd.record import WAL_AUTOCHECKPOINT_PAGES, Record, engine_for, running_json, running_row
 from qd.space import Config
 from qd.storage_url import RunNotFound, check_run_name, check_storage, mask  # noqa: F401 (RunNotFound: re-exported)
 
@@ -86,7 +86,22 @@ def optuna_storage(storage: str) -> Any:
     url = resolve_storage(storage)
     if url.startswith("sqlite"):
         engine_for(url)  # WAL mode on the file before Optuna opens it
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        rdb = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        # As the record's own connections: in WAL mode a killed process loses nothing committed, and
+        # commits do not wait for the disk (Optuna writes a mirrored trial in tens of statements).
+        import sqlalchemy as sa
+
+        @sa.event.listens_for(rdb.engine, "connect")
+        def _synchronous_normal(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute("PRAGMA synchronous=NORMAL")
+                cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+            finally:
+                cursor.close()
+
+        rdb.engine.dispose()  # connections made while Optuna checked its schema get the pragma too
+        return rdb
     return url
 
 
@@ -200,6 +215,10 @@ class Store:
         self.flush_s = 0.05
         self.flush_rows = 4096
         self.n_flushes = 0
+        self._blank: Columns | None = None  # a blank row to copy (``_finished_row``)
+        self._raws: dict[int, np.ndarray] = {}  # raw rows of trials started here, until they finish
+        self._writer: Any = None  # a one-thread executor for flush(wait=False), made on first use
+        self._write: Any = None  # the write in flight (a Future)
         self._flush_cost = 0.0
         self._last_heartbeat = 0.0
 
@@ -290,6 +309,11 @@ class Store:
         return self.meta.get("archive")
 
     # --- writing ----------------------------------------------------------------------------
+    def sync_numbers(self) -> None:
+        """Continue numbering after what the record holds now (a driver calls it once it owns the run:
+        the previous owner may have written trials since this store was opened)."""
+        self._next = max(self._next, self.record.max_number() + 1)
+
     def next_numbers(self, n: int) -> np.ndarray:
         """Reserve the next n trial numbers (the driver that owns a run numbers its trials)."""
         out = np.arange(self._next, self._next + n, dtype=np.int64)
@@ -307,10 +331,11 @@ class Store:
         """Record finished trials (complete or failed); their in-flight rows, if any, go.
         ``urgent``: an expensive result, flushed at the next ``maybe_flush``."""
         buf = self._buffer
-        for number in cols.number.tolist():
-            if buf.started.pop(number, None) is None and number in self._in_db_running:
-                buf.ended.append(number)
-                self._in_db_running.discard(number)
+        if buf.started or self._in_db_running:  # not so for a vectorised batch: it is never in flight
+            for number in cols.number.tolist():
+                if buf.started.pop(number, None) is None and number in self._in_db_running:
+                    buf.ended.append(number)
+                    self._in_db_running.discard(number)
         buf.finished.append(cols)
         buf.n_finished += len(cols)
         buf.urgent |= urgent
@@ -339,22 +364,39 @@ class Store:
         interval = max(self.flush_s, self._flush_cost / MAX_FLUSH_SHARE)
         return max(0.0, interval - (time.monotonic() - buf.since))
 
-    def maybe_flush(self) -> bool:
+    def maybe_flush(self, wait: bool = True) -> bool:
+        """``flush`` if due; ``wait=False``: cheap outcomes are written beside the caller (see ``flush``)."""
         if self.flush_due():
-            self.flush()
+            self.flush(wait=wait or self._buffer.urgent)
             return True
         return False
 
-    def flush(self) -> None:
-        """Write everything buffered in one transaction."""
+    def flush(self, wait: bool = True) -> None:
+        """Write everything buffered in one transaction.
+
+        ``wait=False`` hands the transaction to a writer thread and returns at once (the database's
+        I/O then overlaps the caller's work): the run loop does so for cheap outcomes. At most one
+        such write is in flight; every other call of this store (a flush, a read) waits for it
+        first, and re-raises its error. A kill before it lands costs those outcomes, as it would
+        have cost them unflushed: the transaction lands whole or not at all.
+        """
+        t0 = time.monotonic()
+        self.wait_writes()  # part of this flush's cost: the interval stretches when the disk is slow
         buf = self._buffer
         if not buf and self.owner is None:
             return
-        t0 = time.monotonic()
         finished = Columns.concat(buf.finished) if buf.finished else None
         started = list(buf.started.items())
         beat = self.owner is not None and t0 - self._last_heartbeat >= HEARTBEAT_S
-        self.record.write(finished, started, buf.ended, heartbeat_of=self.owner if beat else None)
+        args = (finished, started, buf.ended, self.owner if beat else None)
+        if wait:
+            self.record.write(*args)
+        else:
+            if self._writer is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qd-record-writer")
+            self._write = self._writer.submit(self.record.write, *args)
         if beat:
             self._last_heartbeat = t0
         self._in_db_running.update(buf.started)
@@ -362,22 +404,36 @@ class Store:
         self.n_flushes += 1
         self._flush_cost = time.monotonic() - t0
 
+    def wait_writes(self) -> None:
+        """Wait for the write in flight (``flush(wait=False)``), re-raising its error."""
+        write, self._write = self._write, None
+        if write is not None:
+            write.result()
+
+    def close_writer(self) -> None:
+        """Wait for the write in flight and stop the writer thread (the run loop, at its end)."""
+        try:
+            self.wait_writes()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
+
     # Single-trial forms, for scripts, tests and the per-configuration run loop.
     def start(self, params: Config, distributions: dict | None = None, *, origin: str = "strategy", seed: int = 0,
               driver: dict[str, Any] | None = None, requeue_of: int | None = None, raw: np.ndarray | None = None,
               number: int | None = None) -> Trial:
         """Record a RUNNING trial for a configuration about to be evaluated (``distributions`` is
         accepted for compatibility and unused: the record knows the space)."""
-        d, m, k, c = self.dims
-        cols = Columns.empty(d, m, k, c, n=1)
-        cols.number[0] = self.next_numbers(1)[0] if number is None else number
-        cols.raw[0] = self._raw_of(params) if raw is None else raw
-        cols.seed[0], cols.origin[0] = seed, ORIGIN_CODES[origin]
-        cols.requeue_of[0] = -1 if requeue_of is None else requeue_of
-        cols.t_start[0] = time.time()
-        self.start_many(cols, driver)
-        return Trial(number=int(cols.number[0]), params=dict(params), state="running", origin=origin, seed=seed,
-                     driver=driver, requeue_of=requeue_of)
+        number = int(self.next_numbers(1)[0]) if number is None else int(number)
+        row = self._raw_of(params) if raw is None else np.asarray(raw, dtype=float)
+        self._buffer.started[number] = running_json(row, int(seed), ORIGIN_CODES[origin],
+                                                    -1 if requeue_of is None else int(requeue_of), time.time(), driver)
+        self._touch()
+        trial = Trial(number=number, params=dict(params), state="running", origin=origin, seed=seed,
+                      driver=driver, requeue_of=requeue_of)
+        self._raws[number] = row  # for its finished row, without encoding the configuration again
+        return trial
 
     def _raw_of(self, params: Config) -> np.ndarray:
         row = np.full(self.dims[0], np.nan)
@@ -388,9 +444,11 @@ class Store:
         return row
 
     def _finished_row(self, trial: Trial) -> Columns:
-        d, m, k, c = self.dims
-        cols = Columns.empty(d, m, k, c, n=1)
-        cols.number[0], cols.raw[0] = trial.number, self._raw_of(trial.params)
+        if self._blank is None:
+            self._blank = Columns.empty(*self.dims, n=1)
+        cols = Columns.row_like(self._blank)
+        raw = self._raws.pop(trial.number, None)
+        cols.number[0], cols.raw[0] = trial.number, self._raw_of(trial.params) if raw is None else raw
         cols.seed[0], cols.origin[0] = trial.seed, ORIGIN_CODES[trial.origin]
         cols.requeue_of[0] = -1 if trial.requeue_of is None else trial.requeue_of
         cols.t_end[0] = time.time()
@@ -430,6 +488,7 @@ class Store:
 
     def set_attr(self, key: str, value: Any) -> None:
         """Store run-level data (e.g. the metrics history) in the record."""
+        self.wait_writes()
         self.record.set_attr(key, value)
 
     def attrs(self) -> dict[str, Any]:
@@ -440,6 +499,7 @@ class Store:
         """All trials in number order as arrays (``qd.columns``); flushes this store's buffer first."""
         if self._buffer:
             self.flush()
+        self.wait_writes()
         cols, drivers = self.record.read()
         return (cols, drivers) if with_drivers else cols
 

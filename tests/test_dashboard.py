@@ -61,7 +61,7 @@ def test_heatmap_links_lead_to_the_dashboard_page_of_the_same_trial(tmp_path):
     pages = mirror.pages()
     by_page = {t.number: t.user_attrs["qd_number"] for t in store.study.get_trials(deepcopy=False)}
     assert any(page != n for n, page in pages.items())
-    heat = archive_figure(store, problem, archive, cols, pages).data[0]
+    heat = archive_figure(store, problem, archive, cols, pages=pages).data[0]
     linked = unlinked = 0
     for row in heat.text:
         for text in row:

@@ -172,6 +172,103 @@ def test_show_reports_what_an_independently_rebuilt_archive_holds(tmp_path):
     assert EliteArchive(problem, elite_spec(problem)).n_cells == 400
 
 
+@pytest.mark.parametrize("options", [{}, {"qd_score_offset": -50.0, "bins": [7, 9], "direction": "minimize"},
+                                     {"learning_rate": 0.1, "threshold_min": -1000.0}])
+def test_grid_figures_without_pyribs_equal_pyribs_own(options):
+    """`qd show` computes a grid archive's cells and metrics with numpy (no pyribs import): they
+    equal pyribs' ``index_of`` and the stats of an ``EliteArchive`` filled with the same rows,
+    measures on and outside the bounds and on bin edges included, for either direction."""
+    import dataclasses
+
+    from qd.archive import grid_cells, grid_summary, spec_to_json
+    from qd.columns import COMPLETE, Columns
+
+    rng = np.random.default_rng(3)
+    problem = get_problem("sphere")
+    direction = options.pop("direction", None)
+    spec = elite_spec(problem, **options)
+    if direction:
+        spec = dataclasses.replace(spec, direction=direction)
+    n, k = 5000, len(problem.measures)
+    lo, hi = (np.array(b) for b in zip(*[m.map_range for m in problem.measures]))
+    measures = lo + rng.uniform(-0.1, 1.1, (n, k)) * (hi - lo)
+    measures[:500] = lo + np.round(rng.uniform(0, 1, (500, k)) * 63) / 63 * (hi - lo)  # on bin edges
+    cols = Columns.empty(problem.space.dim, 1, k, 0, n=n)
+    cols.state[:] = COMPLETE
+    cols.number[:] = np.arange(n)
+    cols.raw[:] = problem.space.decode_raw(rng.uniform(0, 1, (n, problem.space.dim)))
+    cols.values[:, 0] = rng.normal(0, 30, n)
+    cols.measures[:] = measures
+    cols.state[:50] = 2  # failed rows stay out
+    archive = EliteArchive(problem, spec)
+    assert np.array_equal(grid_cells(spec, problem, measures), archive.result.index_of(measures))
+    archive.add_columns(cols)
+    quick = grid_summary(problem, spec_to_json(spec), cols)
+    expected = {**archive.metrics(), **archive.describe()}
+    assert quick.keys() == expected.keys()
+    for key, value in expected.items():
+        assert quick[key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value), key
+
+
+@pytest.mark.parametrize("vectorised", [True, False])
+def test_elites_kept_by_the_loop_are_those_found_from_the_columns(tmp_path, vectorised):
+    """The run loop keeps each cell's elite row as batches arrive (the dashboard reads it); they
+    are the rows ``qd.explore.elite_rows`` finds in the whole run, across a resume too."""
+    from qd.explore import elite_rows
+    from qd.run import Listener
+
+    class Check(Listener):
+        every_s = 0.0
+
+        def update(self, state):
+            self.close(state)
+
+        def close(self, state):
+            cols = state.columns()
+            assert np.array_equal(state.elite_rows(), elite_rows(cols, state.archive))
+            self.checked = getattr(self, "checked", 0) + 1
+
+    problem = get_problem("sphere")
+    problem.vectorized = vectorised
+    info = RunInfo(name="e", problem="sphere", problem_options=problem.options, strategy="map-elites",
+                   strategy_options={}, seed=0)
+    storage = f"sqlite:///{tmp_path}/e.db"
+    for budget in (300, 600):
+        store = Store.create(storage, info, problem, resume=True)
+        check = Check()
+        run(problem, get_strategy("map-elites", problem, seed=0), make_evaluator("inprocess"), store, budget=budget,
+            progress=False, listeners=[check])
+        assert check.checked >= 2
+
+
 def test_unknown_storage_urls_fail_cleanly(tmp_path, capsys):
     assert main(["show", "--storage", "mysql://u@h/db", "--name", "x"]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_big_restore_inserts_each_cells_best_and_builds_the_same_archive():
+    """Restoring a plain grid from many rows inserts only each cell's best (the earliest of equal
+    values): the archive holds the same elites, solutions and stats as inserting every row."""
+    from qd.archive import spec_to_json  # noqa: F401
+    from qd.columns import COMPLETE, Columns
+
+    problem = get_problem("sphere")
+    spec = elite_spec(problem, bins=[5, 5])
+    rng = np.random.default_rng(0)
+    n = 2000
+    cols = Columns.empty(problem.space.dim, 1, 2, 0, n=n)
+    cols.state[:], cols.number[:] = COMPLETE, np.arange(n)
+    cols.raw[:] = problem.space.decode_raw(rng.uniform(0, 1, (n, problem.space.dim)))
+    cols.values[:, 0] = np.round(rng.normal(0, 3, n))  # many equal values: ties go to the earliest row
+    cols.measures[:] = rng.uniform(-60, 60, (n, 2))
+    quick = EliteArchive(problem, spec)
+    quick.add_columns(cols)
+    full = EliteArchive(problem, spec)
+    for start in range(0, n, 50):  # batches below the threshold: every row goes to pyribs
+        full.add_columns(cols.select(np.arange(start, start + 50)))
+    a, b = quick.result.data(), full.result.data()
+    order_a, order_b = np.argsort(a["index"]), np.argsort(b["index"])
+    for key in ("index", "objective", "measures", "solution"):
+        assert np.array_equal(a[key][order_a], b[key][order_b]), key
+    assert quick.metrics() == pytest.approx(full.metrics())
+    assert quick.n_inserted == full.n_inserted == n

@@ -37,7 +37,8 @@ from qd.archive import ParetoArchive, ParetoSpec, pareto_spec
 from qd.problem import Problem
 from qd.space import Config
 from qd.store import Trial
-from qd.strategies.illumination import OPERATORS, _check_choice, _check_positive
+from qd.checks import check_choice, check_int, check_number
+from qd.strategies.illumination import OPERATORS
 from qd.strategy import Strategy
 
 
@@ -51,10 +52,10 @@ class Mome(Strategy):
                  iso_sigma: float = 0.01, line_sigma: float = 0.2, initial_population: int = 32):
         super().__init__(problem, seed)
         owner = f"strategy {self.name!r}"
-        _check_choice(owner, "operator", operator, OPERATORS)
+        check_choice(operator, "operator", owner, OPERATORS)
         for option, value in (("sigma", sigma), ("iso_sigma", iso_sigma), ("line_sigma", line_sigma)):
-            _check_positive(owner, option, value)
-        _check_positive(owner, "initial_population", initial_population, integer=True)
+            check_number(value, option, owner, low=0, low_open=True)
+        check_int(initial_population, "initial_population", owner, low=1)
         self.spec: ParetoSpec = self.archive_spec(
             problem, seed, dict(bins=bins, front_size=front_size, reference_point=reference_point))
         self.operator, self.initial_population = operator, int(initial_population)
