@@ -116,6 +116,7 @@ class Columns:
     # --- masks ------------------------------------------------------------------------------
     @property
     def complete(self) -> np.ndarray:
+        """(n,) state is COMPLETE."""
         return self.state == COMPLETE
 
     @property
@@ -132,6 +133,11 @@ class Columns:
         return ok
 
     def counts(self) -> dict[str, int]:
+        """Number of rows by kind.
+
+        Returns:
+            ``{"n_complete", "n_failed" (not stale), "n_stale", "n_running"}`` as ints.
+        """
         stale = int(self.stale.sum())
         return {"n_complete": int(self.complete.sum()),
                 "n_failed": int(((self.state == FAILED) & ~self.stale).sum()),
@@ -139,6 +145,7 @@ class Columns:
 
     # --- metadata ---------------------------------------------------------------------------
     def metadata_of(self, i: int) -> dict[str, Any]:
+        """Row ``i``'s metadata, decoded from JSON ({} when it has none)."""
         text = self.metadata[i]
         return json.loads(text) if text else {}
 
@@ -192,6 +199,11 @@ class ColumnsBuilder:
         return self._reserved
 
     def append(self, cols: Columns) -> None:
+        """Add the rows of ``cols`` (same dims as ``like``) after the last ones.
+
+        Args:
+            cols: The rows; the block ``reserve`` returned last is taken without a copy.
+        """
         end = self.n + len(cols)
         if cols is not getattr(self, "_reserved", None):
             self._room(end)

@@ -148,6 +148,7 @@ def decode_segments(blobs: Iterable[bytes], dims: tuple[int, int, int, int], n: 
 
 # --- in-flight rows -----------------------------------------------------------------------------
 def running_row(cols: Columns, i: int, driver: dict[str, Any] | None) -> str:
+    """The in-flight row (JSON) of row ``i`` of ``cols``, run by ``driver``."""
     return running_json(cols.raw[i], int(cols.seed[i]), int(cols.origin[i]), int(cols.requeue_of[i]),
                         float(cols.t_start[i]), driver)
 
@@ -234,18 +235,38 @@ class Record:
     # --- runs -------------------------------------------------------------------------------
     @staticmethod
     def find(engine: sa.Engine, name: str) -> tuple[int, dict[str, Any]] | None:
+        """Look a run up by name.
+
+        Args:
+            engine: The database's engine (``engine_for``).
+            name: The run's name.
+
+        Returns:
+            ``(run_id, info)`` with the run's recorded info (JSON), or None if there is no such run.
+        """
         with engine.connect() as conn:
             row = conn.execute(sa.select(RUNS.c.id, RUNS.c.info).where(RUNS.c.name == name)).first()
         return None if row is None else (int(row[0]), json.loads(row[1]))
 
     @staticmethod
     def names(engine: sa.Engine) -> list[str]:
+        """The names of all runs in the database, oldest first."""
         with engine.connect() as conn:
             return [r[0] for r in conn.execute(sa.select(RUNS.c.name).order_by(RUNS.c.id))]
 
     @staticmethod
     def insert_run(engine: sa.Engine, name: str, info: dict[str, Any]) -> int | None:
-        """Create the run's row; None when a run of that name exists (another driver may have just made it)."""
+        """Create the run's row.
+
+        Args:
+            engine: The database's engine.
+            name: The run's name (unique).
+            info: The run's info, JSON-serialisable.
+
+        Returns:
+            The new run's id, or None when a run of that name exists (another driver may have just
+            made it).
+        """
         try:
             with engine.begin() as conn:
                 result = conn.execute(RUNS.insert().values(name=name, info=json.dumps(info), created=time.time()))
@@ -254,6 +275,7 @@ class Record:
             return None
 
     def delete(self) -> None:
+        """Delete the run and all its rows (segments, in-flight rows, attributes) in one transaction."""
         with self.engine.begin() as conn:
             for table in (SEGMENTS, RUNNING_ROWS, ATTRS):
                 conn.execute(table.delete().where(table.c.run_id == self.run_id))
@@ -261,13 +283,23 @@ class Record:
 
     # --- the claim --------------------------------------------------------------------------
     def owner(self) -> tuple[str | None, dict[str, Any] | None, float | None]:
+        """The claim: ``(token, owner_info, heartbeat time)``, each None when nobody owns the run."""
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(RUNS.c.owner, RUNS.c.owner_info, RUNS.c.heartbeat)
                                .where(RUNS.c.id == self.run_id)).first()
         return row[0], (json.loads(row[1]) if row[1] else None), row[2]
 
     def claim(self, token: str, info: dict[str, Any], expected: str | None) -> bool:
-        """Compare-and-set the owner from ``expected`` to ``token``: True if this call won it."""
+        """Compare-and-set the owner from ``expected`` to ``token``, refreshing the heartbeat.
+
+        Args:
+            token: The new owner's claim token.
+            info: Who the owner is (host, pid, ...), JSON-serialisable.
+            expected: The owner this claim replaces (None: the run must be unowned).
+
+        Returns:
+            True if this call won the claim; False if the owner was not ``expected``.
+        """
         with self.engine.begin() as conn:
             owner = RUNS.c.owner.is_(None) if expected is None else RUNS.c.owner == expected
             result = conn.execute(RUNS.update().where(RUNS.c.id == self.run_id, owner)
@@ -275,6 +307,7 @@ class Record:
             return result.rowcount == 1
 
     def release(self, token: str) -> None:
+        """Give up the claim, if ``token`` still holds it (otherwise nothing changes)."""
         with self.engine.begin() as conn:
             conn.execute(RUNS.update().where(RUNS.c.id == self.run_id, RUNS.c.owner == token)
                          .values(owner=None, owner_info=None, heartbeat=None))
@@ -282,8 +315,17 @@ class Record:
     # --- writing ----------------------------------------------------------------------------
     def write(self, finished: Columns | None, started: Sequence[tuple[int, str]] = (),
               ended: Sequence[int] = (), heartbeat_of: str | None = None) -> None:
-        """One transaction: a segment of ``finished`` trials, in-flight rows ``started`` (number,
-        JSON), in-flight rows ``ended`` deleted, and the owner's heartbeat."""
+        """Write in one transaction, which lands whole or not at all.
+
+        Args:
+            finished: Finished trials, written as one segment (None or empty: none).
+            started: In-flight rows to insert, as ``(number, JSON)`` pairs.
+            ended: Numbers of in-flight rows to delete (their trials finished).
+            heartbeat_of: Refresh the heartbeat if this token owns the run.
+
+        Raises:
+            sqlalchemy.exc.SQLAlchemyError: The database refused the transaction; nothing was written.
+        """
         with self.engine.begin() as conn:
             if finished is not None and len(finished):
                 conn.execute(SEGMENTS.insert().values(run_id=self.run_id, n=len(finished),
@@ -302,6 +344,8 @@ class Record:
                              .values(heartbeat=time.time()))
 
     def set_attr(self, key: str, value: Any) -> None:
+        """Store ``value`` (JSON; numpy scalars as numbers, other objects as strings) under ``key``,
+        replacing any previous value."""
         text = json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o))
         with self.engine.begin() as conn:
             conn.execute(ATTRS.delete().where(ATTRS.c.run_id == self.run_id, ATTRS.c.key == key))
@@ -309,12 +353,21 @@ class Record:
 
     # --- reading ----------------------------------------------------------------------------
     def attrs(self) -> dict[str, Any]:
+        """The run-level data stored with ``set_attr``, by key."""
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(ATTRS.c.key, ATTRS.c.value).where(ATTRS.c.run_id == self.run_id))
             return {k: json.loads(v) for k, v in rows}
 
     def read(self) -> tuple[Columns, list[Any]]:
-        """(all trials in number order, in-flight ones included; the driver of each in-flight row)."""
+        """Read the whole run (segments streamed, a few at a time).
+
+        Returns:
+            ``(columns, drivers)``: every trial in number order, in-flight ones included, as
+            ``Columns`` of n rows; and a list of n drivers (None for finished rows).
+
+        Raises:
+            ValueError: The segments do not hold the rows the record counts (a corrupt record).
+        """
         with self.engine.connect() as conn:
             n = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(SEGMENTS.c.n), 0))
                              .where(SEGMENTS.c.run_id == self.run_id)).scalar()

@@ -110,6 +110,9 @@ def driver_alive(driver: dict[str, object] | None) -> bool:
 
 @dataclass
 class RunReport:
+    """How a session of ``run`` ended: trials finished, complete, failed and requeued, its
+    seconds, and what stopped it ("budget", "time" or "strategy")."""
+
     finished: int
     complete: int
     failed: int
@@ -303,6 +306,7 @@ def claim_run(store: Store, token: str, driver: dict[str, Any], drivers_in_fligh
 
 
 def release_run(store: Store, token: str) -> None:
+    """Give up the claim ``token`` holds on the store's run (the store stops heartbeating either way)."""
     try:
         store.record.release(token)
     finally:
@@ -392,6 +396,7 @@ class RunState:
         return None if self._elites is None else self._elites.rows()
 
     def cells(self, cols: Columns) -> np.ndarray:
+        """(n,) int64 archive cell of each row of ``cols``; -1 where none (or no archive)."""
         return np.full(len(cols), -1, dtype=np.int64) if self.archive is None else self.archive.cells_of(cols)
 
     def _update_front(self, cols: Columns) -> None:
@@ -412,6 +417,7 @@ class RunState:
 
     # metrics
     def append_metrics(self) -> None:
+        """Add the archive's metrics at the current evaluation count (stored every 5 s at most)."""
         row = {"evaluations": self.n_finished, **self.archive.metrics()}
         if self.metrics and self.metrics[-1]["evaluations"] == self.n_finished:
             self.metrics[-1] = row
@@ -422,11 +428,13 @@ class RunState:
             self.flush_metrics()
 
     def flush_metrics(self) -> None:
+        """Store the metric history in the record if it changed since last stored."""
         if self._metrics_dirty:
             self.store.set_attr(self.metrics_key, self.metrics)
             self._metrics_dirty, self._metrics_flushed = False, time.monotonic()
 
     def close(self) -> None:
+        """Add the final metrics and store the history (at the end of a session)."""
         if self.archive is not None and self.n_finished:
             self.append_metrics()
         self.flush_metrics()
@@ -473,9 +481,11 @@ class Listener:
     every_s: float = 10.0
 
     def update(self, state: RunState) -> None:
+        """Called at most every ``every_s`` seconds while the run runs; does nothing by default."""
         pass
 
     def close(self, state: RunState) -> None:
+        """Called once when the session ends; does nothing by default."""
         pass
 
 
@@ -804,7 +814,10 @@ def run(
     """Run until ``budget`` evaluations have finished (or ``time_limit_s`` passed); resumable.
 
     Args:
-        problem, strategy, evaluator, store: the run's parts (``qd.session.prepare`` builds them).
+        problem: What is evaluated (``qd.session.prepare`` builds the four parts).
+        strategy: What proposes configurations.
+        evaluator: Where evaluations run.
+        store: The run's record (``Store.create``).
         budget: finished evaluations (complete or failed by the evaluation) the run ends with.
         workers: evaluations in flight at once.
         time_limit_s: stop launching after this long; running evaluations are cancelled (stale).
@@ -814,7 +827,8 @@ def run(
         listeners: ``Listener`` objects updated every few seconds (the dashboard publisher).
 
     Returns:
-        A ``RunReport``.
+        A ``RunReport`` of this session. Failed evaluations are recorded with their reason and the
+        run goes on.
 
     Raises:
         ValueError: a budget or workers below 1.

@@ -125,6 +125,7 @@ class Trial:
 
     @property
     def feasible(self) -> bool:
+        """Complete with every constraint <= 0."""
         return self.state == "complete" and all(c <= 0 for c in (self.constraints or []))
 
     @property
@@ -135,6 +136,8 @@ class Trial:
 
 @dataclass(frozen=True)
 class RunInfo:
+    """What a run was made with: its name, problem, strategy (each with its options) and seed."""
+
     name: str
     problem: str
     problem_options: dict[str, Any]
@@ -143,6 +146,7 @@ class RunInfo:
     seed: int
 
     def to_json(self) -> dict[str, Any]:
+        """The fields but ``name`` as a JSON-serialisable dict (recorded with the run)."""
         return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "name"}
 
 
@@ -226,9 +230,25 @@ class Store:
     @classmethod
     def create(cls, storage: str, info: RunInfo, problem: Problem, *, resume: bool = False,
                archive: dict[str, Any] | None = None) -> Store:
-        """Create the run (its record row and its Optuna study); with ``resume`` open an existing
-        one, which must match. ``archive``: the run's archive spec (``qd.archive.spec_to_json``),
-        recorded so every view rebuilds the same map."""
+        """Create the run (its record row and its Optuna study), or open an existing one.
+
+        Args:
+            storage: The storage URL (SQLite path or PostgreSQL URL).
+            info: The run's name, problem, strategy and seed.
+            problem: The problem; its space, objectives, measures and constraints are recorded.
+            resume: Open the run if it exists instead of failing; it must match ``info``.
+            archive: The run's archive spec (``qd.archive.spec_to_json``), recorded so every view
+                rebuilds the same map; None builds it from the problem and strategy.
+
+        Returns:
+            The run's store. When two drivers create the same run at once, one creates it and the
+            other opens it.
+
+        Raises:
+            StorageError: ``storage`` is not a usable storage URL, or the run name is not allowed.
+            ValueError: The run exists and ``resume`` is False, or it was made with another
+                problem, problem options or strategy.
+        """
         check_storage(storage, create=True)
         check_run_name(info.name)
         try:
@@ -264,6 +284,19 @@ class Store:
 
     @classmethod
     def open(cls, storage: str, name: str) -> Store:
+        """Open an existing run for reading and writing.
+
+        Args:
+            storage: The storage URL.
+            name: The run's name.
+
+        Returns:
+            The run's store.
+
+        Raises:
+            StorageError: ``storage`` is not a usable storage URL.
+            RunNotFound: No run of that name is there (the message lists those that are).
+        """
         check_storage(storage, create=False)
         found = Record.find(engine_for(record_url(storage)), name)
         if found is None:
@@ -275,6 +308,11 @@ class Store:
 
     @staticmethod
     def run_names(storage: str) -> list[str]:
+        """The names of the runs in ``storage``.
+
+        Raises:
+            StorageError: ``storage`` is not a usable storage URL.
+        """
         check_storage(storage, create=False)
         return Record.names(engine_for(record_url(storage)))
 
@@ -315,13 +353,22 @@ class Store:
         self._next = max(self._next, self.record.max_number() + 1)
 
     def next_numbers(self, n: int) -> np.ndarray:
-        """Reserve the next n trial numbers (the driver that owns a run numbers its trials)."""
+        """Reserve the next ``n`` trial numbers (the driver that owns a run numbers its trials).
+
+        Returns:
+            Array of shape (n,), int64, consecutive.
+        """
         out = np.arange(self._next, self._next + n, dtype=np.int64)
         self._next += n
         return out
 
     def start_many(self, cols: Columns, driver: dict[str, Any] | None = None) -> None:
-        """Record in-flight trials (``cols`` in RUNNING state, numbers from ``next_numbers``)."""
+        """Record in-flight trials (buffered; written at the next flush, or now with ``autoflush``).
+
+        Args:
+            cols: The trials, in RUNNING state, numbers from ``next_numbers``.
+            driver: Who runs them (host, pid, ...), JSON-serialisable; kept with each row.
+        """
         buf = self._buffer
         for i in range(len(cols)):
             buf.started[int(cols.number[i])] = running_row(cols, i, driver)
@@ -329,7 +376,11 @@ class Store:
 
     def finish_many(self, cols: Columns, urgent: bool = False) -> None:
         """Record finished trials (complete or failed); their in-flight rows, if any, go.
-        ``urgent``: an expensive result, flushed at the next ``maybe_flush``."""
+
+        Args:
+            cols: The finished trials, their state, values, measures, reasons and metadata set.
+            urgent: An expensive result: flushed at the next ``maybe_flush`` whatever the interval.
+        """
         buf = self._buffer
         if buf.started or self._in_db_running:  # not so for a vectorised batch: it is never in flight
             for number in cols.number.tolist():
@@ -348,6 +399,7 @@ class Store:
             self.flush()
 
     def flush_due(self) -> bool:
+        """Whether the buffer should be written now (urgent, ``flush_rows`` full, or its interval passed)."""
         buf = self._buffer
         if not buf:
             return False
@@ -365,7 +417,14 @@ class Store:
         return max(0.0, interval - (time.monotonic() - buf.since))
 
     def maybe_flush(self, wait: bool = True) -> bool:
-        """``flush`` if due; ``wait=False``: cheap outcomes are written beside the caller (see ``flush``)."""
+        """``flush`` if due.
+
+        Args:
+            wait: False writes cheap outcomes beside the caller (see ``flush``); urgent ones wait.
+
+        Returns:
+            Whether a flush was made.
+        """
         if self.flush_due():
             self.flush(wait=wait or self._buffer.urgent)
             return True
@@ -379,6 +438,13 @@ class Store:
         such write is in flight; every other call of this store (a flush, a read) waits for it
         first, and re-raises its error. A kill before it lands costs those outcomes, as it would
         have cost them unflushed: the transaction lands whole or not at all.
+
+        Args:
+            wait: False writes in the writer thread and returns at once.
+
+        Raises:
+            Exception: The database's error from this write, or from the previous
+                ``wait=False`` write.
         """
         t0 = time.monotonic()
         self.wait_writes()  # part of this flush's cost: the interval stretches when the disk is slow
@@ -423,8 +489,25 @@ class Store:
     def start(self, params: Config, distributions: dict | None = None, *, origin: str = "strategy", seed: int = 0,
               driver: dict[str, Any] | None = None, requeue_of: int | None = None, raw: np.ndarray | None = None,
               number: int | None = None) -> Trial:
-        """Record a RUNNING trial for a configuration about to be evaluated (``distributions`` is
-        accepted for compatibility and unused: the record knows the space)."""
+        """Record a RUNNING trial for a configuration about to be evaluated.
+
+        Args:
+            params: The configuration.
+            distributions: Accepted for compatibility and unused: the record knows the space.
+            origin: Who proposed it, a key of ``ORIGIN_CODES`` (e.g. "strategy").
+            seed: The evaluation's seed.
+            driver: Who runs it (host, pid, ...), JSON-serialisable.
+            requeue_of: The number of the trial this one re-runs, if any.
+            raw: The configuration's raw row, shape (d,), if the caller has it (saves encoding it).
+            number: Its trial number; None takes the next one.
+
+        Returns:
+            The trial in state "running".
+
+        Raises:
+            KeyError: ``origin`` is unknown.
+            ValueError: A categorical value is not one of the recorded choices.
+        """
         number = int(self.next_numbers(1)[0]) if number is None else int(number)
         row = self._raw_of(params) if raw is None else np.asarray(raw, dtype=float)
         self._buffer.started[number] = running_json(row, int(seed), ORIGIN_CODES[origin],
@@ -457,8 +540,26 @@ class Store:
     def complete(self, trial: Trial, values: Sequence[float], measures: Sequence[float] = (),
                  constraints: Sequence[float] = (), metadata: dict[str, Any] | None = None,
                  cell: int = -1) -> Trial:
-        """Record ``trial`` as complete with its objective ``values`` (declared order), ``measures``,
-        ``constraints`` (feasible when <= 0) and ``metadata`` (JSON-serialisable). Returns it updated."""
+        """Record ``trial`` as complete: its row gets state COMPLETE, the values, measures,
+        constraints, metadata, cell and end time, and its in-flight row goes (written at the next
+        flush, or now with ``autoflush``).
+
+        Args:
+            trial: The trial, from ``start``.
+            values: Objective values, length m, in the problem's declared order.
+            measures: Measures, length k (empty: the problem has none).
+            constraints: Constraint values, length c; the trial is feasible when all are <= 0.
+            metadata: JSON-serialisable extras (numpy scalars become numbers, others strings).
+            cell: Its archive cell index, -1 for none.
+
+        Returns:
+            ``trial``, updated in place (state "complete", values, measures, constraints, metadata).
+
+        Raises:
+            ValueError: A value, measure or constraint is not a number, or a non-empty sequence's
+                length differs from the problem's (m, k or c).
+            Exception: With ``autoflush``, the database's error from writing it.
+        """
         cols = self._finished_row(trial)
         cols.state[0] = COMPLETE
         cols.values[0] = [float(v) for v in values]
@@ -475,8 +576,22 @@ class Store:
         return trial
 
     def fail(self, trial: Trial, reason: str, *, stale: bool = False, metadata: dict[str, Any] | None = None) -> Trial:
-        """Record ``trial`` as failed with its ``reason``; ``stale``: its driver stopped while it ran
-        (it does not count towards the budget). Returns it updated."""
+        """Record ``trial`` as failed: its row gets state FAILED, the reason (its last
+        ``MAX_REASON_CHARS`` characters), the stale flag, metadata and end time, and its in-flight
+        row goes (written at the next flush, or now with ``autoflush``).
+
+        Args:
+            trial: The trial, from ``start``.
+            reason: Why it failed (e.g. the evaluation's traceback).
+            stale: Its driver stopped while it ran: it does not count towards the budget.
+            metadata: JSON-serialisable extras.
+
+        Returns:
+            ``trial``, updated in place (state "failed", the full reason, stale, metadata).
+
+        Raises:
+            Exception: With ``autoflush``, the database's error from writing it.
+        """
         cols = self._finished_row(trial)
         cols.state[0], cols.stale[0] = FAILED, stale
         cols.reason[0] = reason[-MAX_REASON_CHARS:]
@@ -492,11 +607,23 @@ class Store:
         self.record.set_attr(key, value)
 
     def attrs(self) -> dict[str, Any]:
+        """The run-level data stored with ``set_attr``, by key."""
         return self.record.attrs()
 
     # --- reading ----------------------------------------------------------------------------
     def columns(self, with_drivers: bool = False) -> Columns | tuple[Columns, list[Any]]:
-        """All trials in number order as arrays (``qd.columns``); flushes this store's buffer first."""
+        """All trials in number order as arrays; flushes this store's buffer first.
+
+        Args:
+            with_drivers: Also return each row's driver.
+
+        Returns:
+            ``Columns`` of n rows (raw (n, d), values (n, m), measures (n, k), constraints (n, c),
+            ...); with ``with_drivers`` a tuple ``(columns, drivers)``, drivers a list of n.
+
+        Raises:
+            Exception: The database's error from the flush or the read.
+        """
         if self._buffer:
             self.flush()
         self.wait_writes()
@@ -504,8 +631,16 @@ class Store:
         return (cols, drivers) if with_drivers else cols
 
     def trials(self, states: Sequence[State] | None = None) -> list[Trial]:
-        """All trials in number order as ``Trial`` objects (optionally only those in ``states``).
-        One object per trial: for small runs and tests; views read ``columns()``."""
+        """All trials in number order as ``Trial`` objects (flushes this store's buffer first).
+
+        One object per trial: for small runs and tests; views read ``columns()``.
+
+        Args:
+            states: Keep only trials in these states ("running", "complete", "failed"); None: all.
+
+        Returns:
+            The trials, with configurations decoded and drivers attached.
+        """
         cols, drivers = self.columns(with_drivers=True)
         return [t for t in self.to_trials(cols, drivers) if states is None or t.state in states]
 
@@ -514,6 +649,7 @@ class Store:
         return _trials(cols, [self._decoder.config(r) for r in cols.raw], drivers)
 
     def counts(self) -> dict[str, int]:
+        """Number of trials by state name (flushes this store's buffer first)."""
         return self.columns().counts()
 
     def dataframe(self, cols: Columns | None = None) -> pd.DataFrame:
