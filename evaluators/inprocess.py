@@ -33,6 +33,8 @@ def _alarm(signum: int, frame: object) -> None:
 
 
 class InProcessEvaluator(Evaluator):
+    """Evaluations in the calling process, one job (or population) per ``wait``; timeouts by SIGALRM."""
+
     name = "inprocess"
     #: Evaluations run inside ``wait``: the run loop need not flush before it (nothing idles).
     synchronous = True
@@ -43,6 +45,17 @@ class InProcessEvaluator(Evaluator):
         self._timeout_s: float | None = None
 
     def start(self, problem: Problem, workers: int, timeout_s: float | None = None) -> None:
+        """Prepare to evaluate ``problem`` (``workers`` is accepted; evaluations run one at a time).
+
+        Args:
+            problem: The problem to evaluate; its ``resources`` give the default timeout.
+            workers: Evaluations in flight at once (>= 1).
+            timeout_s: Bound on one evaluation (or one population call); None: the problem's.
+
+        Raises:
+            ValueError: ``timeout_s`` is given outside the main thread (SIGALRM cannot reach it); a
+                problem's own timeout there is dropped with a warning instead.
+        """
         self._problem = problem
         self._timeout_s = timeout_s if timeout_s is not None else problem.resources.timeout_s
         if self._timeout_s is not None and threading.current_thread() is not threading.main_thread():
@@ -55,10 +68,23 @@ class InProcessEvaluator(Evaluator):
             self._timeout_s = None
 
     def submit(self, job: Job) -> None:
+        """Queue ``job``; its outcome comes back from ``wait``.
+
+        Args:
+            job: The configuration to evaluate, with its key and seed.
+        """
         self._queue.append(job)
 
     def wait(self, timeout: float | None = None) -> list[Outcome]:
-        """Evaluate the next queued job, or the next ``max_population`` of them in one call."""
+        """Evaluate the next queued job, or the next ``max_population`` of them in one call.
+
+        Args:
+            timeout: Ignored: the evaluation runs now, bounded by the start's timeout.
+
+        Returns:
+            Their outcomes; [] when nothing is queued. An error or timeout is an outcome, never
+            an exception.
+        """
         if not self._queue:
             return []
         jobs = [self._queue.popleft() for _ in range(min(population_size(self._problem), len(self._queue)))]
@@ -86,4 +112,5 @@ class InProcessEvaluator(Evaluator):
                 Outcome(key, error=payload, kind=kind, metadata=dict(meta)) for kind, key, payload in replies]
 
     def close(self) -> None:
+        """Drop queued jobs."""
         self._queue.clear()

@@ -147,6 +147,13 @@ class _Worker:
 
 
 class ProcessPoolEvaluator(Evaluator):
+    """Evaluations in spawned worker processes on this machine (a crash or a hang kills one
+    worker and fails its evaluations, nothing else).
+
+    Args:
+        threads: Torch/BLAS threads per worker process.
+    """
+
     name = "process"
     #: A worker that has not finished starting up after this long is reported as a system failure.
     start_timeout_s = 300.0
@@ -163,9 +170,16 @@ class ProcessPoolEvaluator(Evaluator):
         self._population = 1
 
     def start(self, problem: Problem, workers: int, timeout_s: float | None = None) -> None:
-        """``workers`` evaluations in flight. A problem with ``max_population`` P > 1 gets
-        ``ceil(workers / P)`` processes, each handed up to P queued jobs at once (``evaluate_population``);
-        a timeout then bounds one such call."""
+        """Prepare ``workers`` evaluations in flight (processes are spawned on demand).
+
+        A problem with ``max_population`` P > 1 gets ``ceil(workers / P)`` processes, each handed
+        up to P queued jobs at once (``evaluate_population``); a timeout then bounds one such call.
+
+        Args:
+            problem: The problem to evaluate; its ``resources`` give the default timeout and memory cap.
+            workers: Evaluations in flight at once (>= 1).
+            timeout_s: Bound on one evaluation (or one population call); None: the problem's.
+        """
         self._problem_bytes = pickle.dumps(problem)
         # A memory cap on the address space breaks CUDA's large virtual reservations.
         self._memory_mb = problem.resources.memory_mb if not problem.resources.gpus else None
@@ -207,6 +221,11 @@ class ProcessPoolEvaluator(Evaluator):
             idle.jobs, idle.started = jobs, time.monotonic()
 
     def submit(self, job: Job) -> None:
+        """Queue ``job``; its outcome comes back from ``wait``.
+
+        Args:
+            job: The configuration to evaluate, with its key and seed.
+        """
         self._queue.append(job)
         if self._population == 1:  # populations are formed in wait(), from everything submitted by then
             self._dispatch()
@@ -219,6 +238,16 @@ class ProcessPoolEvaluator(Evaluator):
         self._workers.remove(worker)
 
     def wait(self, timeout: float | None = None) -> list[Outcome]:
+        """Collect finished evaluations.
+
+        Args:
+            timeout: Seconds to wait for one (None: until one finishes).
+
+        Returns:
+            The outcomes that finished, one per job; [] when nothing is in flight or ``timeout``
+            passed. A crash, timeout or error is an outcome with its ``kind`` and reason, never
+            an exception.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         self._dispatch()
         while True:
@@ -282,6 +311,7 @@ class ProcessPoolEvaluator(Evaluator):
                 return []
 
     def close(self) -> None:
+        """Stop every worker (idle ones asked to exit, busy ones killed) and drop queued jobs."""
         for w in list(self._workers):
             if not w.jobs and w.process.is_alive():
                 try:

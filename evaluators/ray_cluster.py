@@ -437,6 +437,17 @@ class RayEvaluator(Evaluator):
         self._owns_ray = True
 
     def start(self, problem: Problem, workers: int, timeout_s: float | None = None) -> None:
+        """Connect to Ray (or start a local one) and put the problem in its object store.
+
+        Args:
+            problem: The problem to evaluate; its ``resources`` give the default timeout, CPUs, GPUs and memory.
+            workers: Evaluations in flight at once (>= 1).
+            timeout_s: Bound on one evaluation (or one population call); None: the problem's.
+
+        Raises:
+            ValueError: One evaluation cannot fit the local Ray this evaluator started (on a
+                cluster it only warns, for an autoscaler).
+        """
         self._options = ray_options(problem.resources)
         self._connect()
         self._population = population_size(problem) if self.mode == "actor" else 1
@@ -472,6 +483,11 @@ class RayEvaluator(Evaluator):
 
     # --- submitting -----------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
+        """Queue ``job``; its outcome comes back from ``wait``.
+
+        Args:
+            job: The configuration to evaluate, with its key and seed.
+        """
         self._queue.append(job)
         if self._population == 1:  # populations are formed in wait(), from everything submitted by then
             self._dispatch()
@@ -647,6 +663,16 @@ class RayEvaluator(Evaluator):
         return refs
 
     def wait(self, timeout: float | None = None) -> list[Outcome]:
+        """Collect finished evaluations.
+
+        Args:
+            timeout: Seconds to wait for one (None: until one finishes).
+
+        Returns:
+            The outcomes that finished, one per job; [] when nothing is in flight or ``timeout``
+            passed. A crash, timeout or error is an outcome with its ``kind`` and reason, never
+            an exception.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._dispatch()
@@ -666,6 +692,7 @@ class RayEvaluator(Evaluator):
                 return []
 
     def close(self) -> None:
+        """Kill the actors, drop queued jobs, and shut Ray down if this evaluator started it."""
         for slot in list(self._slots):
             self._kill(slot)
         for info in self._dead_logs:
@@ -735,6 +762,7 @@ class RayTaskEvaluator(RayEvaluator):
                 for gen, t in self._tasks.items()}
 
     def close(self) -> None:
+        """Cancel the tasks in flight, then close as ``RayEvaluator.close``."""
         for gen in list(self._tasks):
             try:
                 ray.cancel(gen, force=True)

@@ -136,6 +136,7 @@ class Geometry:
         return out
 
     def methods(self) -> tuple[str, ...]:
+        """The adapter methods this model supports (fewer when it has GPT-2-style Conv1D layers)."""
         conv1d = any(m.kind == "Conv1D" for m in self.modules)
         return tuple(m for m in METHODS if not conv1d or m in CONV1D_METHODS)
 
@@ -301,6 +302,8 @@ class Encoded:
 
 @dataclass
 class Labelled:
+    """A split of a dataset: its texts and their labels."""
+
     texts: list[str]
     labels: np.ndarray  # (n,) int64 indices into the problem's classes; zeros for causal-lm
 
@@ -607,6 +610,7 @@ class PeftProblem(Problem):
         return trainable_params(self.space.validate(config), self.geometry, self.head_params)
 
     def cheap_values(self, config: Config) -> dict[str, float]:
+        """Objectives known without training: ``trainable_params`` when it is one ({} otherwise)."""
         if "trainable_params" not in self.objective_list:
             return {}
         return {"trainable_params": float(self.trainable_params(config))}
@@ -623,6 +627,19 @@ class PeftProblem(Problem):
         return self.space.validate({k: v for k, v in config.items() if k in self.space.names})
 
     def evaluate(self, config: Config, seed: int) -> Evaluation:
+        """Fine-tune ``config`` and score it on the validation split.
+
+        Args:
+            config: The adapter configuration (validated against the space).
+            seed: Seeds the training.
+
+        Returns:
+            The objectives in declared order, measures (log10 trainable parameters, adapted
+            layers), and metadata (train time, peak memory, ...).
+
+        Raises:
+            SpaceError: ``config`` is not in the space.
+        """
         config = self.space.validate(config)
         run = self._train(config, seed)
         val = self._split("val")
@@ -872,6 +889,7 @@ class Classifier(torch.nn.Module):
         self.head = torch.nn.Linear(hidden, num_classes)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Class logits of shape (batch, classes) from token ids and mask of shape (batch, length)."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.pooling == "last":  # right padding: the last real token of each row
             last = attention_mask.sum(dim=1).clamp(min=1) - 1
@@ -892,6 +910,7 @@ class CausalLM(torch.nn.Module):
         self.lm = lm
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits of shape (batch, length, vocab) from token ids and mask of shape (batch, length)."""
         return self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
 
 

@@ -253,6 +253,7 @@ class PopulationLinear(torch.nn.Module):
         self._population = [population]  # a list: not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer plus each active member's adapter on its own rows (x: (n * batch, ..., in))."""
         population = self._population[0]
         flat, now = population.flat, population.now
         n = len(population.active)

@@ -416,6 +416,7 @@ class Publisher(Listener):
         return min(most_s, max(self.MIN_MIRROR_S, allowed))
 
     def update(self, state: RunState) -> None:
+        """Publish, unless that would take the dashboard past ``max_share`` of the run's time."""
         if self.max_share is not None:
             # Not before the run has lasted long enough for a publish (as costly as the last one, or
             # ``FIRST_COST_S``) to fit in the share: a fast run is published once, at its end.
@@ -425,6 +426,12 @@ class Publisher(Listener):
         self.publish(state, mirror_budget_s=self._mirror_budget(1.0))
 
     def publish(self, state: RunState, mirror_budget_s: float | None = None) -> None:
+        """Flush the store and redraw the run's figures; an error is reported once and never stops the run.
+
+        Args:
+            state: The run as the loop holds it.
+            mirror_budget_s: Seconds the Optuna mirror may spend now (None: no bound).
+        """
         t0 = time.monotonic()
         try:
             self.store.flush()
@@ -450,6 +457,7 @@ class Publisher(Listener):
 
 # --- serving ----------------------------------------------------------------------------------
 def study_url(store: Store, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> str:
+    """The optuna-dashboard address of the store's study."""
     return f"http://{host}:{port}/dashboard/studies/{store.study._study_id}"
 
 

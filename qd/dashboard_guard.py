@@ -32,6 +32,7 @@ TOKEN_HEADER = "HTTP_X_QD_TOKEN"
 
 
 def new_token() -> str:
+    """A fresh random URL-safe access token."""
     return secrets.token_urlsafe(24)
 
 

@@ -61,6 +61,7 @@ class RepeatStats:
         return True
 
     def count(self, key: bytes) -> int:
+        """Evaluations recorded for one configuration (0 if none)."""
         row = self._rows.get(key)
         return 0 if row is None else row.count
 

@@ -67,42 +67,82 @@ class Strategy(ABC):
 
     @abstractmethod
     def ask(self, n: int, pending: Sequence[Config] = ()) -> list[Config]:
-        """Up to ``n`` configurations to evaluate next."""
+        """Propose configurations to evaluate next.
+
+        Args:
+            n: The most to propose (>= 1).
+            pending: Configurations being evaluated now (asked, not yet told), to avoid repeating.
+
+        Returns:
+            Up to ``n`` configurations (dicts of parameter name to value); fewer, or none, when the
+            strategy has nothing more to propose.
+        """
 
     def tell(self, trial: Trial) -> None:
-        """Learn from one finished trial. The default ignores it."""
+        """Learn from one finished trial. The default ignores it.
+
+        Args:
+            trial: A complete or failed trial (``trial.values`` in the problem's declared order).
+        """
 
     #: How many configurations this strategy proposes at once when asked freely (the batch the
     #: in-process evaluator hands a vectorised problem).
     @property
     def batch_hint(self) -> int:
+        """Configurations proposed at once when asked freely (1 by default)."""
         return 1
 
     def ask_raw(self, n: int) -> np.ndarray:
-        """Up to ``n`` configurations as a raw array (n', d) (``Space.to_raw``), nothing pending.
-        The default converts ``ask``; array-native strategies override it with ``tell_columns``."""
+        """Propose configurations as a raw array, nothing pending.
+
+        The default converts ``ask``; array-native strategies override it with ``tell_columns``.
+
+        Args:
+            n: The most to propose.
+
+        Returns:
+            Array of shape (n', d), n' <= n, in ``Space.to_raw``'s encoding.
+        """
         return self.space.to_raw(self.ask(n, pending=()))
 
     def tell_columns(self, cols: Columns) -> None:
-        """Learn from finished trials given as columns, in order. The default tells them one by one."""
+        """Learn from finished trials given as columns, in order. The default tells them one by one.
+
+        Args:
+            cols: ``Columns`` of n finished trials (raw (n, d), values (n, m), measures (n, k)).
+        """
         from qd.store import trials_of
 
         for trial in trials_of(cols, self.space):
             self.tell(trial)
 
     def restore_columns(self, cols: Columns, store: Store | None = None) -> None:
-        """Rebuild from a resumed run's trials as columns (number order, stale ones included).
-        The default builds ``Trial`` objects and calls ``restore``; archive strategies override it."""
+        """Rebuild from a resumed run's trials as columns.
+
+        The default builds ``Trial`` objects and calls ``restore``; archive strategies override it.
+
+        Args:
+            cols: ``Columns`` of the recorded trials, number order, stale ones included.
+            store: The run's store, for strategies that read more of the record.
+        """
         from qd.store import trials_of
 
         self.restore(trials_of(cols, self.space))
 
     def restore(self, trials: Sequence[Trial]) -> None:
-        """Replay a resumed run's recorded trials (creation order; stale ones included, never told)."""
+        """Replay a resumed run's recorded trials; the default tells the finished ones.
+
+        Args:
+            trials: The trials in creation order; stale ones included, never told.
+        """
         for t in trials:
             if t.finished:
                 self.tell(t)
 
     def state(self) -> dict[str, Any]:
-        """Optional numbers for progress displays (e.g. archive coverage)."""
+        """Optional numbers for progress displays (e.g. archive coverage).
+
+        Returns:
+            Name -> number; {} by default.
+        """
         return {}
