@@ -879,6 +879,20 @@ class _TrainedRun:
         }
 
 
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(b, t, h) token states -> (b, h): the mean over real tokens, or the last real token ("last").
+
+    Args:
+        hidden: the encoder's last hidden states.
+        attention_mask: (b, t), 1 for real tokens (right padding).
+        pooling: "mean" or "last".
+    """
+    if pooling == "last":  # right padding: the last real token of each row
+        last = attention_mask.sum(dim=1).clamp(min=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return mean_pool(hidden, attention_mask)
+
+
 class Classifier(torch.nn.Module):
     """A backbone (possibly wrapped by peft) -> pooling (mean of the real tokens, or the last one) -> linear head."""
 
@@ -891,12 +905,7 @@ class Classifier(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Class logits of shape (batch, classes) from token ids and mask of shape (batch, length)."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.pooling == "last":  # right padding: the last real token of each row
-            last = attention_mask.sum(dim=1).clamp(min=1) - 1
-            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        else:
-            pooled = mean_pool(hidden, attention_mask)
-        return self.head(pooled.to(self.head.weight.dtype))
+        return self.head(pool(hidden, attention_mask, self.pooling).to(self.head.weight.dtype))
 
 
 MiniLMClassifier = Classifier  # the name before other checkpoints

@@ -49,8 +49,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from problems._minilm import mean_pool
-from problems.peft import Encoded, _autocast, _set_threads, _sync, adapted_layers, batch_rows, lr_factor, macro_f1
+from problems.peft import (Encoded, _autocast, _set_threads, _sync, adapted_layers, batch_rows, lr_factor, macro_f1,
+                           pool)
 from qd.problem import Evaluation
 from qd.space import Config
 
@@ -394,12 +394,7 @@ class _Population:
         """(members in the buffers, rows per member, classes); member i's rows are the i-th block of the batch."""
         n = len(self.active)
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.pooling == "last":  # right padding: the last real token of each row
-            last = attention_mask.sum(dim=1).clamp(min=1) - 1
-            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        else:
-            pooled = mean_pool(hidden, attention_mask)
-        pooled = pooled.reshape(n, -1, hidden.shape[-1])
+        pooled = pool(hidden, attention_mask, self.pooling).reshape(n, -1, hidden.shape[-1])
         w, b = self.flat.leaf(self.head_w), self.flat.leaf(self.head_b)
         if not self.everyone:
             w, b = w.index_select(0, self.index), b.index_select(0, self.index)
