@@ -11,6 +11,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 
@@ -18,6 +19,12 @@ from qd.problem import Problem
 from qd.space import Config
 from qd.strategy import Strategy
 from qd.store import Trial
+
+
+def resumed_seed(seed: int, n_trials: int) -> int:
+    """The sampler seed of a run resumed after ``n_trials`` recorded trials: both mixed by
+    ``numpy.random.SeedSequence``, so a resume is repeatable and its stream is not the fresh run's."""
+    return int(np.random.SeedSequence([seed, n_trials]).generate_state(1)[0])
 
 
 def _key(config: Config) -> tuple:
@@ -75,9 +82,13 @@ class OptunaSampler(Strategy):
         ))
 
     def restore(self, trials: Sequence[Trial]) -> None:
+        """Replay a resumed run's trials into the mirror, then give the sampler a random stream of
+        its own: the seed's stream would draw the fresh run's first configurations again. An empty
+        history (a fresh run) changes nothing: the sampler keeps the seed ``seed`` itself."""
+        if not trials:
+            return
         super().restore(trials)
-        # Re-seed past the history: the same seed would re-propose the first configurations.
-        self._study.sampler = self._sampler(self.seed + 7919 * (len(trials) + 1))
+        self._study.sampler = self._sampler(resumed_seed(self.seed, len(trials)))
 
 
 class TPE(OptunaSampler):
