@@ -121,6 +121,8 @@ class StrategyCase:
             hold as observations (None: not observable); failures must not count.
         warmup: asks after which its proposals come from what it learned (the rounds of the
             checks go past it).
+        heavy: its asks take seconds (a model fit and an acquisition optimisation each): only the
+            first point of each test runs by default, the others are marked ``slow``.
     """
 
     name: str
@@ -130,6 +132,7 @@ class StrategyCase:
     resumes_exactly: bool = False
     learned: Callable[[Strategy], int] | None = None
     warmup: int = 6
+    heavy: bool = False
 
     def build(self, problem: Problem, seed: int = 0) -> Strategy:
         if self.make is not None:
@@ -387,49 +390,76 @@ def check_refuses(case: StrategyCase, problem: Problem) -> None:
 
 
 # --- the pytest base class ----------------------------------------------------------------------
-PROBLEMS = ("mixed", "conditional")
+PROBLEMS = ("conditional", "mixed")
 OBJECTIVE_KINDS: tuple[ObjectiveKind, ...] = ("one", "several")
 
 
+@dataclass(frozen=True)
+class Point:
+    """Where a check runs: a problem (``contract_problem``) and, for ``check_restore``, the path."""
+
+    problem: str
+    objectives: ObjectiveKind
+    columnar: bool = False
+
+    @property
+    def id(self) -> str:
+        return f"{self.problem}-{self.objectives}" + ("-columns" if self.columnar else "")
+
+
+def _points(test: str, case: StrategyCase) -> list[Point]:
+    """The points of each test; the problem kinds a case does not take are left to test_refuses."""
+    kinds = [k for k in OBJECTIVE_KINDS if case.takes(k)]
+    if test == "test_asks":
+        return [Point(p, k) for p in PROBLEMS for k in kinds]
+    if test == "test_same_seed":
+        return [Point("conditional", k) for k in kinds]
+    if test == "test_failures":
+        return [Point("mixed", k) for k in kinds]
+    if test == "test_columns":
+        return [Point("conditional", kinds[-1])]
+    if test == "test_restore":
+        return [Point("conditional", kinds[-1]), Point("mixed", kinds[-1], columnar=True)]
+    return []
+
+
 class StrategyContract:
-    """One test per contract point, over ``mixed`` and ``conditional`` with one objective and with
-    several. Subclass and set ``case`` (or override the ``case`` fixture to parametrise it)."""
+    """One test per contract point (``_points``: ``mixed`` and ``conditional``, one objective and
+    several). Subclass and set ``case``, or ``cases`` for several strategies. The points of a
+    ``StrategyCase.heavy`` case past the first of each test are marked ``slow``."""
 
     case: ClassVar[StrategyCase | None] = None
+    cases: ClassVar[Sequence[StrategyCase]] = ()
 
-    @pytest.fixture
-    def strategy_case(self) -> StrategyCase:
-        assert self.case is not None, f"{type(self).__name__} must set case = StrategyCase(...)"
-        return self.case
+    def pytest_generate_tests(self, metafunc: Any) -> None:
+        cases = list(self.cases) or ([self.case] if self.case is not None else [])
+        assert cases, f"{type(self).__name__} must set case = StrategyCase(...) or cases = [...]"
+        test = metafunc.function.__name__
+        if "point" not in metafunc.fixturenames:
+            metafunc.parametrize("strategy_case", cases, ids=[c.name for c in cases])
+            return
+        params = []
+        for case in cases:
+            for i, point in enumerate(_points(test, case)):
+                marks = [pytest.mark.slow] if case.heavy and i > 0 else []
+                params.append(pytest.param(case, point, id=f"{case.name}-{point.id}", marks=marks))
+        metafunc.parametrize("strategy_case, point", params)
 
-    @staticmethod
-    def _problem(case: StrategyCase, name: str, objectives: ObjectiveKind) -> ContractProblem:
-        if not case.takes(objectives):
-            pytest.skip(f"{case.name} takes problems with {case.objectives} objective(s) (test_refuses checks it)")
-        return contract_problem(name, objectives)
+    def test_asks(self, strategy_case: StrategyCase, point: Point) -> None:
+        check_asks(strategy_case, contract_problem(point.problem, point.objectives))
 
-    @pytest.mark.parametrize("name", PROBLEMS)
-    @pytest.mark.parametrize("objectives", OBJECTIVE_KINDS)
-    def test_asks(self, strategy_case: StrategyCase, name: str, objectives: ObjectiveKind) -> None:
-        check_asks(strategy_case, self._problem(strategy_case, name, objectives))
+    def test_same_seed(self, strategy_case: StrategyCase, point: Point) -> None:
+        check_same_seed(strategy_case, contract_problem(point.problem, point.objectives))
 
-    @pytest.mark.parametrize("objectives", OBJECTIVE_KINDS)
-    def test_same_seed(self, strategy_case: StrategyCase, objectives: ObjectiveKind) -> None:
-        check_same_seed(strategy_case, self._problem(strategy_case, "conditional", objectives))
+    def test_failures(self, strategy_case: StrategyCase, point: Point) -> None:
+        check_failures(strategy_case, contract_problem(point.problem, point.objectives))
 
-    @pytest.mark.parametrize("objectives", OBJECTIVE_KINDS)
-    def test_failures(self, strategy_case: StrategyCase, objectives: ObjectiveKind) -> None:
-        check_failures(strategy_case, self._problem(strategy_case, "mixed", objectives))
+    def test_columns(self, strategy_case: StrategyCase, point: Point) -> None:
+        check_columns(strategy_case, contract_problem(point.problem, point.objectives))
 
-    def test_columns(self, strategy_case: StrategyCase) -> None:
-        kind = "several" if strategy_case.takes("several") else "one"
-        check_columns(strategy_case, self._problem(strategy_case, "conditional", kind))
-
-    @pytest.mark.parametrize("columnar", [False, True], ids=["rows", "columns"])
-    def test_restore(self, strategy_case: StrategyCase, columnar: bool, tmp_path: Any) -> None:
-        kind = "several" if strategy_case.takes("several") else "one"
-        problem = self._problem(strategy_case, "mixed" if columnar else "conditional", kind)
-        check_restore(strategy_case, problem, f"sqlite:///{tmp_path}/contract.db", columnar=columnar)
+    def test_restore(self, strategy_case: StrategyCase, point: Point, tmp_path: Any) -> None:
+        check_restore(strategy_case, contract_problem(point.problem, point.objectives),
+                      f"sqlite:///{tmp_path}/contract.db", columnar=point.columnar)
 
     def test_refuses(self, strategy_case: StrategyCase) -> None:
         missing = [k for k in OBJECTIVE_KINDS if not strategy_case.takes(k)]

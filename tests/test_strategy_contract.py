@@ -29,15 +29,15 @@ CASES = [
     StrategyCase("tpe", {"n_startup_trials": 4}, learned=_optuna_complete, warmup=4),
     StrategyCase("nsga2", {"population_size": 4}, learned=_optuna_complete, warmup=8),
     StrategyCase("nsga3", {"population_size": 4}, learned=_optuna_complete, warmup=8),
-    StrategyCase("gp", {"n_startup_trials": 4}, learned=_optuna_complete, warmup=4),
-    StrategyCase("botorch", {"n_init": 4, "num_restarts": 1, "raw_samples": 8, "mc_samples": 8,
-                             "init_mc_samples": 4}, learned=_observations, warmup=4),
+    StrategyCase("gp", {"n_startup_trials": 2}, learned=_optuna_complete, warmup=2, heavy=True),
+    StrategyCase("botorch", {"n_init": 2, "num_restarts": 1, "raw_samples": 8, "mc_samples": 8,
+                             "init_mc_samples": 4}, learned=_observations, warmup=2, heavy=True),
     StrategyCase("map-elites", {"initial_population": 4, "batch_size": 2, "eval_batch": 4}, warmup=6),
     StrategyCase("cma-me", {"emitters": 2, "batch_size": 3}, warmup=6),
     StrategyCase("cma-mae", {"emitters": 2, "batch_size": 3}, warmup=6),
     StrategyCase("mome", {"initial_population": 4}, warmup=6),
-    StrategyCase("sail", {"n_init": 4, "generations": 2, "emitters": 2, "emitter_batch": 8},
-                 learned=_observations, warmup=4),
+    StrategyCase("sail", {"n_init": 2, "generations": 2, "emitters": 2, "emitter_batch": 8},
+                 learned=_observations, warmup=2, heavy=True),
 ]
 
 
@@ -46,9 +46,7 @@ def test_every_strategy_has_a_case():
 
 
 class TestBuiltinStrategies(StrategyContract):
-    @pytest.fixture(params=CASES, ids=[c.name for c in CASES])
-    def strategy_case(self, request) -> StrategyCase:
-        return request.param
+    cases = CASES
 
 
 # --- seeds: the Optuna strategies are Optuna's samplers with the run's seed ------------------------
