@@ -122,7 +122,7 @@ class StrategyCase:
         warmup: asks after which its proposals come from what it learned (the rounds of the
             checks go past it).
         heavy: its asks take seconds (a model fit and an acquisition optimisation each): only the
-            first point of each test runs by default, the others are marked ``slow``.
+            first point of each test but the restore runs by default, the others are marked ``slow``.
     """
 
     name: str
@@ -387,6 +387,8 @@ def check_refuses(case: StrategyCase, problem: Problem) -> None:
     with pytest.raises(ValueError, match="allowed") as info:
         case.build(problem, 0)
     assert "objective" in str(info.value), f"the refusal does not say it is about objectives: {info.value}"
+    named = [option for option in case.options if option in str(info.value)]
+    assert named or not case.options, f"the refusal names none of the options {sorted(case.options)}: {info.value}"
 
 
 # --- the pytest base class ----------------------------------------------------------------------
@@ -426,7 +428,7 @@ def _points(test: str, case: StrategyCase) -> list[Point]:
 class StrategyContract:
     """One test per contract point (``_points``: ``mixed`` and ``conditional``, one objective and
     several). Subclass and set ``case``, or ``cases`` for several strategies. The points of a
-    ``StrategyCase.heavy`` case past the first of each test are marked ``slow``."""
+    ``StrategyCase.heavy`` case past the first of each test, and its restores, are marked ``slow``."""
 
     case: ClassVar[StrategyCase | None] = None
     cases: ClassVar[Sequence[StrategyCase]] = ()
@@ -441,7 +443,8 @@ class StrategyContract:
         params = []
         for case in cases:
             for i, point in enumerate(_points(test, case)):
-                marks = [pytest.mark.slow] if case.heavy and i > 0 else []
+                # A restore makes three runs (~30 model-based asks): slow for a heavy case.
+                marks = [pytest.mark.slow] if case.heavy and (i > 0 or test == "test_restore") else []
                 params.append(pytest.param(case, point, id=f"{case.name}-{point.id}", marks=marks))
         metafunc.parametrize("strategy_case, point", params)
 

@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 
 from qd.store import RunInfo, Store
 from qd.strategies import BUILTIN, get_strategy
-from qd.testing import StrategyCase, StrategyContract, config_id, evaluate, run_for
+from qd.testing import StrategyCase, StrategyContract, check_refuses, config_id, contract_problem, evaluate, run_for
 
 
 def _optuna_complete(strategy) -> int:
@@ -114,3 +114,13 @@ def test_a_resumed_run_draws_a_new_stream(name, tmp_path):
         resumed.append(strategy.ask(3))
     assert resumed[0] == resumed[1]
     assert not {config_id(c) for c in resumed[0]} & {config_id(c) for c in first}
+
+
+# --- refusals: a problem kind an option does not take is refused before any work ----------------------
+@pytest.mark.parametrize("acquisition, objectives", [("nehvi", "one"), ("parego", "one"), ("nei", "several")])
+def test_an_acquisition_for_the_other_kind_of_problem_is_refused(acquisition, objectives):
+    """Every built-in strategy takes one objective and several; BoTorch's acquisitions each take one
+    kind, and building one for the other kind fails naming the option and what is allowed."""
+    takes = "several" if objectives == "one" else "one"
+    check_refuses(StrategyCase("botorch", {"acquisition": acquisition}, objectives=takes),
+                  contract_problem("mixed", objectives))
