@@ -36,7 +36,7 @@ CASES = [
     StrategyCase("cma-me", {"emitters": 2, "batch_size": 3}, warmup=6),
     StrategyCase("cma-mae", {"emitters": 2, "batch_size": 3}, warmup=6),
     StrategyCase("mome", {"initial_population": 4}, warmup=6),
-    StrategyCase("sail", {"n_init": 2, "generations": 2, "emitters": 2, "emitter_batch": 8},
+    StrategyCase("sail", {"n_init": 2, "generations": 1, "emitters": 2, "emitter_batch": 4},
                  learned=_observations, warmup=2, heavy=True),
 ]
 
@@ -84,7 +84,8 @@ def test_a_fresh_run_asks_what_optunas_sampler_with_its_seed_asks(name, tmp_path
     space, past the start-up trials into the model-based ones: qd never re-seeds a fresh run."""
     from problems.mixed import Mixed
 
-    problem, seed, k = Mixed(), 11, 7
+    problem, seed = Mixed(), 11
+    k = 5 if name == "gp" else 7  # start-up trials, then model-based ones (an Optuna GP ask here takes seconds)
     info = RunInfo(name="fresh", problem="mixed", problem_options={}, strategy=name,
                    strategy_options=OPTUNA_OPTIONS[name], seed=seed)
     store = Store.create(f"sqlite:///{tmp_path}/fresh.db", info, problem)
