@@ -349,7 +349,7 @@ class RunState:
         # The row of each cell's elite (best value, earliest trial of equals: ``qd.explore.elite_rows``),
         # kept as batches arrive, so a publish at 10^6 trials does not sort them all to find 400.
         self._elites: _EliteRows | None = None
-        if self.archive is not None and hasattr(self.archive, "spec") and not hasattr(self.archive, "fronts"):
+        if self.archive is not None and self.archive.kind == "elite":
             self._elites = _EliteRows(self.archive)
             self._elites.add(history, 0)
         self.metrics_key = METRICS_KEY
@@ -606,10 +606,9 @@ class _Loop:
                 slots -= 1
             if slots > 0:
                 asked = self.strategy.ask(slots, pending=_Pending(self.in_flight))
-                origin_of = getattr(self.strategy, "origin_of", None)  # qd.background's fallbacks
-                for config in asked[:slots]:
-                    self.launch(config, origin_of(config) if origin_of else "strategy")
-        proposing = getattr(self.strategy, "busy", False)  # an ask computed beside the loop (qd.background)
+                for config in asked[:slots]:  # qd.background hands out fallbacks at an ask's time limit
+                    self.launch(config, self.strategy.origin_of(config))
+        proposing = self.strategy.busy  # an ask computed beside the loop (qd.background)
         if not self.in_flight and proposing and not out_of_time:
             self.strategy.wait(0.05)  # then ask again: the proposal, or a fallback at its time limit
             return True
@@ -725,8 +724,7 @@ class _Loop:
         finally:
             _LIVE_RUNS.discard(self.token)
             try:
-                if hasattr(self.strategy, "close"):
-                    self.strategy.close()
+                self.strategy.close()
                 self.evaluator.close()
                 try:
                     self.store.flush()

@@ -36,6 +36,7 @@ class Strategy(ABC):
       records the spec and shares the archive (``qd.run.RunState``) instead of building its own;
     - ``sampler_class`` and ``option_defaults``: strategies that wrap an Optuna sampler take its
       options (``qd strategies`` lists them);
+    - ``busy``, ``wait``, ``origin_of``, ``close``: asks computed beside the loop (``qd.background``);
     - ``state``: numbers for progress displays.
 
     ``qd.testing`` holds the contract test suite every strategy, built-in or plug-in, can run.
@@ -138,6 +139,24 @@ class Strategy(ABC):
         for t in trials:
             if t.finished:
                 self.tell(t)
+
+    # --- asks computed beside the loop (qd.background overrides these) -------------------------
+    @property
+    def busy(self) -> bool:
+        """Whether a proposal is being computed beside the run loop now. Default: never."""
+        return False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the proposal being computed is done (or ``timeout`` s); True when none runs."""
+        return True
+
+    def origin_of(self, config: Config) -> str:
+        """Where a configuration this strategy handed out came from: "strategy" (default), or
+        "fallback" for a quasi-random point handed out at an ask's time limit."""
+        return "strategy"
+
+    def close(self) -> None:
+        """Release what the strategy holds (threads, worker processes). Default: nothing."""
 
     def state(self) -> dict[str, Any]:
         """Optional numbers for progress displays (e.g. archive coverage).
