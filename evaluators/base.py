@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from qd.checks import is_int
 from qd.problem import Evaluation, Problem
 from qd.space import Config
 
@@ -193,7 +194,7 @@ def evaluate_jobs(problem: Problem, jobs: list[Job], catch: type[BaseException] 
 
 def population_size(problem: Problem) -> int:
     """The problem's ``max_population`` (1 when unset); raises naming a bad value."""
-    size = getattr(problem, "max_population", 1)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    size = problem.max_population
+    if not (is_int(size) and size >= 1):
         raise ValueError(f"{type(problem).__name__}.max_population={size!r} is not allowed; allowed: an integer >= 1")
     return size

@@ -20,6 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from qd.checks import is_int
+
 #: The metadata source that says a peak is GPU memory (CPU peaks are process RSS: not packed by).
 GPU_SOURCE = "cuda_max_memory_allocated"
 
@@ -50,7 +52,7 @@ class PackingPolicy:
         for name, value, low in (("context_mb", self.context_mb, 0.0), ("slack", self.slack, 1.0)):
             if not math.isfinite(value) or value < low:
                 raise ValueError(f"PackingPolicy {name}={value!r} is not allowed; allowed: a number >= {low:g}")
-        if isinstance(self.max_slots, bool) or not isinstance(self.max_slots, int) or self.max_slots < 1:
+        if not (is_int(self.max_slots) and self.max_slots >= 1):
             raise ValueError(f"PackingPolicy max_slots={self.max_slots!r} is not allowed; allowed: an integer >= 1")
 
     def per_slot_mb(self, peak_mb: float) -> float:

@@ -45,7 +45,7 @@ import torch
 
 from problems._data import DataError, absolute, class_index, read_table, require_column, split_size, stratified_order
 from problems._minilm import load_checkpoint, mean_pool, resolve_checkpoint
-from qd.checks import check_device, check_choice, check_int, check_number
+from qd.checks import check_choice, check_device, check_int, check_number, is_int
 from qd.problem import Evaluation, Measure, Objective, Problem, Resources
 from qd.space import Bool, Categorical, Config, Float, Int, Space
 
@@ -567,7 +567,7 @@ class PeftProblem(Problem):
 
     def _banking77(self) -> tuple[dict[str, Labelled], list[str]]:
         train_rows = 10_003
-        if not isinstance(self.val_size, int) or isinstance(self.val_size, bool) or self.val_size < 1:
+        if not (is_int(self.val_size) and self.val_size >= 1):
             raise ValueError(f"peft option val_size={self.val_size!r} is not allowed; allowed: an integer >= 1 for BANKING77")
         train_size = train_rows - self.val_size if self.train_size is None else self.train_size
         if train_size + self.val_size > train_rows:

@@ -75,7 +75,7 @@ from botorch.utils.sampling import sample_simplex
 from scipy.stats import qmc
 from torch import Tensor
 
-from qd.checks import OptionError, check_int, is_finite_number
+from qd.checks import OptionError, check_bool, check_int, is_finite_number
 from qd.problem import Problem, signs_of
 from qd.space import Config
 from qd.strategies._botorch_common import (
@@ -173,9 +173,7 @@ class BoTorch(Strategy):
             self.noise_std = float(noise)
         else:
             raise _option_error("noise", noise, "'inferred', or a number >= 0 (the known noise standard deviation)")
-        if not isinstance(avoid_failures, (bool, np.bool_)):
-            raise _option_error("avoid_failures", avoid_failures, "true or false")
-        self.avoid_failures = bool(avoid_failures)
+        self.avoid_failures = check_bool(avoid_failures, "avoid_failures", OWNER)
 
         self.geometry = SpaceGeometry(self.space)
         objectives = problem.objectives
