@@ -369,11 +369,16 @@ class Record:
             ValueError: The segments do not hold the rows the record counts (a corrupt record).
         """
         with self.engine.connect() as conn:
-            n = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(SEGMENTS.c.n), 0))
-                             .where(SEGMENTS.c.run_id == self.run_id)).scalar()
+            # The count and the last segment in one statement: the owner may append segments while
+            # a view reads (each statement sees its own snapshot), and segments are append-only,
+            # so reading up to that segment gives exactly the rows counted.
+            n, last = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(SEGMENTS.c.n), 0),
+                                             sa.func.coalesce(sa.func.max(SEGMENTS.c.id), -1))
+                                   .where(SEGMENTS.c.run_id == self.run_id)).one()
             # Streamed, a few segments at a time (a server-side cursor on PostgreSQL).
             result = conn.execution_options(stream_results=True, yield_per=8).execute(
-                sa.select(SEGMENTS.c.data).where(SEGMENTS.c.run_id == self.run_id).order_by(SEGMENTS.c.id))
+                sa.select(SEGMENTS.c.data).where(SEGMENTS.c.run_id == self.run_id, SEGMENTS.c.id <= last)
+                .order_by(SEGMENTS.c.id))
             done = decode_segments((r[0] for r in result), self.dims, n=int(n))
             rows = [(int(n), d) for n, d in conn.execute(
                 sa.select(RUNNING_ROWS.c.number, RUNNING_ROWS.c.data).where(RUNNING_ROWS.c.run_id == self.run_id))]

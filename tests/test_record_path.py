@@ -39,6 +39,33 @@ def _finished(storage: str, name: str) -> int:
         return 0
 
 
+def test_a_view_reading_while_the_run_writes_sees_a_consistent_prefix(tmp_path):
+    """Views (qd show, the dashboard, notebooks) read while the owner appends segments: every read
+    must succeed and see whole segments, never a count from one moment and segments from the next."""
+    from qd.storage_url import RunNotFound
+
+    storage = f"sqlite:///{tmp_path}/live.db"
+    proc = _driver(storage, "live", 400_000)
+    seen, reads, deadline = [], 0, time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and len(set(seen)) < 6 and proc.poll() is None:
+            try:
+                cols = Store.open(storage, "live").columns()
+            except RunNotFound:  # not created yet
+                time.sleep(0.05)
+                continue
+            reads += 1
+            numbers = cols.number[cols.finished]
+            assert len(numbers) == len(set(numbers.tolist()))  # whole segments, each trial once
+            if len(numbers):
+                seen.append(len(numbers))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert reads >= 5 and len(set(seen)) >= 3, (reads, seen)  # it read a run that was growing
+    assert seen == sorted(seen)
+
+
 @pytest.mark.parametrize("delay_s", [0.0, 0.7, 1.9])
 def test_kill_at_a_random_moment_then_resume_gives_exactly_the_budget(tmp_path, delay_s):
     """SIGKILL while cheap batches are being written (flushes every few tens of ms), then resume."""
