@@ -154,7 +154,8 @@ class Evaluator(ABC):
 
         Returns:
             The outcomes finished since the last call, in any order; empty on timeout or when
-            nothing is in flight.
+            nothing is in flight. A crash, timeout or error is an outcome with its ``kind`` and
+            reason, never an exception.
         """
 
     @abstractmethod

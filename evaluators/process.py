@@ -238,16 +238,7 @@ class ProcessPoolEvaluator(Evaluator):
         self._workers.remove(worker)
 
     def wait(self, timeout: float | None = None) -> list[Outcome]:
-        """Collect finished evaluations.
-
-        Args:
-            timeout: Seconds to wait for one (None: until one finishes).
-
-        Returns:
-            The outcomes that finished, one per job; [] when nothing is in flight or ``timeout``
-            passed. A crash, timeout or error is an outcome with its ``kind`` and reason, never
-            an exception.
-        """
+        """``Evaluator.wait``: a crash, timeout or error comes back as an outcome, never raised."""
         deadline = None if timeout is None else time.monotonic() + timeout
         self._dispatch()
         while True:

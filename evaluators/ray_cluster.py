@@ -663,16 +663,7 @@ class RayEvaluator(Evaluator):
         return refs
 
     def wait(self, timeout: float | None = None) -> list[Outcome]:
-        """Collect finished evaluations.
-
-        Args:
-            timeout: Seconds to wait for one (None: until one finishes).
-
-        Returns:
-            The outcomes that finished, one per job; [] when nothing is in flight or ``timeout``
-            passed. A crash, timeout or error is an outcome with its ``kind`` and reason, never
-            an exception.
-        """
+        """``Evaluator.wait``: a crash, timeout or error comes back as an outcome, never raised."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._dispatch()
