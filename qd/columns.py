@@ -100,6 +100,12 @@ class Columns:
         rows = np.flatnonzero(index) if index.dtype == bool else index
         return Columns(**arrays, metadata=[self.metadata[i] for i in rows], reason=[self.reason[i] for i in rows])
 
+    def rows(self, start: int, stop: int) -> Columns:
+        """Rows ``start:stop`` with their arrays as views (written through to these columns); the
+        two text lists are copies."""
+        return Columns(**{name: getattr(self, name)[start:stop] for name in _ARRAYS},
+                       metadata=self.metadata[start:stop], reason=self.reason[start:stop])
+
     def sorted(self) -> Columns:
         """The rows in trial-number order."""
         order = np.argsort(self.number, kind="stable")
@@ -196,6 +202,12 @@ class ColumnsBuilder:
             view.fill(np.nan if view.dtype.kind == "f" else (-1 if name in ("requeue_of", "cell") else 0))
             arrays[name] = view
         self._reserved = Columns(**arrays, metadata=[None] * n, reason=[None] * n)
+        return self._reserved
+
+    def trim(self, n: int) -> Columns:
+        """Keep the first ``n`` rows of the block ``reserve`` returned last (a batch that ended
+        early) and return them, to ``append`` as the reserved block."""
+        self._reserved = self._reserved.rows(0, n)
         return self._reserved
 
     def append(self, cols: Columns) -> None:

@@ -72,6 +72,11 @@ def _sample(index: np.ndarray, n: int = MAX_POINTS) -> np.ndarray:
     return index[np.linspace(0, len(index) - 1, n).astype(int)]
 
 
+def _short(values: np.ndarray) -> list[float | None]:
+    """Values for a figure's JSON: 6 significant digits (what a hover shows), None for NaN."""
+    return [None if v != v else float(f"{v:.6g}") for v in np.asarray(values, dtype=float).tolist()]
+
+
 def _title(store: Store) -> str:
     return f"{store.info.name}: {store.info.problem} / {store.info.strategy}"
 
@@ -120,10 +125,13 @@ def pareto_plotly(store: Store, cols: Columns, reference: Reference | None = Non
         best = sign * np.fmin.accumulate(sign * y) if len(y) else y
         x = np.arange(1, len(fin) + 1)
         pick = _sample(np.arange(len(fin)))
-        fig.add_trace(go.Scatter(x=x[pick].tolist(), y=[None if v != v else v for v in y[pick].tolist()],
+        fig.add_trace(go.Scatter(x=x[pick].tolist(), y=_short(y[pick]),
                                  mode="markers", marker={"color": "lightgray", "size": 5}, name="evaluated"))
-        fig.add_trace(go.Scatter(x=x[pick].tolist(), y=[None if v != v else v for v in best[pick].tolist()],
-                                 mode="lines", line={"color": "#1f77b4"}, name="best so far"))
+        # A step line needs only the evaluations that improved it (and the last one).
+        steps = np.flatnonzero(np.r_[True, best[1:] != best[:-1]]) if len(best) else np.arange(0)
+        steps = _sample(np.union1d(steps, [len(best) - 1]) if len(best) else steps)
+        fig.add_trace(go.Scatter(x=x[steps].tolist(), y=_short(best[steps]), mode="lines",
+                                 line={"color": "#1f77b4", "shape": "hv"}, name="best so far"))
         fig.update_layout(title={"text": f"Best {names[0]} so far", "x": 0.02}, xaxis_title="finished evaluations",
                           yaxis_title=labels[0])
         return fig

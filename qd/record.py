@@ -25,6 +25,7 @@ compare-and-set on its row, so two drivers never own one run at once.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -175,8 +176,67 @@ def running_columns(rows: Sequence[tuple[int, str]], dims: tuple[int, int, int, 
 
 # --- the database -------------------------------------------------------------------------------
 _ENGINES: dict[str, sa.Engine] = {}
-#: SQLite pages (4 KB) of write-ahead log between two checkpoints.
-WAL_AUTOCHECKPOINT_PAGES = 10_000
+#: Bytes of SQLite write-ahead log between two checkpoints.
+WAL_AUTOCHECKPOINT_BYTES = 40 * 2**20
+#: The page size of a new SQLite file: a segment is a MB-sized blob, stored in overflow pages,
+#: and 16 KB pages write it in a quarter of the pages (and of their headers) of SQLite's 4 KB.
+SQLITE_PAGE_SIZE = 16384
+
+
+def sqlite_pragmas(dbapi_connection: Any, autocheckpoint: bool = True) -> None:
+    """Set a new connection's pragmas: WAL mode, ``synchronous=NORMAL``, ``SQLITE_PAGE_SIZE``
+    pages (a file not yet written only), and with ``autocheckpoint`` a checkpoint at the commit
+    that takes the log past ``WAL_AUTOCHECKPOINT_BYTES`` (else ``Checkpointer``'s, beside)."""
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")  # ignored once the file has pages
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        page = cursor.execute("PRAGMA page_size").fetchone()[0]
+        cursor.execute(f"PRAGMA wal_autocheckpoint={max(1, WAL_AUTOCHECKPOINT_BYTES // page) if autocheckpoint else 0}")
+    except Exception:  # locked by another process right now: keep its journal mode
+        pass
+    finally:
+        cursor.close()
+
+
+class Checkpointer:
+    """Checkpoints a SQLite file's write-ahead log in a thread of its own, every
+    ``WAL_AUTOCHECKPOINT_BYTES`` written, so no commit waits for one.
+
+    A checkpoint copies the log into the database and waits for the disk (a third of a second
+    per 40 MB here); made at a commit, as SQLite's automatic checkpoint is, it stalled the writer
+    and, through it, the run loop. A PASSIVE checkpoint runs beside later commits; SQLite's C
+    code holds no Python lock meanwhile; a short RESTART one then copies what was committed during
+    it and lets the log start again, so it stays near ``WAL_AUTOCHECKPOINT_BYTES``. A process killed
+    during one loses nothing: the log stays valid and the next connection completes it.
+    """
+
+    def __init__(self, engine: sa.Engine):
+        self.engine = engine
+        self._since = 0
+        self._thread: threading.Thread | None = None
+
+    def wrote(self, nbytes: int) -> None:
+        """Count ``nbytes`` committed; start a checkpoint when enough were and none is running."""
+        self._since += nbytes
+        if self._since >= WAL_AUTOCHECKPOINT_BYTES and (self._thread is None or not self._thread.is_alive()):
+            self._since = 0
+            self._thread = threading.Thread(target=self._checkpoint, name="qd-wal-checkpoint", daemon=True)
+            self._thread.start()
+
+    def _checkpoint(self) -> None:
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")  # the bulk, beside the writer
+                # Then what was committed meanwhile (a few MB), holding the writer back for that long
+                # only, so the log starts again from its beginning instead of growing with the run.
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(RESTART)")
+        except Exception:  # an optimisation only: SQLite checkpoints when its last connection closes
+            pass
+
+
+_CHECKPOINTERS: dict[sa.Engine, Checkpointer] = {}  # SQLite engines of this process
 
 
 def engine_for(url: str) -> sa.Engine:
@@ -184,8 +244,7 @@ def engine_for(url: str) -> sa.Engine:
 
     SQLite files run in WAL mode with ``synchronous=NORMAL``: a killed process loses nothing
     committed (only a power cut may lose the last commits, never the file's consistency), and
-    readers (``qd show``, the dashboard) never block the driver. The log is checkpointed into the
-    database every ``WAL_AUTOCHECKPOINT_PAGES`` pages.
+    readers (``qd show``, the dashboard) never block the driver (``sqlite_pragmas``).
     """
     engine = _ENGINES.get(url)
     if engine is not None:
@@ -193,19 +252,10 @@ def engine_for(url: str) -> sa.Engine:
     if url.startswith("sqlite"):
         engine = sa.create_engine(url, connect_args={"timeout": 60})
 
-        @sa.event.listens_for(engine, "connect")
-        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
-            cursor = dbapi_connection.cursor()
-            try:
-                cursor.execute("PRAGMA journal_mode=WAL")
-                cursor.execute("PRAGMA synchronous=NORMAL")
-                # Checkpoints every ~40 MB of log, not SQLite's 4 MB: each one waits for the disk,
-                # and a run writes segments of a MB; a flush costs a quarter of the time so.
-                cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
-            except Exception:  # locked by another process right now: keep its journal mode
-                pass
-            finally:
-                cursor.close()
+        # The record's own writes are checkpointed beside them (``Checkpointer``).
+        sa.event.listen(engine, "connect",
+                        lambda dbapi_connection, _record: sqlite_pragmas(dbapi_connection, autocheckpoint=False))
+        _CHECKPOINTERS[engine] = Checkpointer(engine)
     else:
         engine = sa.create_engine(url, pool_pre_ping=True)
     _create_tables(engine)
@@ -231,6 +281,7 @@ class Record:
 
     def __init__(self, engine: sa.Engine, run_id: int, dims: tuple[int, int, int, int]):
         self.engine, self.run_id, self.dims = engine, run_id, dims
+        self._checkpointer = _CHECKPOINTERS.get(engine)
 
     # --- runs -------------------------------------------------------------------------------
     @staticmethod
@@ -326,11 +377,13 @@ class Record:
         Raises:
             sqlalchemy.exc.SQLAlchemyError: The database refused the transaction; nothing was written.
         """
+        nbytes = 0
         with self.engine.begin() as conn:
             if finished is not None and len(finished):
+                data = encode_segment(finished)
+                nbytes = len(data)
                 conn.execute(SEGMENTS.insert().values(run_id=self.run_id, n=len(finished),
-                                                      max_number=int(finished.number.max()),
-                                                      data=encode_segment(finished)))
+                                                      max_number=int(finished.number.max()), data=data))
             if ended:
                 ended = [int(x) for x in ended]
                 for i in range(0, len(ended), 500):
@@ -342,6 +395,8 @@ class Record:
             if heartbeat_of is not None:
                 conn.execute(RUNS.update().where(RUNS.c.id == self.run_id, RUNS.c.owner == heartbeat_of)
                              .values(heartbeat=time.time()))
+        if self._checkpointer is not None:
+            self._checkpointer.wrote(nbytes)
 
     def set_attr(self, key: str, value: Any) -> None:
         """Store ``value`` (JSON; numpy scalars as numbers, other objects as strings) under ``key``,

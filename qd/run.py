@@ -44,7 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from evaluators.base import Evaluator, Job, Outcome
-from qd.columns import COMPLETE, FAILED, ORIGIN_REQUEUE, Columns, ColumnsBuilder, dumps_metadata
+from qd.columns import COMPLETE, FAILED, ORIGIN_REQUEUE, ORIGIN_STRATEGY, Columns, ColumnsBuilder, dumps_metadata
 from qd.experiment import ExperimentError
 from qd.problem import BatchEvaluation, EvaluationError, Problem
 from qd.results import hypervolume, pareto_front_mask, reference_point_of_values
@@ -59,6 +59,12 @@ STALE_REASON = "stale: the driver stopped while this evaluation was running; its
 CANCELLED_REASON = "cancelled: the wall-time limit was reached while this evaluation was running"
 #: An evaluation that took this long is written at once, with everything buffered before it.
 EXPENSIVE_S = 1.0
+#: A vectorised run records its batches in blocks of at most this many rows and seconds: each
+#: batch is evaluated and told to the strategy as it comes (the archive the next batch draws
+#: from is current), and a block's bookkeeping (cells, counts, elites, the store's buffer,
+#: progress) is paid once for up to 16 pyribs-sized batches. A kill can cost a block more.
+BLOCK_ROWS = 4096
+BLOCK_S = 0.02
 #: A claim whose heartbeat is older than this is taken as dead (drivers on other hosts).
 CLAIM_STALE_S = 60.0
 
@@ -386,6 +392,10 @@ class RunState:
         """n blank rows for the next batch, filled in place, then given to ``add``."""
         return self._columns.reserve(n)
 
+    def trim(self, n: int) -> Columns:
+        """The first ``n`` rows of the block ``reserve`` gave (a block that ended early), for ``add``."""
+        return self._columns.trim(n)
+
     def columns(self) -> Columns:
         """Every trial finished so far, in the order recorded (views of the run's arrays)."""
         return self._columns.view()
@@ -646,51 +656,66 @@ class _Loop:
         return True
 
     # batch path (vectorised problem, in-process evaluator)
+    def _next_raws(self, most: int) -> tuple[np.ndarray, int, list[int] | None]:
+        """Up to ``most`` configurations to evaluate next: (raw (n, d), origin code, the numbers
+        they re-run or None): the re-queued ones first, else the strategy's next batch."""
+        if self.requeue:
+            numbers, raws = [], []
+            while self.requeue and len(raws) < most:
+                number, raw = self.requeue.popleft()
+                numbers.append(number)
+                raws.append(raw)
+            return np.vstack(raws), ORIGIN_REQUEUE, numbers
+        return self.strategy.ask_raw(most)[:most], ORIGIN_STRATEGY, None
+
     def step_batch(self) -> bool:
+        """Evaluate a block of batches (``BLOCK_ROWS``, ``BLOCK_S``) and record it; False when the run is over."""
         if self.out_of_time():
             self.stopped_by = "time"
             return False
         left = self.budget - self.state.n_finished
         if left <= 0:
             return False
-        raws, origins, requeue_of = [], [], []
-        while self.requeue and len(raws) < left:
-            number, raw = self.requeue.popleft()
-            raws.append(raw[None])
-            origins.append(1)
-            requeue_of.append(number)
-        if not raws:
-            R = self.strategy.ask_raw(min(left, max(1, self.strategy.batch_hint)))
+        hint = max(1, self.strategy.batch_hint)
+        block = self.state.reserve(min(left, max(hint, BLOCK_ROWS)))  # filled in place, no copy
+        at, urgent, more, t_block = 0, False, True, time.perf_counter()
+        while at < len(block):
+            R, origin, requeue_of = self._next_raws(min(len(block) - at, hint))
             if len(R) == 0:
-                self.stopped_by = "strategy"
-                return False
-            raws, origins, requeue_of = [R[:left]], [0] * min(left, len(R)), [-1] * min(left, len(R))
-        R = np.vstack(raws)
-        n = len(R)
-        cols = self.state.reserve(n)  # filled in place: the run's columns hold it without a copy
-        cols.number[:] = self.store.next_numbers(n)
-        cols.raw[:] = R
-        cols.origin[:] = origins
-        cols.requeue_of[:] = requeue_of
-        cols.seed[:] = evaluation_seeds(self.store.info.seed, cols.number)
-        cols.t_start[:] = time.time()
-        t0 = time.perf_counter()
-        try:
-            be = self.problem.evaluate_batch(R, cols.seed)
-            batch_error = None
-        except Exception as e:  # a vectorised evaluation that raises fails its whole batch
-            be, batch_error = None, f"exception: {type(e).__name__}: {e}"
-        cols.t_end[:] = time.time()
-        _fill(cols, be, batch_error, self.problem)
-        cols.cell[:] = self.state.cells(cols)
-        wall = time.perf_counter() - t0
-        self.store.finish_many(cols, urgent=wall >= EXPENSIVE_S)
-        self.strategy.tell_columns(cols)
-        self.state.add(cols)
-        self.progress.update(cols, 0, force=self.state.n_finished >= self.budget)
-        self.store.maybe_flush(wait=False)  # cheap outcomes: written beside the next batch
-        self.notify()
-        return True
+                self.stopped_by, more = "strategy", False
+                break
+            end = at + len(R)
+            part = block.rows(at, end)
+            part.number[:] = self.store.next_numbers(len(R))
+            part.raw[:] = R
+            if requeue_of is not None:
+                part.origin[:], part.requeue_of[:] = origin, requeue_of
+            part.seed[:] = evaluation_seeds(self.store.info.seed, part.number)
+            part.t_start[:] = time.time()
+            t0 = time.perf_counter()
+            try:
+                be = self.problem.evaluate_batch(R, part.seed)
+                batch_error = None
+            except Exception as e:  # a vectorised evaluation that raises fails its whole batch
+                be, batch_error = None, f"exception: {type(e).__name__}: {e}"
+            part.t_end[:] = time.time()
+            _fill(part, be, batch_error, self.problem)
+            if batch_error is not None or not part.complete.all():  # reasons live in the part's own list
+                block.reason[at:end] = part.reason
+            urgent |= time.perf_counter() - t0 >= EXPENSIVE_S
+            self.strategy.tell_columns(part)
+            at = end
+            if urgent or time.perf_counter() - t_block >= BLOCK_S or self.out_of_time():
+                break
+        cols = self.state.trim(at)
+        if at:
+            cols.cell[:] = self.state.cells(cols)
+            self.store.finish_many(cols, urgent=urgent)
+            self.state.add(cols)
+            self.progress.update(cols, 0, force=self.state.n_finished >= self.budget)
+            self.store.maybe_flush(wait=False)  # cheap outcomes: written beside the next block
+            self.notify()
+        return more
 
     def execute(self) -> RunReport:
         _LIVE_RUNS.add(self.token)  # before the claim: a thread of this process must see it as alive

@@ -32,7 +32,7 @@ import pandas as pd
 from qd.columns import (COMPLETE, FAILED, ORIGIN_CODES, ORIGIN_NAMES, RUNNING, STATE_NAMES, Columns,
                         dumps_metadata)
 from qd.problem import Problem
-from qd.record import WAL_AUTOCHECKPOINT_PAGES, Record, engine_for, running_json, running_row
+from qd.record import Record, engine_for, sqlite_pragmas, running_json, running_row
 from qd.space import Config
 from qd.storage_url import RunNotFound, check_run_name, check_storage, mask  # noqa: F401 (RunNotFound: re-exported)
 
@@ -91,14 +91,7 @@ def optuna_storage(storage: str) -> Any:
         # commits do not wait for the disk (Optuna writes a mirrored trial in tens of statements).
         import sqlalchemy as sa
 
-        @sa.event.listens_for(rdb.engine, "connect")
-        def _synchronous_normal(dbapi_connection: Any, _record: Any) -> None:
-            cursor = dbapi_connection.cursor()
-            try:
-                cursor.execute("PRAGMA synchronous=NORMAL")
-                cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
-            finally:
-                cursor.close()
+        sa.event.listen(rdb.engine, "connect", lambda dbapi_connection, _record: sqlite_pragmas(dbapi_connection))
 
         rdb.engine.dispose()  # connections made while Optuna checked its schema get the pragma too
         return rdb

@@ -299,3 +299,64 @@ def test_a_big_restore_inserts_each_cells_best_and_builds_the_same_archive():
         assert np.array_equal(a[key][order_a], b[key][order_b]), key
     assert quick.metrics() == pytest.approx(full.metrics())
     assert quick.n_inserted == full.n_inserted == n
+
+
+def test_a_vectorised_run_tells_each_batch_before_the_next_though_it_records_them_in_blocks(tmp_path):
+    """The loop records a block of batches at once (``qd.run.BLOCK_ROWS``), but each batch is
+    evaluated and told to the strategy before the next is asked: the record holds exactly what
+    pyribs-style ask/evaluate/tell, one batch of ``eval_batch`` at a time, proposes, numbered and
+    seeded in order, and the budget's last batch is cut to size."""
+    from qd.columns import COMPLETE, Columns
+    from qd.run import BLOCK_ROWS, evaluation_seeds
+
+    problem = get_problem("sphere")
+    budget, eval_batch = BLOCK_ROWS + 1000, 96  # more than a block; not a multiple of the batch
+    options = {"eval_batch": eval_batch}
+    info = RunInfo(name="b", problem="sphere", problem_options=problem.options, strategy="map-elites",
+                   strategy_options=options, seed=3)
+    store = Store.create(f"sqlite:///{tmp_path}/b.db", info, problem)
+    run(problem, get_strategy("map-elites", problem, seed=3, **options), make_evaluator("inprocess"), store,
+        budget=budget, progress=False)
+    cols = store.columns()
+
+    by_hand = get_strategy("map-elites", problem, seed=3, **options)
+    raws, number = [], 0
+    while number < budget:
+        R = by_hand.ask_raw(min(eval_batch, budget - number))
+        numbers = np.arange(number, number + len(R))
+        ev = problem.evaluate_batch(R, evaluation_seeds(3, numbers))
+        part = Columns.empty(*cols.dims, n=len(R))
+        part.number[:], part.raw[:], part.state[:] = numbers, R, COMPLETE
+        part.values[:], part.measures[:] = ev.values, ev.measures
+        by_hand.tell_columns(part)
+        raws.append(R)
+        number += len(R)
+    assert len(cols) == budget and np.array_equal(cols.number, np.arange(budget))
+    assert np.array_equal(cols.seed, evaluation_seeds(3, np.arange(budget)))
+    assert np.array_equal(cols.raw, np.vstack(raws))
+
+
+def test_the_write_ahead_log_is_checkpointed_beside_the_writer_and_stays_bounded(tmp_path, monkeypatch):
+    """The record's connections make no checkpoint at a commit (it stalled the writer for a third of
+    a second per 40 MB); ``qd.record.Checkpointer`` makes them in a thread of its own, and the log
+    starts again instead of growing with the run."""
+    import qd.record
+
+    monkeypatch.setattr(qd.record, "WAL_AUTOCHECKPOINT_BYTES", 256 * 1024)
+    problem = get_problem("sphere")
+    info = RunInfo(name="w", problem="sphere", problem_options=problem.options, strategy="map-elites",
+                   strategy_options={}, seed=0)
+    path = tmp_path / "w.db"
+    store = Store.create(f"sqlite:///{path}", info, problem)
+    run(problem, get_strategy("map-elites", problem, seed=0), make_evaluator("inprocess"), store, budget=30_000,
+        progress=False)
+    checkpointer = store.record._checkpointer
+    assert checkpointer is not None
+    if checkpointer._thread is not None:
+        checkpointer._thread.join()
+    written = sum(len(b) for (b,) in sqlite3.connect(path).execute("SELECT data FROM qd_segments"))
+    assert written > 5 * 2**20  # the run wrote many times the checkpoint interval
+    assert os.path.getsize(f"{path}-wal") < written / 3  # a log that was never restarted holds it all
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == qd.record.SQLITE_PAGE_SIZE
+    assert int(Store.open(f"sqlite:///{path}", "w").columns().finished.sum()) == 30_000
