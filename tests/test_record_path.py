@@ -360,3 +360,43 @@ def test_the_write_ahead_log_is_checkpointed_beside_the_writer_and_stays_bounded
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA page_size").fetchone()[0] == qd.record.SQLITE_PAGE_SIZE
     assert int(Store.open(f"sqlite:///{path}", "w").columns().finished.sum()) == 30_000
+
+
+def test_failures_inside_a_block_are_recorded_with_their_reasons_and_the_run_goes_on(tmp_path):
+    """A vectorised batch that raises fails its rows, a row reported as failed or non-finite fails
+    alone, each with its reason, wherever it falls in a block; the run still ends with its budget."""
+    from problems.projection import Sphere
+    from qd.problem import BatchEvaluation
+
+    class Flaky(Sphere):
+        calls = 0
+
+        def evaluate_batch(self, X, seeds):
+            Flaky.calls += 1
+            if Flaky.calls % 7 == 3:
+                raise RuntimeError("the batch broke")
+            be = super().evaluate_batch(X, seeds)
+            values = be.values.copy()
+            values[0, 0] = np.nan
+            errors = [None] * len(X)
+            errors[-1] = "the last row broke"
+            return BatchEvaluation(values=values, measures=be.measures, errors=errors)
+
+    problem = Flaky(dim=4)
+    options = {"eval_batch": 50}
+    info = RunInfo(name="f", problem="sphere", problem_options={"dim": 4}, strategy="map-elites",
+                   strategy_options=options, seed=0)
+    store = Store.create(f"sqlite:///{tmp_path}/f.db", info, problem)
+    report = run(problem, get_strategy("map-elites", problem, seed=0, **options), make_evaluator("inprocess"), store,
+                 budget=2000, progress=False)
+    cols = store.columns()
+    assert report.finished == 2000 and int(cols.finished.sum()) == 2000 and Flaky.calls == 40
+    reasons = np.array([r or "" for r in cols.reason], dtype=object)
+    broken = np.flatnonzero(reasons == "exception: RuntimeError: the batch broke")
+    assert len(broken) == 6 * 50 and np.all(cols.state[broken] == 2)
+    batch_of = cols.number // 50
+    ok_batches = np.setdiff1d(np.arange(40), np.unique(batch_of[broken]))
+    first, last = ok_batches * 50, ok_batches * 50 + 49
+    assert all(reasons[i].startswith("invalid result: values [nan]") for i in first)
+    assert all(reasons[i] == "the last row broke" for i in last)
+    assert int(cols.complete.sum()) == 2000 - 300 - 2 * len(ok_batches)
