@@ -181,16 +181,16 @@ class _Flat:
 
 def rank_bucket(rank: int) -> int:
     """Which group of its method and layer a LoRA / LoHa / LoKr adapter joins: 0 for a full LoKr
-    factor (and (IA)^3), 1 for ranks up to 8, 2 above; each group is padded to its largest rank.
+    factor (and (IA)^3), 1 for any rank; each group is padded to its largest rank.
 
-    One group per method and layer pads every member to the largest rank there (about 15x the
-    parameters and optimiser passes for ranks drawn log-uniformly over 1-64); a group per rank pads
-    nothing but multiplies the kernels of every step, and on a GPU a population's step is bound by
-    its kernel launches: with groups at every power of 4, 96 members made about 430 groups and a
-    step of 32 lanes took 260 ms on one H200, the GPU 32% busy. Two sizes keep the padding of the
-    small ranks low with at most two groups per ranked method and layer.
+    A population's step is bound by its kernels, not its arithmetic: every group adds a dozen or more
+    kernels forward and backward, and a step is the same kernels whatever it computes. With groups at
+    every power of 4, 96 members made about 430 groups and a step of 32 lanes took 260 ms on one
+    H200 (launched from Python, the GPU 32% busy); two rank sizes (up to 8, above) made 199 groups
+    for 48 members, one size 137 (27% fewer kernels per step), for 1.5x the parameters and optimiser
+    state (20 M values for 48 members: a few elementwise passes of a few MB each per step).
     """
-    return 0 if rank <= 0 else 1 if rank <= 8 else 2
+    return 0 if rank <= 0 else 1
 
 
 def _pad(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -277,7 +277,7 @@ class PopulationLinear(torch.nn.Module):
                     y = (y * flat.leaf(g.blocks["l"]).index_select(0, lane)[:, None, :]).to(y.dtype)
                 continue
             row, pos, scale, dropout = now[id(g)]
-            w = {k: flat.leaf(b).index_select(0, row) for k, b in g.blocks.items()}
+            w = {k: flat.leaf(b) if row is None else flat.leaf(b).index_select(0, row) for k, b in g.blocks.items()}
             xs = x3.index_select(0, pos)
             if g.method == "lora":
                 if g.has_dropout and self.training:
@@ -294,6 +294,8 @@ class PopulationLinear(torch.nn.Module):
                 delta = torch.einsum("kip,kjq->kijpq", w1, w2).reshape(k, a * b, c * e)
                 d = torch.bmm(xs, delta.transpose(1, 2))
             d = (d * scale[:, None, None].to(d.dtype)).to(y.dtype)
+            if row is None:  # whole blocks: a member out of lanes adds nothing, even if its values diverged
+                d = torch.where((scale != 0)[:, None, None], d, 0.0)
             y = y.index_add(0, pos, d)
         return y.reshape(*lead, y.shape[-1])
 
@@ -367,6 +369,12 @@ class _Population:
         ints = [n if s is None else s for s in lanes]
         floats = [0.0 if s is None else 1.0 for s in lanes]
         for g in self.ranked:
+            if self.whole(g, count):  # every row of the block (the dummy's too), members not in lanes at scale 0
+                rows = [*g.slots, None]
+                ints += [where.get(s, 0) if s is not None else 0 for s in rows]
+                floats += [g.scale[j] if s in where else 0.0 for j, s in enumerate(g.slots)] + [0.0]
+                floats += [g.dropout[j] if s in where else 0.0 for j, s in enumerate(g.slots)] + [0.0]
+                continue
             capacity = min(count, len(g.slots))
             rows = [j for j, s in enumerate(g.slots) if s in where]
             pad = capacity - len(rows)
@@ -382,6 +390,11 @@ class _Population:
             self.now: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
             i = f = count
             for g in self.ranked:
+                if self.whole(g, count):
+                    c = len(g.slots) + 1
+                    self.now[id(g)] = (None, self.dev_i[i : i + c], self.dev_f[f : f + c], self.dev_f[f + c : f + 2 * c])
+                    i, f = i + c, f + 2 * c
+                    continue
                 c = min(count, len(g.slots))
                 self.now[id(g)] = (self.dev_i[i : i + c], self.dev_i[i + c : i + 2 * c],
                                    self.dev_f[f : f + c], self.dev_f[f + c : f + 2 * c])
@@ -391,6 +404,14 @@ class _Population:
             self._pinned.append((host_i, host_f))  # kept until the queued copies have read them
         self.dev_i.copy_(host_i, non_blocking=True)
         self.dev_f.copy_(host_f, non_blocking=True)
+
+    @staticmethod
+    def whole(group: _Group, lanes: int) -> bool:
+        """Whether ``group`` computes every row of its blocks rather than gathering its members in lanes:
+        for LoRA (its rows are cheap: two thin products), and for a group no larger than the lanes.
+        Whole blocks take no gather forward and no scatter of zeros and gradient backward, which is
+        most of a small group's kernels."""
+        return group.method == "lora" or len(group.slots) + 1 <= lanes
 
     def release(self) -> None:
         """Drop the pinned copies' sources (after a synchronisation)."""
@@ -499,9 +520,11 @@ def _train(population: _Population, train: Encoded, batch_size: int, resident: d
         flat.grad.zero_()
         (losses * population.weight).sum().backward()
         # AdamW for every member at once, as torch.optim.AdamW computes it (weight decay 0); members
-        # not training now have step size zero (and no gradient), so their values stay as they are.
+        # not training now have step size zero and their gradient is set to zero (it is, but for a
+        # diverged member's NaN reaching the rows that share its lane: 0 * NaN), so their values and
+        # moments stay as they are.
         with torch.no_grad():
-            grad = flat.grad
+            grad = torch.where(step_size != 0, flat.grad, 0.0)
             flat.exp_avg.lerp_(grad, 1 - beta1)
             flat.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = flat.exp_avg_sq.sqrt().div_(correction).add_(EPS)
