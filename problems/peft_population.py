@@ -279,24 +279,29 @@ class PopulationLinear(torch.nn.Module):
             row, pos, scale, dropout = now[id(g)]
             w = {k: flat.leaf(b) if row is None else flat.leaf(b).index_select(0, row) for k, b in g.blocks.items()}
             xs = x3.index_select(0, pos)
+            # The scale goes on the small weight tensors, not on the activations; with whole blocks, a
+            # member out of lanes has scale 0 and its weights are masked out (not multiplied by 0: a
+            # diverged member's NaN times 0 is NaN).
+            mask = (scale != 0)[:, None, None] if row is None else None
+            def scaled(t: torch.Tensor, by: torch.Tensor | None = scale) -> torch.Tensor:
+                t = t if by is None else t * by[:, None, None]
+                return t if mask is None else torch.where(mask, t, 0.0)
+
             if g.method == "lora":
                 if g.has_dropout and self.training:
                     keep = 1.0 - dropout[:, None, None]
                     xs = xs * (torch.rand_like(xs) < keep).to(xs.dtype) / keep.to(xs.dtype)
-                d = torch.bmm(torch.bmm(xs, w["A"].transpose(1, 2)), w["B"].transpose(1, 2))
+                d = torch.bmm(torch.bmm(xs, scaled(w["A"], None).transpose(1, 2)), scaled(w["B"]).transpose(1, 2))
             elif g.method == "loha":  # (w1a w1b) * (w2a w2b), a full weight per member
-                delta = torch.bmm(w["w1a"], w["w1b"]) * torch.bmm(w["w2a"], w["w2b"])
+                delta = scaled(torch.bmm(w["w1a"], w["w1b"]) * torch.bmm(w["w2a"], w["w2b"]))
                 d = torch.bmm(xs, delta.transpose(1, 2))
             else:  # lokr: kron(w1, w2), a full weight per member
                 w1 = w["w1"]
                 w2 = w["w2"] if "w2" in w else torch.bmm(w["w2a"], w["w2b"])
                 (k, a, c), (_, b, e) = w1.shape, w2.shape
-                delta = torch.einsum("kip,kjq->kijpq", w1, w2).reshape(k, a * b, c * e)
+                delta = scaled(torch.einsum("kip,kjq->kijpq", w1, w2).reshape(k, a * b, c * e))
                 d = torch.bmm(xs, delta.transpose(1, 2))
-            d = (d * scale[:, None, None].to(d.dtype)).to(y.dtype)
-            if row is None:  # whole blocks: a member out of lanes adds nothing, even if its values diverged
-                d = torch.where((scale != 0)[:, None, None], d, 0.0)
-            y = y.index_add(0, pos, d)
+            y = y.index_add_(0, pos, d.to(y.dtype))  # in place: no copy of the layer's output per group
         return y.reshape(*lead, y.shape[-1])
 
 
