@@ -134,6 +134,8 @@ def test_population_option_and_size_are_checked():
         PeftProblem(**SIZES, population=0)
     with pytest.raises(ValueError, match="population_queue=0"):
         PeftProblem(**SIZES, population=2, population_queue=0)
+    with pytest.raises(ValueError, match="population_graphs"):
+        PeftProblem(**SIZES, population=2, population_graphs=1)
     small = PeftProblem(**SIZES, population=2, population_queue=1)
     with pytest.raises(ValueError, match="at most 2"):
         small.evaluate_population(CONFIGS[:3], SEEDS[:3])
