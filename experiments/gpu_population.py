@@ -134,7 +134,8 @@ def auto_processes(results: list[dict[str, Any]], cpu: bool) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--evals", type=int, default=96, help="configurations for the population modes (default 96)")
+    parser.add_argument("--evals", type=int, default=96,
+                        help="configurations for the population modes (default 96; at most two populations per process)")
     parser.add_argument("--proc-evals", type=int, default=48,
                         help="configurations for the procs-K modes, K >= 8 (default 48; K < 8: K/8 of it)")
     parser.add_argument("--one-evals", type=int, default=4, help="configurations for the one-at-a-time mode (default 4)")
@@ -170,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
               for c in space.sample(max(procs + [p * k for p, k in pops] + [1]), rng)]
 
     groups = {"procs8": [("procs-8", 8, 1, args.proc_evals)] if 8 in procs else [],
-              "pop": [(f"pop-{p}" + (f"x{k}" if k > 1 else ""), k, p, args.evals) for p, k in pops],
+              # at most two full populations per process: as many as a steady rate needs
+              "pop": [(f"pop-{p}" + (f"x{k}" if k > 1 else ""), k, p, min(args.evals, 2 * p * args.queue * k))
+                      for p, k in pops],
               "auto": [("auto", 0, 1, args.proc_evals)],
               # fewer for fewer processes, so every mode takes about as long
               "procs": [(f"procs-{k}", k, 1, max(1, args.proc_evals * min(k, 8) // 8)) for k in procs if k != 8],

@@ -45,7 +45,7 @@ import torch
 
 from problems._data import DataError, absolute, class_index, read_table, require_column, split_size, stratified_order
 from problems._minilm import load_checkpoint, mean_pool, resolve_checkpoint
-from qd.checks import check_choice, check_device, check_int, check_number, is_int
+from qd.checks import check_bool, check_choice, check_device, check_int, check_number, is_int
 from qd.problem import Evaluation, Measure, Objective, Problem, Resources
 from qd.space import Bool, Categorical, Config, Float, Int, Space
 
@@ -368,6 +368,7 @@ class PeftProblem(Problem):
         data_seed: int = 0,
         population: int = 1,
         population_queue: int = 3,
+        population_graphs: bool = True,
     ):
         """Options:
 
@@ -408,6 +409,8 @@ class PeftProblem(Problem):
           configurations at once (``max_population``); each starts as soon as one of the P that train
           at once finishes, so short trainings do not leave the batch half empty while long ones run
           on. Keep ``workers`` at least ``max_population`` per process for the queue to fill.
+        - ``population_graphs``: on a GPU, capture a population's training step once as a CUDA graph
+          and replay it (False: launch its kernels one by one each step; results are the same).
 
         Every path, column and class count is checked here, before any evaluation.
         """
@@ -417,6 +420,7 @@ class PeftProblem(Problem):
                                  ("population", population, 1), ("population_queue", population_queue, 1)):
             check_int(value, name, "peft", low=low)
         check_int(train_size, "train_size", "peft", low=1, none=True)
+        check_bool(population_graphs, "population_graphs", "peft")
         check_int(max_steps, "max_steps", "peft", low=min_steps)  # at least min_steps
         check_device(device, "device", "peft")
         check_number(gpus_per_eval, "gpus_per_eval", "peft", low=0, low_open=True, high=1)
@@ -434,7 +438,7 @@ class PeftProblem(Problem):
         self.max_length, self.batch_size = max_length, batch_size
         self.precision, self.device_option, self.data_seed = precision, device, data_seed
         self._cache: dict[str, Any] = {}
-        self.population = population
+        self.population, self.population_graphs = population, population_graphs
         self.max_population = population * population_queue if population > 1 else 1
 
         self.geometry = discover_geometry(self.model_path, task)

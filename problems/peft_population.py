@@ -181,16 +181,16 @@ class _Flat:
 
 def rank_bucket(rank: int) -> int:
     """Which group of its method and layer a LoRA / LoHa / LoKr adapter joins: 0 for a full LoKr
-    factor (and (IA)^3), 1 for ranks up to 8, 2 above; each group is padded to its largest rank.
+    factor (and (IA)^3), 1 for any rank; each group is padded to its largest rank.
 
-    One group per method and layer pads every member to the largest rank there (about 15x the
-    parameters and optimiser passes for ranks drawn log-uniformly over 1-64); a group per rank pads
-    nothing but multiplies the kernels of every step, and on a GPU a population's step is bound by
-    its kernel launches: with groups at every power of 4, 96 members made about 430 groups and a
-    step of 32 lanes took 260 ms on one H200, the GPU 32% busy. Two sizes keep the padding of the
-    small ranks low with at most two groups per ranked method and layer.
+    A population's step is bound by its kernels, not its arithmetic: every group adds a dozen or more
+    kernels forward and backward, and a step is the same kernels whatever it computes. With groups at
+    every power of 4, 96 members made about 430 groups and a step of 32 lanes took 260 ms on one
+    H200 (launched from Python, the GPU 32% busy); two rank sizes (up to 8, above) made 199 groups
+    for 48 members, one size 137 (27% fewer kernels per step), for 1.5x the parameters and optimiser
+    state (20 M values for 48 members: a few elementwise passes of a few MB each per step).
     """
-    return 0 if rank <= 0 else 1 if rank <= 8 else 2
+    return 0 if rank <= 0 else 1
 
 
 def _pad(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -219,12 +219,12 @@ class _Group:
     @classmethod
     def build(cls, method: str, adapters: dict[int, _Adapter], slots: int, flat: _Flat, device: torch.device) -> _Group:
         rows = list(range(slots)) if method == "ia3" else sorted(adapters)
-        trained = [s in adapters for s in rows]
+        trained = [s in adapters for s in rows] + [False]  # + the frozen padding row (``dummy``)
         some = next(iter(adapters.values()))
         if method == "ia3":
             dim = some.tensors["l"].shape[0]
             blocks = {"l": flat.take(torch.stack([adapters[s].tensors["l"] if s in adapters else torch.ones(dim)
-                                                  for s in rows]), rows, trained)}
+                                                  for s in rows] + [torch.ones(dim)]), rows + [slots], trained)}
         else:
             rank = max(a.rank for a in adapters.values())
             names = {"lora": ["A", "B"], "loha": ["w1a", "w1b", "w2a", "w2b"]}.get(method, list(some.tensors))
@@ -235,12 +235,16 @@ class _Group:
                     shape = tuple(first.shape)
                 else:  # ranked factors, zero-padded to the group's rank
                     shape = (rank, first.shape[1]) if n in ("A", "w1b", "w2b") else (first.shape[0], rank)
-                stacked = torch.stack([_pad(adapters[s].tensors[n].float(), shape) if s in adapters else torch.zeros(shape)
-                                       for s in rows])
-                blocks[n] = flat.take(stacked, rows, trained)
+                stacked = torch.stack([_pad(adapters[s].tensors[n].float(), shape) for s in rows] + [torch.zeros(shape)])
+                blocks[n] = flat.take(stacked, rows + [slots], trained)
         scale = [adapters[s].scale if s in adapters else 0.0 for s in rows]
         dropout = [adapters[s].dropout if s in adapters else 0.0 for s in rows]
         return cls(method, blocks, rows, scale, dropout, any(dropout), some.feedforward)
+
+    @property
+    def dummy(self) -> int:
+        """The block row that pads: zeros (ones for (IA)^3), frozen, so it adds (or scales) nothing."""
+        return len(self.slots)
 
 
 class PopulationLinear(torch.nn.Module):
@@ -253,46 +257,51 @@ class PopulationLinear(torch.nn.Module):
         self._population = [population]  # a list: not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The base layer plus each active member's adapter on its own rows (x: (n * batch, ..., in))."""
-        population = self._population[0]
-        flat, now = population.flat, population.now
-        n = len(population.active)
-        lead = x.shape[:-1]
-        x3 = x.reshape(n, -1, x.shape[-1])
-        groups = [g for g in self.groups if now[id(g)] is not None]  # (a LoHa group may have no member left)
-        def rows(g: _Group, name: str) -> torch.Tensor:  # the group's rows of the active members
-            index = now[id(g)][0]
-            leaf = flat.leaf(g.blocks[name])
-            return leaf if index is None else leaf.index_select(0, index)
+        """The base layer plus each lane's adapter on its own rows (x: (lanes * batch, ..., in)).
 
-        for g in groups:
+        Every shape depends on the layout alone (lanes, and each group's ``capacity``), never on which
+        members train: a group computes its capacity's rows whoever fills them (padding entries read
+        the zero row and have scale 0), so one captured step serves the whole training.
+        """
+        population = self._population[0]
+        flat, now, lane = population.flat, population.now, population.index
+        lead = x.shape[:-1]
+        x3 = x.reshape(population.lanes, -1, x.shape[-1])
+        for g in self.groups:
             if g.method == "ia3" and g.feedforward:
-                x3 = (x3 * rows(g, "l")[:, None, :]).to(x3.dtype)
+                x3 = (x3 * flat.leaf(g.blocks["l"]).index_select(0, lane)[:, None, :]).to(x3.dtype)
         y = F.linear(x3, self.base.weight, self.base.bias)
-        for g in groups:
+        for g in self.groups:
             if g.method == "ia3":
                 if not g.feedforward:
-                    y = (y * rows(g, "l")[:, None, :]).to(y.dtype)
+                    y = (y * flat.leaf(g.blocks["l"]).index_select(0, lane)[:, None, :]).to(y.dtype)
                 continue
-            w = {k: rows(g, k) for k in g.blocks}
-            _, pos, scale, dropout = now[id(g)]
-            xs = x3 if pos is None else x3.index_select(0, pos)
+            row, pos, scale, dropout = now[id(g)]
+            w = {k: flat.leaf(b) if row is None else flat.leaf(b).index_select(0, row) for k, b in g.blocks.items()}
+            xs = x3.index_select(0, pos)
+            # The scale goes on the small weight tensors, not on the activations; with whole blocks, a
+            # member out of lanes has scale 0 and its weights are masked out (not multiplied by 0: a
+            # diverged member's NaN times 0 is NaN).
+            mask = (scale != 0)[:, None, None] if row is None else None
+            def scaled(t: torch.Tensor, by: torch.Tensor | None = scale) -> torch.Tensor:
+                t = t if by is None else t * by[:, None, None]
+                return t if mask is None else torch.where(mask, t, 0.0)
+
             if g.method == "lora":
                 if g.has_dropout and self.training:
                     keep = 1.0 - dropout[:, None, None]
                     xs = xs * (torch.rand_like(xs) < keep).to(xs.dtype) / keep.to(xs.dtype)
-                d = torch.bmm(torch.bmm(xs, w["A"].transpose(1, 2)), w["B"].transpose(1, 2))
+                d = torch.bmm(torch.bmm(xs, scaled(w["A"], None).transpose(1, 2)), scaled(w["B"]).transpose(1, 2))
             elif g.method == "loha":  # (w1a w1b) * (w2a w2b), a full weight per member
-                delta = torch.bmm(w["w1a"], w["w1b"]) * torch.bmm(w["w2a"], w["w2b"])
+                delta = scaled(torch.bmm(w["w1a"], w["w1b"]) * torch.bmm(w["w2a"], w["w2b"]))
                 d = torch.bmm(xs, delta.transpose(1, 2))
             else:  # lokr: kron(w1, w2), a full weight per member
                 w1 = w["w1"]
                 w2 = w["w2"] if "w2" in w else torch.bmm(w["w2a"], w["w2b"])
                 (k, a, c), (_, b, e) = w1.shape, w2.shape
-                delta = torch.einsum("kip,kjq->kijpq", w1, w2).reshape(k, a * b, c * e)
+                delta = scaled(torch.einsum("kip,kjq->kijpq", w1, w2).reshape(k, a * b, c * e))
                 d = torch.bmm(xs, delta.transpose(1, 2))
-            d = (d * scale[:, None, None].to(d.dtype)).to(y.dtype)
-            y = y + d if pos is None else y.index_add(0, pos, d)
+            y = y.index_add_(0, pos, d.to(y.dtype))  # in place: no copy of the layer's output per group
         return y.reshape(*lead, y.shape[-1])
 
 
@@ -330,9 +339,12 @@ class _Population:
             sites[name] = [_Group.build(method, adapters, slots, self.flat, device)
                            for (method, _), adapters in sorted(by_kind.items())]
             self.groups += sites[name]
-        everyone = list(range(slots))
-        self.head_w = self.flat.take(torch.stack([m.head[0] for m in members]), everyone)
-        self.head_b = self.flat.take(torch.stack([m.head[1] for m in members]), everyone)
+        everyone = list(range(slots)) + [slots]  # + a frozen zero head for idle lanes
+        trained = [True] * slots + [False]
+        self.head_w = self.flat.take(torch.stack([m.head[0] for m in members] + [torch.zeros_like(members[0].head[0])]),
+                                     everyone, trained)
+        self.head_b = self.flat.take(torch.stack([m.head[1] for m in members] + [torch.zeros_like(members[0].head[1])]),
+                                     everyone, trained)
         self.flat.finish(device)
         # The encoder: module objects copied, tensors shared with the resident base.
         memo = {id(t): t for t in [*base.parameters(), *base.buffers()]}
@@ -341,63 +353,81 @@ class _Population:
             parent, _, child = name.rpartition(".")
             owner = self.encoder.get_submodule(parent)
             setattr(owner, child, PopulationLinear(getattr(owner, child), groups, self))
-        self.set_active(list(range(slots)))
+        self.ranked = [g for g in self.groups if g.method != "ia3"]
+        self.lanes = 0
+        self._pinned: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.set_lanes(list(range(slots)))
 
-    def set_active(self, active: list[int]) -> None:
-        """Train or score only ``active`` (slots, in order): per group, which of its rows are active
-        (None: all, in order), where they sit in the batch (None: every row, in order), their scales
-        and dropout rates; None for a group with no active member.
+    def set_lanes(self, lanes: Sequence[int | None]) -> None:
+        """Train or score member ``lanes[j]`` on the j-th block of rows of the batch (None: an idle lane,
+        its rows weigh nothing in the loss and meet no adapter).
 
-        Every index and scale goes to the device in one copy from pinned memory: a tensor made from a
-        Python list on a GPU is a synchronous copy that waits for the queued steps, and there are a
-        few per group.
+        The layout (how many lanes; per ranked group, its ``capacity``: min(lanes, its members)) fixes
+        every shape; which members fill it is data in two device buffers: per lane, the member's slot
+        (the dummy slot for an idle lane) and loss weight; per ranked group, the rows of the members in
+        lanes, their lanes, scales and dropout rates, padded to the capacity with the dummy row, lane 0
+        and scale 0. A new set of members is one copy into the same buffers (from pinned memory, with no
+        wait for the queued steps), so a captured step replays on it unchanged.
         """
-        self.active = active
-        self.everyone = active == list(range(len(self.members)))
-        where = {s: i for i, s in enumerate(active)}
-        ints: list[list[int]] = [active]
-        floats: list[float] = []
-        plan: list[tuple[int, int | None, int | None, int, int]] = []  # group, rows, pos, scales: lengths
-        for g in self.groups:
-            rows = [j for j, s in enumerate(g.slots) if s in where]
-            if not rows:
-                plan.append((id(g), None, None, -1, 0))
+        count, n = len(lanes), len(self.members)
+        where = {s: j for j, s in enumerate(lanes) if s is not None}
+        ints = [n if s is None else s for s in lanes]
+        floats = [0.0 if s is None else 1.0 for s in lanes]
+        for g in self.ranked:
+            if self.whole(g, count):  # every row of the block (the dummy's too), members not in lanes at scale 0
+                rows = [*g.slots, None]
+                ints += [where.get(s, 0) if s is not None else 0 for s in rows]
+                floats += [g.scale[j] if s in where else 0.0 for j, s in enumerate(g.slots)] + [0.0]
+                floats += [g.dropout[j] if s in where else 0.0 for j, s in enumerate(g.slots)] + [0.0]
                 continue
-            pos = [where[g.slots[j]] for j in rows]
-            every_row, every_pos = rows == list(range(len(g.slots))), pos == list(range(len(active)))
-            if not every_row:
-                ints.append(rows)
-            if not every_pos:
-                ints.append(pos)
-            plan.append((id(g), None if every_row else len(rows), None if every_pos else len(pos), len(floats), len(rows)))
-            floats += [g.scale[j] for j in rows] + [g.dropout[j] for j in rows]
-        host_i = torch.tensor([i for chunk in ints for i in chunk], dtype=torch.int64)
-        host_f = torch.tensor(floats or [0.0], dtype=torch.float32)
+            capacity = min(count, len(g.slots))
+            rows = [j for j, s in enumerate(g.slots) if s in where]
+            pad = capacity - len(rows)
+            ints += rows + [g.dummy] * pad + [where[g.slots[j]] for j in rows] + [0] * pad
+            floats += [g.scale[j] for j in rows] + [0.0] * pad + [g.dropout[j] for j in rows] + [0.0] * pad
+        host_i = torch.tensor(ints, dtype=torch.int64)
+        host_f = torch.tensor(floats, dtype=torch.float32)
+        if count != self.lanes:  # a new layout: new buffers, and views of them by group
+            self.lanes = count
+            self.dev_i = torch.empty_like(host_i, device=self.device)
+            self.dev_f = torch.empty_like(host_f, device=self.device)
+            self.index, self.weight = self.dev_i[:count], self.dev_f[:count]
+            self.now: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+            i = f = count
+            for g in self.ranked:
+                if self.whole(g, count):
+                    c = len(g.slots) + 1
+                    self.now[id(g)] = (None, self.dev_i[i : i + c], self.dev_f[f : f + c], self.dev_f[f + c : f + 2 * c])
+                    i, f = i + c, f + 2 * c
+                    continue
+                c = min(count, len(g.slots))
+                self.now[id(g)] = (self.dev_i[i : i + c], self.dev_i[i + c : i + 2 * c],
+                                   self.dev_f[f : f + c], self.dev_f[f + c : f + 2 * c])
+                i, f = i + 2 * c, f + 2 * c
         if self.device.type == "cuda":
             host_i, host_f = host_i.pin_memory(), host_f.pin_memory()
-        dev_i, dev_f = host_i.to(self.device, non_blocking=True), host_f.to(self.device, non_blocking=True)
-        self._pinned = (host_i, host_f)  # kept until the next call: the copies read them asynchronously
-        self.index, offset = dev_i[: len(active)], len(active)
-        self.now: dict[int, tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor] | None] = {}
-        for key, n_rows, n_pos, f, k in plan:
-            if f < 0:
-                self.now[key] = None
-                continue
-            row_index = pos_index = None
-            if n_rows is not None:
-                row_index, offset = dev_i[offset : offset + n_rows], offset + n_rows
-            if n_pos is not None:
-                pos_index, offset = dev_i[offset : offset + n_pos], offset + n_pos
-            self.now[key] = (row_index, pos_index, dev_f[f : f + k], dev_f[f + k : f + 2 * k])
+            self._pinned.append((host_i, host_f))  # kept until the queued copies have read them
+        self.dev_i.copy_(host_i, non_blocking=True)
+        self.dev_f.copy_(host_f, non_blocking=True)
+
+    @staticmethod
+    def whole(group: _Group, lanes: int) -> bool:
+        """Whether ``group`` computes every row of its blocks rather than gathering its members in lanes:
+        for LoRA (its rows are cheap: two thin products), and for a group no larger than the lanes.
+        Whole blocks take no gather forward and no scatter of zeros and gradient backward, which is
+        most of a small group's kernels."""
+        return group.method == "lora" or len(group.slots) + 1 <= lanes
+
+    def release(self) -> None:
+        """Drop the pinned copies' sources (after a synchronisation)."""
+        self._pinned = []
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(members in the buffers, rows per member, classes); member i's rows are the i-th block of the batch."""
-        n = len(self.active)
+        """(lanes, rows per lane, classes); lane j's rows are the j-th block of the batch."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        pooled = pool(hidden, attention_mask, self.pooling).reshape(n, -1, hidden.shape[-1])
-        w, b = self.flat.leaf(self.head_w), self.flat.leaf(self.head_b)
-        if not self.everyone:
-            w, b = w.index_select(0, self.index), b.index_select(0, self.index)
+        pooled = pool(hidden, attention_mask, self.pooling).reshape(self.lanes, -1, hidden.shape[-1])
+        w = self.flat.leaf(self.head_w).index_select(0, self.index)
+        b = self.flat.leaf(self.head_b).index_select(0, self.index)
         return torch.baddbmm(b[:, None, :], pooled, w.transpose(1, 2))
 
 
@@ -416,8 +446,8 @@ def _resident(split: Encoded, device: torch.device, resident: dict[str, Any]) ->
     return resident[key]
 
 
-def lane_starts(steps: Sequence[int], lanes: int) -> list[int]:
-    """The step at which each member starts when at most ``lanes`` train at once: longest first, each
+def lane_plan(steps: Sequence[int], lanes: int) -> tuple[list[int], list[int]]:
+    """When and where each member trains when at most ``lanes`` train at once: longest first, each
     into the lane that frees first (a member that finishes hands its lane to the next at once).
 
     Args:
@@ -425,54 +455,101 @@ def lane_starts(steps: Sequence[int], lanes: int) -> list[int]:
         lanes: members trained at once (>= 1).
 
     Returns:
-        each member's first step, (n,), in the order given.
+        each member's first step and its lane (in ``range(min(lanes, n))``), both (n,), in the order given.
     """
     free = [(0, lane) for lane in range(min(lanes, len(steps)))]
-    starts = [0] * len(steps)
+    starts, where = [0] * len(steps), [0] * len(steps)
     for i in sorted(range(len(steps)), key=lambda i: (-steps[i], i)):
         at, lane = heapq.heappop(free)
-        starts[i] = at
+        starts[i], where[i] = at, lane
         heapq.heappush(free, (at + steps[i], lane))
-    return starts
+    return starts, where
+
+
+def lane_starts(steps: Sequence[int], lanes: int) -> list[int]:
+    """The step at which each member starts, (n,) (``lane_plan``'s first half)."""
+    return lane_plan(steps, lanes)[0]
+
+
+#: Eager steps before a step is captured as a CUDA graph (they train for real: the first builds
+#: cuBLAS handles and autograd state the capture must not).
+GRAPH_WARMUP = 2
 
 
 def _train(population: _Population, train: Encoded, batch_size: int, resident: dict[str, Any],
-           lanes: int | None = None) -> None:
+           lanes: int | None = None, graphs: bool = True) -> None:
     """Train every member for its steps, at most ``lanes`` at once (None: all); sets each member's
     ``train_time_s`` and ``final_loss``.
 
-    Members train from ``lane_starts``: when one finishes, the next waiting one takes its rows of the
-    batch, so the batch stays full until the last lanes drain (trained together to the end, the
-    population would run for its longest member while its short members' rows sat idle: with steps
-    drawn log-uniformly over 50-600, a third of the rows would do useful work).
+    Members train from ``lane_plan``: when one finishes, the next waiting one takes its lane (its rows
+    of the batch), so the batch stays full until the last lanes drain (trained together to the end,
+    the population would run for its longest member while its short members' rows sat idle: with
+    steps drawn log-uniformly over 50-600, a third of the rows would do useful work).
 
     Every member's batches, step sizes and bias corrections are laid out in tables by global step
-    before the first step and copied to the device once, so no step waits for the device (the host
-    queues the next step while the device computes this one); the time of each stretch between two
-    changes of the active set is read from device events at the end.
+    and lane before the first step. On a GPU they go to the device once and a step reads its row of
+    them through a step counter on the device, so a step is the same kernels whatever the step and
+    whoever trains (``_Population.set_lanes``): with ``graphs``, the step (forward, backward, AdamW)
+    is captured once as a CUDA graph after ``GRAPH_WARMUP`` eager steps and replayed for the rest,
+    one launch instead of several thousand kernel launches from Python (the step of a population is
+    bound by them, not by its arithmetic). No step waits for the device; the time of each stretch
+    between two changes of the members in training is read from device events at the end.
     """
     device, members, flat = population.device, population.members, population.flat
     beta1, beta2 = BETAS
-    starts = lane_starts([m.steps for m in members], lanes or len(members))
+    n = len(members)
+    count = min(lanes or n, n)
+    starts, lane_of = lane_plan([m.steps for m in members], count)
     ends = [start + m.steps for start, m in zip(starts, members)]
     longest = max(ends)
     per = min(batch_size, len(train))
-    n = len(members)
-    order = np.zeros((longest, n, per), dtype=np.int64)  # rows of each member's batch at each global step
+    order = np.zeros((longest, count, per), dtype=np.int64)  # rows of each lane's batch at each global step
     rates = np.zeros((longest, n + 1), dtype=np.float32)  # AdamW step sizes; the last column: frozen rows
     bias2 = np.ones((longest, n + 1), dtype=np.float32)  # sqrt(1 - beta2^t) at the member's own step t
-    for m, start in zip(members, starts):
+    for m, start, lane in zip(members, starts, lane_of):
         batches = batch_rows(len(train), batch_size, m.seed)
         for step in range(m.steps):
-            order[start + step, m.slot] = next(batches)
+            order[start + step, lane] = next(batches)
             rates[start + step, m.slot] = m.lr * lr_factor(step, m.steps) / (1 - beta1 ** (step + 1))
             bias2[start + step, m.slot] = math.sqrt(1 - beta2 ** (step + 1))
-    changes = set(starts) | set(ends)  # steps at which the active set changes
+    changes = set(starts) | set(ends)  # steps at which the members in training change
     on_gpu = device.type != "cpu"
+    history = torch.full((longest, count), math.nan, device=device)  # each lane's loss at each step
+
+    def update(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+               step_size: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=population.bf16, cache_enabled=False):
+            logits = population.logits(input_ids, attention_mask)
+        k, rows, classes = logits.shape
+        losses = F.cross_entropy(logits.float().reshape(k * rows, classes), labels, reduction="none").view(k, rows).mean(1)
+        flat.grad.zero_()
+        (losses * population.weight).sum().backward()
+        # AdamW for every member at once, as torch.optim.AdamW computes it (weight decay 0); members
+        # not training now have step size zero and their gradient is set to zero (it is, but for a
+        # diverged member's NaN reaching the rows that share its lane: 0 * NaN), so their values and
+        # moments stay as they are.
+        with torch.no_grad():
+            grad = torch.where(step_size != 0, flat.grad, 0.0)
+            flat.exp_avg.lerp_(grad, 1 - beta1)
+            flat.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = flat.exp_avg_sq.sqrt().div_(correction).add_(EPS)
+            flat.data.sub_(step_size * flat.exp_avg / denom)
+        return losses.detach()
+
     if on_gpu:
-        order_dev, rates_dev, bias2_dev = (torch.as_tensor(t, device=device) for t in (order, rates, bias2))
-        ids_all, mask_all, labels_all = _resident(train, device, resident)
-    history = torch.full((longest, n), math.nan, device=device)
+        order_dev = torch.as_tensor(order.reshape(longest, count * per), device=device)
+        rates_dev, bias2_dev = (torch.as_tensor(t, device=device) for t in (rates, bias2))
+        data = _resident(train, device, resident)
+        counter = torch.zeros(1, dtype=torch.int64, device=device)  # the global step, on the device
+
+        def step_gpu() -> None:
+            index = order_dev.index_select(0, counter).reshape(-1)
+            input_ids, attention_mask, labels = (t.index_select(0, index) for t in data)
+            step_size = rates_dev.index_select(0, counter).reshape(-1).index_select(0, flat.owner)
+            correction = bias2_dev.index_select(0, counter).reshape(-1).index_select(0, flat.owner)
+            history.index_copy_(0, counter, update(input_ids, attention_mask, labels, step_size, correction)[None])
+            counter.add_(1)
+
     population.encoder.train()
     _sync(device)
     marks: list[Any] = []  # (step, time or CUDA event) at each change
@@ -484,51 +561,54 @@ def _train(population: _Population, train: Encoded, batch_size: int, resident: d
         else:
             marks.append((step, time.perf_counter()))
 
+    capture = graphs and on_gpu and longest > GRAPH_WARMUP
+    graph = None
     for step in range(longest):
         if step in changes:
             mark(step)
-            population.set_active([m.slot for m, a, b in zip(members, starts, ends) if a <= step < b])
-        if on_gpu:
-            index = order_dev[step].index_select(0, population.index).reshape(-1)
-            input_ids, attention_mask, labels = (t.index_select(0, index) for t in (ids_all, mask_all, labels_all))
-            step_size = rates_dev[step].index_select(0, flat.owner)
-            correction = bias2_dev[step].index_select(0, flat.owner)
+            lanes_now: list[int | None] = [None] * count
+            for m, a, b, lane in zip(members, starts, ends, lane_of):
+                if a <= step < b:
+                    lanes_now[lane] = m.slot
+            population.set_lanes(lanes_now)
+        if not on_gpu:
+            input_ids, attention_mask, labels = train.batch(order[step].reshape(-1), device)
+            history[step] = update(input_ids, attention_mask, labels,
+                                   torch.from_numpy(rates[step]).index_select(0, flat.owner),
+                                   torch.from_numpy(bias2[step]).index_select(0, flat.owner))
+        elif not capture:
+            step_gpu()
+        elif step < GRAPH_WARMUP:  # real steps, on a side stream as capture wants
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                step_gpu()
+            torch.cuda.current_stream(device).wait_stream(side)
         else:
-            input_ids, attention_mask, labels = train.batch(order[step, population.active].reshape(-1), device)
-            step_size = torch.from_numpy(rates[step]).index_select(0, flat.owner)
-            correction = torch.from_numpy(bias2[step]).index_select(0, flat.owner)
-        with _autocast(device, population.bf16):
-            logits = population.logits(input_ids, attention_mask)
-        k, rows, classes = logits.shape
-        losses = F.cross_entropy(logits.float().reshape(k * rows, classes), labels, reduction="none").view(k, rows).mean(1)
-        flat.grad.zero_()
-        losses.sum().backward()
-        # AdamW for every member at once, as torch.optim.AdamW computes it (weight decay 0); members
-        # not training now have step size zero (and no gradient), so their values stay as they are.
-        with torch.no_grad():
-            grad = flat.grad
-            flat.exp_avg.lerp_(grad, 1 - beta1)
-            flat.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = flat.exp_avg_sq.sqrt().div_(correction).add_(EPS)
-            flat.data.sub_(step_size * flat.exp_avg / denom)
-            history[step].index_copy_(0, population.index, losses.detach())
+            if graph is None:  # recorded, not run: the replay below runs this step
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step_gpu()
+            graph.replay()
     mark(longest)
     _sync(device)
+    population.release()
+    population.graph = graph  # kept with the population: its memory pool holds the step's buffers
     for (a, t0), (b, t1) in zip(marks, marks[1:]):  # each stretch's time, shared among those who trained in it
         seconds = t0.elapsed_time(t1) / 1000.0 if on_gpu else t1 - t0
         sharing = [m for m, s, e in zip(members, starts, ends) if s <= a < e]
         for m in sharing:
             m.train_time_s += seconds / len(sharing)
     tails = history.cpu()
-    for m, start in zip(members, starts):
-        m.final_loss = float(tails[start + max(0, m.steps - 10) : start + m.steps, m.slot].mean())
+    for m, start, lane in zip(members, starts, lane_of):
+        m.final_loss = float(tails[start + max(0, m.steps - 10) : start + m.steps, lane].mean())
 
 
 def _logits(population: _Population, split: Encoded, resident: dict[str, Any]) -> torch.Tensor:
     """Every member's logits on ``split``, (members, len(split), classes): each batch of rows is repeated
     once per member."""
     device, members = population.device, population.members
-    population.set_active(list(range(len(members))))
+    population.set_lanes(list(range(len(members))))
     population.encoder.eval()
     n = len(members)
     per = max(1, min(256, VAL_ROWS // n))
@@ -542,6 +622,8 @@ def _logits(population: _Population, split: Encoded, resident: dict[str, Any]) -
                 out.append(population.logits(input_ids.repeat(n, 1), attention_mask.repeat(n, 1)).float())
     logits = torch.cat(out, dim=1)
     back = torch.as_tensor(np.argsort(by_length, kind="stable"), device=device)
+    _sync(device)
+    population.release()
     return logits.index_select(1, back)  # back in the split's order
 
 
@@ -578,9 +660,11 @@ def batchable(problem: Any) -> str | None:
     return None
 
 
-def train_population(problem: Any, members: list[_Member], lanes: int | None = None) -> _Population:
+def train_population(problem: Any, members: list[_Member], lanes: int | None = None,
+                     graphs: bool | None = None) -> _Population:
     """Attach ``members`` to the problem's resident frozen encoder (loaded once per process) and train them,
-    at most ``lanes`` at once (None: the problem's ``population`` option)."""
+    at most ``lanes`` at once (None: the problem's ``population`` option), the step captured as a CUDA
+    graph on a GPU if ``graphs`` (None: the problem's ``population_graphs`` option)."""
     device = problem._device()
     cache = problem._cache
     if cache.get("population_device") != str(device):
@@ -588,7 +672,7 @@ def train_population(problem: Any, members: list[_Member], lanes: int | None = N
         cache.update(population_device=str(device), population_base=base, population_data={})
     population = _Population(members, cache["population_base"], device, problem._bf16(device), problem.pooling)
     _train(population, problem._split("train"), problem.batch_size, cache["population_data"],
-           lanes or problem.population)
+           lanes or problem.population, problem.population_graphs if graphs is None else graphs)
     return population
 
 

@@ -134,6 +134,8 @@ def test_population_option_and_size_are_checked():
         PeftProblem(**SIZES, population=0)
     with pytest.raises(ValueError, match="population_queue=0"):
         PeftProblem(**SIZES, population=2, population_queue=0)
+    with pytest.raises(ValueError, match="population_graphs"):
+        PeftProblem(**SIZES, population=2, population_graphs=1)
     small = PeftProblem(**SIZES, population=2, population_queue=1)
     with pytest.raises(ValueError, match="at most 2"):
         small.evaluate_population(CONFIGS[:3], SEEDS[:3])
@@ -195,3 +197,32 @@ def test_a_queue_of_populations_is_shared_evenly_among_process_workers():
     # Two each (not three and one): both workers train, each on half the queue.
     assert sorted(o.metadata.get("population", 1) for o in outcomes) == [2, 2, 2, 2]
     assert len({o.evaluation.metadata["pid"] for o in outcomes}) == 2
+
+
+def test_lanes_keep_one_layout_whoever_trains_and_a_member_sees_only_its_own(problem):
+    # A captured step replays on the same buffers and shapes whichever members fill the lanes; a
+    # member's logits do not depend on its lane, its neighbours, idle lanes, or a diverged member
+    # out of lanes that shares its layers (NaN values, masked rather than multiplied by 0).
+    members, _, _ = peft_population._members(problem, CONFIGS, SEEDS)
+    population = peft_population._Population(members, problem._base()[1], torch.device("cpu"))
+    val = problem._split("val")
+    ids, mask = val.input_ids[:4].repeat(3, 1), val.attention_mask[:4].repeat(3, 1)
+
+    def lane_logits(lanes, lane):
+        population.set_lanes(lanes)
+        with torch.no_grad():
+            return population.logits(ids, mask)[lane]
+
+    alone_ = lane_logits([0, 1, 2], 0)
+    buffers = (population.dev_i, population.dev_f)
+    shapes = {k: [None if t is None else t.shape for t in v] for k, v in population.now.items()}
+    moved = lane_logits([None, 7, 0], 2)
+    assert population.dev_i is buffers[0] and population.dev_f is buffers[1]
+    assert shapes == {k: [None if t is None else t.shape for t in v] for k, v in population.now.items()}
+    torch.testing.assert_close(moved, alone_, rtol=1e-5, atol=1e-5)
+    assert (lane_logits([None, 7, 0], 0) == 0).all()  # an idle lane meets the zero head
+    flat = population.flat
+    with torch.no_grad():  # members 1 (LoRA, ffn) and 7 (LoKr, qkvo) share layers 1, 3 and 4 with member 0
+        flat.data[(flat.owner == 1) | (flat.owner == 7)] = float("nan")
+    torch.testing.assert_close(lane_logits([0, 2, None], 0), alone_, rtol=1e-5, atol=1e-5)
+    assert lane_logits([0, 7, None], 1).isnan().all()  # its own lane does see its values
