@@ -42,7 +42,11 @@ Cost of an ask (CPU): qLogNEHVI's baseline is pruned once per fit with a sort-ba
 non-dominance test (``prune_baseline``; BoTorch's pairwise/loop test over 2048 posterior
 samples took about a second at 200 observations); on continuous spaces L-BFGS-B's start points
 are chosen on a 16-sample estimate of the acquisition (``init_mc_samples``); fits are
-warm-started. BoTorch's fused C++ qLogNEHVI kernel is
+warm-started, and hyperparameters are re-optimised only once the data grew by ``hyper_growth``
+(in between the GPs condition on new data and the pruned baseline is extended, not recomputed);
+cheap objectives are looked up per encoded row; with 3 or more objectives the baseline's box
+decompositions are approximate (``NEHVI_ALPHA_3PLUS``); mixed spaces start the alternating
+optimiser from scored Sobol and sprayed points (no continuous relaxation). BoTorch's fused C++ qLogNEHVI kernel is
 built once per environment by ``qd.strategies._kernel`` (never waited on for more than
 ``QD_KERNEL_TIMEOUT_S``; ``state()["kernel"]`` says which path ran). To keep the run loop going
 while a proposal is computed, use the option ``background=true`` or ``ask_time_limit_s``
