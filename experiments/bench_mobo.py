@@ -190,8 +190,11 @@ def tutorial_report(rows: list[dict[str, Any]]) -> str:
     for s, rs in sorted(by.items()):
         hv = np.array([r["hypervolume"] for r in rs])
         q1, q3 = np.percentile(hv, [25, 75])
-        lines.append(f"  {s:<10} seeds {len(rs):>2}  HV median {np.median(hv):.3f} [IQR {q1:.3f}, {q3:.3f}]  "
-                     f"mean {hv.mean():.3f}  ask(4) {np.mean([r['mean_ask_s'] for r in rs]):.2f} s")
+        lines.append(f"  {s:<10} seeds {len(rs):>2}  HV min {hv.min():.3f}  median {np.median(hv):.3f} "
+                     f"[IQR {q1:.3f}, {q3:.3f}]  max {hv.max():.3f}  mean {hv.mean():.3f}  "
+                     f"ask(4) {np.mean([r['mean_ask_s'] for r in rs]):.2f} s")
+        lines.append("    per seed: " + "  ".join(f"{r['seed']}: {r['hypervolume']:.3f}"
+                                                  for r in sorted(rs, key=lambda r: r["seed"])))
     return "\n".join(lines)
 
 
