@@ -20,8 +20,10 @@ Examples::
     python experiments/bench_mobo.py --problems branin-currin zdt1 --seeds 5 --budget 100
     python experiments/bench_mobo.py --report --out bench_mobo.jsonl
     python experiments/bench_mobo.py --tutorial --seeds 5
-    python experiments/bench_mobo.py --latency --problems branin-currin conditional mixed-conditional-3 \
+    python experiments/bench_mobo.py --latency --problems branin-currin mixed-conditional-2 \
         --strategies botorch gp --sizes 200
+    python experiments/bench_mobo.py --latency --problems mixed-conditional-3 --strategies botorch gp --sizes 50
+    python experiments/bench_mobo.py --problems mixed-int --strategies botorch gp --seeds 1 --budget 100
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def run_one(problem: str, strategy: str, seed: int, budget: int, workers: int,
             strategy_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """One run through the standard loop; returns its final hypervolume and ask latencies."""
     with tempfile.TemporaryDirectory() as tmp:
-        pb = get_problem(problem, **PROBLEM_OPTIONS.get(problem, {}))
+        pb = _problem(problem)
         strat = get_strategy(strategy, pb, seed=seed, **(strategy_options or {}))
         latencies: list[float] = []
         ask = strat.ask
@@ -107,7 +109,7 @@ def _label(row: dict[str, Any]) -> str:
 def _max_hypervolume(problem: str) -> float:
     """The problem's known maximum hypervolume (NaN if it declares none)."""
     try:
-        return float(getattr(get_problem(problem, **PROBLEM_OPTIONS.get(problem, {})), "max_hypervolume", math.nan))
+        return float(getattr(_problem(problem), "max_hypervolume", math.nan))
     except Exception:  # a problem that cannot be built here still gets its table
         return math.nan
 
@@ -188,8 +190,11 @@ def tutorial_report(rows: list[dict[str, Any]]) -> str:
     for s, rs in sorted(by.items()):
         hv = np.array([r["hypervolume"] for r in rs])
         q1, q3 = np.percentile(hv, [25, 75])
-        lines.append(f"  {s:<10} seeds {len(rs):>2}  HV median {np.median(hv):.3f} [IQR {q1:.3f}, {q3:.3f}]  "
-                     f"mean {hv.mean():.3f}  ask(4) {np.mean([r['mean_ask_s'] for r in rs]):.2f} s")
+        lines.append(f"  {s:<10} seeds {len(rs):>2}  HV min {hv.min():.3f}  median {np.median(hv):.3f} "
+                     f"[IQR {q1:.3f}, {q3:.3f}]  max {hv.max():.3f}  mean {hv.mean():.3f}  "
+                     f"ask(4) {np.mean([r['mean_ask_s'] for r in rs]):.2f} s")
+        lines.append("    per seed: " + "  ".join(f"{r['seed']}: {r['hypervolume']:.3f}"
+                                                  for r in sorted(rs, key=lambda r: r["seed"])))
     return "\n".join(lines)
 
 
@@ -229,6 +234,20 @@ class MixedConditional3(Problem):
         return Evaluation(values=[error, latency, self.cheap_values(config)["params"]])
 
 
+class MixedConditional2(MixedConditional3):
+    """The same 6 mixed parameters (one conditional) with two expensive objectives: error and latency."""
+
+    name = "mixed-conditional-2"
+    reference_point = (1.5, 1.5)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.objectives = self.objectives[:2]
+
+    def evaluate(self, config: dict, seed: int) -> Evaluation:
+        return Evaluation(values=super().evaluate(config, seed).values[:2])
+
+
 class MixedInt(Problem):
     """4 integer parameters of 2 to 16 levels and a float; two objectives (ZDT1-like trade-off)."""
 
@@ -248,7 +267,8 @@ class MixedInt(Problem):
         return Evaluation(values=[f1, g * (1 - math.sqrt(f1 / g))])
 
 
-EXTRA_PROBLEMS = {MixedConditional3.name: MixedConditional3, MixedInt.name: MixedInt}
+EXTRA_PROBLEMS = {MixedConditional3.name: MixedConditional3, MixedConditional2.name: MixedConditional2,
+                  MixedInt.name: MixedInt}
 
 
 def _problem(name: str) -> Problem:

@@ -250,6 +250,114 @@ def test_mixed_space_geometry_and_valid_proposals():
     assert sum(c["activation"] == "b" for c in asked) >= 3, asked  # 1 in 3 by chance
 
 
+class Levels(Problem):
+    """Integer parameters of 2, 4 and 16 levels and a float (a ZDT1-like trade-off)."""
+
+    name = "levels"
+    reference_point = (1.1, 11.0)
+
+    def __init__(self):
+        self.space = Space([Int("a", 0, 1), Int("b", 0, 3), Int("e", 0, 15), Float("x", 0.0, 1.0)])
+        self.objectives = (Objective("f1"), Objective("f2"))
+
+    def evaluate(self, config, seed):
+        g = 1 + 9 * (config["a"] + abs(config["b"] / 3 - 0.5) + config["e"] / 15) / 3
+        return Evaluation(values=[config["x"], g * (1 - math.sqrt(config["x"] / g))])
+
+
+def test_mixed_integer_optimiser_returns_valid_levels_and_learns_the_best_ones():
+    problem = Levels()
+    s = get_strategy("botorch", problem, seed=0, n_init=8, **LIGHT)
+    assert sorted(s.geometry.discrete_dims) == [0, 1, 2] and len(s.geometry.discrete_dims[2]) == 16
+    _tell(s, problem, s.ask(8))
+    asked = _loop(s, problem, 6, start=8)
+    for c in asked:
+        assert problem.space.validate(c) == c
+        assert all(isinstance(c[k], int) for k in "abe") and 0 <= c["e"] <= 15 and 0 <= c["b"] <= 3
+        x = s.geometry.encode([c])
+        assert torch.equal(s.geometry.snap(x), x)  # on the integer grid, not a relaxed value
+    # g is smallest at a = 0, e = 0: the model's proposals mostly go there.
+    assert sum(c["a"] == 0 and c["e"] <= 3 for c in asked) >= 4, asked
+
+
+def test_hyper_growth_keeps_hyperparameters_and_extends_the_pruned_baseline_until_data_grow():
+    problem = TwoObjective()
+    s = get_strategy("botorch", problem, seed=0, n_init=10, hyper_growth=1.5, **LIGHT)
+    _tell(s, problem, s.ask(10))
+    c = s.ask(1)[0]
+    optimised, pruned = s._fits.optimisations, s._pruned[3]
+    assert optimised == 2  # f1 and f2
+    _tell(s, problem, [c], start=10)
+    s.ask(1)
+    assert s._fits.optimisations == optimised  # 11 < 1.5 x 10: conditioned, not refitted
+    new = as_tensor([problem.space.encode(c)])
+    assert torch.equal(s._pruned[3], torch.cat([pruned, new]))
+    lengthscale = s._model()[0].models[0].covar_module.lengthscale
+    _loop(s, problem, 4, start=11)
+    refitted = s._model()[0].models[0].covar_module.lengthscale
+    assert len(s._X) == 15 and s._fits.optimisations > optimised  # 15 >= 1.5 x 10: refitted
+    assert not torch.equal(refitted, lengthscale)
+    every = get_strategy("botorch", problem, seed=0, n_init=10, hyper_growth=1, **LIGHT)
+    _tell(every, problem, every.ask(10))
+    _loop(every, problem, 2, start=10)
+    assert every._fits.optimisations == 4  # two refits of two GPs
+
+
+class ThreeWithCheap(Problem):
+    """A mixed conditional space; error and latency (expensive) and params (cheap)."""
+
+    name = "three-with-cheap"
+    reference_point = (1.5, 1.5, 1.1)
+
+    def __init__(self):
+        self.space = Space([Categorical("optimizer", ("adam", "sgd")),
+                            Float("momentum", 0.0, 0.99, active_if={"optimizer": ["sgd"]}),
+                            Int("layers", 1, 8), Float("lr", 1e-4, 1e-1, log=True)])
+        self.objectives = (Objective("error"), Objective("latency"), Objective("params", cheap=True))
+        self.cheap_calls = 0
+
+    def cheap_values(self, config):
+        self.cheap_calls += 1
+        return {"params": config["layers"] / 8}
+
+    def evaluate(self, config, seed):
+        error = 0.5 / config["layers"] + 0.05 * (math.log10(config["lr"]) + 2.5) ** 2 \
+            + (0.1 * (config["momentum"] - 0.9) ** 2 if config["optimizer"] == "sgd" else 0.02)
+        return Evaluation(values=[error, 0.1 * config["layers"] + 0.05 * (config["optimizer"] == "adam"),
+                                  config["layers"] / 8])
+
+
+def test_three_objectives_with_a_cheap_one_ask_with_approximate_nehvi():
+    from botorch.acquisition.multi_objective import qLogNoisyExpectedHypervolumeImprovement
+
+    from qd.strategies.botorch_mobo import NEHVI_ALPHA_3PLUS
+
+    problem = ThreeWithCheap()
+    s = get_strategy("botorch", problem, seed=0, n_init=8, **LIGHT)
+    _tell(s, problem, s.ask(8))
+    asked = _loop(s, problem, 2, start=8)
+    assert all(problem.space.validate(c) == c for c in asked)
+    acqf = s._acquisition(torch.empty(0, problem.space.dim, dtype=torch.float64))
+    assert isinstance(acqf, qLogNoisyExpectedHypervolumeImprovement) and acqf.alpha == NEHVI_ALPHA_3PLUS > 0
+    two = get_strategy("botorch", TwoObjective(), seed=0, n_init=5, **LIGHT)
+    _tell(two, TwoObjective(), two.ask(5))
+    assert two._acquisition(torch.empty(0, 2, dtype=torch.float64)).alpha == 0.0  # exact for 2
+
+
+def test_cheap_values_are_looked_up_by_row_and_match_the_problem():
+    from qd.strategies._botorch_common import CheapValues
+
+    problem = WithCheap()
+    cheap = CheapValues(problem, ["params"], [-1.0])
+    X = torch.rand(5, 3, 2, dtype=torch.float64)
+    first = cheap(X)
+    calls = problem.cheap_calls
+    assert calls <= 15 and torch.equal(cheap(X), first)
+    assert problem.cheap_calls == calls  # the same rows again: no call, no decode
+    exact = [-problem.cheap_values(c)["params"] for c in problem.space.decode_many(X.reshape(-1, 2).numpy())]
+    assert torch.allclose(first.reshape(-1), torch.tensor(exact, dtype=torch.float64))
+
+
 # --- conditional spaces ---------------------------------------------------------------------
 def test_conditional_projection_matches_decoding():
     space = Conditional().space
@@ -348,6 +456,8 @@ def test_failed_trials_are_excluded_and_their_region_avoided():
     ("num_restarts", 2.5, "an integer >= 1"),
     ("noise", "loud", "'inferred'"),
     ("avoid_failures", "yes", "true or false"),
+    ("hyper_growth", 0.5, "a number >= 1"),
+    ("hyper_growth", True, "a number >= 1"),
 ])
 def test_bad_options_name_option_value_and_allowed(option, value, allowed):
     with pytest.raises(ValueError) as e:

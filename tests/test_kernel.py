@@ -73,6 +73,7 @@ def test_botorch_ask_goes_on_past_stale_locks_of_botorchs_own_loader(tmp_path, m
     from qd.strategies.botorch_mobo import BoTorch
     from test_botorch import LIGHT, TwoObjective, _loop
 
+    monkeypatch.delenv("QD_FUSED_KERNEL", raising=False)  # test_botorch's import turns the kernel off
     torch_cache = tmp_path / "torch_extensions" / "logei_fused_ext"
     torch_cache.mkdir(parents=True)
     (torch_cache / "lock").touch()

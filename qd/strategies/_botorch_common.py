@@ -265,6 +265,9 @@ class WarmFits:
         self._warm: dict[str, dict[str, Tensor]] = {}
         self._cold_size: dict[str, int] = {}
         self._hyper_size: dict[str, int] = {}
+        #: Hyperparameter optimisations so far (all keys): unchanged means every model since kept
+        #: its hyperparameters, so what was derived from them (a pruned baseline) still holds.
+        self.optimisations = 0
 
     def fit(self, key: str, X: Tensor, y: Tensor, Yvar: Tensor | None = None) -> SingleTaskGP:
         """``X``: ``n x d``, ``y`` (and ``Yvar``): ``n x 1`` -> a fitted GP in eval mode."""
@@ -279,6 +282,7 @@ class WarmFits:
         if cold:
             self._cold_size[key] = len(X)
         self._hyper_size[key] = len(X)
+        self.optimisations += 1
         self._warm[key] = hyperparameters(gp)
         return gp
 
@@ -295,12 +299,19 @@ class CheapValues:
         self.names = list(names)
         self.factors = torch.tensor(list(factors), dtype=DTYPE)
         self.cache_size = cache_size
-        self._cache: OrderedDict[bytes, list[float]] = OrderedDict()
+        self._cache: OrderedDict[Any, list[float]] = OrderedDict()
+        self._by_row: dict[bytes, list[float]] = {}  # encoded row (exact bytes) -> values
         self.calls = 0  # calls into the problem (cache misses)
 
     def _values(self, config: Config) -> list[float]:
-        key = self.problem.space.key(config)
-        hit = self._cache.get(key)
+        # A decoded configuration is valid and its keys come in the space's order, so its items
+        # identify it; Space.key (validate, encode) costs more than most cheap objectives.
+        key: Any = tuple(config.items())
+        try:
+            hit = self._cache.get(key)
+        except TypeError:  # an unhashable categorical choice
+            key = self.problem.space.key(config)
+            hit = self._cache.get(key)
         if hit is not None:
             return hit
         self.calls += 1
@@ -317,7 +328,15 @@ class CheapValues:
 
     def __call__(self, X: Tensor) -> Tensor:
         flat = X.detach().reshape(-1, X.shape[-1]).cpu().numpy()
-        rows = [self._values(c) for c in self.problem.space.decode_many(flat)]
+        # Most rows recur exactly (NEHVI appends the whole baseline to every candidate batch; the
+        # mixed optimiser re-scores neighbours): look those up by their bytes before decoding.
+        rows: list[list[float] | None] = [self._by_row.get(r.tobytes()) for r in flat]
+        missing = [i for i, r in enumerate(rows) if r is None]
+        if missing:
+            for i, config in zip(missing, self.problem.space.decode_many(flat[missing])):
+                rows[i] = self._by_row[flat[i].tobytes()] = self._values(config)
+            while len(self._by_row) > self.cache_size:
+                self._by_row.pop(next(iter(self._by_row)))
         out = torch.tensor(rows, dtype=DTYPE).reshape(*X.shape[:-1], len(self.names))
         return out * self.factors.to(out)
 
@@ -362,8 +381,13 @@ def optimize_candidate(
                 acqf, geometry.bounds, discrete_dims=geometry.discrete_dims, cat_dims=geometry.cat_dims,
                 q=1, num_restarts=num_restarts, raw_samples=raw_samples,
                 fixed_features=geometry.fixed_features or None,
-                # The continuous relaxation only seeds the alternating search: a short one will do.
-                options={"maxiter_continuous": 8, "maxiter_alternating": 8, "maxiter_init": min(maxiter, 20),
+                # Start points: the best of the raw Sobol points (rounded) and of points sprayed
+                # around the incumbents; a continuous relaxation to seed them cost most of an ask
+                # (L-BFGS-B on every restart) for starts the alternating search reaches anyway.
+                # Each continuous step is a batched L-BFGS-B run (a forward and backward pass per
+                # iteration, most of the cost of an ask); 4 iterations per alternation reached the
+                # same optimum as 8 on the plug-in-like benchmark in 60% of the time.
+                options={"initialization_strategy": "random", "maxiter_continuous": 4, "maxiter_alternating": 8,
                          "num_spray_points": 20 if local_starts else 0},
             )
     return geometry.snap(X.reshape(1, -1))
