@@ -91,15 +91,25 @@ def test_bad_options_are_named(options, named):
 
 
 def test_asha_wraps_it_and_promotes_by_non_dominated_rank():
-    """``fidelity="asha"`` (the wrapper every strategy takes) on a multi-objective problem with a
-    fidelity parameter: new configurations start at the lowest rung and some reach the top."""
-    from qd.fidelity import FidelityWrapper
-    from problems.arch import ArchProblem
+    """``fidelity="asha"`` (the wrapper every strategy takes) on a two-objective problem with a
+    fidelity parameter: new configurations start at the lowest rung, promotions climb the rungs,
+    and those promoted from the lowest rung are on its first non-dominated layer."""
+    from moocore import pareto_rank
 
-    problem = ArchProblem(dataset="digits")
-    strategy = get_strategy("mo-sail", problem, seed=0, fidelity="asha", eta=3, n_init=4, generations=1,
-                            emitters=2, emitter_batch=8, bins=[3, 3], reference_point=[0.0, 1e8, 1e4])
-    assert isinstance(strategy, FidelityWrapper)
-    rungs = strategy.promotions.values
-    first = strategy.ask(4)
-    assert {c["epochs"] for c in first} == {rungs[0]}
+    from qd.fidelity import FidelityWrapper
+    from qd.space import config_key
+    from tests.test_fidelity_noise import Budgeted
+    from tests.test_sail import drive
+
+    problem = Budgeted(objectives=2)
+    strategy = get_strategy("mo-sail", problem, seed=0, fidelity="asha", eta=3, n_init=4, generations=2,
+                            emitters=2, emitter_batch=8, bins=[3, 3], reference_point=[5.0, 5.0])
+    assert isinstance(strategy, FidelityWrapper) and strategy.promotions.values == [1, 3, 9, 27]
+    trials = drive(strategy, problem, 30, workers=2)
+    steps = [t.params["steps"] for t in trials]
+    assert steps[0] == 1 and max(steps) >= 9
+    rung0 = [t for t in trials if t.params["steps"] == 1]
+    promoted = {config_key(problem.space.encode({**t.params, "steps": 1})) for t in trials if t.params["steps"] == 3}
+    ranks = pareto_rank(np.array([t.values for t in rung0]))
+    first_layer = {config_key(problem.space.encode(t.params)) for t, r in zip(rung0, ranks) if r == 0}
+    assert promoted and promoted & first_layer
