@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=int, default=50, help="evaluations of the ASHA run (most of them cheap)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--eta", type=float, default=3)
+    ap.add_argument("--min-fidelity", type=float, default=None, help="the lowest rung (default: the parameter's "
+                    "low end)")
     ap.add_argument("--target", type=float, default=0.5, help="the quality threshold: the full run's best after "
                     "this fraction of its evaluations")
     args = ap.parse_args(argv)
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         full_costs, asha_costs, savings = [], [], []
         for seed in range(args.seeds):
             full = run_one(problem, args.strategy, seed, args.full_budget, {})
-            asha = run_one(problem, args.strategy, seed, args.budget, {"fidelity": "asha", "eta": args.eta})
+            asha = run_one(problem, args.strategy, seed, args.budget, {"fidelity": "asha", "eta": args.eta,
+                                                                  "min_fidelity": args.min_fidelity})
             for r in (full, asha):
                 print(json.dumps({k: v for k, v in r.items() if k != "curve"}), flush=True)
             target = target_of(full, args.target)
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         reached = [s for s in savings if s is not None]
         total_full = sum(c for c, a in zip(full_costs, asha_costs) if a is not None)
         total_asha = sum(a for a in asha_costs if a is not None)
-        summary.append(f"{problem} ({args.strategy}, {args.seeds} seeds, eta {args.eta:g}): {unit} spent until the "
+        summary.append(f"{problem} ({args.strategy}, {args.seeds} seeds, eta {args.eta:g}, lowest rung {args.min_fidelity or 'the low end'}): {unit} spent until the "
                        f"quality threshold: full fidelity {total_full:.0f}, asha {total_asha:.0f} "
                        f"(asha reached it in {len(reached)}/{args.seeds} seeds); saving "
                        f"{total_full / total_asha if total_asha else float('nan'):.2f}x overall, median per seed "
