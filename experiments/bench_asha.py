@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         reached = [s for s in savings if s is not None]
         total_full = sum(c for c, a in zip(full_costs, asha_costs) if a is not None)
         total_asha = sum(a for a in asha_costs if a is not None)
-        summary.append(f"{problem} ({args.strategy}, {args.seeds} seeds, eta {args.eta:g}, lowest rung {args.min_fidelity or 'the low end'}): {unit} spent until the "
+        lowest = "the low end" if args.min_fidelity is None else f"{args.min_fidelity:g}"
+        summary.append(f"{problem} ({args.strategy}, {args.seeds} seeds, eta {args.eta:g}, lowest rung {lowest}): "
+                       f"{unit} spent until the "
                        f"quality threshold: full fidelity {total_full:.0f}, asha {total_asha:.0f} "
                        f"(asha reached it in {len(reached)}/{args.seeds} seeds); saving "
                        f"{total_full / total_asha if total_asha else float('nan'):.2f}x overall, median per seed "
