@@ -9,6 +9,12 @@ The objective, as in pyribs' tutorial, prefers arms whose joints bend evenly:
 ``score = (1 - var(theta)) * 100``, maximised. It is 100 exactly when all angles are equal (the
 end-effector then lies on one curve through ``(dof, 0)``; other cells have a lower best) and falls
 to ``(1 - pi^2) * 100 ~ -887`` when the angles split evenly between -pi and pi.
+
+Option ``objectives=2`` adds a second objective, ``bend = mean |theta_i|`` (minimised, in
+[0, pi]): how far the joints turn from straight. It conflicts with evenness within a cell: a
+point off the even-bend curve is reached either by bending every joint evenly and far, or by
+bending a few joints only. The reference point is then the worst of both,
+``((1 - pi^2) * 100, pi)``, so MOME-style scores count every front.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import math
 
 import numpy as np
 
-from qd.checks import check_int
+from qd.checks import check_choice, check_int
 from qd.problem import BatchEvaluation, Evaluation, Measure, Objective, Problem
 from qd.space import Config, Float, Space
 
@@ -25,6 +31,11 @@ from qd.space import Config, Float, Space
 def arm_score(theta: np.ndarray) -> np.ndarray:
     """Joint angles (n, dof) -> (n,) score (1 - variance) * 100, 100 when all angles are equal."""
     return (1.0 - np.var(np.atleast_2d(theta), axis=1)) * 100.0
+
+
+def arm_bend(theta: np.ndarray) -> np.ndarray:
+    """Joint angles (n, dof) -> (n,) mean absolute joint angle, 0 for a straight arm."""
+    return np.abs(np.atleast_2d(theta)).mean(axis=1)
 
 
 def arm_end_effector(theta: np.ndarray) -> np.ndarray:
@@ -38,19 +49,28 @@ class Arm(Problem):
 
     vectorized = True
 
-    def __init__(self, dof: int = 12):
+    def __init__(self, dof: int = 12, objectives: int = 1):
         self.dof = check_int(dof, "dof", "arm", low=2)
+        self.n_objectives = check_choice(objectives, "objectives", "arm", (1, 2))
         self.space = Space([Float(f"theta{i}", -math.pi, math.pi) for i in range(self.dof)])
         self.objectives = (Objective("score", "maximize"),)
+        if self.n_objectives == 2:
+            self.objectives += (Objective("bend", "minimize"),)
+            self.reference_point = ((1 - math.pi**2) * 100, math.pi)
         reach = float(self.dof)
         self.measures = (Measure("x", -reach, reach), Measure("y", -reach, reach))
 
     def evaluate(self, config: Config, seed: int) -> Evaluation:
         """One arm: its joint evenness and end-effector (x, y); ``seed`` is unused."""
         theta = np.array([[config[f"theta{i}"] for i in range(self.dof)]], dtype=float)
-        return Evaluation(values=[float(arm_score(theta)[0])], measures=arm_end_effector(theta)[0].tolist())
+        return Evaluation(values=self._values(theta)[0].tolist(), measures=arm_end_effector(theta)[0].tolist())
+
+    def _values(self, theta: np.ndarray) -> np.ndarray:
+        """(n, dof) -> (n, 1) score, or (n, 2) score and bend."""
+        columns = [arm_score(theta), arm_bend(theta)][:self.n_objectives]
+        return np.stack(columns, axis=1)
 
     def evaluate_batch(self, X: np.ndarray, seeds: np.ndarray) -> BatchEvaluation:
-        """X (n, dof) joint angles -> values (n, 1), measures (n, 2); seeds unused."""
+        """X (n, dof) joint angles -> values (n, 1) (or (n, 2) with bend), measures (n, 2); seeds unused."""
         theta = np.asarray(X, dtype=float)
-        return BatchEvaluation(values=arm_score(theta)[:, None], measures=arm_end_effector(theta))
+        return BatchEvaluation(values=self._values(theta), measures=arm_end_effector(theta))

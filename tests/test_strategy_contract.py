@@ -38,6 +38,8 @@ CASES = [
     StrategyCase("mome", {"initial_population": 4}, warmup=6),
     StrategyCase("sail", {"n_init": 2, "generations": 1, "emitters": 2, "emitter_batch": 4},
                  learned=_observations, warmup=2, heavy=True),
+    StrategyCase("mo-sail", {"n_init": 2, "generations": 1, "emitters": 2, "emitter_batch": 4},
+                 learned=_observations, warmup=2, heavy=True),
 ]
 
 

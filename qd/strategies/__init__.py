@@ -35,6 +35,7 @@ BUILTIN: dict[str, str] = {
     "mome": "qd.strategies.mome:Mome",
     "botorch": "qd.strategies.botorch_mobo:BoTorch",
     "sail": "qd.strategies.sail:Sail",
+    "mo-sail": "qd.strategies.mo_sail:MoSail",
 }
 
 
