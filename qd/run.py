@@ -392,6 +392,10 @@ class RunState:
         """n blank rows for the next batch, filled in place, then given to ``add``."""
         return self._columns.reserve(n)
 
+    def rows_to_metrics(self) -> int | None:
+        """Finished evaluations until the next metrics row is due (None: the run keeps none)."""
+        return None if self.archive is None else self.every - self.n_finished % self.every
+
     def trim(self, n: int) -> Columns:
         """The first ``n`` rows of the block ``reserve`` gave (a block that ended early), for ``add``."""
         return self._columns.trim(n)
@@ -677,7 +681,11 @@ class _Loop:
         if left <= 0:
             return False
         hint = max(1, self.strategy.batch_hint)
-        block = self.state.reserve(min(left, max(hint, BLOCK_ROWS)))  # filled in place, no copy
+        # Whole batches, up to where a metrics row is due (the archive's figures at that count):
+        # metrics keep the resolution they had batch by batch.
+        due = self.state.rows_to_metrics()
+        most = BLOCK_ROWS if due is None else min(BLOCK_ROWS, due)
+        block = self.state.reserve(min(left, max(hint, most - most % hint)))  # filled in place, no copy
         at, urgent, more, t_block = 0, False, True, time.perf_counter()
         while at < len(block):
             R, origin, requeue_of = self._next_raws(min(len(block) - at, hint))
