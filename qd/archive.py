@@ -278,6 +278,9 @@ class ParetoSpec:
     #: The units of the per-cell hypervolumes (``qd.scaling``; empty: objective units).
     scales: tuple[str, ...] = ()
     bounds: tuple[tuple[float, float] | None, ...] = ()
+    #: As ``EliteSpec.fidelity``: with ASHA, only trials at the most faithful value go in.
+    fidelity: str | None = None
+    fidelity_top: Any = None
 
     @property
     def scaling(self) -> Scaling:
@@ -290,7 +293,8 @@ class ParetoSpec:
         """The spec as a plain dict for ``qd show`` and reports."""
         return {"kind": "pareto-grid", "bins": list(self.bins), "front_size": self.front_size,
                 "reference_point": list(self.reference_point), "reference_source": self.reference_source,
-                **({"scaling": self.scaling.to_json()} if not self.scaling.is_identity else {})}
+                **({"scaling": self.scaling.to_json()} if not self.scaling.is_identity else {}),
+                **({"fidelity": {"parameter": self.fidelity, "value": self.fidelity_top}} if self.fidelity else {})}
 
 
 def pareto_spec(problem: Problem, *, bins: Any = None, front_size: Any = 10, reference_point: Any = None,
@@ -631,8 +635,8 @@ class EliteArchive:
         return out
 
 
-def _elite_rows_taken(spec: EliteSpec, space: Any, cols: Columns) -> np.ndarray:
-    """(n,) the rows an elite archive of ``spec`` takes: feasible, finite measures, top fidelity."""
+def _elite_rows_taken(spec: EliteSpec | ParetoSpec, space: Any, cols: Columns) -> np.ndarray:
+    """(n,) the rows an archive of ``spec`` takes: feasible, finite measures, top fidelity."""
     ok = cols.feasible & np.isfinite(cols.measures).all(axis=1)
     if spec.fidelity is not None:
         j = space.names.index(spec.fidelity)
@@ -640,6 +644,10 @@ def _elite_rows_taken(spec: EliteSpec, space: Any, cols: Columns) -> np.ndarray:
 
         ok &= cols.raw[:, j] == _raw_value(space.params[j], spec.fidelity_top)
     return ok
+
+
+def _at_top_fidelity(spec: EliteSpec | ParetoSpec, trial: Trial) -> bool:
+    return spec.fidelity is None or trial.params.get(spec.fidelity) == spec.fidelity_top
 
 
 def best_of_cells(cells: np.ndarray, score: np.ndarray, number: np.ndarray, n_cells: int) -> np.ndarray:
@@ -770,7 +778,7 @@ class ParetoArchive:
         solutions = np.asarray(solutions, dtype=float).reshape(len(trials), self.space.dim)
         status = np.zeros(len(trials), dtype=np.int32)
         for i, t in enumerate(trials):
-            if insertable(t):
+            if insertable(t) and _at_top_fidelity(self.spec, t):
                 status[i] = self._add_one(solutions[i], t)
         return status
 
@@ -779,8 +787,8 @@ class ParetoArchive:
         return spec_to_json(self.spec)
 
     def add_columns(self, cols: Columns) -> None:
-        """Insert the feasible rows of ``cols`` with measures, in order."""
-        ok = cols.feasible & np.isfinite(cols.measures).all(axis=1)
+        """Insert the feasible rows of ``cols`` with measures (at the top fidelity), in order."""
+        ok = _elite_rows_taken(self.spec, self.space, cols)
         if not ok.any():
             return
         X = self.space.encode_raw(cols.raw[ok])
@@ -788,9 +796,9 @@ class ParetoArchive:
             self._add_one(x, _Row(number, v, mm))
 
     def cells_of(self, cols: Columns) -> np.ndarray:
-        """(n,) the cell of each feasible row of ``cols`` with finite measures, else -1."""
+        """(n,) the cell of each row of ``cols`` this archive takes, else -1."""
         out = np.full(len(cols), -1, dtype=np.int64)
-        ok = cols.feasible & np.isfinite(cols.measures).all(axis=1)
+        ok = _elite_rows_taken(self.spec, self.space, cols)
         if ok.any():
             out[ok] = self.cell_of(cols.measures[ok])
         return out
@@ -824,7 +832,7 @@ class ParetoArchive:
 
     def add_trials(self, trials: Sequence[Trial]) -> None:
         """Insert the insertable ``trials`` in order."""
-        good = [t for t in trials if insertable(t)]
+        good = [t for t in trials if insertable(t) and _at_top_fidelity(self.spec, t)]
         if good:
             self.add(self.space.encode_many([t.params for t in good]), good)
 
@@ -911,7 +919,8 @@ def spec_from_json(data: Mapping[str, Any]) -> EliteSpec | ParetoSpec:
         return ParetoSpec(bins=tuple(data["bins"]), front_size=int(data["front_size"]),
                           reference_point=tuple(data["reference_point"]), reference_source=data["reference_source"],
                           scales=tuple(data.get("scales", ())),
-                          bounds=tuple(tuple(b) if b is not None else None for b in data.get("bounds", ())))
+                          bounds=tuple(tuple(b) if b is not None else None for b in data.get("bounds", ())),
+                          fidelity=data.get("fidelity"), fidelity_top=data.get("fidelity_top"))
     if data.get("bins") is not None:
         data["bins"] = tuple(data["bins"])
     return EliteSpec(**data)
@@ -957,11 +966,14 @@ def spec_for_run(problem: Problem, strategy: str, options: Mapping[str, Any], se
     except ValueError:
         cls = None
     spec = cls.archive_spec(problem, seed, dict(options)) if cls is not None else None
-    if spec is not None:
-        return spec
-    if len(problem.objectives) > 1 and problem.reference_point is not None:
-        return pareto_spec(problem)
-    return elite_spec(problem, seed=seed)
+    if spec is None:
+        spec = pareto_spec(problem) if len(problem.objectives) > 1 and problem.reference_point is not None \
+            else elite_spec(problem, seed=seed)
+    if options.get("fidelity") == "asha" and problem.fidelity and spec.fidelity is None:
+        # ASHA's lower rungs are cheap estimates: the run's map holds full-fidelity results only.
+        spec = dataclasses.replace(spec, fidelity=problem.fidelity,
+                                   fidelity_top=top_value(problem.space[problem.fidelity]))
+    return spec
 
 
 def build_archive(problem: Problem, spec: EliteSpec | ParetoSpec) -> RunArchive:

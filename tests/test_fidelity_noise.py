@@ -242,3 +242,32 @@ def test_fidelity_option_from_an_experiment_file_and_its_errors(tmp_path):
         get_strategy("tpe", Budgeted(), fidelity="fast")
     with pytest.raises(ValueError, match="need fidelity='asha'"):
         get_strategy("tpe", Budgeted(), eta=2)
+
+
+@pytest.mark.parametrize("name, objectives, options", [
+    ("map-elites", 1, {"bins": 4}),
+    ("mome", 2, {"bins": 4, "reference_point": [5.0, 5.0]}),
+])
+def test_a_runs_map_under_asha_holds_top_fidelity_results_only(tmp_path, name, objectives, options):
+    """With ``fidelity="asha"`` the run's archive (what ``qd show``, the dashboard and the loop's
+    metrics read) takes only trials at the most faithful value, elite and Pareto archives alike:
+    a lower rung is a cheap estimate, not a result for the map."""
+    from evaluators import make_evaluator
+    from qd.archive import archive_for_run
+    from qd.run import run
+    from qd.store import RunInfo, Store
+
+    problem = Budgeted(objectives=objectives)
+    options = {**options, "fidelity": "asha", "eta": 3}
+    spec = spec_for_run(problem, name, options, 0)
+    assert spec.fidelity == "steps" and spec.fidelity_top == 27
+    info = RunInfo(name="a", problem="budgeted", problem_options={}, strategy=name, strategy_options=options, seed=0)
+    store = Store.create(f"sqlite:///{tmp_path}/a.db", info, problem)
+    run(problem, get_strategy(name, problem, seed=0, **options), make_evaluator("inprocess"), store, budget=120,
+        progress=False)
+    cols = store.columns()
+    top = cols.complete & (cols.raw[:, 2] == 27)
+    assert 0 < top.sum() < cols.complete.sum()  # the run evaluated several rungs
+    assert np.all(cols.cell[~top] == -1) and np.all(cols.cell[top] >= 0)
+    archive = archive_for_run(store, problem, cols)
+    assert archive.n_inserted == int(top.sum())
