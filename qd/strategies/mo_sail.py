@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -50,6 +49,7 @@ from qd.problem import Problem
 from qd.space import Config, config_key
 from qd.store import Trial
 from qd.strategies._botorch_common import CheapValues, SpaceGeometry, WarmFits, as_tensor, quiet
+from qd.strategies.sail import new_sobol_points
 from qd.strategy import Strategy
 
 MEASURE_MODES = ("auto", "cheap", "model")
@@ -207,19 +207,10 @@ class MoSail(Strategy):
 
     def _sobol_points(self, k: int, pending: Sequence[Config]) -> np.ndarray:
         """(k, d) snapped Sobol points whose configurations are new, where possible."""
-        seen = self._proposed | {config_key(self.space.encode(c)) for c in pending}
-        rows: list[np.ndarray] = []
-        with warnings.catch_warnings():  # Sobol prefers powers of two; any count is still low-discrepancy
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(k):
-                for _attempt in range(100):
-                    x = self._snap(self._sobol.random(1))[0]
-                    if config_key(x) not in seen:
-                        break
-                seen.add(config_key(x))
-                rows.append(x)
-                self._warmup_issued = min(self.n_init, self._warmup_issued + 1)
-        return np.array(rows).reshape(k, self.space.dim)
+        X = new_sobol_points(self._sobol, self._snap, k,
+                             self._proposed | {config_key(self.space.encode(c)) for c in pending}, self.space.dim)
+        self._warmup_issued = min(self.n_init, self._warmup_issued + k)
+        return X
 
     # --- models -------------------------------------------------------------------------------
     def _fitted(self) -> dict[str, Model]:

@@ -60,7 +60,7 @@ import math
 import time
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -99,6 +99,24 @@ OWNER = "strategy 'sail'"
 def _fail(option: str, value: Any, allowed: str) -> OptionError:
     return OptionError(f"{OWNER}: option {option}={value!r} is not allowed; allowed: {allowed}")
 
+
+
+def new_sobol_points(sobol: qmc.Sobol, snap: Callable[[np.ndarray], np.ndarray], k: int, seen: set[bytes],
+                     dim: int) -> np.ndarray:
+    """(k, dim) snapped points of ``sobol`` whose identities (``config_key``) are not in ``seen``
+    (nor repeated among themselves), where 100 draws find one; ``seen`` is not changed."""
+    seen = set(seen)
+    rows: list[np.ndarray] = []
+    with warnings.catch_warnings():  # Sobol prefers powers of two; any count is still low-discrepancy
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(k):
+            for _attempt in range(100):
+                x = snap(sobol.random(1))[0]
+                if config_key(x) not in seen:
+                    break
+            seen.add(config_key(x))
+            rows.append(x)
+    return np.array(rows).reshape(k, dim)
 
 class Sail(Strategy):
     """Surrogate-assisted illumination: MAP-Elites on a BoTorch acquisition picks each batch.
@@ -352,20 +370,10 @@ class Sail(Strategy):
 
     def _sobol_points(self, k: int, pending: Sequence[Config]) -> np.ndarray:
         """(k, d) snapped Sobol points whose configurations are new, where possible."""
-        seen = self._proposed | {self._identity(c) for c in pending}
-        rows: list[np.ndarray] = []
-        with warnings.catch_warnings():  # Sobol prefers powers of two; any count is still low-discrepancy
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(k):
-                for _attempt in range(100):
-                    x = self._snap(self._sobol.random(1))[0]
-                    if config_key(x) not in seen:
-                        break
-                seen.add(config_key(x))
-                rows.append(x)
-                if self._warmup_issued < self.n_init:
-                    self._warmup_issued += 1
-        return np.array(rows).reshape(k, self.space.dim)
+        X = new_sobol_points(self._sobol, self._snap, k, self._proposed | {self._identity(c) for c in pending},
+                             self.space.dim)
+        self._warmup_issued = min(self.n_init, self._warmup_issued + k)
+        return X
 
     # --- models and acquisition ---------------------------------------------------------------
     def _fitted(self) -> dict[str, Model]:
