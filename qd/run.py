@@ -363,10 +363,17 @@ class RunState:
         self.metrics: list[dict[str, Any]] = [r for r in store.attrs().get(METRICS_KEY, [])
                                               if r.get("evaluations", 0) <= self.n_finished]
         self._metrics_dirty, self._metrics_flushed = False, time.monotonic()
+        self._told = 0  # finished rows of the block in progress, seen by ``told``
 
     # trials
-    def add(self, cols: Columns) -> None:
-        """Finished trials (already recorded and told to the strategy)."""
+    def add(self, cols: Columns, told: bool = False) -> None:
+        """Finished trials (already recorded and told to the strategy).
+
+        Args:
+            cols: The rows.
+            told: Whether ``told`` has seen them batch by batch already (a vectorised block): the
+                run's own archive and the metric history then have them.
+        """
         at = len(self._columns)
         self._columns.append(cols)
         if self._elites is not None:
@@ -383,18 +390,29 @@ class RunState:
         self.n_complete += comp
         self.n_failed += fin - comp
         self._update_front(cols)
+        if told:
+            self._told = 0
+            return
         if self.own_archive:
             self.archive.add_columns(cols)
         if self.archive is not None and self.n_finished // self.every > before // self.every:
             self.append_metrics()
 
+    def told(self, part: Columns) -> None:
+        """One batch of a block, just told to the strategy: the run's own archive takes it, and a
+        metrics row is taken where one falls due, so a block of many batches keeps the history's
+        resolution (the block itself is recorded, then given to ``add`` with ``told=True``)."""
+        if self.own_archive:
+            self.archive.add_columns(part)
+        before = self.n_finished + self._told
+        self._told += int(part.finished.sum())
+        after = self.n_finished + self._told
+        if self.archive is not None and after // self.every > before // self.every:
+            self.append_metrics(after)
+
     def reserve(self, n: int) -> Columns:
         """n blank rows for the next batch, filled in place, then given to ``add``."""
         return self._columns.reserve(n)
-
-    def rows_to_metrics(self) -> int | None:
-        """Finished evaluations until the next metrics row is due (None: the run keeps none)."""
-        return None if self.archive is None else self.every - self.n_finished % self.every
 
     def trim(self, n: int) -> Columns:
         """The first ``n`` rows of the block ``reserve`` gave (a block that ended early), for ``add``."""
@@ -430,10 +448,12 @@ class RunState:
         self.front = Y[pareto_front_mask(Y, self.directions)]
 
     # metrics
-    def append_metrics(self) -> None:
-        """Add the archive's metrics at the current evaluation count (stored every 5 s at most)."""
-        row = {"evaluations": self.n_finished, **self.archive.metrics()}
-        if self.metrics and self.metrics[-1]["evaluations"] == self.n_finished:
+    def append_metrics(self, evaluations: int | None = None) -> None:
+        """Add the archive's metrics at ``evaluations`` (default: the finished count so far), stored
+        every 5 s at most."""
+        evaluations = self.n_finished if evaluations is None else evaluations
+        row = {"evaluations": evaluations, **self.archive.metrics()}
+        if self.metrics and self.metrics[-1]["evaluations"] == evaluations:
             self.metrics[-1] = row
         else:
             self.metrics.append(row)
@@ -681,11 +701,7 @@ class _Loop:
         if left <= 0:
             return False
         hint = max(1, self.strategy.batch_hint)
-        # Whole batches, up to where a metrics row is due (the archive's figures at that count):
-        # metrics keep the resolution they had batch by batch.
-        due = self.state.rows_to_metrics()
-        most = BLOCK_ROWS if due is None else min(BLOCK_ROWS, due)
-        block = self.state.reserve(min(left, max(hint, most - most % hint)))  # filled in place, no copy
+        block = self.state.reserve(min(left, max(hint, BLOCK_ROWS - BLOCK_ROWS % hint)))  # filled in place, no copy
         at, urgent, more, t_block = 0, False, True, time.perf_counter()
         while at < len(block):
             R, origin, requeue_of = self._next_raws(min(len(block) - at, hint))
@@ -712,6 +728,7 @@ class _Loop:
                 block.reason[at:end] = part.reason
             urgent |= time.perf_counter() - t0 >= EXPENSIVE_S
             self.strategy.tell_columns(part)
+            self.state.told(part)  # metrics rows where due: the archive as it was after this batch
             at = end
             if urgent or time.perf_counter() - t_block >= BLOCK_S or self.out_of_time():
                 break
@@ -719,7 +736,7 @@ class _Loop:
         if at:
             cols.cell[:] = self.state.cells(cols)
             self.store.finish_many(cols, urgent=urgent)
-            self.state.add(cols)
+            self.state.add(cols, told=True)
             self.progress.update(cols, 0, force=self.state.n_finished >= self.budget)
             self.store.maybe_flush(wait=False)  # cheap outcomes: written beside the next block
             self.notify()

@@ -305,8 +305,10 @@ def test_a_vectorised_run_tells_each_batch_before_the_next_though_it_records_the
     """The loop records a block of batches at once (``qd.run.BLOCK_ROWS``), but each batch is
     evaluated and told to the strategy before the next is asked: the record holds exactly what
     pyribs-style ask/evaluate/tell, one batch of ``eval_batch`` at a time, proposes, numbered and
-    seeded in order, and the budget's last batch is cut to size."""
+    seeded in order, and the budget's last batch is cut to size. Its metric history is the
+    archive's after each batch that reaches a row's count, as one batch at a time keeps it."""
     from qd.columns import COMPLETE, Columns
+    from qd.metrics import METRICS_KEY, rows_every
     from qd.run import BLOCK_ROWS, evaluation_seeds
 
     problem = get_problem("sphere")
@@ -320,7 +322,7 @@ def test_a_vectorised_run_tells_each_batch_before_the_next_though_it_records_the
     cols = store.columns()
 
     by_hand = get_strategy("map-elites", problem, seed=3, **options)
-    raws, number = [], 0
+    raws, number, every, history = [], 0, rows_every(budget), []
     while number < budget:
         R = by_hand.ask_raw(min(eval_batch, budget - number))
         numbers = np.arange(number, number + len(R))
@@ -330,8 +332,15 @@ def test_a_vectorised_run_tells_each_batch_before_the_next_though_it_records_the
         part.values[:], part.measures[:] = ev.values, ev.measures
         by_hand.tell_columns(part)
         raws.append(R)
+        if (number + len(R)) // every > number // every or number + len(R) == budget:
+            history.append({"evaluations": number + len(R), **by_hand.archive.metrics()})
         number += len(R)
     assert len(cols) == budget and np.array_equal(cols.number, np.arange(budget))
+    recorded = store.attrs()[METRICS_KEY]
+    assert len(history) > budget // BLOCK_ROWS * 10  # many rows per block
+    assert [r["evaluations"] for r in recorded] == [r["evaluations"] for r in history]
+    for r, h in zip(recorded, history):
+        assert r == pytest.approx(h)
     assert np.array_equal(cols.seed, evaluation_seeds(3, np.arange(budget)))
     assert np.array_equal(cols.raw, np.vstack(raws))
 
