@@ -3,12 +3,12 @@
 Every qd run is an Optuna study, so optuna-dashboard shows its trials as is. This module adds
 what the dashboard cannot work out itself, written into the study where the dashboard reads it:
 
-- figures (``optuna_dashboard.save_plotly_graph_object``, shown on the study's top page):
+- figures (the format of ``optuna_dashboard.save_plotly_graph_object``, shown on the study's top page):
   ``qd-archive``, the archive as a plotly heatmap (``qd.figures``; problems with measures);
   ``qd-pareto``, the objectives with the Pareto set (several objectives) or the best value so far
   (one objective); ``qd-metrics``, coverage and QD score against evaluations (archives) or the
   hypervolume history (several objectives);
-- a study note (``optuna_dashboard.save_note``): problem, strategy, budget, counts and metrics;
+- a study note (as ``optuna_dashboard.save_note`` writes it): problem, strategy, budget, counts and metrics;
 - trials: ``qd.mirror`` copies them from the record (every trial of a small run, then the elites
   and the Pareto set), each with its measures, ``cell``, per-measure ``bins`` and ``is_elite``.
 
@@ -81,14 +81,27 @@ def _title(store: Store) -> str:
     return f"{store.info.name}: {store.info.problem} / {store.info.strategy}"
 
 
+def _figure(spec: dict[str, Any]) -> go.Figure:
+    """A figure's plotly JSON structure as a ``plotly.graph_objects.Figure`` (for notebooks)."""
+    import plotly.graph_objects as go
+
+    return go.Figure(spec)
+
+
 def archive_figure(store: Store, problem: Problem, archive: RunArchive, cols: Columns | None = None,
                    elite_rows: np.ndarray | None = None, pages: Mapping[int, int] | None = None) -> go.Figure:
     """The archive as a native plotly heatmap (``qd.figures.archive_heatmap``): hovering a cell
     shows its bin ranges, value and qd's trial number; a filled cell whose trial is in the study
     links to its page there (``pages``: qd number -> dashboard trial number, ``Mirror.pages``).
     ``elite_rows``: the elites' rows of ``cols`` when known (the run loop keeps them)."""
+    return _figure(archive_figure_spec(store, problem, archive, cols, elite_rows, pages))
+
+
+def archive_figure_spec(store: Store, problem: Problem, archive: RunArchive, cols: Columns | None = None,
+                        elite_rows: np.ndarray | None = None, pages: Mapping[int, int] | None = None) -> dict[str, Any]:
+    """``archive_figure`` as plotly's JSON structure, built without plotly (what ``publish`` stores)."""
     from qd.explore import elite_rows as find_elite_rows
-    from qd.figures import archive_heatmap
+    from qd.figures import archive_heatmap_spec
 
     cols = store.columns() if cols is None else cols
     rows = find_elite_rows(cols, archive) if elite_rows is None else elite_rows
@@ -96,17 +109,24 @@ def archive_figure(store: Store, problem: Problem, archive: RunArchive, cols: Co
     study_id = store.study._study_id
     m = archive.metrics()
     score = f"MOQD score {m['moqd_score']:.4g}" if "moqd_score" in m else f"QD score {m['qd_score']:.4g}"
-    return archive_heatmap(archive, trials=elites, height=CARD_HEIGHT_PX,
-                           title=f"Archive: coverage {m['coverage']:.1%}, {score}",
-                           trial_url=lambda n: (f"/dashboard/studies/{study_id}/trials?numbers={pages[n]}"
-                                                if pages is not None and n in pages else None))
+    return archive_heatmap_spec(archive, trials=elites, height=CARD_HEIGHT_PX,
+                                title=f"Archive: coverage {m['coverage']:.1%}, {score}",
+                                trial_url=lambda n: (f"/dashboard/studies/{study_id}/trials?numbers={pages[n]}"
+                                                     if pages is not None and n in pages else None))
 
 
 def pareto_plotly(store: Store, cols: Columns, reference: Reference | None = None) -> go.Figure:
     """Several objectives: evaluated points and the Pareto set (2-D, 3-D or parallel coordinates),
     trial numbers on hover. One objective: the best value so far against finished evaluations."""
-    import plotly.graph_objects as go
+    return _figure(pareto_spec(store, cols, reference))
 
+
+def _title_text(text: str) -> dict[str, Any]:
+    return {"title": {"text": text}}
+
+
+def pareto_spec(store: Store, cols: Columns, reference: Reference | None = None) -> dict[str, Any]:
+    """``pareto_plotly`` as plotly's JSON structure, built without plotly (what ``publish`` stores)."""
     names, directions = _names(store)
     ok = np.flatnonzero(cols.feasible)
     on_front = ok[pareto_front_mask(cols.values[ok], directions)] if len(ok) else ok
@@ -115,7 +135,6 @@ def pareto_plotly(store: Store, cols: Columns, reference: Reference | None = Non
     others[on_front] = False
     rest = _sample(np.flatnonzero(others))
     labels = [f"{n} ({d[:3]})" for n, d in zip(names, directions)]
-    fig = go.Figure()
     m = len(names)
     V, N = cols.values, cols.number
     if m == 1:
@@ -125,52 +144,53 @@ def pareto_plotly(store: Store, cols: Columns, reference: Reference | None = Non
         best = sign * np.fmin.accumulate(sign * y) if len(y) else y
         x = np.arange(1, len(fin) + 1)
         pick = _sample(np.arange(len(fin)))
-        fig.add_trace(go.Scatter(x=x[pick].tolist(), y=_short(y[pick]),
-                                 mode="markers", marker={"color": "lightgray", "size": 5}, name="evaluated"))
         # A step line needs only the evaluations that improved it (and the last one).
         steps = np.flatnonzero(np.r_[True, best[1:] != best[:-1]]) if len(best) else np.arange(0)
         steps = _sample(np.union1d(steps, [len(best) - 1]) if len(best) else steps)
-        fig.add_trace(go.Scatter(x=x[steps].tolist(), y=_short(best[steps]), mode="lines",
-                                 line={"color": "#1f77b4", "shape": "hv"}, name="best so far"))
-        fig.update_layout(title={"text": f"Best {names[0]} so far", "x": 0.02}, xaxis_title="finished evaluations",
-                          yaxis_title=labels[0])
-        return fig
+        data = [{"type": "scatter", "x": x[pick].tolist(), "y": _short(y[pick]), "mode": "markers",
+                 "marker": {"color": "lightgray", "size": 5}, "name": "evaluated"},
+                {"type": "scatter", "x": x[steps].tolist(), "y": _short(best[steps]), "mode": "lines",
+                 "line": {"color": "#1f77b4", "shape": "hv"}, "name": "best so far"}]
+        return {"data": data, "layout": {"title": {"text": f"Best {names[0]} so far", "x": 0.02},
+                                         "xaxis": _title_text("finished evaluations"),
+                                         "yaxis": _title_text(labels[0])}}
     hover = "trial #%{customdata}<br>" + "<br>".join(f"{n}=%{{{a}:.4g}}" for n, a in zip(names[:3], "xyz"))
+    layout: dict[str, Any] = {}
     if m == 2:
         order = on_front[np.argsort(V[on_front, 0])]
-        fig.add_trace(go.Scatter(x=V[rest, 0].tolist(), y=V[rest, 1].tolist(), mode="markers",
-                                 marker={"color": "lightgray", "size": 6}, name="evaluated",
-                                 customdata=N[rest].tolist(), hovertemplate=hover))
         shape = "hv" if directions[0] == directions[1] else "vh"
-        fig.add_trace(go.Scatter(x=V[order, 0].tolist(), y=V[order, 1].tolist(),
-                                 mode="lines+markers", line={"shape": shape, "color": "#1f77b4"},
-                                 marker={"size": 8}, name=f"Pareto set ({len(on_front)})",
-                                 customdata=N[order].tolist(), hovertemplate=hover))
-        fig.update_layout(xaxis_title=labels[0], yaxis_title=labels[1], xaxis_type=_axis_type(reference, 0),
-                          yaxis_type=_axis_type(reference, 1))
+        data = [{"type": "scatter", "x": V[rest, 0].tolist(), "y": V[rest, 1].tolist(), "mode": "markers",
+                 "marker": {"color": "lightgray", "size": 6}, "name": "evaluated",
+                 "customdata": N[rest].tolist(), "hovertemplate": hover},
+                {"type": "scatter", "x": V[order, 0].tolist(), "y": V[order, 1].tolist(),
+                 "mode": "lines+markers", "line": {"shape": shape, "color": "#1f77b4"}, "marker": {"size": 8},
+                 "name": f"Pareto set ({len(on_front)})", "customdata": N[order].tolist(), "hovertemplate": hover}]
+        layout.update(xaxis={**_title_text(labels[0]), "type": _axis_type(reference, 0)},
+                      yaxis={**_title_text(labels[1]), "type": _axis_type(reference, 1)})
     elif m == 3:
-        for group, color, size, label in ((rest, "lightgray", 3, "evaluated"),
-                                          (on_front, "#1f77b4", 5, f"Pareto set ({len(on_front)})")):
-            fig.add_trace(go.Scatter3d(x=V[group, 0].tolist(), y=V[group, 1].tolist(), z=V[group, 2].tolist(),
-                                       mode="markers", name=label, marker={"color": color, "size": size},
-                                       customdata=N[group].tolist(), hovertemplate=hover))
-        fig.update_layout(scene={f"{a}axis": {"title": labels[i], "type": _axis_type(reference, i)}
-                                 for i, a in enumerate("xyz")})
+        data = [{"type": "scatter3d", "x": V[group, 0].tolist(), "y": V[group, 1].tolist(),
+                 "z": V[group, 2].tolist(), "mode": "markers", "name": label,
+                 "marker": {"color": color, "size": size}, "customdata": N[group].tolist(), "hovertemplate": hover}
+                for group, color, size, label in ((rest, "lightgray", 3, "evaluated"),
+                                                  (on_front, "#1f77b4", 5, f"Pareto set ({len(on_front)})"))]
+        layout["scene"] = {f"{a}axis": {**_title_text(labels[i]), "type": _axis_type(reference, i)}
+                           for i, a in enumerate("xyz")}
     else:
         rows = np.concatenate([rest, on_front])
         # Scaled units: a log-scaled count reads in decades (qd.scaling); the labels say so.
         S = reference.scaling.apply(V[rows]) if reference is not None and reference.scaling is not None else V[rows]
         scaled = [reference.scaling.label(i, n) if reference is not None and reference.scaling is not None else n
                   for i, n in enumerate(names)]
-        fig.add_trace(go.Parcoords(
-            line={"color": [0] * len(rest) + [1] * len(on_front), "colorscale": [[0, "lightgray"], [1, "#1f77b4"]]},
-            dimensions=[{"label": f"{scaled[i]} ({directions[i][:3]})", "values": S[:, i].tolist()}
-                        for i in range(m)]))
+        data = [{"type": "parcoords",
+                 "line": {"color": [0] * len(rest) + [1] * len(on_front),
+                          "colorscale": [[0, "lightgray"], [1, "#1f77b4"]]},
+                 "dimensions": [{"label": f"{scaled[i]} ({directions[i][:3]})", "values": S[:, i].tolist()}
+                                for i in range(m)]}]
     text = f"Pareto set: {len(on_front)} of {len(ok)} feasible evaluations"
     if reference is not None and len(on_front):
         text += f", hypervolume {hypervolume(V[on_front], directions, reference):.5g}"
-    fig.update_layout(title={"text": text, "x": 0.02})
-    return fig
+    layout["title"] = {"text": text, "x": 0.02}
+    return {"data": data, "layout": layout}
 
 
 def _axis_type(reference: Reference | None, i: int) -> str:
@@ -203,9 +223,13 @@ def metrics_plotly(store: Store, problem: Problem | None, cols: Columns,
                    reference: Reference | None) -> go.Figure | None:
     """Archives: coverage and QD score against evaluations (``qd.metrics``). Several objectives
     without an archive: the hypervolume history. None when there is nothing to draw."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+    spec = metrics_spec(store, problem, cols, reference)
+    return None if spec is None else _figure(spec)
 
+
+def metrics_spec(store: Store, problem: Problem | None, cols: Columns,
+                 reference: Reference | None) -> dict[str, Any] | None:
+    """``metrics_plotly`` as plotly's JSON structure, built without plotly (what ``publish`` stores)."""
     if problem is not None and problem.measures:
         from qd.metrics import history
 
@@ -214,24 +238,31 @@ def metrics_plotly(store: Store, problem: Problem | None, cols: Columns,
             return None
         pareto = "moqd_score" in rows[-1]
         score = "moqd_score" if pareto else "qd_score"
-        fig = make_subplots(rows=1, cols=2, subplot_titles=("MOQD score" if pareto else "QD score", "coverage"))
         x = [r["evaluations"] for r in rows]
-        fig.add_trace(go.Scatter(x=x, y=[r[score] for r in rows], mode="lines", name=score), row=1, col=1)
-        fig.add_trace(go.Scatter(x=x, y=[r["coverage"] for r in rows], mode="lines", name="coverage"), row=1, col=2)
-        fig.update_yaxes(tickformat=".0%", row=1, col=2)
-        fig.update_xaxes(title_text="finished evaluations")
-        fig.update_layout(title={"text": "Archive metrics", "x": 0.02}, showlegend=False)
-        return fig
+        data = [{"type": "scatter", "x": x, "y": [r[score] for r in rows], "mode": "lines", "name": score,
+                 "xaxis": "x", "yaxis": "y"},
+                {"type": "scatter", "x": x, "y": [r["coverage"] for r in rows], "mode": "lines", "name": "coverage",
+                 "xaxis": "x2", "yaxis": "y2"}]
+        # Two panels side by side, as plotly's make_subplots(rows=1, cols=2) lays them out.
+        titles = [{"text": t, "x": x0, "y": 1.0, "xref": "paper", "yref": "paper", "xanchor": "center",
+                   "yanchor": "bottom", "showarrow": False, "font": {"size": 16}}
+                  for t, x0 in (("MOQD score" if pareto else "QD score", 0.225), ("coverage", 0.775))]
+        axis_x = _title_text("finished evaluations")
+        layout = {"xaxis": {**axis_x, "domain": [0.0, 0.45], "anchor": "y"}, "yaxis": {"anchor": "x"},
+                  "xaxis2": {**axis_x, "domain": [0.55, 1.0], "anchor": "y2"},
+                  "yaxis2": {"anchor": "x2", "tickformat": ".0%"}, "annotations": titles,
+                  "title": {"text": "Archive metrics", "x": 0.02}, "showlegend": False}
+        return {"data": data, "layout": layout}
     names, directions = _names(store)
     if len(names) < 2 or reference is None:
         return None
     counts, hvs = hypervolume_curve(cols, directions, reference)
     if not len(counts):
         return None
-    fig = go.Figure(go.Scatter(x=counts.tolist(), y=hvs.tolist(), mode="lines", name="hypervolume"))
-    fig.update_layout(title={"text": f"Hypervolume ({reference.caption(names)})", "x": 0.02},
-                      xaxis_title="finished evaluations", yaxis_title="hypervolume")
-    return fig
+    return {"data": [{"type": "scatter", "x": counts.tolist(), "y": hvs.tolist(), "mode": "lines",
+                      "name": "hypervolume"}],
+            "layout": {"title": {"text": f"Hypervolume ({reference.caption(names)})", "x": 0.02},
+                       "xaxis": _title_text("finished evaluations"), "yaxis": _title_text("hypervolume")}}
 
 
 # --- the note --------------------------------------------------------------------------------
@@ -321,8 +352,6 @@ def publish(store: Store, problem: Problem | None = None, *, budget: int | None 
     """Write the run's figures and note into its study, and mirror its trials there (``qd.mirror``).
     ``elite_rows``: the rows of ``cols`` holding the archive's elites, when the caller keeps them.
     Returns the figure ids written."""
-    from optuna_dashboard import save_note, save_plotly_graph_object
-
     from qd.mirror import Mirror
 
     cols = store.columns() if cols is None else cols
@@ -343,22 +372,91 @@ def publish(store: Store, problem: Problem | None = None, *, budget: int | None 
         mirror.sync(cols, featured, elites, bins, time_budget_s=mirror_budget_s)
         mirrored, left = len(mirror.mirrored()), mirror.left
         pages = mirror.pages()
-    written = []
-    figures: list[tuple[str, go.Figure | None]] = []
+    specs: list[tuple[str, dict[str, Any] | None]] = []
     if archive is not None and not archive.empty:
-        figures.append((ARCHIVE_ID, archive_figure(store, problem, archive, cols, elite_rows, pages)))
-    figures.append((PARETO_ID, pareto_plotly(store, cols, reference)))
-    figures.append((METRICS_ID, metrics_plotly(store, problem, cols, reference)))
-    for graph_id, fig in figures:
-        if fig is not None:
-            save_plotly_graph_object(store.study, fig, graph_object_id=graph_id)
+        specs.append((ARCHIVE_ID, archive_figure_spec(store, problem, archive, cols, elite_rows, pages)))
+    specs.append((PARETO_ID, pareto_spec(store, cols, reference)))
+    specs.append((METRICS_ID, metrics_spec(store, problem, cols, reference)))
+    storage, study_id = store.study._storage, store.study._study_id
+    existing = storage.get_study_system_attrs(study_id)
+    attrs: dict[str, Any] = {}
+    written = []
+    for graph_id, spec in specs:
+        if spec is not None:
+            attrs.update(_chunks(f"{PLOT_DATA_PREFIX}{graph_id}:", _json(spec), existing))
             written.append(graph_id)
-    save_note(store.study, note_markdown(store, problem, cols, archive, reference, budget, mirrored))
+    body = note_markdown(store, problem, cols, archive, reference, budget, mirrored)
+    attrs[NOTE_VERSION_KEY] = int(existing.get(NOTE_VERSION_KEY, 0)) + 1
+    attrs.update(_chunks(NOTE_PREFIX, body, existing))
     # Up to date only once every trial due is mirrored: `qd dashboard` copies what a run's own
     # (time-bounded) publishing left.
-    store.study._storage.set_study_system_attr(store.study._study_id, PUBLISHED_KEY,
-                                               -1 if left else int(cols.finished.sum()))
+    attrs[PUBLISHED_KEY] = -1 if left else int(cols.finished.sum())
+    set_study_system_attrs(storage, study_id, attrs)
     return written
+
+
+# optuna-dashboard's study attributes (``save_plotly_graph_object``, ``save_note``): long texts
+# are split into chunks ``<prefix><i>``; a shorter text blanks the chunks a longer one left. Written
+# here in one transaction, without importing optuna-dashboard (botorch, sklearn: half a second)
+# into a run; tests read them back with optuna-dashboard's own readers.
+PLOT_DATA_PREFIX = "dashboard:plot_data:"
+NOTE_PREFIX = "dashboard:note_str:"
+NOTE_VERSION_KEY = "dashboard:note_ver"
+_CHUNK = 2045
+
+
+def _chunks(prefix: str, text: str, existing: Mapping[str, Any]) -> dict[str, str]:
+    """``text`` as optuna-dashboard's chunked attributes under ``prefix``, blanking stale ones."""
+    out = {f"{prefix}{i}": text[i * _CHUNK:(i + 1) * _CHUNK] for i in range(-(-len(text) // _CHUNK))}
+    stale = sum(1 for k in existing if k.startswith(prefix))
+    out.update({f"{prefix}{i}": "" for i in range(len(out), stale)})
+    return out
+
+
+def _json(spec: dict[str, Any]) -> str:
+    """A figure's JSON as plotly writes it: NaN and infinities as null, numpy scalars as numbers."""
+    def safe(o: Any) -> Any:
+        if isinstance(o, float):
+            return o if o == o and o not in (float("inf"), float("-inf")) else None
+        if isinstance(o, dict):
+            return {k: safe(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [safe(v) for v in o]
+        return o
+
+    import json
+
+    return json.dumps(safe(spec), separators=(",", ":"), default=lambda o: o.item() if hasattr(o, "item") else str(o))
+
+
+def set_study_system_attrs(storage: optuna.storages.BaseStorage, study_id: int, attrs: Mapping[str, Any]) -> None:
+    """Set many study system attributes: in one transaction on an RDB storage (Optuna commits each
+    ``set_study_system_attr``: a figure of 200 KB is a hundred commits), one by one elsewhere."""
+    import json
+
+    from optuna.storages import RDBStorage
+
+    backend = getattr(storage, "_backend", storage)  # optuna's _CachedStorage wraps an RDBStorage
+    if not isinstance(backend, RDBStorage):
+        for key, value in attrs.items():
+            storage.set_study_system_attr(study_id, key, value)
+        return
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    model = models.StudySystemAttributeModel
+    with _create_scoped_session(backend.scoped_session, True) as session:
+        keys = list(attrs)
+        held = {}
+        for i in range(0, len(keys), 500):
+            held.update((a.key, a) for a in session.query(model).filter(model.study_id == study_id,
+                                                                          model.key.in_(keys[i:i + 500])))
+        for key, value in attrs.items():
+            text = json.dumps(value)
+            if key in held:
+                held[key].value_json = text
+            else:
+                session.add(model(study_id=study_id, key=key, value_json=text))
 
 
 def _cell_bins(archive: RunArchive | None) -> dict[int, list[int]] | None:

@@ -212,12 +212,24 @@ def archive_heatmap(archive: Any, *, trials: Sequence[Trial] | None = None, titl
     """
     import plotly.graph_objects as go
 
+    return go.Figure(archive_heatmap_spec(archive, trials=trials, title=title, vmin=vmin, vmax=vmax,
+                                          trial_url=trial_url, measure_names=measure_names, measures=measures,
+                                          height=height))
+
+
+def archive_heatmap_spec(archive: Any, *, trials: Sequence[Trial] | None = None, title: str = "",
+                         vmin: float | None = None, vmax: float | None = None,
+                         trial_url: Callable[[int], str] | None = None, measure_names: Sequence[str] | None = None,
+                         measures: Sequence[Any] | None = None, height: int | None = None) -> dict[str, Any]:
+    """``archive_heatmap``'s figure as plotly's JSON structure (``{"data": [...], "layout": {...}}``),
+    built without plotly: what the dashboard stores (a run process need not import plotly).
+    Arguments as ``archive_heatmap``."""
     c = cells(archive, trials=trials, measure_names=measure_names, measures=measures)
     k = len(c.names)
     colorscale, reverse = "Magma", c.better_is_low  # bright = better
     colorbar = {"title": {"text": c.value_label, "side": "right"}, "thickness": 14}
-    fig = go.Figure()
     hover_numbers = [_numbers_text(n) for n in c.numbers]
+    layout: dict[str, Any] = {}
     if c.grid is not None and c.edges is not None:
         x_edges = c.edges[0]
         y_edges = c.edges[1] if k >= 2 else np.array([0.0, 1.0])
@@ -244,33 +256,32 @@ def archive_heatmap(archive: Any, *, trials: Sequence[Trial] | None = None, titl
         lines += [f"{c.value_label.split(' (reference')[0]}: %{{z:.5g}}", "trial %{customdata[2]}"]
         if k > 2:
             lines.append(f"(best over {', '.join(c.names[2:])})")
-        fig.add_trace(go.Heatmap(
-            x=((x_edges[:-1] + x_edges[1:]) / 2).tolist(), y=((y_edges[:-1] + y_edges[1:]) / 2).tolist(),
-            z=z.tolist(), customdata=custom.tolist(), text=text.tolist(), texttemplate="%{text}",
-            textfont={"size": 9}, hovertemplate="<br>".join(lines) + "<extra></extra>",
-            colorscale=colorscale, reversescale=reverse, zmin=vmin, zmax=vmax, colorbar=colorbar,
-            hoverongaps=False, xgap=1, ygap=1 if k >= 2 else 0))
-        fig.update_layout(xaxis=_axis(c, 0), yaxis=_axis(c, 1) if k >= 2 else {"visible": False},
-                          plot_bgcolor="#f4f4f4")
+        trace = {"type": "heatmap", "x": ((x_edges[:-1] + x_edges[1:]) / 2).tolist(),
+                 "y": ((y_edges[:-1] + y_edges[1:]) / 2).tolist(),
+                 "z": [[None if v != v else v for v in row] for row in z.tolist()], "customdata": custom.tolist(),
+                 "text": text.tolist(), "texttemplate": "%{text}", "textfont": {"size": 9},
+                 "hovertemplate": "<br>".join(lines) + "<extra></extra>", "colorscale": colorscale,
+                 "reversescale": reverse, "zmin": vmin, "zmax": vmax, "colorbar": colorbar, "hoverongaps": False,
+                 "xgap": 1, "ygap": 1 if k >= 2 else 0}
+        layout.update(xaxis=_axis(c, 0), yaxis=_axis(c, 1) if k >= 2 else {"visible": False},
+                      plot_bgcolor="#f4f4f4")
     else:  # CVT: each filled centroid as a marker
         lines = [f"{n}: %{{customdata[{j}]:.4g}}" for j, n in enumerate(c.names[:2])]
         lines += [f"{c.value_label}: %{{marker.color:.5g}}", "cell %{customdata[2]}, trial %{customdata[3]}"]
         custom = [[*(list(p[:2]) + [0.0] * (2 - min(2, k))), int(ix), hn]
-                  for p, ix, hn in zip(c.centres, c.index, hover_numbers)]
-        fig.add_trace(go.Scatter(
-            x=c.centres[:, 0].tolist(), y=(c.centres[:, 1] if k >= 2 else np.zeros(len(c.index))).tolist(),
-            mode="markers", customdata=custom, hovertemplate="<br>".join(lines) + "<extra></extra>",
-            marker={"color": c.value.tolist(), "colorscale": colorscale, "reversescale": reverse, "cmin": vmin,
-                    "cmax": vmax, "size": 9, "colorbar": colorbar, "line": {"width": 0}}))
-        fig.update_xaxes(title_text=c.names[0])
-        fig.update_yaxes(title_text=c.names[1] if k >= 2 else "", visible=k >= 2)
-    layout: dict[str, Any] = {"title": {"text": title or "Archive", "x": 0.02, "font": {"size": 14}},
-                              "margin": {"l": 60, "r": 20, "t": 50, "b": 50},
-                              "meta": {"qd": "archive", "cells": int(len(c.index))}}
+                  for p, ix, hn in zip(c.centres.tolist(), c.index, hover_numbers)]
+        trace = {"type": "scatter", "x": c.centres[:, 0].tolist(),
+                 "y": (c.centres[:, 1] if k >= 2 else np.zeros(len(c.index))).tolist(),
+                 "mode": "markers", "customdata": custom, "hovertemplate": "<br>".join(lines) + "<extra></extra>",
+                 "marker": {"color": c.value.tolist(), "colorscale": colorscale, "reversescale": reverse,
+                            "cmin": vmin, "cmax": vmax, "size": 9, "colorbar": colorbar, "line": {"width": 0}}}
+        layout.update(xaxis={"title": {"text": c.names[0]}},
+                      yaxis={"title": {"text": c.names[1] if k >= 2 else ""}, "visible": k >= 2})
+    layout.update(title={"text": title or "Archive", "x": 0.02, "font": {"size": 14}},
+                  margin={"l": 60, "r": 20, "t": 50, "b": 50}, meta={"qd": "archive", "cells": int(len(c.index))})
     if height is not None:
         layout["height"] = height
-    fig.update_layout(**layout)
-    return fig
+    return {"data": [trace], "layout": layout}
 
 
 def shared_limits(archives: Sequence[Any]) -> tuple[float | None, float | None]:
@@ -283,4 +294,4 @@ def shared_limits(archives: Sequence[Any]) -> tuple[float | None, float | None]:
     return float(allv.min()), float(allv.max())
 
 
-__all__ = ["Cells", "archive_heatmap", "cells", "is_elite", "measure_bins", "shared_limits", "trial_cells"]
+__all__ = ["Cells", "archive_heatmap", "archive_heatmap_spec", "cells", "is_elite", "measure_bins", "shared_limits", "trial_cells"]

@@ -127,13 +127,7 @@ class Mirror:
         if not len(done):
             return
         self._page_fitted = True
-        try:
-            from optuna_dashboard._serializer import serialize_frozen_trial
-
-            trial = self._frozen(cols, int(done[0]), set(), {})
-            size = len(json.dumps(serialize_frozen_trial(0, trial, {}), default=str)) + 300  # measures, bins
-        except Exception:  # another dashboard version: about 250 bytes a parameter
-            size = 250 * len(self.problem.space.params) + 800
+        size = page_bytes(self._frozen(cols, int(done[0]), set(), {})) + 300  # measures, bins
         fit = max(1, MIRROR_PAGE_BYTES // size)
         if fit < self.cap:
             self.cap = int(fit)
@@ -185,3 +179,20 @@ class Mirror:
 
 
 __all__ = ["Mirror", "MIRROR_ALL", "MIRROR_CAP"]
+
+
+def page_bytes(trial: optuna.trial.FrozenTrial) -> int:
+    """About what ``trial`` weighs on optuna-dashboard's study page: its JSON as the dashboard's
+    serialiser shapes it (a parameter: name, internal and external value, Python type, distribution;
+    attributes as strings). Written out here so a run need not import optuna-dashboard."""
+    params = [{"name": name, "param_internal_value": trial.distributions[name].to_internal_repr(value),
+               "param_external_value": str(value), "param_external_pytyp": str(type(value)),
+               "distribution": {"type": type(trial.distributions[name]).__name__,
+                                **vars(trial.distributions[name])}}
+              for name, value in trial.params.items() if name in trial.distributions]
+    attrs = [{"key": k, "value": v if isinstance(v, str) else json.dumps(v)} for k, v in trial.user_attrs.items()]
+    page = {"trial_id": trial._trial_id, "study_id": 0, "number": trial.number, "state": trial.state.name,
+            "params": params, "fixed_params": [], "user_attrs": attrs, "note": {"version": 0, "body": ""},
+            "artifacts": [], "constraints": [], "intermediate_values": [], "values": trial.values,
+            "datetime_start": "2026-01-01T00:00:00.000000", "datetime_complete": "2026-01-01T00:00:00.000000"}
+    return len(json.dumps(page, default=str))

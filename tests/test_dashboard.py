@@ -339,3 +339,21 @@ def test_browser_shows_the_runs_heatmap_with_a_hover_label(storage, dashboard, t
     trial_links = sorted(h for h in seen["links"] if h and "/trials?numbers=" in h)
     firsts = [front.numbers[0] for front in load_run(storage, "mixed").archive.fronts.values()]
     assert trial_links == sorted(f"/dashboard/studies/{store.study._study_id}/trials?numbers={n}" for n in firsts)
+
+
+@pytest.mark.parametrize("problem_name", ["sphere", "mixed"])
+def test_the_mirrors_page_estimate_matches_optuna_dashboards_own_serialiser(tmp_path, problem_name):
+    """``qd.mirror.page_bytes`` sizes a trial as optuna-dashboard serialises it (without importing
+    it into a run): within 15% of the dashboard's own serialiser."""
+    from optuna_dashboard._serializer import serialize_frozen_trial
+
+    from qd.mirror import Mirror, page_bytes
+
+    url = f"sqlite:///{tmp_path}/page.db"
+    prepared = prepare(_experiment(url, "page", problem_name, budget=5))
+    execute(prepared, dashboard_every_s=None)
+    store, problem = prepared.store, prepared.problem
+    cols = store.columns()
+    trial = Mirror(store, problem)._frozen(cols, 0, set(), {})
+    theirs = len(json.dumps(serialize_frozen_trial(0, trial, {}), default=str))
+    assert abs(page_bytes(trial) - theirs) <= 0.15 * theirs, (page_bytes(trial), theirs)
