@@ -131,19 +131,19 @@ class RunReport:
                 f"requeued={self.requeued}, elapsed_s={self.elapsed_s:.1f}, stopped_by={self.stopped_by!r})")
 
 
+_M64 = 2**64 - 1
+
+
 def evaluation_seeds(run_seed: int, numbers: np.ndarray) -> np.ndarray:
     """(n,) seeds of the evaluations of trials ``numbers`` of a run: splitmix64 of (seed, number),
     31 bits, so every trial has its own stream and a resumed run gives the same seeds."""
-    with np.errstate(over="ignore"):
-        z = (np.asarray(numbers, dtype=np.uint64) + np.uint64(run_seed & 0xFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15)
-             + np.uint64(0x9E3779B97F4A7C15))
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
+    # Array arithmetic on uint64 wraps silently (numpy warns only on scalar overflow).
+    offset = np.uint64(((run_seed & 0xFFFFFFFF) * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15) & _M64)
+    z = np.asarray(numbers, dtype=np.uint64) + offset
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
     return (z & np.uint64(0x7FFFFFFF)).astype(np.int64)
-
-
-_M64 = 2**64 - 1
 
 
 def evaluation_seed(run_seed: int, trial_number: int) -> int:
@@ -398,14 +398,19 @@ class RunState:
         if self.archive is not None and self.n_finished // self.every > before // self.every:
             self.append_metrics()
 
-    def told(self, part: Columns) -> None:
+    def told(self, part: Columns, finished: int | None = None) -> None:
         """One batch of a block, just told to the strategy: the run's own archive takes it, and a
         metrics row is taken where one falls due, so a block of many batches keeps the history's
-        resolution (the block itself is recorded, then given to ``add`` with ``told=True``)."""
+        resolution (the block itself is recorded, then given to ``add`` with ``told=True``).
+
+        Args:
+            part: The batch's rows.
+            finished: How many of them are finished, when the caller knows (default: counted).
+        """
         if self.own_archive:
             self.archive.add_columns(part)
         before = self.n_finished + self._told
-        self._told += int(part.finished.sum())
+        self._told += int(part.finished.sum()) if finished is None else finished
         after = self.n_finished + self._told
         if self.archive is not None and after // self.every > before // self.every:
             self.append_metrics(after)
@@ -702,6 +707,10 @@ class _Loop:
             return False
         hint = max(1, self.strategy.batch_hint)
         block = self.state.reserve(min(left, max(hint, BLOCK_ROWS - BLOCK_ROWS % hint)))  # filled in place, no copy
+        # This loop is the run's only numberer, so the block's numbers are consecutive: their seeds
+        # are drawn once for the block (a batch numbered otherwise gets its own).
+        first = self.store.next_number
+        seeds = evaluation_seeds(self.store.info.seed, np.arange(first, first + len(block)))
         at, urgent, more, t_block = 0, False, True, time.perf_counter()
         while at < len(block):
             R, origin, requeue_of = self._next_raws(min(len(block) - at, hint))
@@ -714,7 +723,8 @@ class _Loop:
             part.raw[:] = R
             if requeue_of is not None:
                 part.origin[:], part.requeue_of[:] = origin, requeue_of
-            part.seed[:] = evaluation_seeds(self.store.info.seed, part.number)
+            part.seed[:] = seeds[at:end] if part.number[0] == first + at else \
+                evaluation_seeds(self.store.info.seed, part.number)
             part.t_start[:] = time.time()
             t0 = time.perf_counter()
             try:
@@ -728,7 +738,7 @@ class _Loop:
                 block.reason[at:end] = part.reason
             urgent |= time.perf_counter() - t0 >= EXPENSIVE_S
             self.strategy.tell_columns(part)
-            self.state.told(part)  # metrics rows where due: the archive as it was after this batch
+            self.state.told(part, len(part))  # metrics rows where due: the archive as after this batch
             at = end
             if urgent or time.perf_counter() - t_block >= BLOCK_S or self.out_of_time():
                 break

@@ -345,6 +345,11 @@ class Store:
         the previous owner may have written trials since this store was opened)."""
         self._next = max(self._next, self.record.max_number() + 1)
 
+    @property
+    def next_number(self) -> int:
+        """The number ``next_numbers`` gives next."""
+        return self._next
+
     def next_numbers(self, n: int) -> np.ndarray:
         """Reserve the next ``n`` trial numbers (the driver that owns a run numbers its trials).
 
