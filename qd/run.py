@@ -437,10 +437,15 @@ class RunState:
         return np.full(len(cols), -1, dtype=np.int64) if self.archive is None else self.archive.cells_of(cols)
 
     def _update_front(self, cols: Columns) -> None:
-        ok = cols.feasible
-        if not ok.any():
-            return
-        new = cols.values[ok]
+        if len(cols) == 1:  # a trial at a time: scalar tests, no masks
+            if cols.state[0] != COMPLETE or (cols.constraints.shape[1] and not (cols.constraints[0] <= 0).all()):
+                return
+            new = cols.values
+        else:
+            ok = cols.feasible
+            if not ok.any():
+                return
+            new = cols.values[ok]
         if len(self.directions) == 1 and len(new) > 1:  # one objective: the front is the best row
             new = new[[int(np.argmin(self._sign[0] * new[:, 0]))]]
         if len(self.front) and len(new) == 1:  # a trial at a time: most are dominated, which is cheap to see
@@ -668,8 +673,9 @@ class _Loop:
         if proposing:
             wait_for = 0.05 if wait_for is None else min(wait_for, 0.05)
         if not getattr(self.evaluator, "synchronous", False):
-            # The loop is about to block: what is due goes now, the rest within its interval.
-            self.store.maybe_flush()
+            # The loop is about to block: what is due goes now (cheap outcomes written by the
+            # store's writer thread while the loop waits), the rest within its interval.
+            self.store.maybe_flush(wait=False)
             due = self.store.seconds_to_flush()
             if due is not None:
                 wait_for = due if wait_for is None else min(wait_for, due)
@@ -680,7 +686,7 @@ class _Loop:
             for cb in self.callbacks:
                 cb(self.store, trial)
             self.progress.update(cols, len(self.in_flight), force=self.state.n_finished >= self.budget)
-        self.store.maybe_flush()
+        self.store.maybe_flush(wait=False)  # expensive (urgent) outcomes are written before it returns
         self.notify()
         return True
 
