@@ -36,6 +36,7 @@ Conv1D layers, or a ``latency_ms`` objective (a latency is a lone model's).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import heapq
 import math
@@ -262,11 +263,54 @@ class PopulationLinear(torch.nn.Module):
         Every shape depends on the layout alone (lanes, and each group's ``capacity``), never on which
         members train: a group computes its capacity's rows whoever fills them (padding entries read
         the zero row and have scale 0), so one captured step serves the whole training.
+
+        With ``MERGED`` (the default), every adapter that is a weight, (IA)^3's scaling and LoHa's
+        and LoKr's full weights, goes into one weight per lane, ``W_j = diag(l_out) (W diag(l_in) +
+        delta_j)``, and the layer is one batched product over all lanes: the per-group products,
+        gathers and scatters of activations (a dozen kernels per group and pass, most of a mixed
+        population's step) become a few passes over the lanes' weights. LoRA keeps its two thin
+        products on its members' rows (its dropout acts on the input of the adapter alone).
         """
         population = self._population[0]
-        flat, now, lane = population.flat, population.now, population.index
-        lead = x.shape[:-1]
         x3 = x.reshape(population.lanes, -1, x.shape[-1])
+        if MERGED:
+            y = self._merged(x3, population)
+        else:
+            y = self._grouped(x3, population)
+        for g in self.groups:
+            if g.method == "lora":
+                y = self._add(g, x3, y, population)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _merged(self, x3: torch.Tensor, population: _Population) -> torch.Tensor:
+        flat, lane = population.flat, population.index
+        weights = [g for g in self.groups if g.method != "lora"]
+        if not weights:
+            return F.linear(x3, self.base.weight, self.base.bias)
+        weight = self.base.weight.float().expand(population.lanes, *self.base.weight.shape)
+        bias = self.base.bias.float()[None, None, :] if self.base.bias is not None else None
+        deltas, positions = [], []
+        for g in weights:
+            if g.method == "ia3":
+                scale = flat.leaf(g.blocks["l"]).index_select(0, lane)  # (lanes, in or out); ones for the others
+                if g.feedforward:
+                    weight = weight * scale[:, None, :]
+                else:
+                    weight = weight * scale[:, :, None]
+                    bias = bias * scale[:, None, :] if bias is not None else None
+                continue
+            pos, delta = self._delta(g, population)
+            deltas.append(delta)
+            positions.append(pos)
+        if deltas:
+            weight = weight.index_add(0, torch.cat(positions), torch.cat(deltas).to(weight.dtype))
+        if bias is None:
+            return torch.bmm(x3, weight.transpose(1, 2))
+        return torch.baddbmm(bias.expand(population.lanes, 1, -1), x3, weight.transpose(1, 2))
+
+    def _grouped(self, x3: torch.Tensor, population: _Population) -> torch.Tensor:
+        """One product per group on its members' rows (the path before ``MERGED``; kept for comparison)."""
+        flat, lane = population.flat, population.index
         for g in self.groups:
             if g.method == "ia3" and g.feedforward:
                 x3 = (x3 * flat.leaf(g.blocks["l"]).index_select(0, lane)[:, None, :]).to(x3.dtype)
@@ -275,34 +319,67 @@ class PopulationLinear(torch.nn.Module):
             if g.method == "ia3":
                 if not g.feedforward:
                     y = (y * flat.leaf(g.blocks["l"]).index_select(0, lane)[:, None, :]).to(y.dtype)
-                continue
-            row, pos, scale, dropout = now[id(g)]
-            w = {k: flat.leaf(b) if row is None else flat.leaf(b).index_select(0, row) for k, b in g.blocks.items()}
-            xs = x3.index_select(0, pos)
-            # The scale goes on the small weight tensors, not on the activations; with whole blocks, a
-            # member out of lanes has scale 0 and its weights are masked out (not multiplied by 0: a
-            # diverged member's NaN times 0 is NaN).
-            mask = (scale != 0)[:, None, None] if row is None else None
-            def scaled(t: torch.Tensor, by: torch.Tensor | None = scale) -> torch.Tensor:
-                t = t if by is None else t * by[:, None, None]
-                return t if mask is None else torch.where(mask, t, 0.0)
+            elif g.method != "lora":
+                pos, delta = self._delta(g, population)
+                y = y.index_add_(0, pos, torch.bmm(x3.index_select(0, pos), delta.transpose(1, 2)).to(y.dtype))
+        return y
 
-            if g.method == "lora":
-                if g.has_dropout and self.training:
-                    keep = 1.0 - dropout[:, None, None]
-                    xs = xs * (torch.rand_like(xs) < keep).to(xs.dtype) / keep.to(xs.dtype)
-                d = torch.bmm(torch.bmm(xs, scaled(w["A"], None).transpose(1, 2)), scaled(w["B"]).transpose(1, 2))
-            elif g.method == "loha":  # (w1a w1b) * (w2a w2b), a full weight per member
-                delta = scaled(torch.bmm(w["w1a"], w["w1b"]) * torch.bmm(w["w2a"], w["w2b"]))
-                d = torch.bmm(xs, delta.transpose(1, 2))
-            else:  # lokr: kron(w1, w2), a full weight per member
-                w1 = w["w1"]
-                w2 = w["w2"] if "w2" in w else torch.bmm(w["w2a"], w["w2b"])
-                (k, a, c), (_, b, e) = w1.shape, w2.shape
-                delta = scaled(torch.einsum("kip,kjq->kijpq", w1, w2).reshape(k, a * b, c * e))
-                d = torch.bmm(xs, delta.transpose(1, 2))
-            y = y.index_add_(0, pos, d.to(y.dtype))  # in place: no copy of the layer's output per group
-        return y.reshape(*lead, y.shape[-1])
+    @staticmethod
+    def _weights(g: _Group, population: _Population):
+        row, pos, scale, dropout = population.now[id(g)]
+        flat = population.flat
+        w = {k: flat.leaf(b) if row is None else flat.leaf(b).index_select(0, row) for k, b in g.blocks.items()}
+        # The scale goes on the small weight tensors, not on the activations; with whole blocks, a
+        # member out of lanes has scale 0 and its weights are masked out (not multiplied by 0: a
+        # diverged member's NaN times 0 is NaN).
+        mask = (scale != 0)[:, None, None] if row is None else None
+
+        def scaled(t: torch.Tensor, by: torch.Tensor | None = scale) -> torch.Tensor:
+            t = t if by is None else t * by[:, None, None]
+            return t if mask is None else torch.where(mask, t, 0.0)
+
+        return w, pos, dropout, scaled
+
+    def _delta(self, g: _Group, population: _Population) -> tuple[torch.Tensor, torch.Tensor]:
+        """A LoHa or LoKr group's full weights, scaled (capacity, out, in), and their lanes (capacity,)."""
+        w, pos, _, scaled = self._weights(g, population)
+        if g.method == "loha":  # (w1a w1b) * (w2a w2b)
+            return pos, scaled(torch.bmm(w["w1a"], w["w1b"]) * torch.bmm(w["w2a"], w["w2b"]))
+        w1 = w["w1"]  # lokr: kron(w1, w2)
+        w2 = w["w2"] if "w2" in w else torch.bmm(w["w2a"], w["w2b"])
+        (k, a, c), (_, b, e) = w1.shape, w2.shape
+        return pos, scaled(torch.einsum("kip,kjq->kijpq", w1, w2).reshape(k, a * b, c * e))
+
+    def _add(self, g: _Group, x3: torch.Tensor, y: torch.Tensor, population: _Population) -> torch.Tensor:
+        """A LoRA group's two thin products on its members' rows, added to theirs in place."""
+        w, pos, dropout, scaled = self._weights(g, population)
+        xs = x3.index_select(0, pos)
+        if g.has_dropout and self.training:
+            keep = 1.0 - dropout[:, None, None]
+            xs = xs * (torch.rand_like(xs) < keep).to(xs.dtype) / keep.to(xs.dtype)
+        d = torch.bmm(torch.bmm(xs, scaled(w["A"], None).transpose(1, 2)), scaled(w["B"]).transpose(1, 2))
+        return y.index_add_(0, pos, d.to(y.dtype))  # in place: no copy of the layer's output per group
+
+
+#: Attention kernels a population's encoder may use on a GPU (None: torch's choice). At 32 tokens
+#: torch picks cuDNN's fused attention, which ran at about 1 ms a layer for 64 lanes on one H200,
+#: far from the memory speed its inputs need; the memory-efficient kernel has the same inputs
+#: (a padding mask, dropout) and semantics.
+SDPA_BACKENDS: tuple[str, ...] | None = ("EFFICIENT_ATTENTION", "FLASH_ATTENTION", "MATH")
+
+
+def _attention(device: torch.device):
+    """The ``SDPA_BACKENDS`` context on a GPU (nothing on a CPU or with None)."""
+    if device.type != "cuda" or not SDPA_BACKENDS:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, name) for name in SDPA_BACKENDS])
+
+
+#: Adapters that are weights (IA3, LoHa, LoKr) merged into one weight per lane and layer
+#: (``PopulationLinear.forward``); False: one product per group (for comparison).
+MERGED = True
 
 
 # --- one population -------------------------------------------------------------------------------
@@ -424,7 +501,8 @@ class _Population:
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(lanes, rows per lane, classes); lane j's rows are the j-th block of the batch."""
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        with _attention(self.device):
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         pooled = pool(hidden, attention_mask, self.pooling).reshape(self.lanes, -1, hidden.shape[-1])
         w = self.flat.leaf(self.head_w).index_select(0, self.index)
         b = self.flat.leaf(self.head_b).index_select(0, self.index)
