@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"variant": variant, "method": method or "mixed", "lanes": lanes, "ms_per_step": ms})
         print(f"{variant:<18} {method or 'mixed':<6} lanes {lanes:<4} {ms:7.2f} ms/step  {ms / lanes:6.3f} ms/step/lane  "
               f"peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB", flush=True)
-            if args.out:
-                Path(args.out).write_text(json.dumps(rows, indent=2))
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=2))
     if args.profile_lanes:
         from torch.profiler import ProfilerActivity, profile
 

@@ -439,7 +439,7 @@ class _Population:
         """Train or score member ``lanes[j]`` on the j-th block of rows of the batch (None: an idle lane,
         its rows weigh nothing in the loss and meet no adapter).
 
-        The layout (how many lanes; per ranked group, its ``capacity``: min(lanes, its members)) fixes
+        The layout (how many lanes; per ranked group, its ``capacity``: ``capacity(g, lanes)``) fixes
         every shape; which members fill it is data in two device buffers: per lane, the member's slot
         (the dummy slot for an idle lane) and loss weight; per ranked group, the rows of the members in
         lanes, their lanes, scales and dropout rates, padded to the capacity with the dummy row, lane 0
@@ -457,7 +457,7 @@ class _Population:
                 floats += [g.scale[j] if s in where else 0.0 for j, s in enumerate(g.slots)] + [0.0]
                 floats += [g.dropout[j] if s in where else 0.0 for j, s in enumerate(g.slots)] + [0.0]
                 continue
-            capacity = min(count, len(g.slots))
+            capacity = self.capacity(g, count)
             rows = [j for j, s in enumerate(g.slots) if s in where]
             pad = capacity - len(rows)
             ints += rows + [g.dummy] * pad + [where[g.slots[j]] for j in rows] + [0] * pad
@@ -477,7 +477,7 @@ class _Population:
                     self.now[id(g)] = (None, self.dev_i[i : i + c], self.dev_f[f : f + c], self.dev_f[f + c : f + 2 * c])
                     i, f = i + c, f + 2 * c
                     continue
-                c = min(count, len(g.slots))
+                c = self.capacity(g, count)
                 self.now[id(g)] = (self.dev_i[i : i + c], self.dev_i[i + c : i + 2 * c],
                                    self.dev_f[f : f + c], self.dev_f[f + c : f + 2 * c])
                 i, f = i + 2 * c, f + 2 * c
@@ -487,13 +487,33 @@ class _Population:
         self.dev_i.copy_(host_i, non_blocking=True)
         self.dev_f.copy_(host_f, non_blocking=True)
 
-    @staticmethod
-    def whole(group: _Group, lanes: int) -> bool:
+    def plan(self, lanes: int, spans: Sequence[tuple[int, int]]) -> None:
+        """Size each ranked group for a training of ``lanes`` lanes in which member i trains over the
+        global steps ``spans[i]`` = (first, end): its capacity is the most of its members that train
+        at once, not min(lanes, its members). A population handed several members per lane would
+        otherwise compute (or gather) rows for all of a method's members at every step, about three
+        times those training when three members queue per lane. The next ``set_lanes`` with
+        ``lanes`` lanes builds the layout anew."""
+        first, end = (np.asarray(v, dtype=np.int64) for v in zip(*spans))
+        times = np.unique(first)[:, None]  # the most at once is reached at some member's first step
+        self._peaks = {}
+        for g in self.ranked:
+            a, b = first[g.slots][None, :], end[g.slots][None, :]
+            self._peaks[id(g)] = max(1, int(((a <= times) & (times < b)).sum(axis=1).max()))
+        self._peak_lanes, self.lanes = lanes, 0
+
+    def capacity(self, group: _Group, lanes: int) -> int:
+        """Rows a ranked group computes per step with ``lanes`` lanes: its planned peak (``plan``), else
+        min(lanes, its members)."""
+        if getattr(self, "_peak_lanes", None) == lanes:
+            return self._peaks[id(group)]
+        return min(lanes, len(group.slots))
+
+    def whole(self, group: _Group, lanes: int) -> bool:
         """Whether ``group`` computes every row of its blocks rather than gathering its members in lanes:
-        for LoRA (its rows are cheap: two thin products), and for a group no larger than the lanes.
-        Whole blocks take no gather forward and no scatter of zeros and gradient backward, which is
-        most of a small group's kernels."""
-        return group.method == "lora" or len(group.slots) + 1 <= lanes
+        when that is no more rows than its capacity. Whole blocks take no gather forward and no
+        scatter of zeros and gradient backward, which is most of a small group's kernels."""
+        return len(group.slots) + 1 <= self.capacity(group, lanes)
 
     def release(self) -> None:
         """Drop the pinned copies' sources (after a synchronisation)."""
@@ -591,6 +611,7 @@ def _train(population: _Population, train: Encoded, batch_size: int, resident: d
             rates[start + step, m.slot] = m.lr * lr_factor(step, m.steps) / (1 - beta1 ** (step + 1))
             bias2[start + step, m.slot] = math.sqrt(1 - beta2 ** (step + 1))
     changes = set(starts) | set(ends)  # steps at which the members in training change
+    population.plan(count, list(zip(starts, ends)))
     on_gpu = device.type != "cpu"
     history = torch.full((longest, count), math.nan, device=device)  # each lane's loss at each step
 
