@@ -50,8 +50,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from problems.peft import (Encoded, _autocast, _set_threads, _sync, adapted_layers, batch_rows, lr_factor, macro_f1,
-                           pool)
+from problems.peft import (Encoded, _autocast, _set_threads, _sync, adapted_layers, batch_rows, gpu_total, lr_factor,
+                           macro_f1, pool)
 from qd.problem import Evaluation
 from qd.space import Config
 
@@ -832,6 +832,7 @@ def evaluate_population(problem: Any, configs: Sequence[Config], seeds: Sequence
                 values={n: measured[n] for n in problem.objective_list},
                 measures=[math.log10(max(count, 1)), float(len(adapted_layers(m.config, problem.geometry.num_layers)))],
                 metadata={"device": str(device), "peak_memory_mb": round(peak_mb, 1), "peak_memory_source": source,
+                          **gpu_total(device),
                           "build_time_s": round(build_time / len(members), 3), "steps": m.steps,
                           "epochs": round(m.steps * problem.batch_size / len(train), 3),
                           "final_train_loss": round(m.final_loss, 4), "population": len(members),
