@@ -168,8 +168,10 @@ class ProcessPoolEvaluator(Evaluator):
     start_timeout_s = 300.0
 
     def __init__(self, threads: int = 1, gpu_packing: float | None = None):
-        if gpu_packing is not None:
-            PackingPolicy(target=gpu_packing)  # raises naming a bad target
+        if gpu_packing is not None and (isinstance(gpu_packing, bool) or not isinstance(gpu_packing, (int, float))
+                                        or not 0 < gpu_packing <= 1):
+            raise ValueError(f"process option gpu_packing={gpu_packing!r} is not allowed; allowed: the fraction of "
+                             f"the GPU's memory packed evaluations may fill, in (0, 1], or None (off)")
         self.threads, self.gpu_packing = threads, gpu_packing
         self.packer: MemoryPacker | None = None
         self._ctx = mp.get_context("spawn")

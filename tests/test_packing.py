@@ -141,3 +141,11 @@ def test_the_run_loop_packs_process_workers_by_measured_gpu_memory(tmp_path):
     later = [s for s in spans if s[0] > seen]
     assert len(later) >= 3 and _most_at_once(later) == 1
     assert evaluator.packer is not None and max(evaluator.packer.peaks) == LARGE_MB
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.5, "0.8", True])
+def test_a_bad_gpu_packing_option_is_refused_naming_it(bad):
+    from evaluators.process import ProcessPoolEvaluator
+
+    with pytest.raises(ValueError, match="gpu_packing="):
+        ProcessPoolEvaluator(gpu_packing=bad)
