@@ -6,11 +6,12 @@ the members' batches into one batch (member i owns rows ``i*b .. (i+1)*b``), run
 once over it, and at every adapted linear layer adds each member's own adapter to that member's rows
 only:
 
-- LoRA, LoHa and LoKr through batched matrix products over the members that adapt the layer (ranks
-  padded with zeros to the largest of their group, ``rank_bucket``: a zero row of ``A`` facing a zero
-  column of ``B`` gets zero gradient and stays zero, so the padding changes nothing; LoHa and LoKr
-  form each member's full weight, as peft does);
-- (IA)^3 as a per-member scaling vector (ones for the members that do not use it).
+- (IA)^3, LoHa and LoKr merged into one weight per lane, ``diag(l_out) (W diag(l_in) + delta)``
+  (LoHa and LoKr form each member's full weight, as peft does; (IA)^3 vectors are ones for the
+  members that do not use them), so the layer is one batched product over all lanes (``MERGED``);
+- LoRA through two thin batched products on its members' rows (ranks padded with zeros to the
+  largest of their group, ``rank_bucket``: a zero row of ``A`` facing a zero column of ``B`` gets
+  zero gradient and stays zero, so the padding changes nothing), its dropout on the adapter's input.
 
 Each member keeps its own head, learning rate and schedule, number of steps, batch order and AdamW
 state (one flat buffer for all members, with per-element step sizes). A member that has done its steps
