@@ -9,8 +9,15 @@ of the GPU's memory. ``MemoryPacker`` gathers the peaks from finished outcomes
 reports it) and answers with the policy once it has seen enough of them; before that it keeps
 the starting count, so a run starts cautiously and widens as it learns.
 
-The policy is arithmetic on numbers, so it is tested on a CPU; the GPU benchmark
-``experiments/gpu_population.py`` applies it to the memory its warm-up evaluations measured.
+The ``process`` evaluator uses it with ``gpu_packing`` (a memory target, e.g. 0.85) for runs that
+set no GPU share of their own: it keeps at most ``MemoryPacker.slots()`` evaluations (worker
+processes) on the GPU, and at most ``workers``, growing as small peaks are measured and retiring
+idle workers when a larger one comes in. The GPU's size comes with the outcomes too
+(``metadata["gpu_total_mb"]``, as the peft problem reports it), so the driver never initialises CUDA.
+
+The policy is arithmetic on numbers, so it is tested on a CPU (``tests/test_packing.py``, with a
+real process pool and run loop for the wiring); the GPU benchmark ``experiments/gpu_population.py``
+applies it to the memory its warm-up evaluations measured.
 """
 
 from __future__ import annotations
@@ -87,29 +94,43 @@ class MemoryPacker:
     """Learns the evaluations-per-GPU count of a run from its finished outcomes.
 
     Attributes:
-        gpu_total_mb: the GPU's memory in MiB.
+        gpu_total_mb: the GPU's memory in MiB (None: as the outcomes report it, ``gpu_total_mb`` in
+            their metadata).
         policy: how peaks become a count.
         start: the count before ``min_samples`` GPU peaks have been seen.
         min_samples: peaks to see before trusting them.
     """
 
-    gpu_total_mb: float
+    gpu_total_mb: float | None
     policy: PackingPolicy = field(default_factory=PackingPolicy)
     start: int = 1
     min_samples: int = 2
     peaks: list[float] = field(default_factory=list)
+    seen: int = 0  # successful outcomes observed, with a GPU peak or not
 
     def observe(self, outcomes: Iterable[Any]) -> None:
         """Record the GPU peak of every successful outcome (``Outcome`` objects of any evaluator)."""
         for o in outcomes:
             evaluation = getattr(o, "evaluation", None)
+            if evaluation is None:
+                continue
+            self.seen += 1
             meta = getattr(evaluation, "metadata", None) or {}
-            peak = meta.get("peak_memory_mb")
+            peak, total = meta.get("peak_memory_mb"), meta.get("gpu_total_mb")
+            if self.gpu_total_mb is None and isinstance(total, (int, float)) and total > 0:
+                self.gpu_total_mb = float(total)
             if meta.get("peak_memory_source") == GPU_SOURCE and isinstance(peak, (int, float)) and peak > 0:
                 self.peaks.append(float(peak))
 
-    def slots(self) -> int:
-        """The count to use now: ``start`` until enough peaks, then the policy on the largest seen."""
-        if len(self.peaks) < self.min_samples:
+    def slots(self, otherwise: int | None = None) -> int:
+        """The count to use now: ``start`` until enough peaks, then the policy on the largest seen.
+
+        Args:
+            otherwise: the count once ``min_samples`` evaluations have succeeded without a GPU peak
+                (or without the GPU's size): nothing to pack by (None: keep ``start``).
+        """
+        if len(self.peaks) < self.min_samples or self.gpu_total_mb is None:
+            if otherwise is not None and self.seen >= self.min_samples:
+                return otherwise
             return self.start
         return self.policy.slots(self.gpu_total_mb, max(self.peaks))

@@ -22,6 +22,11 @@ Populations: for a problem whose ``max_population`` P is above 1 (several traini
 resident model), ``workers`` evaluations in flight take ``ceil(workers / P)`` processes, and each idle
 worker is handed up to P queued jobs in one ``evaluate_population`` call; its start-up (model, data)
 is paid once per worker. A timeout, crash or kill then fails the whole population.
+
+Automatic GPU packing (``gpu_packing``, a memory target such as 0.85; off by default): for a run
+that sets no GPU share, the pool starts one worker, and once evaluations report their GPU peak
+(``evaluators.packing``) keeps as many at once as fit that fraction of the GPU's memory, never more
+than ``workers``; a larger peak later retires idle workers down to the new count.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait as wait_any
 
 from evaluators.base import Evaluator, Job, Outcome, error_text, evaluate_jobs, population_size
+from evaluators.packing import MemoryPacker, PackingPolicy
 from qd.problem import Problem
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "QD_TORCH_THREADS")
@@ -152,14 +158,22 @@ class ProcessPoolEvaluator(Evaluator):
 
     Args:
         threads: Torch/BLAS threads per worker process.
+        gpu_packing: None (``workers`` processes), or the fraction of the GPU's memory that packed
+            evaluations may fill: processes are then added or retired by their measured GPU peaks
+            (``evaluators.packing.MemoryPacker``), at most ``workers``.
     """
 
     name = "process"
     #: A worker that has not finished starting up after this long is reported as a system failure.
     start_timeout_s = 300.0
 
-    def __init__(self, threads: int = 1):
-        self.threads = threads
+    def __init__(self, threads: int = 1, gpu_packing: float | None = None):
+        if gpu_packing is not None and (isinstance(gpu_packing, bool) or not isinstance(gpu_packing, (int, float))
+                                        or not 0 < gpu_packing <= 1):
+            raise ValueError(f"process option gpu_packing={gpu_packing!r} is not allowed; allowed: the fraction of "
+                             f"the GPU's memory packed evaluations may fill, in (0, 1], or None (off)")
+        self.threads, self.gpu_packing = threads, gpu_packing
+        self.packer: MemoryPacker | None = None
         self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker] = []
         self._queue: deque[Job] = deque()
@@ -186,6 +200,12 @@ class ProcessPoolEvaluator(Evaluator):
         self._timeout_s = timeout_s if timeout_s is not None else problem.resources.timeout_s
         self._population = population_size(problem)
         self._size = -(-workers // self._population)
+        if self.gpu_packing is not None:
+            self.packer = MemoryPacker(None, PackingPolicy(target=self.gpu_packing, max_slots=self._size))
+
+    def _limit(self) -> int:
+        """Worker processes allowed now: ``workers`` (in processes), or what GPU packing allows."""
+        return self._size if self.packer is None else min(self._size, self.packer.slots(otherwise=self._size))
 
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
@@ -197,19 +217,22 @@ class ProcessPoolEvaluator(Evaluator):
         return _Worker(proc, parent)
 
     def _dispatch(self) -> None:
+        limit = self._limit()
+        for w in [w for w in self._workers if not w.jobs][: max(0, len(self._workers) - limit)]:
+            self._retire(w)  # packing allows fewer now: idle ones go
         while self._queue:
             idle = next((w for w in self._workers if not w.jobs), None)
             if idle is not None and not idle.process.is_alive():  # died between evaluations
                 self._retire(idle)
                 continue
             if idle is None:
-                if len(self._workers) >= self._size:
+                if len(self._workers) >= limit:
                     return
                 idle = self._spawn()
                 self._workers.append(idle)
             # Populations: the queue shared evenly among the workers that can take some now, so
             # two workers get half each rather than one all of it and the other none.
-            takers = sum(not w.jobs for w in self._workers) + self._size - len(self._workers)
+            takers = sum(not w.jobs for w in self._workers) + max(0, limit - len(self._workers))
             share = min(self._population, -(-len(self._queue) // max(1, takers)))
             jobs = [self._queue.popleft() for _ in range(share)]
             try:
@@ -295,6 +318,8 @@ class ProcessPoolEvaluator(Evaluator):
                                          kind="timeout", metadata={"wall_time_s": time.monotonic() - w.started})
                                  for j in jobs]
                     self._retire(w)
+            if self.packer is not None:
+                self.packer.observe(outcomes)
             self._dispatch()
             if outcomes:
                 return outcomes

@@ -857,6 +857,13 @@ def _token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: to
     return nll * attention_mask[:, 1:].to(nll.dtype)
 
 
+def gpu_total(device: torch.device) -> dict[str, float]:
+    """``{"gpu_total_mb": ...}`` on a GPU (what ``evaluators.packing`` packs against), else nothing."""
+    if device.type != "cuda":
+        return {}
+    return {"gpu_total_mb": round(torch.cuda.get_device_properties(device).total_memory / 2**20, 1)}
+
+
 @dataclass
 class _TrainedRun:
     model: torch.nn.Module
@@ -876,6 +883,7 @@ class _TrainedRun:
             "device": str(self.device),
             "peak_memory_mb": round(peak_mb, 1),
             "peak_memory_source": source,
+            **gpu_total(self.device),
             "build_time_s": round(self.build_time_s, 3),
             "steps": self.steps,
             "epochs": round(self.epochs, 3),

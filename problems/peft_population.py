@@ -6,11 +6,12 @@ the members' batches into one batch (member i owns rows ``i*b .. (i+1)*b``), run
 once over it, and at every adapted linear layer adds each member's own adapter to that member's rows
 only:
 
-- LoRA, LoHa and LoKr through batched matrix products over the members that adapt the layer (ranks
-  padded with zeros to the largest of their group, ``rank_bucket``: a zero row of ``A`` facing a zero
-  column of ``B`` gets zero gradient and stays zero, so the padding changes nothing; LoHa and LoKr
-  form each member's full weight, as peft does);
-- (IA)^3 as a per-member scaling vector (ones for the members that do not use it).
+- (IA)^3, LoHa and LoKr merged into one weight per lane, ``diag(l_out) (W diag(l_in) + delta)``
+  (LoHa and LoKr form each member's full weight, as peft does; (IA)^3 vectors are ones for the
+  members that do not use them), so the layer is one batched product over all lanes (``MERGED``);
+- LoRA through two thin batched products on its members' rows (ranks padded with zeros to the
+  largest of their group, ``rank_bucket``: a zero row of ``A`` facing a zero column of ``B`` gets
+  zero gradient and stays zero, so the padding changes nothing), its dropout on the adapter's input.
 
 Each member keeps its own head, learning rate and schedule, number of steps, batch order and AdamW
 state (one flat buffer for all members, with per-element step sizes). A member that has done its steps
@@ -36,6 +37,7 @@ Conv1D layers, or a ``latency_ms`` objective (a latency is a lone model's).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import heapq
 import math
@@ -49,8 +51,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from problems.peft import (Encoded, _autocast, _set_threads, _sync, adapted_layers, batch_rows, lr_factor, macro_f1,
-                           pool)
+from problems.peft import (Encoded, _autocast, _set_threads, _sync, adapted_layers, batch_rows, gpu_total, lr_factor,
+                           macro_f1, pool)
 from qd.problem import Evaluation
 from qd.space import Config
 
@@ -262,11 +264,54 @@ class PopulationLinear(torch.nn.Module):
         Every shape depends on the layout alone (lanes, and each group's ``capacity``), never on which
         members train: a group computes its capacity's rows whoever fills them (padding entries read
         the zero row and have scale 0), so one captured step serves the whole training.
+
+        With ``MERGED`` (the default), every adapter that is a weight, (IA)^3's scaling and LoHa's
+        and LoKr's full weights, goes into one weight per lane, ``W_j = diag(l_out) (W diag(l_in) +
+        delta_j)``, and the layer is one batched product over all lanes: the per-group products,
+        gathers and scatters of activations (a dozen kernels per group and pass, most of a mixed
+        population's step) become a few passes over the lanes' weights. LoRA keeps its two thin
+        products on its members' rows (its dropout acts on the input of the adapter alone).
         """
         population = self._population[0]
-        flat, now, lane = population.flat, population.now, population.index
-        lead = x.shape[:-1]
         x3 = x.reshape(population.lanes, -1, x.shape[-1])
+        if MERGED:
+            y = self._merged(x3, population)
+        else:
+            y = self._grouped(x3, population)
+        for g in self.groups:
+            if g.method == "lora":
+                y = self._add(g, x3, y, population)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _merged(self, x3: torch.Tensor, population: _Population) -> torch.Tensor:
+        flat, lane = population.flat, population.index
+        weights = [g for g in self.groups if g.method != "lora"]
+        if not weights:
+            return F.linear(x3, self.base.weight, self.base.bias)
+        weight = self.base.weight.float().expand(population.lanes, *self.base.weight.shape)
+        bias = self.base.bias.float()[None, None, :] if self.base.bias is not None else None
+        deltas, positions = [], []
+        for g in weights:
+            if g.method == "ia3":
+                scale = flat.leaf(g.blocks["l"]).index_select(0, lane)  # (lanes, in or out); ones for the others
+                if g.feedforward:
+                    weight = weight * scale[:, None, :]
+                else:
+                    weight = weight * scale[:, :, None]
+                    bias = bias * scale[:, None, :] if bias is not None else None
+                continue
+            pos, delta = self._delta(g, population)
+            deltas.append(delta)
+            positions.append(pos)
+        if deltas:
+            weight = weight.index_add(0, torch.cat(positions), torch.cat(deltas).to(weight.dtype))
+        if bias is None:
+            return torch.bmm(x3, weight.transpose(1, 2))
+        return torch.baddbmm(bias.expand(population.lanes, 1, -1), x3, weight.transpose(1, 2))
+
+    def _grouped(self, x3: torch.Tensor, population: _Population) -> torch.Tensor:
+        """One product per group on its members' rows (the path before ``MERGED``; kept for comparison)."""
+        flat, lane = population.flat, population.index
         for g in self.groups:
             if g.method == "ia3" and g.feedforward:
                 x3 = (x3 * flat.leaf(g.blocks["l"]).index_select(0, lane)[:, None, :]).to(x3.dtype)
@@ -275,34 +320,67 @@ class PopulationLinear(torch.nn.Module):
             if g.method == "ia3":
                 if not g.feedforward:
                     y = (y * flat.leaf(g.blocks["l"]).index_select(0, lane)[:, None, :]).to(y.dtype)
-                continue
-            row, pos, scale, dropout = now[id(g)]
-            w = {k: flat.leaf(b) if row is None else flat.leaf(b).index_select(0, row) for k, b in g.blocks.items()}
-            xs = x3.index_select(0, pos)
-            # The scale goes on the small weight tensors, not on the activations; with whole blocks, a
-            # member out of lanes has scale 0 and its weights are masked out (not multiplied by 0: a
-            # diverged member's NaN times 0 is NaN).
-            mask = (scale != 0)[:, None, None] if row is None else None
-            def scaled(t: torch.Tensor, by: torch.Tensor | None = scale) -> torch.Tensor:
-                t = t if by is None else t * by[:, None, None]
-                return t if mask is None else torch.where(mask, t, 0.0)
+            elif g.method != "lora":
+                pos, delta = self._delta(g, population)
+                y = y.index_add_(0, pos, torch.bmm(x3.index_select(0, pos), delta.transpose(1, 2)).to(y.dtype))
+        return y
 
-            if g.method == "lora":
-                if g.has_dropout and self.training:
-                    keep = 1.0 - dropout[:, None, None]
-                    xs = xs * (torch.rand_like(xs) < keep).to(xs.dtype) / keep.to(xs.dtype)
-                d = torch.bmm(torch.bmm(xs, scaled(w["A"], None).transpose(1, 2)), scaled(w["B"]).transpose(1, 2))
-            elif g.method == "loha":  # (w1a w1b) * (w2a w2b), a full weight per member
-                delta = scaled(torch.bmm(w["w1a"], w["w1b"]) * torch.bmm(w["w2a"], w["w2b"]))
-                d = torch.bmm(xs, delta.transpose(1, 2))
-            else:  # lokr: kron(w1, w2), a full weight per member
-                w1 = w["w1"]
-                w2 = w["w2"] if "w2" in w else torch.bmm(w["w2a"], w["w2b"])
-                (k, a, c), (_, b, e) = w1.shape, w2.shape
-                delta = scaled(torch.einsum("kip,kjq->kijpq", w1, w2).reshape(k, a * b, c * e))
-                d = torch.bmm(xs, delta.transpose(1, 2))
-            y = y.index_add_(0, pos, d.to(y.dtype))  # in place: no copy of the layer's output per group
-        return y.reshape(*lead, y.shape[-1])
+    @staticmethod
+    def _weights(g: _Group, population: _Population):
+        row, pos, scale, dropout = population.now[id(g)]
+        flat = population.flat
+        w = {k: flat.leaf(b) if row is None else flat.leaf(b).index_select(0, row) for k, b in g.blocks.items()}
+        # The scale goes on the small weight tensors, not on the activations; with whole blocks, a
+        # member out of lanes has scale 0 and its weights are masked out (not multiplied by 0: a
+        # diverged member's NaN times 0 is NaN).
+        mask = (scale != 0)[:, None, None] if row is None else None
+
+        def scaled(t: torch.Tensor, by: torch.Tensor | None = scale) -> torch.Tensor:
+            t = t if by is None else t * by[:, None, None]
+            return t if mask is None else torch.where(mask, t, 0.0)
+
+        return w, pos, dropout, scaled
+
+    def _delta(self, g: _Group, population: _Population) -> tuple[torch.Tensor, torch.Tensor]:
+        """A LoHa or LoKr group's full weights, scaled (capacity, out, in), and their lanes (capacity,)."""
+        w, pos, _, scaled = self._weights(g, population)
+        if g.method == "loha":  # (w1a w1b) * (w2a w2b)
+            return pos, scaled(torch.bmm(w["w1a"], w["w1b"]) * torch.bmm(w["w2a"], w["w2b"]))
+        w1 = w["w1"]  # lokr: kron(w1, w2)
+        w2 = w["w2"] if "w2" in w else torch.bmm(w["w2a"], w["w2b"])
+        (k, a, c), (_, b, e) = w1.shape, w2.shape
+        return pos, scaled(torch.einsum("kip,kjq->kijpq", w1, w2).reshape(k, a * b, c * e))
+
+    def _add(self, g: _Group, x3: torch.Tensor, y: torch.Tensor, population: _Population) -> torch.Tensor:
+        """A LoRA group's two thin products on its members' rows, added to theirs in place."""
+        w, pos, dropout, scaled = self._weights(g, population)
+        xs = x3.index_select(0, pos)
+        if g.has_dropout and self.training:
+            keep = 1.0 - dropout[:, None, None]
+            xs = xs * (torch.rand_like(xs) < keep).to(xs.dtype) / keep.to(xs.dtype)
+        d = torch.bmm(torch.bmm(xs, scaled(w["A"], None).transpose(1, 2)), scaled(w["B"]).transpose(1, 2))
+        return y.index_add_(0, pos, d.to(y.dtype))  # in place: no copy of the layer's output per group
+
+
+#: Attention kernels a population's encoder may use on a GPU (None: torch's choice). At 32 tokens
+#: torch picks cuDNN's fused attention, which ran at about 1 ms a layer for 64 lanes on one H200,
+#: far from the memory speed its inputs need; the memory-efficient kernel has the same inputs
+#: (a padding mask, dropout) and semantics.
+SDPA_BACKENDS: tuple[str, ...] | None = ("EFFICIENT_ATTENTION", "FLASH_ATTENTION", "MATH")
+
+
+def _attention(device: torch.device):
+    """The ``SDPA_BACKENDS`` context on a GPU (nothing on a CPU or with None)."""
+    if device.type != "cuda" or not SDPA_BACKENDS:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, name) for name in SDPA_BACKENDS])
+
+
+#: Adapters that are weights (IA3, LoHa, LoKr) merged into one weight per lane and layer
+#: (``PopulationLinear.forward``); False: one product per group (for comparison).
+MERGED = True
 
 
 # --- one population -------------------------------------------------------------------------------
@@ -362,7 +440,7 @@ class _Population:
         """Train or score member ``lanes[j]`` on the j-th block of rows of the batch (None: an idle lane,
         its rows weigh nothing in the loss and meet no adapter).
 
-        The layout (how many lanes; per ranked group, its ``capacity``: min(lanes, its members)) fixes
+        The layout (how many lanes; per ranked group, its ``capacity``: ``capacity(g, lanes)``) fixes
         every shape; which members fill it is data in two device buffers: per lane, the member's slot
         (the dummy slot for an idle lane) and loss weight; per ranked group, the rows of the members in
         lanes, their lanes, scales and dropout rates, padded to the capacity with the dummy row, lane 0
@@ -380,7 +458,7 @@ class _Population:
                 floats += [g.scale[j] if s in where else 0.0 for j, s in enumerate(g.slots)] + [0.0]
                 floats += [g.dropout[j] if s in where else 0.0 for j, s in enumerate(g.slots)] + [0.0]
                 continue
-            capacity = min(count, len(g.slots))
+            capacity = self.capacity(g, count)
             rows = [j for j, s in enumerate(g.slots) if s in where]
             pad = capacity - len(rows)
             ints += rows + [g.dummy] * pad + [where[g.slots[j]] for j in rows] + [0] * pad
@@ -400,7 +478,7 @@ class _Population:
                     self.now[id(g)] = (None, self.dev_i[i : i + c], self.dev_f[f : f + c], self.dev_f[f + c : f + 2 * c])
                     i, f = i + c, f + 2 * c
                     continue
-                c = min(count, len(g.slots))
+                c = self.capacity(g, count)
                 self.now[id(g)] = (self.dev_i[i : i + c], self.dev_i[i + c : i + 2 * c],
                                    self.dev_f[f : f + c], self.dev_f[f + c : f + 2 * c])
                 i, f = i + 2 * c, f + 2 * c
@@ -410,13 +488,33 @@ class _Population:
         self.dev_i.copy_(host_i, non_blocking=True)
         self.dev_f.copy_(host_f, non_blocking=True)
 
-    @staticmethod
-    def whole(group: _Group, lanes: int) -> bool:
+    def plan(self, lanes: int, spans: Sequence[tuple[int, int]]) -> None:
+        """Size each ranked group for a training of ``lanes`` lanes in which member i trains over the
+        global steps ``spans[i]`` = (first, end): its capacity is the most of its members that train
+        at once, not min(lanes, its members). A population handed several members per lane would
+        otherwise compute (or gather) rows for all of a method's members at every step, about three
+        times those training when three members queue per lane. The next ``set_lanes`` with
+        ``lanes`` lanes builds the layout anew."""
+        first, end = (np.asarray(v, dtype=np.int64) for v in zip(*spans))
+        times = np.unique(first)[:, None]  # the most at once is reached at some member's first step
+        self._peaks = {}
+        for g in self.ranked:
+            a, b = first[g.slots][None, :], end[g.slots][None, :]
+            self._peaks[id(g)] = max(1, int(((a <= times) & (times < b)).sum(axis=1).max()))
+        self._peak_lanes, self.lanes = lanes, 0
+
+    def capacity(self, group: _Group, lanes: int) -> int:
+        """Rows a ranked group computes per step with ``lanes`` lanes: its planned peak (``plan``), else
+        min(lanes, its members)."""
+        if getattr(self, "_peak_lanes", None) == lanes:
+            return self._peaks[id(group)]
+        return min(lanes, len(group.slots))
+
+    def whole(self, group: _Group, lanes: int) -> bool:
         """Whether ``group`` computes every row of its blocks rather than gathering its members in lanes:
-        for LoRA (its rows are cheap: two thin products), and for a group no larger than the lanes.
-        Whole blocks take no gather forward and no scatter of zeros and gradient backward, which is
-        most of a small group's kernels."""
-        return group.method == "lora" or len(group.slots) + 1 <= lanes
+        when that is no more rows than its capacity. Whole blocks take no gather forward and no
+        scatter of zeros and gradient backward, which is most of a small group's kernels."""
+        return len(group.slots) + 1 <= self.capacity(group, lanes)
 
     def release(self) -> None:
         """Drop the pinned copies' sources (after a synchronisation)."""
@@ -424,7 +522,8 @@ class _Population:
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(lanes, rows per lane, classes); lane j's rows are the j-th block of the batch."""
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        with _attention(self.device):
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         pooled = pool(hidden, attention_mask, self.pooling).reshape(self.lanes, -1, hidden.shape[-1])
         w = self.flat.leaf(self.head_w).index_select(0, self.index)
         b = self.flat.leaf(self.head_b).index_select(0, self.index)
@@ -513,6 +612,7 @@ def _train(population: _Population, train: Encoded, batch_size: int, resident: d
             rates[start + step, m.slot] = m.lr * lr_factor(step, m.steps) / (1 - beta1 ** (step + 1))
             bias2[start + step, m.slot] = math.sqrt(1 - beta2 ** (step + 1))
     changes = set(starts) | set(ends)  # steps at which the members in training change
+    population.plan(count, list(zip(starts, ends)))
     on_gpu = device.type != "cpu"
     history = torch.full((longest, count), math.nan, device=device)  # each lane's loss at each step
 
@@ -733,6 +833,7 @@ def evaluate_population(problem: Any, configs: Sequence[Config], seeds: Sequence
                 values={n: measured[n] for n in problem.objective_list},
                 measures=[math.log10(max(count, 1)), float(len(adapted_layers(m.config, problem.geometry.num_layers)))],
                 metadata={"device": str(device), "peak_memory_mb": round(peak_mb, 1), "peak_memory_source": source,
+                          **gpu_total(device),
                           "build_time_s": round(build_time / len(members), 3), "steps": m.steps,
                           "epochs": round(m.steps * problem.batch_size / len(train), 3),
                           "final_train_loss": round(m.final_loss, 4), "population": len(members),

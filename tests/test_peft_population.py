@@ -91,6 +91,8 @@ def test_lanes_refilled_as_members_finish_train_each_member_as_alone(problem, al
     assert sorted(starts)[:3] == [0, 0, 0] and max(starts) > 0
     members, _, _ = peft_population._members(problem, CONFIGS, SEEDS)
     population = peft_population.train_population(problem, members, lanes=3)
+    # Groups are sized by their members training at once over the plan, not min(lanes, members).
+    assert any(population.capacity(g, 3) < min(3, len(g.slots)) for g in population.ranked)
     logits = peft_population._logits(population, problem._split("val"), problem._cache["population_data"])
     for i, (reference, loss) in enumerate(alone):
         torch.testing.assert_close(logits[i], reference, rtol=1e-3, atol=1e-3, msg=f"configuration {i}: {CONFIGS[i]}")
