@@ -412,6 +412,23 @@ class RunArchive(Protocol):
         """The spec as the record keeps it (``spec_to_json``)."""
 
 
+_COMPILED = False
+
+
+def compile_batch_insertion() -> None:
+    """Compile pyribs' batch insertion now, once per process: its first ``add`` JIT-compiles
+    numba code (numpy_groupies' ``aggregate``, about 0.7 s), which a run's loop would otherwise pay
+    on its first batch. The compiled code depends on dtypes only, so a scratch archive serves."""
+    global _COMPILED
+    if _COMPILED:
+        return
+    from ribs.archives import GridArchive
+
+    scratch = GridArchive(solution_dim=1, dims=(2,), ranges=[(0.0, 1.0)])
+    scratch.add(solution=np.zeros((2, 1)), objective=np.array([0.0, 1.0]), measures=np.zeros((2, 1)))
+    _COMPILED = True
+
+
 class EliteArchive:
     """One objective, one elite per cell, on pyribs archives (see the module docstring).
 
@@ -446,6 +463,7 @@ class EliteArchive:
         if spec.learning_rate is not None:
             self.archive = make(learning_rate=spec.learning_rate, threshold_min=sign * spec.threshold_min)
         self.n_inserted = 0
+        compile_batch_insertion()
         self._grid: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (dims, lower, interval) of a grid
         #: Per-configuration sums when ``spec.aggregate`` (``qd.noise``), else None.
         self.repeats = None
