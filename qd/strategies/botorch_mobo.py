@@ -92,6 +92,7 @@ from qd.strategies._botorch_common import (
     quiet,
     row_keys,
     WarmFits,
+    batched_gp,
 )
 from qd.strategies._kernel import KernelStatus, default_kernel
 from qd.strategy import Strategy
@@ -320,10 +321,13 @@ class BoTorch(Strategy):
         for k, i in enumerate(self._expensive):
             objective_outputs[i] = k
         constraint_outputs = list(range(len(self._expensive), Y.shape[-1]))
+        Yvar = None if self.noise_std is None else torch.full_like(Y, max(self.noise_std**2, 1e-6))
         for j in range(Y.shape[-1]):
-            y = Y[:, j : j + 1]
-            Yvar = None if self.noise_std is None else torch.full_like(y, max(self.noise_std**2, 1e-6))
-            models.append(self._fits.fit(f"outcome{j}", X, y, Yvar))
+            models.append(self._fits.fit(f"outcome{j}", X, Y[:, j : j + 1], None if Yvar is None else Yvar[:, j : j + 1]))
+        if len(models) > 1:  # fitted one by one (faster), evaluated as one batched model (see batched_gp)
+            batched = batched_gp(models, X, Y, self.geometry, Yvar)
+            if batched is not None:
+                models = [batched]
         if self.avoid_failures and self._X_failed:
             X_all = torch.cat([X, as_tensor(self._X_failed)])
             label = torch.cat([-torch.ones(len(X), 1, dtype=DTYPE), torch.ones(len(self._X_failed), 1, dtype=DTYPE)])
