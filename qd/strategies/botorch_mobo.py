@@ -328,14 +328,16 @@ class BoTorch(Strategy):
             batched = batched_gp(models, X, Y, self.geometry, Yvar)
             if batched is not None:
                 models = [batched]
+        n_outputs = Y.shape[-1]  # of the models so far (the batched model has several)
         if self.avoid_failures and self._X_failed:
             X_all = torch.cat([X, as_tensor(self._X_failed)])
             label = torch.cat([-torch.ones(len(X), 1, dtype=DTYPE), torch.ones(len(self._X_failed), 1, dtype=DTYPE)])
-            constraint_outputs.append(len(models))
+            constraint_outputs.append(n_outputs)
             models.append(self._fits.fit("failure", X_all, label, None))
+            n_outputs += 1
         if self._cheap is not None:
             for k, i in enumerate(self._cheap_index):
-                objective_outputs[i] = len(models) + k
+                objective_outputs[i] = n_outputs + k
             models.append(self._cheap.model())
             model: Model = models[0] if len(models) == 1 else ModelList(*models)
         else:
