@@ -46,7 +46,9 @@ warm-started, and hyperparameters are re-optimised only once the data grew by ``
 (in between the GPs condition on new data and the pruned baseline is extended, not recomputed);
 cheap objectives are looked up per encoded row; with 3 or more objectives the baseline's box
 decompositions are approximate (``NEHVI_ALPHA_3PLUS``); mixed spaces start the alternating
-optimiser from scored Sobol and sprayed points (no continuous relaxation). BoTorch's fused C++ qLogNEHVI kernel is
+optimiser from scored Sobol and sprayed points (no continuous relaxation; 64 sprayed points in
+all, ``SPRAY_BUDGET``) and stop a start once it converges (``MIXED_TOL``); the outcome GPs are
+fitted one by one and evaluated as one batched GP (``batched_gp``). BoTorch's fused C++ qLogNEHVI kernel is
 built once per environment by ``qd.strategies._kernel`` (never waited on for more than
 ``QD_KERNEL_TIMEOUT_S``; ``state()["kernel"]`` says which path ran). To keep the run loop going
 while a proposal is computed, use the option ``background=true`` or ``ask_time_limit_s``
