@@ -23,7 +23,7 @@ Examples::
     python experiments/bench_mobo.py --latency --problems branin-currin mixed-conditional-2 \
         --strategies botorch gp --sizes 200
     python experiments/bench_mobo.py --latency --problems mixed-conditional-3 --strategies botorch gp --sizes 50
-    python experiments/bench_mobo.py --problems mixed-int --strategies botorch gp --seeds 1 --budget 100
+    python experiments/bench_mobo.py --run-cost --problems mixed-int --seeds 1 --budget 100
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ import qd
 from qd.problem import Evaluation, Problem
 from qd.registry import get_problem
 from qd.results import hypervolume, pareto_trials, reference_point
-from qd.registry import get_problem
 from qd.store import Trial
 from qd.strategies import get_strategy
 
@@ -341,6 +340,25 @@ def latency_report(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def run_cost_report(rows: list[dict[str, Any]]) -> str:
+    """Whole-run cost of each strategy against GPSampler (``gp``) on the same problem, seed and budget.
+
+    One line per run: CPU seconds of this process, wall seconds, final hypervolume; botorch
+    lines add the ratios of its CPU and wall time to gp's run with the same problem, seed,
+    budget and workers.
+    """
+    lines = ["\nwhole runs: CPU s (this process), wall s, final hypervolume; ratio = botorch / gp, same seed"]
+    gp = {(r["problem"], r["seed"], r["budget"], r["workers"]): r for r in rows if r["strategy"] == "gp"}
+    for r in sorted(rows, key=lambda r: (r["problem"], r["budget"], r["seed"], r["strategy"] != "botorch")):
+        peer = gp.get((r["problem"], r["seed"], r["budget"], r["workers"]))
+        ratio = ""
+        if r["strategy"] != "gp" and peer is not None:
+            ratio = f"   ratio CPU {r['cpu_s'] / peer['cpu_s']:.2f}  wall {r['wall_s'] / peer['wall_s']:.2f}"
+        lines.append(f"  {r['problem']:<20} {_label(r):<8} seed {r['seed']}  {r['budget']} evaluations: "
+                     f"CPU {r['cpu_s']:7.1f}  wall {r['wall_s']:7.1f}  HV {r['hypervolume']:.4f}{ratio}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--problems", nargs="+", default=PROBLEMS, help=f"default: {' '.join(PROBLEMS)}")
@@ -357,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency", action="store_true", help="time botorch asks at 50, 100, 200 observations instead")
     ap.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200],
                     help="observation counts of --latency (default 50 100 200)")
+    ap.add_argument("--run-cost", action="store_true",
+                    help="whole runs of --strategies (default botorch gp), printing CPU and wall against gp")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -378,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             f.writelines(json.dumps(r) + "\n" for r in new)
         print(latency_report(new))
         return 0
+    if args.run_cost and args.strategies == STRATEGIES:
+        args.strategies = ["botorch", "gp"]
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     if args.tutorial:
         done = {(r["strategy"], r["seed"]) for r in rows if r.get("tutorial")}
@@ -403,7 +425,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(row), flush=True)
                 with args.out.open("a") as f:
                     f.write(json.dumps(row) + "\n")
-    print(report([r for r in load_rows(args.out) if not r.get("tutorial") and not r.get("latency")]))
+    finished = [r for r in load_rows(args.out) if not r.get("tutorial") and not r.get("latency")]
+    if args.run_cost:
+        chosen = {(p, s) for p in args.problems for s in args.strategies}
+        print(run_cost_report([r for r in finished if (r["problem"], _label(r)) in chosen and r["seed"] in seeds
+                               and r["budget"] == args.budget and r["workers"] == args.workers]))
+        return 0
+    print(report(finished))
     return 0
 
 

@@ -46,7 +46,9 @@ warm-started, and hyperparameters are re-optimised only once the data grew by ``
 (in between the GPs condition on new data and the pruned baseline is extended, not recomputed);
 cheap objectives are looked up per encoded row; with 3 or more objectives the baseline's box
 decompositions are approximate (``NEHVI_ALPHA_3PLUS``); mixed spaces start the alternating
-optimiser from scored Sobol and sprayed points (no continuous relaxation). BoTorch's fused C++ qLogNEHVI kernel is
+optimiser from scored Sobol and sprayed points (no continuous relaxation; 64 sprayed points in
+all, ``SPRAY_BUDGET``) and stop a start once it converges (``MIXED_TOL``); the outcome GPs are
+fitted one by one and evaluated as one batched GP (``batched_gp``). BoTorch's fused C++ qLogNEHVI kernel is
 built once per environment by ``qd.strategies._kernel`` (never waited on for more than
 ``QD_KERNEL_TIMEOUT_S``; ``state()["kernel"]`` says which path ran). To keep the run loop going
 while a proposal is computed, use the option ``background=true`` or ``ask_time_limit_s``
@@ -92,6 +94,7 @@ from qd.strategies._botorch_common import (
     quiet,
     row_keys,
     WarmFits,
+    batched_gp,
 )
 from qd.strategies._kernel import KernelStatus, default_kernel
 from qd.strategy import Strategy
@@ -320,18 +323,23 @@ class BoTorch(Strategy):
         for k, i in enumerate(self._expensive):
             objective_outputs[i] = k
         constraint_outputs = list(range(len(self._expensive), Y.shape[-1]))
+        Yvar = None if self.noise_std is None else torch.full_like(Y, max(self.noise_std**2, 1e-6))
         for j in range(Y.shape[-1]):
-            y = Y[:, j : j + 1]
-            Yvar = None if self.noise_std is None else torch.full_like(y, max(self.noise_std**2, 1e-6))
-            models.append(self._fits.fit(f"outcome{j}", X, y, Yvar))
+            models.append(self._fits.fit(f"outcome{j}", X, Y[:, j : j + 1], None if Yvar is None else Yvar[:, j : j + 1]))
+        if len(models) > 1:  # fitted one by one (faster), evaluated as one batched model (see batched_gp)
+            batched = batched_gp(models, X, Y, self.geometry, Yvar)
+            if batched is not None:
+                models = [batched]
+        n_outputs = Y.shape[-1]  # of the models so far (the batched model has several)
         if self.avoid_failures and self._X_failed:
             X_all = torch.cat([X, as_tensor(self._X_failed)])
             label = torch.cat([-torch.ones(len(X), 1, dtype=DTYPE), torch.ones(len(self._X_failed), 1, dtype=DTYPE)])
-            constraint_outputs.append(len(models))
+            constraint_outputs.append(n_outputs)
             models.append(self._fits.fit("failure", X_all, label, None))
+            n_outputs += 1
         if self._cheap is not None:
             for k, i in enumerate(self._cheap_index):
-                objective_outputs[i] = len(models) + k
+                objective_outputs[i] = n_outputs + k
             models.append(self._cheap.model())
             model: Model = models[0] if len(models) == 1 else ModelList(*models)
         else:
