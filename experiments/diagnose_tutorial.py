@@ -218,7 +218,8 @@ def run_reference(seed: int, noise: str, n_batches: int, q: int) -> dict[str, An
             gps.append({"noise": float(gp.likelihood.noise.detach().mean()),
                         "ls": [round(float(v), 3) for v in gp.covar_module.lengthscale.detach().reshape(-1)]})
         per_batch.append({"batch": b, "n": len(X), "hv_after": round(hv, 3), "s": round(dt, 2), "gps": gps,
-                          "log_acq_joint": round(joint, 3), "fit_warnings": fit_warnings})
+                          "log_acq_joint": round(joint, 3), "fit_warnings": fit_warnings,
+                          "batch_x": cand.detach().numpy().round(4).tolist()})
         print(f"batch {b:2d} n={len(X):3d} HV {hv:7.3f}  acq {joint:8.3f}  "
               + "  ".join(f"gp{i}: noise {g['noise']:.4f} ls {g['ls']}" for i, g in enumerate(gps))
               + (f"  W {fit_warnings}" if fit_warnings else "") + f"  {dt:.1f} s", flush=True)
