@@ -166,9 +166,9 @@ class BoTorch(Strategy):
         noise: "inferred" (a noise level is fitted), the known noise standard deviation of
             every modelled outcome in its own units (0 for deterministic evaluations), or a
             mapping from objective or constraint name to either, e.g. ``{"f1": 15.0}`` (outcomes
-            not named are inferred). Give it when it is known: with few observations (about
-            ten per parameter or fewer) an inferred level is mostly the prior's (a small one),
-            so the GPs interpolate the noise and the first batches chase lucky draws.
+            not named are inferred). Give it when it is known: with few observations an
+            inferred level is mostly the prior's, a small one (on noisy branin-currin, up to 14
+            observations), so the first GPs interpolate the noise.
         avoid_failures: model failures as a constraint (see the module docstring).
         hyper_growth: GP hyperparameters are re-optimised once the data have grown by this
             factor since their last optimisation (1 = at every ask); in between, the GPs
