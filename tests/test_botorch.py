@@ -458,6 +458,8 @@ def test_failed_trials_are_excluded_and_their_region_avoided():
     ("n_init", 0, "an integer >= 1"),
     ("num_restarts", 2.5, "an integer >= 1"),
     ("noise", "loud", "'inferred'"),
+    ("noise", {"f3": 1.0}, "outcome names: ['f1', 'f2']"),
+    ("noise", {"f1": -1.0}, "a number >= 0"),
     ("avoid_failures", "yes", "true or false"),
     ("hyper_growth", 0.5, "a number >= 1"),
     ("hyper_growth", True, "a number >= 1"),
@@ -466,6 +468,22 @@ def test_bad_options_name_option_value_and_allowed(option, value, allowed):
     with pytest.raises(ValueError) as e:
         get_strategy("botorch", TwoObjective(), **{option: value})
     assert option in str(e.value) and repr(value) in str(e.value) and allowed in str(e.value)
+
+
+def test_noise_per_outcome_fixes_the_named_outcomes_and_infers_the_others():
+    from gpytorch.likelihoods import FixedNoiseGaussianLikelihood
+
+    problem = TwoObjective(constrained=True)
+    s = get_strategy("botorch", problem, seed=0, noise={"f2": 0.5, "x0_at_least_half": 0.0})
+    _tell(s, problem, s.ask(6))
+    model, _, _ = s._model()
+    f1, f2, constraint = model.models
+    assert not isinstance(f1.likelihood, FixedNoiseGaussianLikelihood)  # inferred
+    assert isinstance(f2.likelihood, FixedNoiseGaussianLikelihood)
+    assert isinstance(constraint.likelihood, FixedNoiseGaussianLikelihood)
+    # The known variance in the model's standardised units: 0.5^2 / (variance of the observed f2).
+    f2_values = torch.tensor([y[1] for y in s._Y], dtype=torch.float64)
+    assert torch.allclose(f2.likelihood.noise, 0.25 / f2_values.var())
 
 
 def test_single_objective_rejects_multi_objective_acquisitions():

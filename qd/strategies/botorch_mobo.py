@@ -121,6 +121,30 @@ def _option_error(option: str, value: Any, allowed: str) -> OptionError:
     return OptionError(f"{OWNER}: option {option}={value!r} is not allowed; allowed: {allowed}")
 
 
+def _noise_levels(noise: Any, problem: Problem) -> list[float | None]:
+    """The ``noise`` option -> the known noise sd of each modelled outcome (None: inferred).
+
+    Modelled outcomes: the expensive objectives, then the constraints, in declared order.
+    """
+    names = [o.name for o in problem.objectives if not o.cheap] + list(problem.constraints)
+    allowed = ("'inferred', a number >= 0 (the known noise standard deviation of every modelled outcome), or a "
+               f"mapping from outcome name to either (unnamed outcomes are inferred); outcome names: {names}")
+
+    def level(value: Any) -> float | None:
+        if isinstance(value, str) and value == "inferred":
+            return None
+        if is_finite_number(value) and not isinstance(value, bool) and value >= 0:
+            return float(value)
+        raise _option_error("noise", noise, allowed)
+
+    if isinstance(noise, dict):
+        unknown = [k for k in noise if k not in names]
+        if unknown:
+            raise _option_error("noise", noise, f"{allowed}; unknown name(s) {unknown}")
+        return [level(noise.get(name, "inferred")) for name in names]
+    return [level(noise)] * len(names)
+
+
 def _column(index: int, Z: Tensor) -> Tensor:
     """Constraint callable: ``sample_shape x batch x q x outputs`` -> ``... x q`` (feasible <= 0)."""
     return Z[..., index]
@@ -142,8 +166,12 @@ class BoTorch(Strategy):
         mc_samples: quasi-Monte-Carlo samples of the posterior in the acquisition function.
         init_mc_samples: samples of the cheaper estimate that picks L-BFGS-B's start points among
             the raw samples (continuous spaces; most of an ask's cost is scoring them).
-        noise: "inferred" (a noise level is fitted), or the known noise standard deviation of
-            every modelled outcome in its own units (0 for deterministic evaluations).
+        noise: "inferred" (a noise level is fitted), the known noise standard deviation of
+            every modelled outcome in its own units (0 for deterministic evaluations), or a
+            mapping from objective or constraint name to either, e.g. ``{"f1": 15.0}`` (outcomes
+            not named are inferred). Give it when it is known: with few observations an
+            inferred level is mostly the prior's, a small one (on noisy branin-currin, up to 14
+            observations), so the first GPs interpolate the noise.
         avoid_failures: model failures as a constraint (see the module docstring).
         hyper_growth: GP hyperparameters are re-optimised once the data have grown by this
             factor since their last optimisation (1 = at every ask); in between, the GPs
@@ -163,7 +191,7 @@ class BoTorch(Strategy):
         raw_samples: int = 128,
         mc_samples: int = 64,
         init_mc_samples: int = 16,
-        noise: str | float = "inferred",
+        noise: str | float | dict[str, str | float] = "inferred",
         avoid_failures: bool = True,
         hyper_growth: float = 1.1,
     ):
@@ -184,12 +212,9 @@ class BoTorch(Strategy):
             raise _option_error("raw_samples", raw_samples, f"an integer >= num_restarts={num_restarts}")
         self.mc_samples = check_int(mc_samples, "mc_samples", OWNER, low=1)
         self.init_mc_samples = check_int(init_mc_samples, "init_mc_samples", OWNER, low=1)
-        if noise == "inferred":
-            self.noise_std: float | None = None
-        elif is_finite_number(noise) and noise >= 0:
-            self.noise_std = float(noise)
-        else:
-            raise _option_error("noise", noise, "'inferred', or a number >= 0 (the known noise standard deviation)")
+        #: Known noise standard deviation per modelled outcome (expensive objectives, then
+        #: constraints); None where it is inferred.
+        self.noise_std: list[float | None] = _noise_levels(noise, problem)
         self.avoid_failures = check_bool(avoid_failures, "avoid_failures", OWNER)
         if not (is_finite_number(hyper_growth) and not isinstance(hyper_growth, bool) and hyper_growth >= 1):
             raise _option_error("hyper_growth", hyper_growth, "a number >= 1 (1: re-optimise at every ask)")
@@ -323,11 +348,15 @@ class BoTorch(Strategy):
         for k, i in enumerate(self._expensive):
             objective_outputs[i] = k
         constraint_outputs = list(range(len(self._expensive), Y.shape[-1]))
-        Yvar = None if self.noise_std is None else torch.full_like(Y, max(self.noise_std**2, 1e-6))
+        # Known noise per outcome (None: inferred); one batched model needs all known or all inferred.
+        Yvars = [None if sd is None else torch.full_like(Y[:, j : j + 1], max(sd**2, 1e-6))
+                 for j, sd in enumerate(self.noise_std)]
         for j in range(Y.shape[-1]):
-            models.append(self._fits.fit(f"outcome{j}", X, Y[:, j : j + 1], None if Yvar is None else Yvar[:, j : j + 1]))
-        if len(models) > 1:  # fitted one by one (faster), evaluated as one batched model (see batched_gp)
-            batched = batched_gp(models, X, Y, self.geometry, Yvar)
+            models.append(self._fits.fit(f"outcome{j}", X, Y[:, j : j + 1], Yvars[j]))
+        known = [v is not None for v in Yvars]
+        if len(models) > 1 and (all(known) or not any(known)):
+            # fitted one by one (faster), evaluated as one batched model (see batched_gp)
+            batched = batched_gp(models, X, Y, self.geometry, torch.cat(Yvars, dim=-1) if all(known) else None)
             if batched is not None:
                 models = [batched]
         n_outputs = Y.shape[-1]  # of the models so far (the batched model has several)

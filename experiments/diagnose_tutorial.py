@@ -1,0 +1,257 @@
+"""Diagnosis of BoTorch's multi-objective tutorial protocol, one seed at a time, batch by batch.
+
+The protocol is ``bench_mobo.py --tutorial``'s: BraninCurrin with Gaussian noise of standard
+deviation (15.19, 0.63), 6 Sobol points, then 20 synchronous batches of q = 4; hypervolume of
+the noise-free values of everything evaluated against the reference point (18, 6).
+
+Two loops on the same initial points and the same noise draws (the k-th evaluation gets the
+k-th draw of ``numpy.random.default_rng(seed)``):
+
+- ``--loop qd``: the ``botorch`` strategy (``--botorch-options`` as JSON). After each ask it
+  logs each GP's fitted hyperparameters (standardised noise variance, lengthscales), whether a
+  hyperparameter fit ran and how it ended (L-BFGS-B status of every attempt, retries, warnings,
+  errors), the joint qLogNEHVI value of the chosen batch and the hypervolume.
+- ``--loop reference``: the tutorial's own loop in plain BoTorch: a ``SingleTaskGP`` per
+  objective (``Standardize`` outcomes; inputs already in the unit cube) in a ``ModelListGP``,
+  fitted from scratch with ``fit_gpytorch_mll`` at every batch, ``qLogNEHVI`` with
+  ``prune_baseline``, ``optimize_acqf`` with q = 4, ``sequential``, 10 restarts, 512 raw
+  samples, 128 QMC samples, ``maxiter`` 200. ``--noise known`` gives the GPs the true noise
+  variances as the tutorial does (``train_Yvar``); ``--noise inferred`` lets them fit it.
+
+Each run prints one line per batch and a closing JSON line; ``--out`` appends that JSON line.
+
+Examples::
+
+    python experiments/diagnose_tutorial.py --loop qd --seed 2
+    python experiments/diagnose_tutorial.py --loop reference --noise known --seed 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import qd.strategies._botorch_common as common
+from qd.registry import get_problem
+from qd.results import hypervolume
+from qd.store import Trial
+from qd.strategies import get_strategy
+
+NOISE = (15.19, 0.63)
+REF_MAX = torch.tensor([-18.0, -6.0], dtype=torch.float64)  # the reference point, maximised units
+
+
+class FitLog:
+    """Records every ``fit_gpytorch_mll`` call made by qd's strategy: attempts, their status, warnings, errors."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self._real = common.fit_gpytorch_mll
+
+    def install(self) -> None:
+        from botorch.optim.fit import fit_gpytorch_mll_scipy
+
+        def recording_optimizer(mll, closure=None, **kwargs):
+            result = fit_gpytorch_mll_scipy(mll, closure=closure, **kwargs)
+            self.calls[-1]["attempts"].append(f"{result.status.name}:{result.message}"[:60])
+            return result
+
+        def fit(mll, **kwargs):
+            self.calls.append({"n": int(mll.model.train_targets.shape[-1]), "attempts": [], "warnings": [],
+                               "error": None})
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    return self._real(mll, optimizer=recording_optimizer, **kwargs)
+                except Exception as e:  # recorded, then raised as before
+                    self.calls[-1]["error"] = f"{type(e).__name__}: {e}"[:120]
+                    raise
+                finally:
+                    self.calls[-1]["warnings"] = sorted({f"{w.category.__name__}: {str(w.message)[:80]}"
+                                                         for w in caught})
+
+        common.fit_gpytorch_mll = fit
+
+    def take(self) -> list[dict[str, Any]]:
+        out, self.calls = self.calls, []
+        return out
+
+
+def gp_summary(model) -> list[dict[str, Any]]:
+    """Per GP of a ModelListGP (or one GP): standardised noise variance and lengthscales."""
+    models = getattr(model, "models", [model])
+    out = []
+    for gp in models:
+        if not hasattr(gp, "likelihood"):
+            continue
+        noise = gp.likelihood.noise.detach().reshape(-1)
+        out.append({"noise": float(noise.mean()),
+                    "ls": [round(float(v), 3) for v in gp.covar_module.lengthscale.detach().reshape(-1)]})
+    return out
+
+
+def initial_points(seed: int, problem) -> list[dict]:
+    """The 6 Sobol points qd's strategy starts from (so both loops start from the same design)."""
+    return get_strategy("botorch", problem, seed=seed, n_init=6).ask(6)
+
+
+def run_qd(seed: int, options: dict[str, Any], n_batches: int, q: int, known_noise: bool = False) -> dict[str, Any]:
+    problem = get_problem("branin-currin")
+    log = FitLog()
+    log.install()
+    strat = get_strategy("botorch", problem, seed=seed, **{"n_init": 6, **options})
+    if known_noise:  # the tutorial's information: each objective's true noise variance (the option takes one sd)
+        fit = strat._fits.fit
+
+        def fit_known(key, X, y, Yvar=None):
+            j = int(key.removeprefix("outcome"))
+            return fit(key, X, y, torch.full_like(y, NOISE[j] ** 2))
+
+        strat._fits.fit = fit_known
+    rng = np.random.default_rng(seed)
+    true_values: list[list[float]] = []
+
+    def evaluate(configs):
+        for c in configs:
+            true = np.asarray(problem.evaluate(c, seed).values, dtype=float)
+            noisy = true + rng.normal(0.0, NOISE)
+            true_values.append(true.tolist())
+            strat.tell(Trial(number=len(true_values) - 1, params=c, state="complete", values=noisy.tolist()))
+
+    evaluate(strat.ask(6))
+    per_batch = []
+    for b in range(n_batches):
+        t0 = time.perf_counter()
+        batch = strat.ask(q)
+        dt = time.perf_counter() - t0
+        fits = log.take()
+        model = strat._fitted[1]
+        X_batch = strat.geometry.encode(batch)
+        with torch.no_grad(), common.quiet():
+            acqf = strat._acquisition(torch.empty(0, 2, dtype=torch.float64))
+            joint = float(acqf(X_batch.unsqueeze(0)))
+        evaluate(batch)
+        hv = hypervolume(np.array(true_values), problem.directions, problem.reference_point)
+        row = {"batch": b, "n": len(true_values) - q, "hv_after": round(hv, 3), "ask_s": round(dt, 2),
+               "gps": gp_summary(model), "log_acq_joint": round(joint, 3), "fits": fits,
+               "batch_x": X_batch.numpy().round(4).tolist()}
+        per_batch.append(row)
+        fit_note = "; ".join(f"n={f['n']} {'/'.join(f['attempts'])}{' W' + str(f['warnings']) if f['warnings'] else ''}"
+                             f"{' E ' + f['error'] if f['error'] else ''}" for f in fits) or "conditioned"
+        print(f"batch {b:2d} n={row['n']:3d} HV {hv:7.3f}  acq {joint:8.3f}  "
+              + "  ".join(f"gp{i}: noise {g['noise']:.4f} ls {g['ls']}" for i, g in enumerate(row["gps"]))
+              + f"  fits: {fit_note}", flush=True)
+    hv = hypervolume(np.array(true_values), problem.directions, problem.reference_point)
+    return {"loop": "qd", "seed": seed, "options": options, "hypervolume": hv, "per_batch": per_batch}
+
+
+def run_reference(seed: int, noise: str, n_batches: int, q: int) -> dict[str, Any]:
+    from botorch.acquisition.multi_objective import qLogNoisyExpectedHypervolumeImprovement
+    from botorch.fit import fit_gpytorch_mll
+    from botorch.models import ModelListGP, SingleTaskGP
+    from botorch.models.transforms.outcome import Standardize
+    from botorch.optim import optimize_acqf
+    from botorch.sampling import SobolQMCNormalSampler
+    from gpytorch.mlls import SumMarginalLogLikelihood
+
+    from qd.strategies._kernel import default_kernel
+
+    problem = get_problem("branin-currin")
+    space = problem.space
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    X_rows: list[np.ndarray] = []
+    Y_rows: list[np.ndarray] = []
+    true_values: list[list[float]] = []
+
+    def evaluate(X: np.ndarray) -> None:
+        for x in X:
+            c = space.decode(x)
+            true = np.asarray(problem.evaluate(c, seed).values, dtype=float)
+            noisy = true + rng.normal(0.0, NOISE)
+            X_rows.append(np.asarray(space.encode(c), dtype=float))
+            Y_rows.append(-noisy)  # maximised
+            true_values.append(true.tolist())
+
+    evaluate(space.encode_many(initial_points(seed, problem)))
+    bounds = torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    kernel = default_kernel().ensure().path
+    per_batch = []
+    for b in range(n_batches):
+        t0 = time.perf_counter()
+        X = torch.tensor(np.array(X_rows), dtype=torch.float64)
+        Y = torch.tensor(np.array(Y_rows), dtype=torch.float64)
+        models = []
+        for i in range(2):
+            y = Y[:, i:i + 1]
+            yvar = torch.full_like(y, NOISE[i] ** 2) if noise == "known" else None
+            models.append(SingleTaskGP(X, y, yvar, outcome_transform=Standardize(m=1)))
+        model = ModelListGP(*models)
+        mll = SumMarginalLogLikelihood(model.likelihood, model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit_gpytorch_mll(mll)
+        fit_warnings = sorted({f"{w.category.__name__}: {str(w.message)[:80]}" for w in caught})
+        acqf = qLogNoisyExpectedHypervolumeImprovement(model=model, ref_point=REF_MAX.tolist(), X_baseline=X,
+                                                       prune_baseline=True,
+                                                       sampler=SobolQMCNormalSampler(sample_shape=torch.Size([128])))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cand, _ = optimize_acqf(acqf, bounds=bounds, q=q, num_restarts=10, raw_samples=512,
+                                    options={"batch_limit": 5, "maxiter": 200}, sequential=True)
+        with torch.no_grad():
+            joint = float(acqf(cand.unsqueeze(0)))
+        dt = time.perf_counter() - t0
+        evaluate(cand.detach().numpy())
+        hv = hypervolume(np.array(true_values), problem.directions, problem.reference_point)
+        gps = []
+        for gp in models:
+            # Standardised noise: the known variance is divided by the outcome transform's stdv^2.
+            gps.append({"noise": float(gp.likelihood.noise.detach().mean()),
+                        "ls": [round(float(v), 3) for v in gp.covar_module.lengthscale.detach().reshape(-1)]})
+        per_batch.append({"batch": b, "n": len(X), "hv_after": round(hv, 3), "s": round(dt, 2), "gps": gps,
+                          "log_acq_joint": round(joint, 3), "fit_warnings": fit_warnings,
+                          "batch_x": cand.detach().numpy().round(4).tolist()})
+        print(f"batch {b:2d} n={len(X):3d} HV {hv:7.3f}  acq {joint:8.3f}  "
+              + "  ".join(f"gp{i}: noise {g['noise']:.4f} ls {g['ls']}" for i, g in enumerate(gps))
+              + (f"  W {fit_warnings}" if fit_warnings else "") + f"  {dt:.1f} s", flush=True)
+    hv = hypervolume(np.array(true_values), problem.directions, problem.reference_point)
+    return {"loop": "reference", "noise": noise, "seed": seed, "kernel": kernel, "hypervolume": hv,
+            "per_batch": per_batch}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--loop", choices=["qd", "reference"], default="qd")
+    ap.add_argument("--seed", type=int, default=2)
+    ap.add_argument("--noise", choices=["known", "inferred"], default=None,
+                    help="known: the GPs get the true noise variances (default for the reference loop); "
+                         "inferred: they fit it (default for the qd loop)")
+    ap.add_argument("--botorch-options", type=json.loads, default={}, help="qd loop only: JSON strategy options")
+    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=None, help="append the closing JSON line here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.loop == "qd":
+        row = run_qd(args.seed, args.botorch_options, args.batches, 4, known_noise=args.noise == "known")
+        row["noise"] = args.noise or "inferred"
+    else:
+        row = run_reference(args.seed, args.noise or "known", args.batches, 4)
+    summary = {k: v for k, v in row.items() if k != "per_batch"}
+    print(json.dumps(summary), flush=True)
+    if args.out is not None:
+        with args.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
