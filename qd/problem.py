@@ -218,6 +218,8 @@ def check_metadata(metadata: Any) -> None:
         return
     if not isinstance(metadata, Mapping):
         raise EvaluationError(f"metadata {_short_repr(metadata)} is a {type(metadata).__name__}; allowed: a dict")
+    if not metadata:
+        return
     try:
         size = len(json.dumps(dict(metadata), default=_json_default).encode())
     except Exception as e:  # noqa: BLE001 - circular, unsortable keys, objects whose item() fails, ...

@@ -178,7 +178,8 @@ class _Buffer:
     """What the run loop has written but not flushed: in-flight rows and finished rows."""
 
     def __init__(self) -> None:
-        self.started: dict[int, str] = {}  # number -> in-flight row (JSON), not yet written
+        # number -> in-flight row not yet written: its JSON, or running_json's arguments
+        self.started: dict[int, str | tuple] = {}
         self.finished: list[Columns] = []
         self.ended: list[int] = []  # written in-flight rows to delete
         self.n_finished = 0
@@ -450,7 +451,7 @@ class Store:
         if not buf and self.owner is None:
             return
         finished = Columns.concat(buf.finished) if buf.finished else None
-        started = list(buf.started.items())
+        started = [(n, v if isinstance(v, str) else running_json(*v)) for n, v in buf.started.items()]
         beat = self.owner is not None and t0 - self._last_heartbeat >= HEARTBEAT_S
         args = (finished, started, buf.ended, self.owner if beat else None)
         if wait:
@@ -508,8 +509,9 @@ class Store:
         """
         number = int(self.next_numbers(1)[0]) if number is None else int(number)
         row = self._raw_of(params) if raw is None else np.asarray(raw, dtype=float)
-        self._buffer.started[number] = running_json(row, int(seed), ORIGIN_CODES[origin],
-                                                    -1 if requeue_of is None else int(requeue_of), time.time(), driver)
+        # Its JSON is made at a flush, if it is still in flight then: most cheap evaluations finish first.
+        self._buffer.started[number] = (row, int(seed), ORIGIN_CODES[origin],
+                                        -1 if requeue_of is None else int(requeue_of), time.time(), driver)
         self._touch()
         trial = Trial(number=number, params=dict(params), state="running", origin=origin, seed=seed,
                       driver=driver, requeue_of=requeue_of)
