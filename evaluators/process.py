@@ -236,7 +236,7 @@ class ProcessPoolEvaluator(Evaluator):
             share = min(self._population, -(-len(self._queue) // max(1, takers)))
             jobs = [self._queue.popleft() for _ in range(share)]
             try:
-                idle.conn.send(jobs)
+                idle.conn.send_bytes(pickle.dumps(jobs, protocol=pickle.HIGHEST_PROTOCOL))  # as send(), less setup
             except OSError:  # its pipe broke: replace the worker, keep the jobs
                 self._queue.extendleft(reversed(jobs))
                 self._retire(idle)

@@ -232,6 +232,8 @@ def check_metadata(metadata: Any) -> None:
 def _as_list(kind: str, xs: Any) -> list[Any]:
     if xs is None:
         return []
+    if type(xs) in (list, tuple):  # the common case, without the abstract-class checks below
+        return list(xs)
     if isinstance(xs, (str, bytes)) or not isinstance(xs, Iterable):
         raise EvaluationError(f"{kind} values {_short_repr(xs)} are a {type(xs).__name__}; allowed: a sequence of "
                               f"numbers")
@@ -433,7 +435,7 @@ class Problem(ABC):
                     if isinstance(ev, (Sequence, Mapping, int, float)) and not isinstance(ev, (str, bytes)) else "")
             raise EvaluationError(f"evaluate returned {type(ev).__name__} {_short_repr(ev)}, not a qd.Evaluation{hint}")
         try:
-            if isinstance(ev.values, Mapping):
+            if type(ev.values) not in (list, tuple) and isinstance(ev.values, Mapping):
                 missing = [n for n in self.objective_names if n not in ev.values]
                 if missing:
                     raise EvaluationError(f"evaluation lacks objective(s) {missing}; got {sorted(map(str, ev.values))}")
@@ -453,7 +455,7 @@ class Problem(ABC):
                     raise EvaluationError(f"{kind} values {_short_repr(xs)} are not numbers") from e
                 if not all(math.isfinite(x) for x in xs):
                     raise EvaluationError(f"{kind} values {xs!r} are not finite")
-                big = [x for x in xs if abs(x) > MAX_ABS_VALUE]
+                big = [x for x in xs if abs(x) > MAX_ABS_VALUE] if xs else xs
                 if big:
                     raise EvaluationError(f"{kind} values {big!r} exceed {MAX_ABS_VALUE:g} in magnitude (the bound "
                                           f"on recorded values: QD scores and hypervolumes of larger ones overflow)")
