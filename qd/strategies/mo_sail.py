@@ -49,7 +49,7 @@ from qd.problem import Problem
 from qd.space import Config, config_key
 from qd.store import Trial
 from qd.strategies._botorch_common import CheapValues, SpaceGeometry, WarmFits, as_tensor, quiet
-from qd.strategies.sail import new_sobol_points
+from qd.strategies.sail import cheap_measure_indices, fill_cheap_measures, new_sobol_points
 from qd.strategy import Strategy
 
 MEASURE_MODES = ("auto", "cheap", "model")
@@ -96,12 +96,7 @@ class MoSail(Strategy):
         self.archive = ParetoArchive(problem, self.spec)
 
         names = problem.measure_names
-        known = self._cheap_measure_values(self.space.decode(np.full(d, 0.5))) if measures != "model" else {}
-        if measures == "cheap" and not known:
-            raise OptionError(f"{OWNER}: option measures='cheap' is not allowed: problem "
-                              f"{problem.name or type(problem).__name__!r} knows no measure from the configuration "
-                              f"(Problem.cheap_measures); allowed: 'auto' or 'model'")
-        self._cheap_measures = [i for i, n in enumerate(names) if n in known]
+        self._cheap_measures = cheap_measure_indices(problem, measures, OWNER)
         self._modelled_measures = [i for i in range(len(names)) if i not in self._cheap_measures]
         objectives = problem.objectives
         self._cheap_objectives = [i for i, o in enumerate(objectives) if o.cheap]
@@ -131,16 +126,6 @@ class MoSail(Strategy):
         return pareto_spec(problem, owner=f"strategy {cls.name!r}", **kw)
 
     # --- helpers ------------------------------------------------------------------------------
-    def _cheap_measure_values(self, config: Config) -> dict[str, float]:
-        got = self.problem.cheap_measures(config)
-        names = self.problem.measure_names
-        if not isinstance(got, dict):
-            got = dict(zip(names, got)) if len(got) == len(names) else None
-        if got is None or not set(got) <= set(names):
-            raise ValueError(f"{type(self.problem).__name__}.cheap_measures() must return a mapping of measure names "
-                             f"({names}) to values, or one value per measure; got {got!r}")
-        return got
-
     def _minimised(self, values: np.ndarray) -> np.ndarray:
         """(n, m) objective values -> (n, m) scaled values to minimise (the hypervolume's units)."""
         return self.archive._minimised(values)
@@ -260,11 +245,7 @@ class MoSail(Strategy):
                 raw = np.full((b, m), np.nan)
                 raw[:, self._cheap_objectives] = self._cheap_values(as_tensor(X)[:, None]).numpy()[:, 0]
                 Z[:, self._cheap_objectives] = self._minimised(np.nan_to_num(raw))[:, self._cheap_objectives]
-            names = self.problem.measure_names
-            for r, config in enumerate(configs if self._cheap_measures else ()):
-                got = self._cheap_measure_values(config)
-                for i in self._cheap_measures:
-                    M[r, i] = got[names[i]]
+            fill_cheap_measures(self.problem, configs, self._cheap_measures, M)
         ok = feasible & np.isfinite(Z).all(axis=1) & np.isfinite(M).all(axis=1)
         return Z, M, ok
 

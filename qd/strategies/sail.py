@@ -101,6 +101,43 @@ def _fail(option: str, value: Any, allowed: str) -> OptionError:
 
 
 
+def cheap_measure_values(problem: Problem, config: Config) -> dict[str, float]:
+    """``problem.cheap_measures(config)`` as measure name -> value, checked.
+
+    Raises:
+        ValueError: it returned neither a mapping of measure names nor one value per measure.
+    """
+    got = problem.cheap_measures(config)
+    names = problem.measure_names
+    if not isinstance(got, dict):
+        got = dict(zip(names, got)) if len(got) == len(names) else None
+    if got is None or not set(got) <= set(names):
+        raise ValueError(f"{type(problem).__name__}.cheap_measures() must return a mapping of measure names "
+                         f"({names}) to values, or one value per measure; got {got!r}")
+    return got
+
+
+def cheap_measure_indices(problem: Problem, measures: str, owner: str) -> list[int]:
+    """Indices of the measures the problem computes from a configuration (``Problem.cheap_measures``):
+    none when ``measures`` is "model"; "cheap" with none is an ``OptionError``."""
+    space = problem.space
+    known = cheap_measure_values(problem, space.decode(np.full(space.dim, 0.5))) if measures != "model" else {}
+    if measures == "cheap" and not known:
+        raise OptionError(f"{owner}: option measures='cheap' is not allowed; allowed: 'auto' or 'model': problem "
+                          f"{problem.name or type(problem).__name__!r} knows no measure from the configuration "
+                          f"(Problem.cheap_measures)")
+    return [i for i, n in enumerate(problem.measure_names) if n in known]
+
+
+def fill_cheap_measures(problem: Problem, configs: Sequence[Config], indices: Sequence[int], M: np.ndarray) -> None:
+    """Write the computed measures ``indices`` of each of ``configs`` into the rows of ``M`` (n, k)."""
+    names = problem.measure_names
+    for r, config in enumerate(configs if indices else ()):
+        got = cheap_measure_values(problem, config)
+        for i in indices:
+            M[r, i] = got[names[i]]
+
+
 def new_sobol_points(sobol: qmc.Sobol, snap: Callable[[np.ndarray], np.ndarray], k: int, seen: set[bytes],
                      dim: int) -> np.ndarray:
     """(k, dim) snapped points of ``sobol`` whose identities (``config_key``) are not in ``seen``
@@ -167,13 +204,8 @@ class Sail(Strategy):
         self._offset = self.spec.score_factor * self.spec.qd_score_offset  # an empty cell's incumbent (maximised)
 
         # Measures computed from the configuration, and those modelled.
-        names = problem.measure_names
-        known = self._call_cheap_measures(self.space.decode(np.full(d, 0.5))) if measures != "model" else {}
-        if measures == "cheap" and not known:
-            raise _fail("measures", measures, f"'auto' or 'model': problem {problem.name or type(problem).__name__!r} "
-                                              f"knows no measure from the configuration (Problem.cheap_measures)")
-        self._cheap_measures: list[int] = [i for i, n in enumerate(names) if n in known]
-        self._modelled_measures = [i for i in range(len(names)) if i not in self._cheap_measures]
+        self._cheap_measures: list[int] = cheap_measure_indices(problem, measures, OWNER)
+        self._modelled_measures = [i for i in range(len(problem.measures)) if i not in self._cheap_measures]
         obj = problem.objectives[self.spec.objective_index]
         self._cheap_objective = (CheapValues(problem, [obj.name], [self.spec.score_factor]) if obj.cheap else None)
 
@@ -218,16 +250,6 @@ class Sail(Strategy):
         return elite_spec(problem, seed=seed, owner=f"strategy {cls.name!r}", aggregate=True, fidelity=fidelity, **kw)
 
     # --- helpers ------------------------------------------------------------------------------
-    def _call_cheap_measures(self, config: Config) -> dict[str, float]:
-        got = self.problem.cheap_measures(config)
-        names = self.problem.measure_names
-        if not isinstance(got, dict):
-            got = dict(zip(names, got)) if len(got) == len(names) else None
-        if got is None or not set(got) <= set(names):
-            raise ValueError(f"{type(self.problem).__name__}.cheap_measures() must return a mapping of measure names "
-                             f"({names}) to values, or one value per measure; got {got!r}")
-        return got
-
     def _key(self, config: Config) -> bytes:
         """Evaluation key: the configuration with its fidelity."""
         return config_key(self.space.encode(config))
@@ -400,11 +422,7 @@ class Sail(Strategy):
         """(b, d) snapped candidates -> (b, k) measures: computed when cheap, else the GP mean."""
         M = np.zeros((len(X), len(self.problem.measures)))
         if self._cheap_measures:
-            names = self.problem.measure_names
-            for r, config in enumerate(self.space.decode_many(X)):
-                got = self._call_cheap_measures(config)
-                for i in self._cheap_measures:
-                    M[r, i] = got[names[i]]
+            fill_cheap_measures(self.problem, self.space.decode_many(X), self._cheap_measures, M)
         if self._modelled_measures:
             Xt = as_tensor(X)
             with torch.no_grad():
