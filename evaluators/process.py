@@ -274,10 +274,7 @@ class ProcessPoolEvaluator(Evaluator):
             if self._timeout_s is not None:
                 horizon += [w.started + self._timeout_s for w in busy if w.ready]
             block = max(0.0, min(horizon) - now) if horizon else None
-            # Replies already waiting are read without building a selector (a dead worker's pipe
-            # reads as ready too, and its recv fails below); otherwise wait for a pipe or an exit.
-            ready = {w.conn for w in busy if w.conn.poll()} or \
-                set(wait_any([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=block))
+            ready = set(wait_any([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=block))
             outcomes = []
             for w in busy:
                 jobs = w.jobs
