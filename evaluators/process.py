@@ -31,9 +31,11 @@ than ``workers``; a larger peak later retires idle workers down to the new count
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import pickle
+import select
 import signal
 import sys
 import threading
@@ -42,7 +44,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait as wait_any
+from multiprocessing.connection import Connection
 
 from evaluators.base import Evaluator, Job, Outcome, error_text, evaluate_jobs, population_size
 from evaluators.packing import MemoryPacker, PackingPolicy
@@ -125,6 +127,18 @@ def _exit_with_parent(interval_s: float = 1.0) -> None:
                 os._exit(1)
 
     threading.Thread(target=watch, name="qd-exit-with-parent", daemon=True).start()
+
+
+def _ready(objects: list, timeout: float | None) -> set:
+    """Those of ``objects`` (connections, process sentinels) that are readable or closed within
+    ``timeout`` s (None: no limit): ``multiprocessing.connection.wait`` without the selector it
+    builds on each call, which the driver paid for every outcome."""
+    poller, by_fd = select.poll(), {}
+    for o in objects:
+        fd = o if isinstance(o, int) else o.fileno()
+        by_fd[fd] = o
+        poller.register(fd, select.POLLIN)  # hang-ups and errors are always reported
+    return {by_fd[fd] for fd, _ in poller.poll(None if timeout is None else max(0, math.ceil(timeout * 1e3)))}
 
 
 def _peak_rss_mb() -> float:
@@ -217,9 +231,12 @@ class ProcessPoolEvaluator(Evaluator):
         return _Worker(proc, parent)
 
     def _dispatch(self) -> None:
+        if not self._queue and self.packer is None:
+            return
         limit = self._limit()
-        for w in [w for w in self._workers if not w.jobs][: max(0, len(self._workers) - limit)]:
-            self._retire(w)  # packing allows fewer now: idle ones go
+        if len(self._workers) > limit:
+            for w in [w for w in self._workers if not w.jobs][: len(self._workers) - limit]:
+                self._retire(w)  # packing allows fewer now: idle ones go
         while self._queue:
             idle = next((w for w in self._workers if not w.jobs), None)
             if idle is not None and not idle.process.is_alive():  # died between evaluations
@@ -232,9 +249,12 @@ class ProcessPoolEvaluator(Evaluator):
                 self._workers.append(idle)
             # Populations: the queue shared evenly among the workers that can take some now, so
             # two workers get half each rather than one all of it and the other none.
-            takers = sum(not w.jobs for w in self._workers) + max(0, limit - len(self._workers))
-            share = min(self._population, -(-len(self._queue) // max(1, takers)))
-            jobs = [self._queue.popleft() for _ in range(share)]
+            if self._population == 1:
+                jobs = [self._queue.popleft()]
+            else:
+                takers = sum(not w.jobs for w in self._workers) + max(0, limit - len(self._workers))
+                share = min(self._population, -(-len(self._queue) // max(1, takers)))
+                jobs = [self._queue.popleft() for _ in range(share)]
             try:
                 idle.conn.send_bytes(pickle.dumps(jobs, protocol=pickle.HIGHEST_PROTOCOL))  # as send(), less setup
             except OSError:  # its pipe broke: replace the worker, keep the jobs
@@ -274,7 +294,7 @@ class ProcessPoolEvaluator(Evaluator):
             if self._timeout_s is not None:
                 horizon += [w.started + self._timeout_s for w in busy if w.ready]
             block = max(0.0, min(horizon) - now) if horizon else None
-            ready = set(wait_any([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=block))
+            ready = _ready([w.conn for w in busy] + [w.process.sentinel for w in busy], block)
             outcomes = []
             for w in busy:
                 jobs = w.jobs
