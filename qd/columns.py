@@ -191,15 +191,22 @@ class ColumnsBuilder:
                 grown[:self.n] = a[:self.n]
                 self._arrays[name] = grown
 
-    def reserve(self, n: int) -> Columns:
+    def reserve(self, n: int, written: Sequence[str] = ()) -> Columns:
         """n blank rows (as ``Columns.empty``) after the last one, to fill in place and then
-        ``append`` (which then copies nothing). Only the last reserved block may be appended."""
+        ``append`` (which then copies nothing). Only the last reserved block may be appended.
+
+        Args:
+            n: Rows.
+            written: Arrays the caller writes in full before ``append``: left unset, since
+                blanking them would be a pass over memory for nothing (``raw`` is most of a row).
+        """
         end = self.n + n
         self._room(end)
         arrays = {}
         for name, a in self._arrays.items():
             view = a[self.n:end]
-            view.fill(np.nan if view.dtype.kind == "f" else (-1 if name in ("requeue_of", "cell") else 0))
+            if name not in written:
+                view.fill(np.nan if view.dtype.kind == "f" else (-1 if name in ("requeue_of", "cell") else 0))
             arrays[name] = view
         self._reserved = Columns(**arrays, metadata=[None] * n, reason=[None] * n)
         return self._reserved

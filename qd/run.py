@@ -65,6 +65,10 @@ EXPENSIVE_S = 1.0
 #: progress) is paid once for up to 16 pyribs-sized batches. A kill can cost a block more.
 BLOCK_ROWS = 4096
 BLOCK_S = 0.02
+#: The arrays ``step_batch`` sets in full for every row of a block (each batch, ``_fill``, the cells).
+BATCH_WRITES = ("number", "raw", "seed", "t_start", "t_end", "state", "cell")
+#: The arrays ``step_batch`` sets in full for every row of a block (each batch, ``_fill``, the cells).
+BATCH_WRITES = ("number", "raw", "seed", "t_start", "t_end", "state", "cell")
 #: A claim whose heartbeat is older than this is taken as dead (drivers on other hosts).
 CLAIM_STALE_S = 60.0
 
@@ -415,9 +419,10 @@ class RunState:
         if self.archive is not None and after // self.every > before // self.every:
             self.append_metrics(after)
 
-    def reserve(self, n: int) -> Columns:
-        """n blank rows for the next batch, filled in place, then given to ``add``."""
-        return self._columns.reserve(n)
+    def reserve(self, n: int, written: Sequence[str] = ()) -> Columns:
+        """n blank rows for the next batch, filled in place, then given to ``add`` (``written``:
+        arrays the caller sets in full, left unset here; see ``ColumnsBuilder.reserve``)."""
+        return self._columns.reserve(n, written)
 
     def trim(self, n: int) -> Columns:
         """The first ``n`` rows of the block ``reserve`` gave (a block that ended early), for ``add``."""
@@ -712,7 +717,8 @@ class _Loop:
         if left <= 0:
             return False
         hint = max(1, self.strategy.batch_hint)
-        block = self.state.reserve(min(left, max(hint, BLOCK_ROWS - BLOCK_ROWS % hint)))  # filled in place, no copy
+        # Filled in place, no copy; the arrays every batch sets below (and _fill, and cells) are not blanked first.
+        block = self.state.reserve(min(left, max(hint, BLOCK_ROWS - BLOCK_ROWS % hint)), BATCH_WRITES)
         # This loop is the run's only numberer, so the block's numbers are consecutive: their seeds
         # are drawn once for the block (a batch numbered otherwise gets its own).
         first = self.store.next_number
