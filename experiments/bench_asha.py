@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             savings.append(saving)
             how = ("the lower final best" if args.threshold == "common"
                    else f"full run's best after {args.target:g} of its evaluations")
-            print(f"{problem} seed {seed}: target {objective_text(target)} ({how}); {unit} spent to reach it: full {c_full:.0f}, asha "
+            print(f"{problem} seed {seed}: target {objective_text(target)} ({how}); {unit} spent to reach it: "
+                  f"full {c_full:.0f}, asha "
                   f"{'never' if c_asha is None else f'{c_asha:.0f}'} (each run spent at most {spend:.0f}; asha "
                   f"{asha['spent']:.0f}, best {objective_text(asha['best'])}, {asha['top_evaluations']} at the top); "
                   f"saving {'-' if saving is None else f'{saving:.2f}x'}", flush=True)
@@ -231,9 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         total_full = sum(c for c, a in zip(full_costs, asha_costs) if a is not None)
         total_asha = sum(a for a in asha_costs if a is not None)
         mean_full = np.mean([f for f, _ in finals if f is not None])
-        mean_asha = np.mean([a for _, a in finals if a is not None]) if any(a is not None for _, a in finals) else math.nan
+        asha_finals = [a for _, a in finals if a is not None]
+        mean_asha = np.mean(asha_finals) if asha_finals else math.nan
         summary.append(f"{problem} ({args.strategy}, {len(finals)} seeds, eta {args.eta:g}, rungs "
-                       f"{'/'.join(f'{v:g}' for v in values)} {unit}, threshold {args.threshold}): {unit} spent until it: "
+                       f"{'/'.join(f'{v:g}' for v in values)} {unit}, threshold {args.threshold}): "
+                       f"{unit} spent until it: "
                        f"full fidelity {total_full:.0f}, asha {total_asha:.0f} (asha reached it in "
                        f"{len(reached)}/{len(finals)} seeds); saving "
                        f"{total_full / total_asha if total_asha else float('nan'):.2f}x overall, median per seed "

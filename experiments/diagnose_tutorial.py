@@ -26,8 +26,9 @@ Examples::
 
     python experiments/diagnose_tutorial.py --loop qd --seed 2
     python experiments/diagnose_tutorial.py --loop reference --noise known --seed 2
-    python experiments/diagnose_tutorial.py --loop qd --seeds 0-9 --jobs 10 \
-        --botorch-options '{"noise": {"branin": 15.19, "currin": 0.63}, "num_restarts": 10, "raw_samples": 512, "mc_samples": 128}'
+    python experiments/diagnose_tutorial.py --loop qd --seeds 0-9 --jobs 10 --botorch-options \
+        '{"noise": {"branin": 15.19, "currin": 0.63}, "num_restarts": 10, "raw_samples": 512,
+          "mc_samples": 128}'
 
 Findings (10 seeds, 0-9; hypervolume as printed):
 

@@ -25,7 +25,8 @@ def test_first_objective_keeps_the_space_and_fidelity_and_evaluates_the_first_va
     assert [o.name for o in pb.objectives] == ["loss"] and pb.fidelity == "steps" and pb.space is inner.space
     assert pb.measures == inner.measures
     ev = pb.evaluate(config, 0)
-    assert list(ev.values) == [inner.evaluate(config, 0).values[0]] and ev.measures == inner.evaluate(config, 0).measures
+    whole = inner.evaluate(config, 0)
+    assert list(ev.values) == [whole.values[0]] and ev.measures == whole.measures
 
 
 def test_asha_run_of_that_many_evaluations_spends_at_least_the_full_runs_spend(tmp_path):
