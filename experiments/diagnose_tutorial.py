@@ -19,11 +19,34 @@ k-th draw of ``numpy.random.default_rng(seed)``):
   variances as the tutorial does (``train_Yvar``); ``--noise inferred`` lets them fit it.
 
 Each run prints one line per batch and a closing JSON line; ``--out`` appends that JSON line.
+``--seeds 0-9 --jobs 10`` runs several seeds at once (one process each, one thread each), prints
+only their closing lines, then the min / median / max hypervolume.
 
 Examples::
 
     python experiments/diagnose_tutorial.py --loop qd --seed 2
     python experiments/diagnose_tutorial.py --loop reference --noise known --seed 2
+    python experiments/diagnose_tutorial.py --loop qd --seeds 0-9 --jobs 10 --botorch-options \
+        '{"noise": {"branin": 15.19, "currin": 0.63}, "num_restarts": 10, "raw_samples": 512,
+          "mc_samples": 128}'
+
+Findings (10 seeds, 0-9; hypervolume as printed):
+
+- No GP fit failed on any seed; a low seed is not one bad ask but a front whose edge is found
+  late: seed 2 (known noise, tutorial effort) climbed from 46.98 after batch 2 to 52.225 by
+  small steps over the remaining 17 batches.
+- The acquisition effort of BoTorch's tutorial (``num_restarts`` 10, ``raw_samples`` 512,
+  ``mc_samples`` 128; runs in ``docs/results/tutorial/``) does not remove the misses: known noise
+  min 52.225, median 57.316, max 58.014 (below 57.0: seeds 1, 2, 8, 9); inferred noise (seeds 0-4
+  and 8) min 55.589, median 57.418, max 57.794. The default effort gave known noise min 50.880,
+  median 57.620, max 57.987 and inferred min 54.853, median 57.519, max 58.149.
+- A seed's result is not a property of its noise draws alone: seed 2 with known noise ended at
+  57.903 with the default effort and 52.225 with the tutorial's (on two machines, torch 2.13 and
+  2.11); seed 8 at 50.880 (default effort), 53.672 and, in an earlier run, 57.246 (both with the
+  tutorial's). Under every setting tried, about one run in four ends below 57.0, as does
+  BoTorch's own tutorial loop on the same points and draws (55.705 on seed 2, 56.825 on seed 8).
+  At that rate ten seeds all at 57.0 or more happen by chance about one time in twenty, so 57.0
+  on every one of 10 seeds was not reached.
 """
 
 from __future__ import annotations
@@ -232,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--loop", choices=["qd", "reference"], default="qd")
     ap.add_argument("--seed", type=int, default=2)
+    ap.add_argument("--seeds", default=None, help="several seeds at once, e.g. 0-9 or 0,2,8 (see --jobs)")
+    ap.add_argument("--jobs", type=int, default=1, help="--seeds: processes at once")
     ap.add_argument("--noise", choices=["known", "inferred"], default=None,
                     help="known: the GPs get the true noise variances (default for the reference loop); "
                          "inferred: they fit it (default for the qd loop)")
@@ -240,9 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="append the closing JSON line here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.seeds is not None:
+        return run_seeds(args, argv if argv is not None else sys.argv[1:])
     if args.loop == "qd":
         row = run_qd(args.seed, args.botorch_options, args.batches, 4, known_noise=args.noise == "known")
-        row["noise"] = args.noise or "inferred"
+        row["noise"] = args.noise or ("known" if "noise" in args.botorch_options
+                                      and args.botorch_options["noise"] != "inferred" else "inferred")
     else:
         row = run_reference(args.seed, args.noise or "known", args.batches, 4)
     summary = {k: v for k, v in row.items() if k != "per_batch"}
@@ -250,6 +278,51 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
+    return 0
+
+
+def seed_list(text: str) -> list[int]:
+    """"0-9" or "0,2,8" -> the seeds."""
+    out: list[int] = []
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        out += list(range(int(low), int(high) + 1)) if high else [int(low)]
+    return out
+
+
+def _one_seed(job: tuple[list[str], int]) -> str:
+    argv, seed = job
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()) as buffer:
+        main([*argv, "--seed", str(seed)])
+    return buffer.getvalue().strip().splitlines()[-1]  # the closing JSON line
+
+
+def run_seeds(args: argparse.Namespace, argv: list[str]) -> int:
+    """Each of ``--seeds`` in its own process; print their closing lines, then min / median / max."""
+    import multiprocessing
+
+    rest, skip = [], False
+    for a in argv:  # the same arguments, without --seeds/--jobs (each job gets its --seed)
+        if skip:
+            skip = False
+            continue
+        if a in ("--seeds", "--jobs", "--seed"):
+            skip = True
+            continue
+        if not a.startswith(("--seeds=", "--jobs=", "--seed=")):
+            rest.append(a)
+    seeds = seed_list(args.seeds)
+    with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
+        lines = pool.map(_one_seed, [(rest, s) for s in seeds], chunksize=1)
+    hvs = []
+    for line in lines:
+        print(line, flush=True)
+        hvs.append(json.loads(line)["hypervolume"])
+    print(f"{len(hvs)} seeds ({args.seeds}): hypervolume min {min(hvs):.3f} median {float(np.median(hvs)):.3f} "
+          f"max {max(hvs):.3f}; below 57.0: {sum(h < 57.0 for h in hvs)}", flush=True)
     return 0
 
 
