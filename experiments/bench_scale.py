@@ -100,23 +100,27 @@ def bare_optuna(n: int, seconds: float, path: str) -> float:
     return done / (time.perf_counter() - t0)
 
 
-def part_vectorised(sizes: list[int], optuna_s: float, tmp: Path) -> None:
-    print("\n## vectorised: map-elites, sphere-20D, in-process, SQLite (qd: the run loop's own time, as `qd run` "
-          "reports it; peak RSS of the whole `qd run` process)")
+def part_vectorised(sizes: list[int], optuna_s: float, tmp: Path, repeats: int = 2) -> None:
+    print(f"\n## vectorised: map-elites, sphere-20D, in-process, SQLite (qd: the run loop's own time, as `qd run` "
+          f"reports it; peak RSS of the whole `qd run` process; qd and bare pyribs: the best of {repeats} runs each, "
+          f"interleaved)")
     print("| evaluations | qd eval/s | bare pyribs eval/s | qd / pyribs | qd ms/eval | bare Optuna eval/s | "
           "qd / Optuna | driver peak RSS MB | store MB | resume s | qd show s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n in sizes:
-        db = tmp / f"scale{n}.db"
-        url = f"sqlite:///{db}"
-        args = ["run", "--problem", "sphere", "--strategy", "map-elites", "--budget", str(n), "--evaluator",
-                "inprocess", "--storage", url, "--name", "big", "--no-progress"]
-        wall, rss, out = _qd(args)
-        loop_s = float(re.search(r"failed in ([0-9.]+) s", out).group(1))
-        qd_rate = n / loop_s
-        ribs_rate = bare_pyribs(n)
+        qd_rates, ribs_rates, rss = [], [], 0.0
+        for r in range(repeats):  # each run its own store; the first one is resumed and shown below
+            url = f"sqlite:///{tmp / f'scale{n}-{r}.db'}"
+            args = ["run", "--problem", "sphere", "--strategy", "map-elites", "--budget", str(n), "--evaluator",
+                    "inprocess", "--storage", url, "--name", "big", "--no-progress"]
+            _, peak, out = _qd(args)
+            rss = max(rss, peak)
+            qd_rates.append(n / float(re.search(r"failed in ([0-9.]+) s", out).group(1)))
+            ribs_rates.append(bare_pyribs(n))
+        qd_rate, ribs_rate = max(qd_rates), max(ribs_rates)
+        url = f"sqlite:///{tmp / f'scale{n}-0.db'}"
         opt_rate = bare_optuna(n, optuna_s, str(tmp / f"optuna{n}.db"))
-        size_mb = sum(p.stat().st_size for p in tmp.glob(f"scale{n}.db*")) / 2**20
+        size_mb = sum(p.stat().st_size for p in tmp.glob(f"scale{n}-0.db*")) / 2**20
         resume_wall, _, _ = _qd(["run", "--resume", "--name", "big", "--storage", url, "--budget", str(n + 1),
                                  "--evaluator", "inprocess", "--no-progress"])  # as the run was made
         show_wall, _, out = _qd(["show", "--storage", url, "--name", "big", "--json"])
@@ -211,14 +215,15 @@ def _qd_workers(kind: str, n: int, tmp: Path, **options) -> float:
     return _steady_ms(cols.t_end[cols.finished])
 
 
-def part_workers(n: int, tmp: Path, with_ray: bool) -> None:
+def part_workers(n: int, tmp: Path, with_ray: bool, repeats: int = 2) -> None:
     """Driver overhead per evaluation: qd's process (Ray) evaluator against the bare pool (tasks),
     both in steady state on a microsecond function, so what is measured is the driver's cost."""
-    # Each side twice, interleaved, and the least of each kept: the load of a shared machine comes and goes.
-    bare_pool = [_bare_pool(n)]
-    ours = [_qd_workers("process", n, tmp)]
-    bare_pool.append(_bare_pool(n))
-    ours.append(_qd_workers("process", n, tmp))
+    # Each side ``repeats`` times, interleaved, and the least of each kept: the load of a shared
+    # machine comes and goes.
+    bare_pool, ours = [], []
+    for _ in range(repeats):
+        bare_pool.append(_bare_pool(n))
+        ours.append(_qd_workers("process", n, tmp))
     rows = [("process", min(ours), "ProcessPoolExecutor", min(bare_pool))]
     if with_ray:
         import ray
@@ -226,7 +231,7 @@ def part_workers(n: int, tmp: Path, with_ray: bool) -> None:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # qd's evaluator joins this Ray
         try:
             bare, actors, tasks = [], [], []
-            for _ in range(2):
+            for _ in range(repeats):
                 bare.append(_bare_ray(n))
                 actors.append(_qd_workers("ray", n, tmp))
                 tasks.append(_qd_workers("ray", n, tmp, mode="task"))
@@ -235,7 +240,7 @@ def part_workers(n: int, tmp: Path, with_ray: bool) -> None:
         finally:
             ray.shutdown()
     print(f"\n## workers: driver overhead per evaluation, 2 workers, a microsecond function, {n:,} evaluations "
-          f"(steady state: after the first 10%; the least of two runs each)")
+          f"(steady state: after the first 10%; the least of {repeats} runs each, interleaved)")
     print("| evaluator | qd ms/eval | peer | peer ms/eval | qd / peer |")
     print("|---|---|---|---|---|")
     for kind, ours, peer, bare_ms in rows:
@@ -328,6 +333,8 @@ def main() -> None:
     parser.add_argument("--workers-n", type=int, default=1_000)
     parser.add_argument("--ray", action="store_true")
     parser.add_argument("--sim-seconds", type=float, default=60.0)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of qd and of its peer at each point; the best "
+                        "of each is printed")
     parser.add_argument("--skip", nargs="*", default=[], choices=["vectorised", "per-config", "workers", "simulated"])
     args = parser.parse_args()
     load = os.getloadavg()[0]
@@ -335,11 +342,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if "vectorised" not in args.skip:
-            part_vectorised(args.sizes, args.optuna_seconds, tmp)
+            part_vectorised(args.sizes, args.optuna_seconds, tmp, args.repeats)
         if "per-config" not in args.skip:
             part_per_config(args.per_config, tmp)
         if "workers" not in args.skip:
-            part_workers(args.workers_n, tmp, args.ray)
+            part_workers(args.workers_n, tmp, args.ray, args.repeats)
         if "simulated" not in args.skip:
             part_simulated(args.sim_seconds, tmp)
 
