@@ -93,12 +93,16 @@ def _serve(conn: Connection, problem_bytes: bytes, memory_mb: int | None, thread
         meta = {"wall_time_s": time.perf_counter() - t0, "worker_pid": os.getpid(), "peak_rss_mb": _peak_rss_mb()}
         if len(jobs) > 1:
             meta["population"] = len(jobs)
-        for i, reply in enumerate(replies):
-            try:
-                pickle.dumps(reply)
-            except Exception as e:  # noqa: BLE001 - an unpicklable result fails its job only
-                replies[i] = ("exception", reply[1], f"result could not be sent back: {error_text(e)}")
-        conn.send(("done", replies, meta))
+        try:
+            message = pickle.dumps(("done", replies, meta), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # noqa: BLE001 - find the unpicklable results: each fails its job only
+            for i, reply in enumerate(replies):
+                try:
+                    pickle.dumps(reply)
+                except Exception as e:  # noqa: BLE001
+                    replies[i] = ("exception", reply[1], f"result could not be sent back: {error_text(e)}")
+            message = pickle.dumps(("done", replies, meta), protocol=pickle.HIGHEST_PROTOCOL)
+        conn.send_bytes(message)  # pickled once (a check of each result first would pickle it twice)
 
 
 @contextmanager

@@ -175,6 +175,32 @@ def test_a_result_that_cannot_be_unpickled_in_the_driver_fails_its_trial():
     assert "cannot be rebuilt here" in outcome.error
 
 
+def test_a_result_that_cannot_be_pickled_in_the_worker_fails_its_trial_only():
+    from evaluators.process import ProcessPoolEvaluator
+
+    ev = ProcessPoolEvaluator()
+    ev.start(_UnsendableResult(), 1)
+    try:
+        ev.submit(Job(0, {"x0": 0.5, "x1": 0.5}, seed=0))
+        (bad,) = ev.wait(timeout=60)
+        ev.submit(Job(1, {"x0": 0.5, "x1": 0.5}, seed=1))  # the same worker goes on
+        (good,) = ev.wait(timeout=60)
+    finally:
+        ev.close()
+    assert bad.kind == "exception" and "result could not be sent back" in bad.error, bad.error
+    assert good.ok and good.evaluation.values == [1.0, 1.0] and good.metadata["worker_pid"] == bad.metadata["worker_pid"]
+
+
+class _UnsendableResult(get_problem("zdt1").__class__):
+    def __init__(self):
+        super().__init__(dim=3)
+
+    def evaluate(self, config, seed):
+        import threading
+
+        return Evaluation(values=[1.0, 1.0], metadata={"lock": threading.Lock()} if seed == 0 else None)
+
+
 class _Unloadable:
     """Pickles fine in the worker; unpickling raises in the driver."""
 
