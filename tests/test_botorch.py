@@ -419,6 +419,26 @@ def test_cheap_objective_is_computed_not_modelled():
 
 
 # --- failures -------------------------------------------------------------------------------
+
+def test_nehvi_with_a_cheap_objective_models_gps_alone_and_caches_the_baseline_root():
+    """The cheap objective is part of qLogNEHVI's objective, so its model is the GP alone and
+    BoTorch's cached Cholesky of the baseline (cache_root) is used; the objective returns the
+    exact cheap values beside the modelled samples."""
+    problem = WithCheap()
+    s = get_strategy("botorch", problem, seed=0, n_init=5, **LIGHT)
+    _tell(s, problem, s.ask(5))
+    acqf = s._acquisition(torch.empty(0, 2, dtype=torch.float64))
+    assert type(acqf.model).__name__ == "SingleTaskGP" and acqf._cache_root
+    X = torch.rand(3, 1, 2, dtype=torch.float64)
+    samples = torch.randn(4, 3, 1, 1, dtype=torch.float64)
+    obj = acqf.objective(samples, X=X)
+    assert obj.shape == (4, 3, 1, 2)
+    assert torch.equal(obj[..., 0], samples[..., 0])
+    exact = [-problem.cheap_values(c)["params"] for c in problem.space.decode_many(X.reshape(3, 2).numpy())]
+    assert torch.allclose(obj[..., 1], torch.tensor(exact, dtype=torch.float64).view(1, 3, 1).expand(4, 3, 1))
+    with torch.no_grad():
+        assert torch.isfinite(acqf(X)).all()
+
 def _run_with_failures(avoid_failures: bool) -> tuple[BoTorch, list[dict]]:
     """TwoObjective where every evaluation with x0 > 0.6 fails: 10 Sobol points, then 6 model asks."""
     problem = TwoObjective()

@@ -69,7 +69,11 @@ import torch
 from botorch.acquisition import AcquisitionFunction
 from botorch.acquisition.logei import qLogNoisyExpectedImprovement
 from botorch.acquisition.multi_objective import qLogNoisyExpectedHypervolumeImprovement
-from botorch.acquisition.multi_objective.objective import IdentityMCMultiOutputObjective
+from botorch.acquisition.multi_objective.objective import (
+    GenericMCMultiOutputObjective,
+    IdentityMCMultiOutputObjective,
+    MCMultiOutputObjective,
+)
 from botorch.acquisition.multi_objective.parego import qLogNParEGO
 from botorch.acquisition.objective import GenericMCObjective
 from botorch.models import ModelList, ModelListGP
@@ -152,6 +156,18 @@ def _column(index: int, Z: Tensor) -> Tensor:
 
 def _pick(index: int, Z: Tensor, X: Tensor | None = None) -> Tensor:
     return Z[..., index]
+
+
+def _with_cheap(layout: Sequence[tuple[bool, int]], cheap: CheapValues, Z: Tensor, X: Tensor) -> Tensor:
+    """Objective samples with the cheap objectives computed from ``X``.
+
+    ``Z``: ``sample_shape x batch x q x outputs`` model samples; ``X``: ``batch x q x d`` ->
+    ``sample_shape x batch x q x m``; objective ``i`` is ``layout[i] = (cheap, column)``: a
+    model output, or a column of ``cheap(X)``.
+    """
+    values = cheap(X)
+    columns = [values[..., j].expand(Z.shape[:-1]) if is_cheap else Z[..., j] for is_cheap, j in layout]
+    return torch.stack(columns, dim=-1)
 
 
 class BoTorch(Strategy):
@@ -245,6 +261,7 @@ class BoTorch(Strategy):
         self._X_failed: list[np.ndarray] = []
         self._version = 0
         self._fitted: tuple[int, Model, list[int], list[int]] | None = None
+        self._modelled: Model | None = None  # the fitted model without the cheap objectives' outputs
         self._pruned: tuple[int, int, int, Tensor] | None = None  # version, optimisations, rows, baseline
         # Independent single-output GPs (several times faster to fit here than one batched
         # multi-output GP), each warm-started from its last fit (qd.strategies._botorch_common).
@@ -366,13 +383,13 @@ class BoTorch(Strategy):
             constraint_outputs.append(n_outputs)
             models.append(self._fits.fit("failure", X_all, label, None))
             n_outputs += 1
+        self._modelled = models[0] if len(models) == 1 else ModelListGP(*models)
         if self._cheap is not None:
             for k, i in enumerate(self._cheap_index):
                 objective_outputs[i] = n_outputs + k
-            models.append(self._cheap.model())
-            model: Model = models[0] if len(models) == 1 else ModelList(*models)
+            model: Model = ModelList(*models, self._cheap.model())
         else:
-            model = models[0] if len(models) == 1 else ModelListGP(*models)
+            model = self._modelled
         self._fitted = (self._version, model, objective_outputs, constraint_outputs)
         return model, objective_outputs, constraint_outputs
 
@@ -393,17 +410,28 @@ class BoTorch(Strategy):
         constraints: list[Callable[[Tensor], Tensor]] | None = (
             [partial(_column, i) for i in constraint_outputs] or None
         )
-        sampler = get_sampler(model.posterior(X_baseline[:1]), sample_shape=torch.Size([mc_samples or self.mc_samples]),
-                              seed=int(torch.randint(2**31 - 1, (1,)).item()))
+        sample_shape = torch.Size([mc_samples or self.mc_samples])
+        sampler_seed = int(torch.randint(2**31 - 1, (1,)).item())
+        sampler = get_sampler(model.posterior(X_baseline[:1]), sample_shape=sample_shape, seed=sampler_seed)
         pending = X_pending if len(X_pending) else None
         common = {"X_baseline": X_baseline, "sampler": sampler, "constraints": constraints, "X_pending": pending,
                   "prune_baseline": True}
         if self.acquisition == "nei":
             objective = GenericMCObjective(partial(_pick, objective_outputs[0]))
             return qLogNoisyExpectedImprovement(model, objective=objective, **common)
-        objective = IdentityMCMultiOutputObjective(outcomes=objective_outputs)
+        objective: MCMultiOutputObjective = IdentityMCMultiOutputObjective(outcomes=objective_outputs)
         if self.acquisition == "nehvi":
             self._use_kernel()
+            if self._cheap is not None:
+                # Cheap objectives in the objective, not in the model: the model is then GPs
+                # alone, for which qLogNEHVI caches the baseline's Cholesky factor (cache_root)
+                # instead of factorising the joint covariance at every evaluation.
+                model = self._modelled
+                n_modelled = objective_outputs[self._cheap_index[0]]
+                layout = [(j >= n_modelled, j - n_modelled if j >= n_modelled else j) for j in objective_outputs]
+                objective = GenericMCMultiOutputObjective(partial(_with_cheap, layout, self._cheap))
+                common["sampler"] = get_sampler(model.posterior(X_baseline[:1]), sample_shape=sample_shape,
+                                                seed=sampler_seed)
             ref_point = self.reference_point()
             common["X_baseline"] = self._pruned_baseline(model, X_baseline, ref_point, objective, constraints)
             common["prune_baseline"] = False
