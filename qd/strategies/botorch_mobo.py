@@ -477,5 +477,6 @@ class BoTorch(Strategy):
             init_acqf = self._acquisition(X_pending, mc_samples=self.init_mc_samples,
                                           weights=getattr(acqf, "scalarization_weights", None))
             torch.random.set_rng_state(state)  # the same random streams with or without it
+        # Cheap objectives are piecewise constant along a relaxed integer: search integers as discrete.
         return optimize_candidate(acqf, self.geometry, num_restarts=self.num_restarts,
-                                  raw_samples=self.raw_samples, init_acqf=init_acqf)
+                                  raw_samples=self.raw_samples, init_acqf=init_acqf, relax_integers=self._cheap is None)
