@@ -24,9 +24,11 @@ Details:
 - Reference point (NEHVI): the problem's ``reference_point`` if it declares one (the point its
   hypervolume is measured against), else BoTorch's ``infer_reference_point`` on the observed
   feasible front (the nadir pushed out by 10% of the range).
-- Cheap objectives (``Objective(cheap=True)``) are not modelled: a ``GenericDeterministicModel``
-  calls ``problem.cheap_values`` on each decoded candidate (memoised per configuration), so
-  the acquisition knows them exactly. ``cheap_values`` should therefore be fast.
+- Cheap objectives (``Objective(cheap=True)``) are not modelled: ``problem.cheap_values`` is
+  called on each decoded candidate (memoised per configuration), so the acquisition knows them
+  exactly; ``cheap_values`` should therefore be fast. With qLogNEHVI they are computed in the
+  acquisition's objective (the model is the GPs alone, so BoTorch caches the baseline's
+  Cholesky factor, ``cache_root``), with qLogNParEGO and qLogNEI by a ``GenericDeterministicModel``.
 - Conditional spaces: the GP sees the encoded vectors, with inactive coordinates at the 0.5
   placeholder (also for candidates, through ``ConditionalProjection``).
 - Failed trials are left out of the objective model. With ``avoid_failures`` (default) and at
@@ -47,8 +49,11 @@ warm-started, and hyperparameters are re-optimised only once the data grew by ``
 cheap objectives are looked up per encoded row; with 3 or more objectives the baseline's box
 decompositions are approximate (``NEHVI_ALPHA_3PLUS``); mixed spaces start the alternating
 optimiser from scored Sobol and sprayed points (no continuous relaxation; 64 sprayed points in
-all, ``SPRAY_BUDGET``) and stop a start once it converges (``MIXED_TOL``); the outcome GPs are
-fitted one by one and evaluated as one batched GP (``batched_gp``). BoTorch's fused C++ qLogNEHVI kernel is
+all, ``SPRAY_BUDGET``) and stop a start once it converges (``MIXED_TOL``), from 2 starts
+(``DEFAULT_EFFORT``), and search every integer by discrete steps when there are cheap objectives
+(``relax_integers``); the outcome GPs are fitted one by one and evaluated as one batched GP
+(``batched_gp``). What remains is per evaluation: qLogNEHVI computes each candidate's joint
+posterior with the whole pruned baseline (BoTorch's own TODO), 15-40 ms for a few candidates. BoTorch's fused C++ qLogNEHVI kernel is
 built once per environment by ``qd.strategies._kernel`` (never waited on for more than
 ``QD_KERNEL_TIMEOUT_S``; ``state()["kernel"]`` says which path ran). To keep the run loop going
 while a proposal is computed, use the option ``background=true`` or ``ask_time_limit_s``
