@@ -419,6 +419,26 @@ def test_cheap_objective_is_computed_not_modelled():
 
 
 # --- failures -------------------------------------------------------------------------------
+
+def test_nehvi_with_a_cheap_objective_models_gps_alone_and_caches_the_baseline_root():
+    """The cheap objective is part of qLogNEHVI's objective, so its model is the GP alone and
+    BoTorch's cached Cholesky of the baseline (cache_root) is used; the objective returns the
+    exact cheap values beside the modelled samples."""
+    problem = WithCheap()
+    s = get_strategy("botorch", problem, seed=0, n_init=5, **LIGHT)
+    _tell(s, problem, s.ask(5))
+    acqf = s._acquisition(torch.empty(0, 2, dtype=torch.float64))
+    assert type(acqf.model).__name__ == "SingleTaskGP" and acqf._cache_root
+    X = torch.rand(3, 1, 2, dtype=torch.float64)
+    samples = torch.randn(4, 3, 1, 1, dtype=torch.float64)
+    obj = acqf.objective(samples, X=X)
+    assert obj.shape == (4, 3, 1, 2)
+    assert torch.equal(obj[..., 0], samples[..., 0])
+    exact = [-problem.cheap_values(c)["params"] for c in problem.space.decode_many(X.reshape(3, 2).numpy())]
+    assert torch.allclose(obj[..., 1], torch.tensor(exact, dtype=torch.float64).view(1, 3, 1).expand(4, 3, 1))
+    with torch.no_grad():
+        assert torch.isfinite(acqf(X)).all()
+
 def _run_with_failures(avoid_failures: bool) -> tuple[BoTorch, list[dict]]:
     """TwoObjective where every evaluation with x0 > 0.6 fails: 10 Sobol points, then 6 model asks."""
     problem = TwoObjective()
@@ -452,6 +472,26 @@ def test_failed_trials_are_excluded_and_their_region_avoided():
     assert ok >= 4 and ok > sum(c["x0"] <= 0.6 for c in blind), (asked, blind)
 
 
+
+@pytest.mark.parametrize("relax", [True, False])
+def test_mixed_optimiser_relaxes_large_integers_only_when_asked(relax):
+    """``width`` has 64 values: relaxed, L-BFGS-B scores it between grid values; not relaxed
+    (the choice with cheap objectives, piecewise constant along it), only grid values."""
+    from qd.strategies._botorch_common import optimize_candidate
+
+    problem = WithCheap()
+    s = get_strategy("botorch", problem, seed=0, n_init=6, **LIGHT)
+    _tell(s, problem, s.ask(6))
+    acqf = s._acquisition(torch.empty(0, 2, dtype=torch.float64))
+    seen = []
+    acqf.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().reshape(-1, 2)[:, 0].clone()))
+    x = optimize_candidate(acqf, s.geometry, num_restarts=2, raw_samples=16, relax_integers=relax)
+    grid = torch.tensor(s.geometry.discrete_dims[0], dtype=torch.float64)
+    widths = torch.cat(seen)
+    on_grid = (widths.unsqueeze(-1) - grid).abs().min(dim=-1).values < 1e-9
+    assert on_grid.all() != relax
+    assert problem.space.validate(s.geometry.decode(x)[0])
+
 # --- options, resume ------------------------------------------------------------------------
 @pytest.mark.parametrize(("option", "value", "allowed"), [
     ("acquisition", "ehvi", "'auto', 'nehvi', 'parego'"),
@@ -469,6 +509,21 @@ def test_bad_options_name_option_value_and_allowed(option, value, allowed):
         get_strategy("botorch", TwoObjective(), **{option: value})
     assert option in str(e.value) and repr(value) in str(e.value) and allowed in str(e.value)
 
+
+
+def test_acquisition_effort_defaults_by_space_and_explicit_values_win():
+    from qd.strategies.botorch_mobo import DEFAULT_EFFORT
+
+    continuous = get_strategy("botorch", TwoObjective())
+    mixed = get_strategy("botorch", MixedNet())
+    assert (continuous.num_restarts, continuous.raw_samples) == DEFAULT_EFFORT["continuous"]
+    assert (mixed.num_restarts, mixed.raw_samples) == DEFAULT_EFFORT["mixed"]
+    many = get_strategy("botorch", TwoObjective(), num_restarts=100)
+    assert (many.num_restarts, many.raw_samples) == (100, 100)  # never fewer raw samples than starts
+    given = get_strategy("botorch", MixedNet(), num_restarts=3, raw_samples=40)
+    assert (given.num_restarts, given.raw_samples) == (3, 40)
+    with pytest.raises(ValueError, match="num_restarts=5"):
+        get_strategy("botorch", TwoObjective(), num_restarts=5, raw_samples=4)
 
 def test_noise_per_outcome_fixes_the_named_outcomes_and_infers_the_others():
     from gpytorch.likelihoods import FixedNoiseGaussianLikelihood
