@@ -67,8 +67,6 @@ BLOCK_ROWS = 4096
 BLOCK_S = 0.02
 #: The arrays ``step_batch`` sets in full for every row of a block (each batch, ``_fill``, the cells).
 BATCH_WRITES = ("number", "raw", "seed", "t_start", "t_end", "state", "cell")
-#: The arrays ``step_batch`` sets in full for every row of a block (each batch, ``_fill``, the cells).
-BATCH_WRITES = ("number", "raw", "seed", "t_start", "t_end", "state", "cell")
 #: A claim whose heartbeat is older than this is taken as dead (drivers on other hosts).
 CLAIM_STALE_S = 60.0
 

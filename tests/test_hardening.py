@@ -161,32 +161,30 @@ def test_broken_plugins_fail_their_trials_and_the_run_goes_on(tmp_path, evaluato
     assert again.finished == 24 and again.requeued == 0
 
 
-def test_a_result_that_cannot_be_unpickled_in_the_driver_fails_its_trial():
+def _pool_outcomes(problem, seeds):
+    """The outcomes of one process worker evaluating a job per seed, one after the other."""
     from evaluators.process import ProcessPoolEvaluator
 
-    ev = ProcessPoolEvaluator()
-    ev.start(_UnreadableResult(), 1)
+    ev, outcomes = ProcessPoolEvaluator(), []
+    ev.start(problem, 1)
     try:
-        ev.submit(Job(0, {"x0": 0.5, "x1": 0.5}, seed=0))
-        (outcome,) = ev.wait(timeout=60)
+        for key, seed in enumerate(seeds):
+            ev.submit(Job(key, {"x0": 0.5, "x1": 0.5}, seed=seed))
+            (outcome,) = ev.wait(timeout=60)
+            outcomes.append(outcome)
     finally:
         ev.close()
+    return outcomes
+
+
+def test_a_result_that_cannot_be_unpickled_in_the_driver_fails_its_trial():
+    (outcome,) = _pool_outcomes(_UnreadableResult(), [0])
     assert outcome.kind == "exception" and "result could not be read back" in outcome.error, outcome.error
     assert "cannot be rebuilt here" in outcome.error
 
 
 def test_a_result_that_cannot_be_pickled_in_the_worker_fails_its_trial_only():
-    from evaluators.process import ProcessPoolEvaluator
-
-    ev = ProcessPoolEvaluator()
-    ev.start(_UnsendableResult(), 1)
-    try:
-        ev.submit(Job(0, {"x0": 0.5, "x1": 0.5}, seed=0))
-        (bad,) = ev.wait(timeout=60)
-        ev.submit(Job(1, {"x0": 0.5, "x1": 0.5}, seed=1))  # the same worker goes on
-        (good,) = ev.wait(timeout=60)
-    finally:
-        ev.close()
+    bad, good = _pool_outcomes(_UnsendableResult(), [0, 1])  # the same worker goes on after the bad one
     assert bad.kind == "exception" and "result could not be sent back" in bad.error, bad.error
     assert good.ok and good.evaluation.values == [1.0, 1.0] and good.metadata["worker_pid"] == bad.metadata["worker_pid"]
 
