@@ -43,6 +43,8 @@ State = Literal["running", "complete", "failed"]
 MAX_REASON_CHARS = 4000
 #: Flushes may take at most this share of a run's time (their interval stretches beyond ``flush_s``).
 MAX_FLUSH_SHARE = 0.05
+#: While a write is landing, a cheap flush that falls due waits for it; callers poll this often.
+WRITER_POLL_S = 0.005
 #: The owner's heartbeat is refreshed with a flush at most this often.
 HEARTBEAT_S = 5.0
 
@@ -410,24 +412,33 @@ class Store:
         buf = self._buffer
         if not buf:
             return None
-        if buf.urgent or buf.n_finished >= self.flush_rows:
+        if buf.urgent:
             return 0.0
-        interval = max(self.flush_s, self._flush_cost / MAX_FLUSH_SHARE)
-        return max(0.0, interval - (time.monotonic() - buf.since))
+        due = 0.0 if buf.n_finished >= self.flush_rows else \
+            max(0.0, max(self.flush_s, self._flush_cost / MAX_FLUSH_SHARE) - (time.monotonic() - buf.since))
+        return max(due, WRITER_POLL_S) if self._writing() else due
+
+    def _writing(self) -> bool:
+        """Whether a ``flush(wait=False)`` write is still landing."""
+        return self._write is not None and not self._write.done()
 
     def maybe_flush(self, wait: bool = True) -> bool:
         """``flush`` if due.
 
         Args:
-            wait: False writes cheap outcomes beside the caller (see ``flush``); urgent ones wait.
+            wait: False writes cheap outcomes beside the caller (see ``flush``), and leaves them
+                buffered while the previous such write is still landing, so the caller never
+                waits on the disk for them; urgent ones are written before it returns.
 
         Returns:
             Whether a flush was made.
         """
-        if self.flush_due():
-            self.flush(wait=wait or self._buffer.urgent)
-            return True
-        return False
+        if not self.flush_due():
+            return False
+        if not (wait or self._buffer.urgent) and self._writing():
+            return False  # cheap outcomes wait for the write in flight instead of the caller waiting for it
+        self.flush(wait=wait or self._buffer.urgent)
+        return True
 
     def flush(self, wait: bool = True) -> None:
         """Write everything buffered in one transaction.

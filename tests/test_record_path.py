@@ -357,7 +357,7 @@ def test_the_write_ahead_log_is_checkpointed_beside_the_writer_and_stays_bounded
                    strategy_options={}, seed=0)
     path = tmp_path / "w.db"
     store = Store.create(f"sqlite:///{path}", info, problem)
-    run(problem, get_strategy("map-elites", problem, seed=0), make_evaluator("inprocess"), store, budget=30_000,
+    run(problem, get_strategy("map-elites", problem, seed=0), make_evaluator("inprocess"), store, budget=60_000,
         progress=False)
     checkpointer = store.record._checkpointer
     assert checkpointer is not None
@@ -368,7 +368,7 @@ def test_the_write_ahead_log_is_checkpointed_beside_the_writer_and_stays_bounded
     assert os.path.getsize(f"{path}-wal") < written / 3  # a log that was never restarted holds it all
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA page_size").fetchone()[0] == qd.record.SQLITE_PAGE_SIZE
-    assert int(Store.open(f"sqlite:///{path}", "w").columns().finished.sum()) == 30_000
+    assert int(Store.open(f"sqlite:///{path}", "w").columns().finished.sum()) == 60_000
 
 
 def test_failures_inside_a_block_are_recorded_with_their_reasons_and_the_run_goes_on(tmp_path):
