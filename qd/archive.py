@@ -500,24 +500,31 @@ class EliteArchive:
 
             self.add_trials(trials_of(cols.select(ok), self.space))
             return
+        # A plain elitist grid keeps each cell's best row (the earliest of equals, as pyribs does):
+        # inserting only those builds the same archive (a resume of 10^6 trials adds 400 rows).
+        best_only = self.spec.learning_rate is None and self.spec.kind == "grid" and ok.sum() > 4 * self.n_cells
+        if ok.all() and not best_only:  # a run's batch: whole arrays, no copies
+            self._insert(cols.raw, cols.values[:, self.spec.objective_index], cols.measures)
+            return
         rows = np.flatnonzero(ok)
-        if self.spec.learning_rate is None and self.spec.kind == "grid" and len(rows) > 4 * self.n_cells:
-            # A plain elitist grid keeps each cell's best row (the earliest of equals, as pyribs does):
-            # inserting only those builds the same archive (a resume of 10^6 trials adds 400 rows).
+        if best_only:
             score = self.spec.score_factor * cols.values[rows, self.spec.objective_index]
             keep = rows[best_of_cells(self._grid_cells(cols.measures[rows]), score, cols.number[rows], self.n_cells)]
             self.n_inserted += len(rows) - len(keep)
             rows = keep
-        X = self.space.encode_raw(cols.raw[rows])
-        objective = self.spec.score_factor * cols.values[rows, self.spec.objective_index]
-        measures = cols.measures[rows]
+        self._insert(cols.raw[rows], cols.values[rows, self.spec.objective_index], cols.measures[rows])
+
+    def _insert(self, raw: np.ndarray, values: np.ndarray, measures: np.ndarray) -> None:
+        """Insert rows into the pyribs archive(s): raw (n, d), objective values (n,), measures (n, k)."""
+        X = self.space.encode_raw(raw)
+        objective = self.spec.score_factor * values
         if self.spec.learning_rate is None:
             self.archive.add(solution=X, objective=objective, measures=measures)
         else:
             for i in range(len(X)):
                 self.archive.add(solution=X[i:i + 1], objective=objective[i:i + 1], measures=measures[i:i + 1])
             self.result.add(solution=X, objective=objective, measures=measures)
-        self.n_inserted += len(rows)
+        self.n_inserted += len(X)
 
     def cells_of(self, cols: Columns) -> np.ndarray:
         """(n,) the cell of each row this archive takes, else -1."""
@@ -655,7 +662,10 @@ class EliteArchive:
 
 def _elite_rows_taken(spec: EliteSpec | ParetoSpec, space: Any, cols: Columns) -> np.ndarray:
     """(n,) the rows an archive of ``spec`` takes: feasible, finite measures, top fidelity."""
-    ok = cols.feasible & np.isfinite(cols.measures).all(axis=1)
+    ok = cols.feasible
+    finite = np.isfinite(cols.measures)
+    if not finite.all():  # a whole-array check first: a batch's measures are all finite as a rule
+        ok &= finite.all(axis=1)
     if spec.fidelity is not None:
         j = space.names.index(spec.fidelity)
         from qd.space import _raw_value

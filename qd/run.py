@@ -743,8 +743,7 @@ class _Loop:
             except Exception as e:  # a vectorised evaluation that raises fails its whole batch
                 be, batch_error = None, f"exception: {type(e).__name__}: {e}"
             part.t_end[:] = time.time()
-            _fill(part, be, batch_error, self.problem)
-            if batch_error is not None or not part.complete.all():  # reasons live in the part's own list
+            if not _fill(part, be, batch_error, self.problem):  # reasons live in the part's own list
                 block.reason[at:end] = part.reason
             urgent |= time.perf_counter() - t0 >= EXPENSIVE_S
             self.strategy.tell_columns(part)
@@ -837,32 +836,38 @@ class _Pending(Sequence):
         return iter(self._items())
 
 
-def _fill(cols: Columns, be: BatchEvaluation | None, batch_error: str | None, problem: Problem) -> None:
-    """Write a batch's results into ``cols``: complete rows, and failed ones with their reason."""
+def _fill(cols: Columns, be: BatchEvaluation | None, batch_error: str | None, problem: Problem) -> bool:
+    """Write a batch's results into ``cols``: complete rows, and failed ones with their reason.
+
+    Returns:
+        Whether every row is complete.
+    """
     n = len(cols)
     m, k, c = len(problem.objectives), len(problem.measures), len(problem.constraints)
     if be is None:
         cols.state[:] = FAILED
         cols.reason = [batch_error] * n
-        return
+        return False
     values = np.asarray(be.values, dtype=float).reshape(n, m)
     measures = np.asarray(be.measures, dtype=float).reshape(n, k) if k else np.empty((n, 0))
     constraints = np.asarray(be.constraints, dtype=float).reshape(n, c) if c else np.empty((n, 0))
-    finite = np.isfinite(values).all(axis=1) & np.isfinite(measures).all(axis=1) & np.isfinite(constraints).all(axis=1)
     errors = list(be.errors) if be.errors is not None else None
-    ok = finite if errors is None else finite & np.array([e is None for e in errors], dtype=bool)
-    if ok.all():  # the common case: whole arrays, no masked copies
+    if (errors is None or not any(e is not None for e in errors)) and \
+            np.isfinite(values).all() and np.isfinite(measures).all() and np.isfinite(constraints).all():
+        # the common case: whole-array checks, whole arrays written, no masked copies
         cols.state[:] = COMPLETE
         cols.values[:], cols.measures[:], cols.constraints[:] = values, measures, constraints
-        return
+        return True
+    finite = np.isfinite(values).all(axis=1) & np.isfinite(measures).all(axis=1) & np.isfinite(constraints).all(axis=1)
+    ok = finite if errors is None else finite & np.array([e is None for e in errors], dtype=bool)
     errors = errors or [None] * n
     cols.state[:] = np.where(ok, COMPLETE, FAILED)
     cols.values[ok], cols.measures[ok], cols.constraints[ok] = values[ok], measures[ok], constraints[ok]
-    if not ok.all():
-        for i in np.flatnonzero(~ok).tolist():
-            cols.reason[i] = errors[i] or (f"invalid result: values {values[i].tolist()}, measures "
-                                           f"{measures[i].tolist()}, constraints {constraints[i].tolist()} "
-                                           f"are not all finite")
+    for i in np.flatnonzero(~ok).tolist():
+        cols.reason[i] = errors[i] or (f"invalid result: values {values[i].tolist()}, measures "
+                                       f"{measures[i].tolist()}, constraints {constraints[i].tolist()} "
+                                       f"are not all finite")
+    return bool(ok.all())
 
 
 def run(

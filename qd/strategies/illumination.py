@@ -340,7 +340,7 @@ class MapElites(_Illumination):
             have += len(X)
         if not parts:
             return np.empty((0, self.space.dim))
-        R = np.vstack(parts)
+        R = parts[0] if len(parts) == 1 else np.vstack(parts)
         self._raw_queue = R[n:] if len(R) > n else None
         return R[:n]
 
