@@ -528,12 +528,17 @@ class EliteArchive:
 
     def cells_of(self, cols: Columns) -> np.ndarray:
         """(n,) the cell of each row this archive takes, else -1."""
-        out = np.full(len(cols), -1, dtype=np.int64)
         ok = self._takes_rows(cols)
+        if len(ok) and ok.all():  # a run's block: no masked copies
+            return self._cells(cols.measures)
+        out = np.full(len(cols), -1, dtype=np.int64)
         if ok.any():
-            out[ok] = self._grid_cells(cols.measures[ok]) if self.spec.kind == "grid" \
-                else self.result.index_of(cols.measures[ok])
+            out[ok] = self._cells(cols.measures[ok])
         return out
+
+    def _cells(self, measures: np.ndarray) -> np.ndarray:
+        return self._grid_cells(measures) if self.spec.kind == "grid" else \
+            np.asarray(self.result.index_of(measures), dtype=np.int64)
 
     def _grid_cells(self, measures: np.ndarray) -> np.ndarray:
         if self._grid is None:
