@@ -18,7 +18,8 @@ write that creates it, so a driver killed at any moment never re-queues one conf
 Writes are grouped (``Store.flush``): cheap outcomes are flushed every ``Store.flush_s`` seconds
 or ``Store.flush_rows`` outcomes, an outcome whose evaluation took ``EXPENSIVE_S`` or more at
 once, and anything buffered before the loop blocks waiting for workers. A ``kill -9`` therefore
-costs at most the cheap outcomes of the last ``flush_s`` seconds (resume evaluates new
+costs at most the cheap outcomes of the last ``flush_s`` seconds, or of the write still landing
+beside the loop and what was buffered meanwhile (resume evaluates new
 configurations in their place: the budget counts what is recorded), never an expensive result,
 never a half-written trial (each flush is one transaction).
 
