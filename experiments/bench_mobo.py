@@ -151,11 +151,12 @@ def report(rows: list[dict[str, Any]]) -> str:
 
 
 # --- BoTorch's tutorial set-up ---------------------------------------------------------------
-def tutorial_run(strategy: str, seed: int, n_batches: int = 20, q: int = 4, noise: str = "known") -> dict[str, Any]:
+def tutorial_run(strategy: str, seed: int, n_batches: int = 20, q: int = 4, noise: str = "known",
+                 botorch_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """BraninCurrin with noise (15.19, 0.63), 6 Sobol points then ``n_batches`` synchronous batches of ``q``.
 
     ``noise``: "known" gives botorch's GPs the noise levels (as the tutorial's ``train_Yvar``),
-    "inferred" has them fit it.
+    "inferred" has them fit it. ``botorch_options``: more options for the botorch strategy.
     """
     problem = get_problem("branin-currin")
     rng = np.random.default_rng(seed)
@@ -164,6 +165,7 @@ def tutorial_run(strategy: str, seed: int, n_batches: int = 20, q: int = 4, nois
         options["n_init"] = 6
         if noise == "known":
             options["noise"] = dict(zip((o.name for o in problem.objectives), TUTORIAL_NOISE))
+        options.update(botorch_options or {})
     strat = get_strategy(strategy, problem, seed=seed, **options)
     true_values: list[list[float]] = []
     number = 0
@@ -187,13 +189,15 @@ def tutorial_run(strategy: str, seed: int, n_batches: int = 20, q: int = 4, nois
         evaluate(batch)
     hv = hypervolume(np.array(true_values), problem.directions, problem.reference_point)
     return {"tutorial": True, "strategy": strategy, "seed": seed, "noise": noise if strategy == "botorch" else "-",
+            "options": (botorch_options or {}) if strategy == "botorch" else {},
             "hypervolume": hv, "evaluations": number, "mean_ask_s": float(np.mean(asks))}
 
 
 def _tutorial_label(row: dict[str, Any]) -> str:
     # Rows written before the noise option existed ran with inferred noise.
     noise = row.get("noise", "inferred")
-    return row["strategy"] if noise == "-" else f"{row['strategy']} (noise {noise})"
+    label = row["strategy"] if noise == "-" else f"{row['strategy']} (noise {noise})"
+    return label + (" " + json.dumps(row["options"], sort_keys=True) if row.get("options") else "")
 
 
 def tutorial_report(rows: list[dict[str, Any]]) -> str:
@@ -424,9 +428,10 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             for strategy in args.strategies:
                 noise = args.tutorial_noise if strategy == "botorch" else "-"
-                if (_tutorial_label({"strategy": strategy, "noise": noise}), seed) in done:
+                options = args.botorch_options if strategy == "botorch" else {}
+                if (_tutorial_label({"strategy": strategy, "noise": noise, "options": options}), seed) in done:
                     continue
-                row = tutorial_run(strategy, seed, noise=args.tutorial_noise)
+                row = tutorial_run(strategy, seed, noise=args.tutorial_noise, botorch_options=options)
                 print(json.dumps(row), flush=True)
                 with args.out.open("a") as f:
                     f.write(json.dumps(row) + "\n")
