@@ -365,7 +365,9 @@ def test_the_write_ahead_log_is_checkpointed_beside_the_writer_and_stays_bounded
         checkpointer._thread.join()
     written = sum(len(b) for (b,) in sqlite3.connect(path).execute("SELECT data FROM qd_segments"))
     assert written > 5 * 2**20  # the run wrote many times the checkpoint interval
-    assert os.path.getsize(f"{path}-wal") < written / 3  # a log that was never restarted holds it all
+    # A log that was never restarted holds it all; restarted, it stays near a few checkpoint intervals
+    # whatever the run's size (1.8 MB at 14 and 56 MB written here), more on a loaded machine (5 MB).
+    assert os.path.getsize(f"{path}-wal") < written / 2
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA page_size").fetchone()[0] == qd.record.SQLITE_PAGE_SIZE
     assert int(Store.open(f"sqlite:///{path}", "w").columns().finished.sum()) == 60_000
