@@ -225,6 +225,11 @@ class Checkpointer:
             self._thread = threading.Thread(target=self._checkpoint, name="qd-wal-checkpoint", daemon=True)
             self._thread.start()
 
+    def join(self) -> None:
+        """Wait for the checkpoint in progress, if any."""
+        if self._thread is not None:
+            self._thread.join()
+
     def _checkpoint(self) -> None:
         try:
             with self.engine.connect() as conn:
@@ -357,6 +362,15 @@ class Record:
                                   .values(owner=token, owner_info=json.dumps(info), heartbeat=time.time()))
             return result.rowcount == 1
 
+    def note_owner(self, token: str, key: str, value: Any) -> None:
+        """Add ``key: value`` (JSON) to the owner's info, if ``token`` still holds the claim."""
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(RUNS.c.owner_info).where(RUNS.c.id == self.run_id, RUNS.c.owner == token)).first()
+            if row is not None:
+                info = {**(json.loads(row[0]) if row[0] else {}), key: value}
+                conn.execute(RUNS.update().where(RUNS.c.id == self.run_id, RUNS.c.owner == token)
+                             .values(owner_info=json.dumps(info)))
+
     def release(self, token: str) -> None:
         """Give up the claim, if ``token`` still holds it (otherwise nothing changes)."""
         with self.engine.begin() as conn:
@@ -377,26 +391,42 @@ class Record:
         Raises:
             sqlalchemy.exc.SQLAlchemyError: The database refused the transaction; nothing was written.
         """
-        nbytes = 0
+        if finished is not None and len(finished):
+            self.write_segment(encode_segment(finished), len(finished), int(finished.number.max()), started, ended,
+                               heartbeat_of)
+        else:
+            self.write_segment(None, 0, -1, started, ended, heartbeat_of)
+
+    def write_segment(self, data: bytes | None, n: int, max_number: int, started: Sequence[tuple[int, str]] = (),
+                      ended: Sequence[int] = (), heartbeat_of: str | None = None) -> None:
+        """``write`` with the finished trials already encoded (``encode_segment``): what the record
+        writer process (``qd.record_writer``) is handed.
+
+        Args:
+            data: The segment of ``n`` finished trials, or None for none.
+            n: Its number of trials.
+            max_number: The largest trial number in it.
+            started, ended, heartbeat_of: As for ``write``.
+
+        Raises:
+            sqlalchemy.exc.SQLAlchemyError: The database refused the transaction; nothing was written.
+        """
         with self.engine.begin() as conn:
-            if finished is not None and len(finished):
-                data = encode_segment(finished)
-                nbytes = len(data)
-                conn.execute(SEGMENTS.insert().values(run_id=self.run_id, n=len(finished),
-                                                      max_number=int(finished.number.max()), data=data))
+            if data is not None:
+                conn.execute(SEGMENTS.insert().values(run_id=self.run_id, n=n, max_number=max_number, data=data))
             if ended:
                 ended = [int(x) for x in ended]
                 for i in range(0, len(ended), 500):
                     conn.execute(RUNNING_ROWS.delete().where(RUNNING_ROWS.c.run_id == self.run_id,
                                                              RUNNING_ROWS.c.number.in_(ended[i:i + 500])))
             if started:
-                conn.execute(RUNNING_ROWS.insert(), [{"run_id": self.run_id, "number": int(n), "data": d}
-                                                     for n, d in started])
+                conn.execute(RUNNING_ROWS.insert(), [{"run_id": self.run_id, "number": int(k), "data": d}
+                                                     for k, d in started])
             if heartbeat_of is not None:
                 conn.execute(RUNS.update().where(RUNS.c.id == self.run_id, RUNS.c.owner == heartbeat_of)
                              .values(heartbeat=time.time()))
         if self._checkpointer is not None:
-            self._checkpointer.wrote(nbytes)
+            self._checkpointer.wrote(0 if data is None else len(data))
 
     def set_attr(self, key: str, value: Any) -> None:
         """Store ``value`` (JSON; numpy scalars as numbers, other objects as strings) under ``key``,

@@ -48,6 +48,8 @@ from evaluators.base import Evaluator, Job, Outcome
 from qd.columns import COMPLETE, FAILED, ORIGIN_REQUEUE, ORIGIN_STRATEGY, Columns, ColumnsBuilder, dumps_metadata
 from qd.experiment import ExperimentError
 from qd.problem import BatchEvaluation, EvaluationError, Problem
+from qd.processes import alive, identity
+from qd.processes import process_start as _process_start  # noqa: F401 (tests read it here)
 from qd.results import hypervolume, pareto_front_mask, reference_point_of_values
 from qd.space import Config
 from qd.stopping import StopOnSignals, mark_stale
@@ -66,6 +68,8 @@ EXPENSIVE_S = 1.0
 #: progress) is paid once for up to 16 pyribs-sized batches. A kill can cost a block more.
 BLOCK_ROWS = 4096
 BLOCK_S = 0.02
+#: A vectorised run with this many evaluations to go starts the record writer process at once.
+EAGER_WRITER_ROWS = 100_000
 #: The arrays ``step_batch`` sets in full for every row of a block (each batch, ``_fill``, the cells).
 BATCH_WRITES = ("number", "raw", "seed", "t_start", "t_end", "state", "cell")
 #: A claim whose heartbeat is older than this is taken as dead (drivers on other hosts).
@@ -80,41 +84,16 @@ class RunInUse(ExperimentError):
 _LIVE_RUNS: set[str] = set()
 
 
-def _process_start(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks since boot) of process ``pid`` from /proc, or None where unreadable."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return fields[0], int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def driver_identity(token: str) -> dict[str, object]:
     """What a trial records about the driver that starts it."""
-    stat = _process_start(os.getpid())
-    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": stat[1] if stat else None, "token": token}
+    return {**identity(os.getpid()), "token": token}
 
 
 def driver_alive(driver: dict[str, object] | None) -> bool:
     """Whether the driver that started a trial is still running (known on its own host only)."""
-    if not driver or driver.get("host") != socket.gethostname() or not isinstance(driver.get("pid"), int):
-        return False
-    pid = driver["pid"]
-    if pid == os.getpid():
+    if driver and driver.get("pid") == os.getpid() and driver.get("host") == socket.gethostname():
         return driver.get("token") in _LIVE_RUNS
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        pass
-    stat = _process_start(pid)
-    if stat is None:
-        return True
-    state, started = stat
-    # A zombie is dead; a different start time means the pid was reused by another process.
-    return state not in ("Z", "X") and (driver.get("pid_start") is None or started == driver["pid_start"])
+    return alive(driver)
 
 
 @dataclass
@@ -303,6 +282,8 @@ def claim_run(store: Store, token: str, driver: dict[str, Any], drivers_in_fligh
         here = bool(owner_info) and owner_info.get("host") == socket.gethostname()
         if here and driver_alive(owner_info):
             raise refuse(owner_info, "it holds the run's claim")
+        if here and alive(owner_info.get("writer")):  # a write of the dead driver may still land
+            raise refuse(owner_info, f"its record writer (pid {owner_info['writer']['pid']}) is still writing")
         if not here and heartbeat is not None and time.time() - heartbeat < CLAIM_STALE_S:
             raise refuse(owner_info, f"its heartbeat is {time.time() - heartbeat:.0f} s old")
     busy = [d for d in drivers_in_flight if d and driver_alive(d)]
@@ -776,6 +757,8 @@ class _Loop:
         del history  # the state holds its own copy, with room for the budget
         self.progress = _Progress(self.store, self.problem, self.strategy, self.budget, self.state, self.show_progress)
         self.store.autoflush = False
+        if self.vectorised and self.budget - self.state.n_finished >= EAGER_WRITER_ROWS:
+            self.store.start_writer()
         stop = None
         try:
             self.evaluator.start(self.problem, self.workers, self.timeout_s)

@@ -33,6 +33,8 @@ from qd.columns import (COMPLETE, FAILED, ORIGIN_CODES, ORIGIN_NAMES, RUNNING, S
                         dumps_metadata)
 from qd.problem import Problem
 from qd.record import Record, engine_for, sqlite_pragmas, running_json, running_row
+from qd.processes import identity
+from qd.record_writer import RecordWriter
 from qd.space import Config
 from qd.storage_url import RunNotFound, check_run_name, check_storage, mask  # noqa: F401 (RunNotFound: re-exported)
 
@@ -45,6 +47,9 @@ MAX_REASON_CHARS = 4000
 MAX_FLUSH_SHARE = 0.05
 #: While a write is landing, a cheap flush that falls due waits for it; callers poll this often.
 WRITER_POLL_S = 0.005
+#: The record writer process (``qd.record_writer``) starts once the run loop has spent this long
+#: writing cheap flushes itself: a short run never pays for a process (about a second of CPU).
+WRITER_AFTER_S = 0.3
 #: The owner's heartbeat is refreshed with a flush at most this often.
 HEARTBEAT_S = 5.0
 
@@ -217,8 +222,9 @@ class Store:
         self.n_flushes = 0
         self._blank: Columns | None = None  # a blank row to copy (``_finished_row``)
         self._raws: dict[int, np.ndarray] = {}  # raw rows of trials started here, until they finish
-        self._writer: Any = None  # a one-thread executor for flush(wait=False), made on first use
-        self._write: Any = None  # the write in flight (a Future)
+        self._writer: RecordWriter | None = None  # writes flush(wait=False) beside the loop; made on first use
+        self._writer_warned = False
+        self._own_write_s = 0.0  # time spent writing flush(wait=False)s here (``WRITER_AFTER_S``)
         self._flush_cost = 0.0
         self._last_heartbeat = 0.0
 
@@ -420,7 +426,7 @@ class Store:
 
     def _writing(self) -> bool:
         """Whether a ``flush(wait=False)`` write is still landing."""
-        return self._write is not None and not self._write.done()
+        return self._writer is not None and self._writer.busy()
 
     def maybe_flush(self, wait: bool = True) -> bool:
         """``flush`` if due.
@@ -443,14 +449,16 @@ class Store:
     def flush(self, wait: bool = True) -> None:
         """Write everything buffered in one transaction.
 
-        ``wait=False`` hands the transaction to a writer thread and returns at once (the database's
-        I/O then overlaps the caller's work): the run loop does so for cheap outcomes. At most one
-        such write is in flight; every other call of this store (a flush, a read) waits for it
-        first, and re-raises its error. A kill before it lands costs those outcomes, as it would
-        have cost them unflushed: the transaction lands whole or not at all.
+        ``wait=False`` hands the transaction to the record writer process (``qd.record_writer``)
+        and returns at once (the database's I/O then overlaps the caller's work, without slowing
+        it): the run loop does so for cheap outcomes. At most one such write is in flight; every
+        other call of this store (a flush, a read) waits for it first, and re-raises its error. A
+        kill before it lands costs those outcomes, as it would have cost them unflushed: the
+        transaction lands whole or not at all. Until the run has spent ``WRITER_AFTER_S`` on such
+        writes, and while the process starts (about a second), they are written here.
 
         Args:
-            wait: False writes in the writer thread and returns at once.
+            wait: False writes in the record writer process and returns at once.
 
         Raises:
             Exception: The database's error from this write, or from the previous
@@ -461,18 +469,16 @@ class Store:
         buf = self._buffer
         if not buf and self.owner is None:
             return
-        finished = Columns.concat(buf.finished) if buf.finished else None
         started = [(n, v if isinstance(v, str) else running_json(*v)) for n, v in buf.started.items()]
         beat = self.owner is not None and t0 - self._last_heartbeat >= HEARTBEAT_S
-        args = (finished, started, buf.ended, self.owner if beat else None)
-        if wait:
-            self.record.write(*args)
+        writer = None if wait else self._ready_writer()
+        if writer is None:
+            finished = Columns.concat(buf.finished) if buf.finished else None
+            self.record.write(finished, started, buf.ended, self.owner if beat else None)
+            if not wait:
+                self._own_write_s += time.monotonic() - t0
         else:
-            if self._writer is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qd-record-writer")
-            self._write = self._writer.submit(self.record.write, *args)
+            writer.submit(buf.finished, started, buf.ended, self.owner if beat else None)
         if beat:
             self._last_heartbeat = t0
         self._in_db_running.update(buf.started)
@@ -480,20 +486,40 @@ class Store:
         self.n_flushes += 1
         self._flush_cost = time.monotonic() - t0
 
+    def start_writer(self) -> None:
+        """Start the record writer process now rather than after ``WRITER_AFTER_S`` (a run known to
+        be long and cheap: it is then ready by the time the first flushes fall due)."""
+        if self._writer is None:
+            self._writer = RecordWriter(record_url(self.storage), self.record.run_id, self.dims)
+            if self.owner is not None and self._writer.pid is not None:
+                # A claim is refused while it lives: a write of a dead driver's may still land.
+                self.record.note_owner(self.owner, "writer", identity(self._writer.pid))
+
+    def _ready_writer(self) -> RecordWriter | None:
+        """The record writer process, started on first use; None while it starts, or if it cannot
+        (then the caller writes, as with ``wait=True``, and a warning says why once)."""
+        if self._writer is None:
+            if self._own_write_s < WRITER_AFTER_S:
+                return None
+            self.start_writer()
+        if self._writer.ready():
+            return self._writer
+        if self._writer.failed is not None and not self._writer_warned:
+            self._writer_warned = True
+            warnings.warn(f"qd: flushes are written in the run loop's process ({self._writer.failed})",
+                          RuntimeWarning, stacklevel=3)
+        return None
+
     def wait_writes(self) -> None:
         """Wait for the write in flight (``flush(wait=False)``), re-raising its error."""
-        write, self._write = self._write, None
-        if write is not None:
-            write.result()
+        if self._writer is not None:
+            self._writer.wait()
 
     def close_writer(self) -> None:
-        """Wait for the write in flight and stop the writer thread (the run loop, at its end)."""
-        try:
-            self.wait_writes()
-        finally:
-            if self._writer is not None:
-                self._writer.shutdown(wait=True)
-                self._writer = None
+        """Wait for the write in flight and stop the writer process (the run loop, at its end)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
 
     # Single-trial forms, for scripts, tests and the per-configuration run loop.
     def start(self, params: Config, distributions: dict | None = None, *, origin: str = "strategy", seed: int = 0,

@@ -78,11 +78,20 @@ def test_kill_at_a_random_moment_then_resume_gives_exactly_the_budget(tmp_path, 
             assert time.monotonic() < deadline
             time.sleep(0.05)
         time.sleep(delay_s)
+        writer = (Store.open(storage, "k").record.owner()[1] or {}).get("writer")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
+    from qd.processes import alive
+
+    # Its record writer process died with it (a write in flight lands whole or not at all).
+    assert writer is not None
+    deadline = time.monotonic() + 5
+    while alive(writer) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not alive(writer)
     with sqlite3.connect(tmp_path / "k.db") as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     before = Store.open(storage, "k").columns()
@@ -411,3 +420,56 @@ def test_failures_inside_a_block_are_recorded_with_their_reasons_and_the_run_goe
     assert all(reasons[i].startswith("invalid result: values [nan]") for i in first)
     assert all(reasons[i] == "the last row broke" for i in last)
     assert int(cols.complete.sum()) == 2000 - 300 - 2 * len(ok_batches)
+
+
+def test_cheap_flushes_go_through_the_writer_process_which_stops_with_the_run(tmp_path, monkeypatch):
+    """A long cheap run hands its flushes to the record writer process (``qd.record_writer``): the
+    claim names it while it lives (a resume waits for it), the record holds every outcome once,
+    and the process is gone when the run returns."""
+    import qd.store
+    from qd.processes import alive
+    from qd.run import Listener
+
+    monkeypatch.setattr(qd.store, "WRITER_AFTER_S", 0.0)  # the per-configuration path starts it lazily
+    problem = get_problem("sphere", dim=4)
+    info = RunInfo(name="wp", problem="sphere", problem_options=problem.options, strategy="random",
+                   strategy_options={}, seed=0)
+    store = Store.create(f"sqlite:///{tmp_path}/wp.db", info, problem)
+    seen: list[dict] = []
+
+    class Watch(Listener):
+        every_s = 0.0
+
+        def update(self, state):
+            writer = (store.record.owner()[1] or {}).get("writer")
+            if writer is not None:
+                seen.append(writer)
+                assert alive(writer)
+
+    report = run(problem, get_strategy("random", problem, seed=0), make_evaluator("inprocess"), store, budget=3000,
+                 progress=False, listeners=[Watch()])
+    assert report.finished == 3000
+    assert seen, "the writer process never took a flush"
+    assert not alive(seen[-1])  # it stopped with the run
+    cols = Store.open(store.storage, "wp").columns()
+    assert cols.counts() == {"n_complete": 3000, "n_failed": 0, "n_stale": 0, "n_running": 0}
+    assert np.array_equal(cols.number, np.arange(3000))
+
+
+def test_a_claim_waits_for_the_record_writer_of_a_dead_driver(tmp_path, capsys):
+    """A driver's writer process may still be landing its last write when the driver is gone (where
+    it does not die with its driver): the run is not taken over while it lives."""
+    storage = f"sqlite:///{tmp_path}/wd.db"
+    _killed_run(storage, "wd")
+    store = Store.open(storage, "wd")
+    from qd.processes import identity
+
+    # The dead driver of this host, whose writer (here: this test's parent process) still runs.
+    dead = {**identity(os.getpid()), "pid": 2**22 + 7, "token": "dead"}
+    store.record.release("dead")
+    assert store.record.claim("dead", dead, expected=None)
+    store.record.note_owner("dead", "writer", identity(os.getppid()))
+    capsys.readouterr()
+    assert main(["run", "--resume", "--name", "wd", "--storage", storage, "--budget", "20", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "record writer" in err and "still writing" in err and "Traceback" not in err
