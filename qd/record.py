@@ -391,29 +391,11 @@ class Record:
         Raises:
             sqlalchemy.exc.SQLAlchemyError: The database refused the transaction; nothing was written.
         """
-        if finished is not None and len(finished):
-            self.write_segment(encode_segment(finished), len(finished), int(finished.number.max()), started, ended,
-                               heartbeat_of)
-        else:
-            self.write_segment(None, 0, -1, started, ended, heartbeat_of)
-
-    def write_segment(self, data: bytes | None, n: int, max_number: int, started: Sequence[tuple[int, str]] = (),
-                      ended: Sequence[int] = (), heartbeat_of: str | None = None) -> None:
-        """``write`` with the finished trials already encoded (``encode_segment``): what the record
-        writer process (``qd.record_writer``) is handed.
-
-        Args:
-            data: The segment of ``n`` finished trials, or None for none.
-            n: Its number of trials.
-            max_number: The largest trial number in it.
-            started, ended, heartbeat_of: As for ``write``.
-
-        Raises:
-            sqlalchemy.exc.SQLAlchemyError: The database refused the transaction; nothing was written.
-        """
+        data = encode_segment(finished) if finished is not None and len(finished) else None
         with self.engine.begin() as conn:
             if data is not None:
-                conn.execute(SEGMENTS.insert().values(run_id=self.run_id, n=n, max_number=max_number, data=data))
+                conn.execute(SEGMENTS.insert().values(run_id=self.run_id, n=len(finished),
+                                                      max_number=int(finished.number.max()), data=data))
             if ended:
                 ended = [int(x) for x in ended]
                 for i in range(0, len(ended), 500):

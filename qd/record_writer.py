@@ -4,16 +4,18 @@ Why a process and not a thread: a writer thread in the driver's process slowed t
 numpy and pyribs work by about 60% on two cores (measured: a 10^6-evaluation map-elites run took
 7.8 s with it, 4.5 s with no writes), though it held the interpreter lock for a twentieth of the
 time; the same writes from a separate process cost the loop nothing measurable. So the driver
-encodes each flush's segment (``qd.record.encode_segment``) and hands it, with the in-flight rows
-and the heartbeat, through a pipe to this process, which runs ``Record.write_segment`` on a
-connection of its own and answers when the transaction has landed.
+hands each flush's finished trials (their arrays as they are, pickle's out-of-band buffers), its
+in-flight rows and the heartbeat through a pipe to this process, which encodes the segment, runs
+``Record.write`` on a connection of its own and answers when the transaction has landed.
 
 Guarantees, as for a write in the driver: one flush is one transaction, landed whole or not at all;
 at most one write is in flight; the driver's next flush, read or close waits for it and re-raises
 its error. The child dies with the driver (``PR_SET_PDEATHSIG``), and exits once the driver closes
 the pipe, after the transaction in progress, if any, has landed; it ignores SIGINT (a Ctrl-C
 reaches the driver, which stops the run and closes the writer in order). A kill -9 of the driver
-therefore costs the write in flight, as it would have cost those outcomes unflushed.
+therefore costs at most the write in flight (it lands whole or not at all), as it would have cost
+those outcomes unflushed; where the child outlives its driver (no ``PR_SET_PDEATHSIG``), the run's
+claim names it and a resume waits for it (``qd.run.claim_run``).
 
 Run as ``python -m qd.record_writer READ_FD WRITE_FD DRIVER_PID``; the driver side is ``RecordWriter``.
 """
@@ -27,9 +29,9 @@ import signal
 import subprocess
 import sys
 import weakref
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
