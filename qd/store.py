@@ -461,8 +461,8 @@ class Store:
             wait: False writes in the record writer process and returns at once.
 
         Raises:
-            Exception: The database's error from this write, or from the previous
-                ``wait=False`` write.
+            Exception: The database's error from this write; ``qd.record_writer.RecordWriteError``
+                for the previous ``wait=False`` write (with the database's error in its message).
         """
         t0 = time.monotonic()
         self.wait_writes()  # part of this flush's cost: the interval stretches when the disk is slow
