@@ -86,8 +86,26 @@ def _arrow(a: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(_PA_TYPES[a.dtype], len(a), [None, pa.py_buffer(a)])
 
 
-def encode_segment(cols: Columns) -> bytes:
-    """n finished trials -> one Arrow IPC stream (one column per scalar field and matrix column)."""
+def _strings(values: Sequence[str | None]) -> pa.Array:
+    """A string column built from its buffers: ``pa.array`` on a list imports pandas on first use
+    (a third of a second at the start of the record writer process, which needs nothing else of it)."""
+    n = len(values)
+    present = np.fromiter((v is not None for v in values), dtype=bool, count=n)
+    if not present.any():
+        return pa.nulls(n, pa.string())
+    data = [v.encode() if v is not None else b"" for v in values]
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, data), dtype=np.int64, count=n), out=offsets[1:])
+    if offsets[-1] >= 2**31:
+        raise ValueError(f"a block's texts (metadata, failure reasons) hold {offsets[-1]} bytes; allowed: under 2 GiB")
+    offsets = offsets.astype(np.int32)
+    valid = None if present.all() else pa.py_buffer(np.packbits(present, bitorder="little"))
+    return pa.Array.from_buffers(pa.string(), n, [valid, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))],
+                                 null_count=int(n - present.sum()))
+
+
+def _batch(cols: Columns) -> pa.RecordBatch:
+    """n finished trials -> one Arrow record batch (one column per scalar field and matrix column)."""
     arrays, names = [], []
     for name in _SCALARS:
         arrays.append(_arrow(getattr(cols, name)))
@@ -98,14 +116,22 @@ def encode_segment(cols: Columns) -> bytes:
         if width:  # one fixed-size list column per matrix: one buffer, not one per matrix column
             arrays.append(pa.FixedSizeListArray.from_arrays(_arrow(matrix.reshape(-1)), width))
             names.append(prefix)
-    arrays.append(pa.array(cols.metadata, type=pa.string()))
-    arrays.append(pa.array(cols.reason, type=pa.string()))
+    arrays += [_strings(cols.metadata), _strings(cols.reason)]
     names += ["metadata", "reason"]
-    batch = pa.RecordBatch.from_arrays(arrays, names=names)
+    return pa.RecordBatch.from_arrays(arrays, names=names)
+
+
+def encode_segment(blocks: Columns | Sequence[Columns]) -> pa.Buffer:
+    """Finished trials -> one Arrow IPC stream, one record batch per block (the blocks a run loop
+    finished, written as they are: no concatenated copy of them). The buffer is what is stored
+    (a bytes-like object; no copy into ``bytes`` either)."""
+    blocks = [blocks] if isinstance(blocks, Columns) else [b for b in blocks if len(b)]
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, batch.schema, options=_IPC_OPTIONS) as writer:
-        writer.write_batch(batch)
-    return sink.getvalue().to_pybytes()
+    batches = [_batch(b) for b in blocks]
+    with pa.ipc.new_stream(sink, batches[0].schema, options=_IPC_OPTIONS) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    return sink.getvalue()
 
 
 def decode_segments(blobs: Iterable[bytes], dims: tuple[int, int, int, int], n: int | None = None) -> Columns:
@@ -378,12 +404,13 @@ class Record:
                          .values(owner=None, owner_info=None, heartbeat=None))
 
     # --- writing ----------------------------------------------------------------------------
-    def write(self, finished: Columns | None, started: Sequence[tuple[int, str]] = (),
+    def write(self, finished: Columns | Sequence[Columns] | None, started: Sequence[tuple[int, str]] = (),
               ended: Sequence[int] = (), heartbeat_of: str | None = None) -> None:
         """Write in one transaction, which lands whole or not at all.
 
         Args:
-            finished: Finished trials, written as one segment (None or empty: none).
+            finished: Finished trials, written as one segment: ``Columns``, or the blocks they
+                came in (None or empty: none).
             started: In-flight rows to insert, as ``(number, JSON)`` pairs.
             ended: Numbers of in-flight rows to delete (their trials finished).
             heartbeat_of: Refresh the heartbeat if this token owns the run.
@@ -391,11 +418,13 @@ class Record:
         Raises:
             sqlalchemy.exc.SQLAlchemyError: The database refused the transaction; nothing was written.
         """
-        data = encode_segment(finished) if finished is not None and len(finished) else None
+        blocks = [] if finished is None else [finished] if isinstance(finished, Columns) else list(finished)
+        blocks = [b for b in blocks if len(b)]
+        data = memoryview(encode_segment(blocks)) if blocks else None
         with self.engine.begin() as conn:
             if data is not None:
-                conn.execute(SEGMENTS.insert().values(run_id=self.run_id, n=len(finished),
-                                                      max_number=int(finished.number.max()), data=data))
+                conn.execute(SEGMENTS.insert().values(run_id=self.run_id, n=sum(len(b) for b in blocks),
+                                                      max_number=max(int(b.number.max()) for b in blocks), data=data))
             if ended:
                 ended = [int(x) for x in ended]
                 for i in range(0, len(ended), 500):
@@ -408,7 +437,7 @@ class Record:
                 conn.execute(RUNS.update().where(RUNS.c.id == self.run_id, RUNS.c.owner == heartbeat_of)
                              .values(heartbeat=time.time()))
         if self._checkpointer is not None:
-            self._checkpointer.wrote(0 if data is None else len(data))
+            self._checkpointer.wrote(0 if data is None else data.nbytes)
 
     def set_attr(self, key: str, value: Any) -> None:
         """Store ``value`` (JSON; numpy scalars as numbers, other objects as strings) under ``key``,

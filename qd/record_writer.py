@@ -17,7 +17,8 @@ therefore costs at most the write in flight (it lands whole or not at all), as i
 those outcomes unflushed; where the child outlives its driver (no ``PR_SET_PDEATHSIG``), the run's
 claim names it and a resume waits for it (``qd.run.claim_run``).
 
-Run as ``python -m qd.record_writer READ_FD WRITE_FD DRIVER_PID``; the driver side is ``RecordWriter``.
+The child runs ``_child(READ_FD, WRITE_FD, DRIVER_PID)`` (``_BOOT``; ``python -m qd.record_writer`` runs it
+too); the driver side is ``RecordWriter``.
 """
 
 from __future__ import annotations
@@ -68,13 +69,10 @@ class RecordWriter:
         self._in, from_child = os.pipe()
         for fd in (to_child, self._out):
             _widen(fd)
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parent.parent)  # qd importable as the driver imports it
-        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
         try:
             self._proc: subprocess.Popen | None = subprocess.Popen(
-                [sys.executable, "-m", "qd.record_writer", str(to_child), str(from_child), str(os.getpid())],
-                pass_fds=(to_child, from_child), stdin=subprocess.DEVNULL, env=env)
+                [sys.executable, "-c", _BOOT, str(Path(__file__).resolve().parent), str(to_child), str(from_child),
+                 str(os.getpid())], pass_fds=(to_child, from_child), stdin=subprocess.DEVNULL)
         except OSError:
             self._proc = None
         os.close(to_child)
@@ -258,7 +256,6 @@ def main(argv: list[str]) -> int:
     try:
         url, run_id, dims, checkpoint_bytes = pickle.loads(recv.recv_bytes())
         from qd import record
-        from qd.columns import Columns
 
         record.WAL_AUTOCHECKPOINT_BYTES = checkpoint_bytes
         rec = record.Record(record.engine_for(url), run_id, dims)
@@ -279,7 +276,7 @@ def main(argv: list[str]) -> int:
             break
         try:
             blocks, started, ended, heartbeat_of = pickle.loads(message[4:], buffers=buffers)
-            rec.write(Columns.concat(blocks) if blocks else None, started, ended, heartbeat_of)
+            rec.write(blocks, started, ended, heartbeat_of)  # one record batch per block: no concatenated copy
             reply = _OK
         except Exception as e:
             reply = _error(e)
@@ -293,10 +290,20 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    code = main(sys.argv[1:])
+def _child(argv: list[str]) -> None:
+    code = main(argv)
     sys.stdout.flush()
     sys.stderr.flush()
     # Everything is committed and closed: skip the interpreter's teardown of the modules qd
     # imports (a third of a second, which the driver's close would wait for).
     os._exit(code)
+
+
+#: The child's start: the ``qd`` package as a bare namespace over its folder, so that importing
+#: ``qd.record`` does not run ``qd/__init__`` (which imports Optuna and the whole public API:
+#: half a second of CPU at each run's start, taken from the run loop on a busy machine).
+_BOOT = ("import sys, types; qd = types.ModuleType('qd'); qd.__path__ = [sys.argv[1]]; sys.modules['qd'] = qd; "
+         "from qd.record_writer import _child; _child(sys.argv[2:])")
+
+if __name__ == "__main__":
+    _child(sys.argv[1:])

@@ -473,8 +473,7 @@ class Store:
         beat = self.owner is not None and t0 - self._last_heartbeat >= HEARTBEAT_S
         writer = None if wait else self._ready_writer()
         if writer is None:
-            finished = Columns.concat(buf.finished) if buf.finished else None
-            self.record.write(finished, started, buf.ended, self.owner if beat else None)
+            self.record.write(buf.finished, started, buf.ended, self.owner if beat else None)
             if not wait:
                 self._own_write_s += time.monotonic() - t0
         else:
