@@ -422,15 +422,20 @@ def test_failures_inside_a_block_are_recorded_with_their_reasons_and_the_run_goe
     assert int(cols.complete.sum()) == 2000 - 300 - 2 * len(ok_batches)
 
 
-def test_cheap_flushes_go_through_the_writer_process_which_stops_with_the_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stage_bytes", [None, 256], ids=["staged", "through-the-pipe"])
+def test_cheap_flushes_go_through_the_writer_process_which_stops_with_the_run(tmp_path, monkeypatch, stage_bytes):
     """A long cheap run hands its flushes to the record writer process (``qd.record_writer``): the
     claim names it while it lives (a resume waits for it), the record holds every outcome once,
-    and the process is gone when the run returns."""
+    and the process is gone when the run returns; so too when the flushes' arrays do not fit the
+    staging area and go through the pipe."""
+    import qd.record_writer
     import qd.store
     from qd.processes import alive
     from qd.run import Listener
 
     monkeypatch.setattr(qd.store, "WRITER_AFTER_S", 0.0)  # the per-configuration path starts it lazily
+    if stage_bytes is not None:
+        monkeypatch.setattr(qd.record_writer, "STAGE_BYTES", stage_bytes)
     problem = get_problem("sphere", dim=4)
     info = RunInfo(name="wp", problem="sphere", problem_options=problem.options, strategy="random",
                    strategy_options={}, seed=0)
