@@ -78,7 +78,11 @@ class RecordWriter:
             _widen(fd)
         stage_fd = _memfd(STAGE_BYTES)
         #: The driver's view of the staging area (None: every flush goes through the pipe).
-        self._stage_map = None if stage_fd < 0 else mmap.mmap(stage_fd, STAGE_BYTES)
+        try:
+            self._stage_map = None if stage_fd < 0 else mmap.mmap(stage_fd, STAGE_BYTES)
+        except (OSError, ValueError):  # no staging: the pipe carries everything
+            os.close(stage_fd)
+            stage_fd, self._stage_map = -1, None
         self._stage = None if self._stage_map is None else memoryview(self._stage_map)
         try:
             self._proc: subprocess.Popen | None = subprocess.Popen(
@@ -245,6 +249,8 @@ def _close_open() -> None:
 
 def _memfd(size: int) -> int:
     """An anonymous shared file of ``size`` bytes to pass to the child (-1 where there is none)."""
+    if size <= 0:
+        return -1
     try:
         fd = os.memfd_create("qd-record-stage")
     except (AttributeError, OSError):
@@ -307,12 +313,12 @@ def main(argv: list[str]) -> int:
     read_fd, write_fd, parent, *rest = (int(a) for a in argv)
     _die_with(parent)
     stage_fd = rest[0] if rest else -1
-    stage = None if stage_fd < 0 else memoryview(mmap.mmap(stage_fd, os.fstat(stage_fd).st_size))
     for sig in (signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     recv, send = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     try:
         url, run_id, dims, checkpoint_bytes = pickle.loads(recv.recv_bytes())
+        stage = None if stage_fd < 0 else memoryview(mmap.mmap(stage_fd, os.fstat(stage_fd).st_size))  # the driver's size
         from qd import record
 
         record.WAL_AUTOCHECKPOINT_BYTES = checkpoint_bytes
