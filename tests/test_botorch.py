@@ -606,3 +606,65 @@ def test_cli_botorch_beats_random_on_branin_currin(tmp_path):
             main(["show", "--storage", storage, "--name", strategy, "--json"])
         hv[strategy] = json.loads(buf.getvalue())["hypervolume"]
     assert hv["botorch"] > hv["random"] + 10, hv
+
+
+# --- qLogNEHVI without recomputing the baseline's posterior ----------------------------------
+def _nehvi_case(case: str) -> tuple[BoTorch, torch.Tensor]:
+    """A fitted strategy of each model kind the cached path covers, and its pending points."""
+    if case == "near-deterministic":  # f1 = x0 is learned almost exactly: BoTorch's low-rank update fails
+        s, _ = _run_with_failures(avoid_failures=True)
+        return s, torch.empty(0, 2, dtype=torch.float64)
+    if case == "failures":  # ModelListGP: the batched objective GP and the failure label's GP (categorical kernels)
+        problem = MixedNet()
+        s = get_strategy("botorch", problem, seed=3, n_init=12, **LIGHT)
+        for i, c in enumerate(s.ask(12)):
+            if c["layers"] > 4:
+                s.tell(Trial(number=i, params=c, state="failed", reason="exception: boom"))
+            else:
+                _tell(s, problem, [c], start=i)
+        assert s._X_failed
+        return s, torch.empty(0, s.space.dim, dtype=torch.float64)
+    problem = {"continuous": TwoObjective, "pending": TwoObjective, "constrained": lambda: TwoObjective(True),
+               "conditional": Conditional, "cheap": WithCheap}[case]()
+    s = get_strategy("botorch", problem, seed=3, n_init=10, **LIGHT)
+    _tell(s, problem, s.ask(10))
+    pending = s.geometry.encode(s.ask(2)) if case == "pending" else torch.empty(0, s.space.dim, dtype=torch.float64)
+    return s, pending
+
+
+@pytest.mark.parametrize("case", ["continuous", "pending", "constrained", "conditional", "cheap", "failures",
+                                  "near-deterministic"])
+def test_cached_baseline_nehvi_matches_botorch_values_and_gradients(case):
+    """CachedBaselineLogNEHVI's candidate-only posterior gives BoTorch's qLogNEHVI values and
+    gradients (same base samples) for batched, single-output, mixed/conditional and model-list GPs;
+    where the candidates' covariance given the baseline is numerically not PSD (BoTorch then
+    samples the joint posterior), BoTorch's path runs and the values are its own."""
+    s, pending = _nehvi_case(case)
+    torch.manual_seed(0)
+    acqf = s._acquisition(pending)
+    assert type(acqf).__name__ == "CachedBaselineLogNEHVI" and acqf._cache_root
+    for batch in (1, 6):
+        X = torch.rand(batch, 1, s.space.dim, dtype=torch.float64, requires_grad=True)
+        acqf._fast_failed = False
+        fast = acqf(X)
+        if case != "near-deterministic":
+            assert acqf._fast is not None and not acqf._fast_failed  # the cached path ran
+        (g_fast,) = torch.autograd.grad(fast.sum(), X)
+        acqf._fast_failed = True  # BoTorch's own path
+        ref = acqf(X)
+        (g_ref,) = torch.autograd.grad(ref.sum(), X)
+        assert torch.allclose(fast, ref, rtol=1e-6, atol=1e-6), (fast, ref)
+        assert torch.allclose(g_fast, g_ref, rtol=1e-4, atol=1e-5), (g_fast, g_ref)
+
+
+def test_cached_baseline_nehvi_falls_back_to_botorch_for_other_models():
+    """A model the candidate terms do not cover (here a deterministic model in a ModelList) runs
+    BoTorch's path unchanged."""
+    from botorch.models import GenericDeterministicModel, ModelList
+
+    from qd.strategies._botorch_common import _supports_candidate_terms
+
+    s, _ = _nehvi_case("continuous")
+    model, _, _ = s._model()
+    assert _supports_candidate_terms(model)
+    assert not _supports_candidate_terms(ModelList(model, GenericDeterministicModel(lambda X: X[..., :1])))

@@ -29,16 +29,23 @@ import math
 
 import moocore
 import numpy as np
+import gpytorch
 import torch
 from botorch.acquisition import AcquisitionFunction
+from botorch.acquisition.multi_objective import qLogNoisyExpectedHypervolumeImprovement
 from botorch.acquisition.utils import _prune_inferior_shared_processing
 from botorch.exceptions.errors import ModelFittingError
 from botorch.exceptions.warnings import BadInitialCandidatesWarning, InputDataWarning, OptimizationWarning
 from botorch.fit import fit_gpytorch_mll
-from botorch.models import GenericDeterministicModel, MixedSingleTaskGP, SingleTaskGP
+from botorch.models import GenericDeterministicModel, MixedSingleTaskGP, ModelListGP, SingleTaskGP
 from botorch.models.model import Model
 from botorch.models.transforms.input import InputTransform
 from botorch.models.transforms.outcome import Standardize
+from botorch.models.utils.assorted import gpt_posterior_settings
+from botorch.utils.low_rank import _reshape_base_samples
+from botorch.utils.transforms import match_batch_shape
+from linear_operator.utils.cholesky import psd_safe_cholesky
+from linear_operator.utils.errors import NanError, NotPSDError
 from botorch.optim import optimize_acqf, optimize_acqf_mixed_alternating
 from botorch.optim.initializers import gen_batch_initial_conditions
 from gpytorch.mlls import ExactMarginalLogLikelihood
@@ -493,10 +500,184 @@ def prune_baseline(model: Model, X: Tensor, ref_point: Tensor, objective: Any = 
     return X[idcs] if len(idcs) else X
 
 
+class _CandidateTerms:
+    """The posterior terms of one exact GP (a ``SingleTaskGP``, one or several batched outputs)
+    that involve candidates, jointly with a fixed baseline whose own terms are computed once.
+
+    With ``S`` (the GP's cached root, ``S S^T = (K_TT + noise)^-1``, GPyTorch's ``covar_cache``)
+    and ``R_B = K_BT S``, the joint posterior's new blocks at candidates ``X`` are
+    ``cov(X, B) = K_XB - R_X R_B^T`` and ``cov(X, X) = K_XX - R_X R_X^T`` with ``R_X = K_XT S``,
+    and the mean is ``mu(X) + K_XT alpha`` (GPyTorch's ``mean_cache``): the equations GPyTorch
+    evaluates for the whole ``[B; X]`` at every call, here with the GP's own kernel, mean and
+    caches, so only the ``q`` candidate rows are computed per evaluation.
+    """
+
+    def __init__(self, gp: SingleTaskGP, X_baseline: Tensor):
+        """
+        Args:
+            gp: a fitted GP in eval mode (several outputs as a batched kernel, or one).
+            X_baseline: ``nb x d``, the acquisition's baseline (with any cached pending points).
+        """
+        with torch.no_grad(), gpt_posterior_settings():
+            if getattr(gp, "prediction_strategy", None) is None:  # built by the acquisition's first posterior, usually
+                gp.posterior(X_baseline[:1])
+            strategy = gp.prediction_strategy
+            self.gp = gp
+            self.batched = gp._num_outputs > 1
+            self.train = gp.train_inputs[0]  # (m x) n x d, already transformed
+            n = self.n = self.train.shape[-2]
+            # With an output dimension also for one output: m x n, m x n x n, m x nb x n.
+            self.alpha = strategy.mean_cache.detach().reshape(-1, n)
+            self.root = strategy.covar_cache.detach().reshape(-1, n, n)
+            B = self._inputs(X_baseline)
+            self.nb = B.shape[-2]
+            K_BT = gp.covar_module(B, self.train).to_dense().reshape(-1, self.nb, n)
+            self.R_B = K_BT @ self.root
+            # train and baseline points as one kernel argument: one kernel call per evaluation
+            self.points = torch.cat([self.train, B.expand(*self.train.shape[:-2], *B.shape[-2:])], dim=-2)
+        tf = getattr(gp, "outcome_transform", None)
+        self.offset, self.scale = (None, None) if tf is None else (tf.means.reshape(-1), tf.stdvs.reshape(-1))  # m
+
+    def _inputs(self, X: Tensor) -> Tensor:
+        X = self.gp.transform_inputs(X)
+        return X.unsqueeze(-3) if self.batched else X  # an output batch dimension, as BoTorch's posterior
+
+    def __call__(self, X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The candidates' part of the joint posterior of ``[X_baseline; X]``, in the outcomes' units.
+
+        Args:
+            X: ``b x q x d`` candidates (untransformed, as the acquisition function gets them).
+
+        Returns:
+            The mean at ``X`` (``b x m x q``), ``cov(X, X_baseline)`` (``b x m x q x nb``) and
+            ``cov(X, X)`` (``b x m x q x q``), one block per output ``m``.
+        """
+        gp, n, nb = self.gp, self.n, self.nb
+        b, q = X.shape[:2]
+        Xt = self._inputs(X)
+        batch = torch.broadcast_shapes(Xt.shape[:-2], self.points.shape[:-2])
+        Xt = Xt.expand(*batch, *Xt.shape[-2:])
+        with gpytorch.settings.lazily_evaluate_kernels(False):  # GPyTorch's lazy kernel tensor costs more than the kernel
+            K = gp.covar_module(Xt, torch.cat([self.points.expand(*batch, *self.points.shape[-2:]), Xt], dim=-2))
+        K = K.to_dense().reshape(b, -1, q, n + nb + q)  # b x m x q x (n + nb + q)
+        mu = gp.mean_module(Xt).reshape(b, -1, q)
+        m = K.shape[1]
+        # Candidates as rows (m x bq x ...): a batch of b matrix products against the cached
+        # m x n x n root would copy the root b times.
+        K_cross = K[..., :n + nb].transpose(0, 1).reshape(m, b * q, n + nb)
+        K_XT = K_cross[..., :n]
+        R_X = K_XT @ self.root  # m x bq x n
+        mean = (K_XT @ self.alpha.unsqueeze(-1)).reshape(m, b, q).transpose(0, 1) + mu
+        cov_XB = (K_cross[..., n:] - R_X @ self.R_B.transpose(-1, -2)).reshape(m, b, q, nb).transpose(0, 1)
+        R_X = R_X.reshape(m, b, q, n).transpose(0, 1)
+        cov_XX = K[..., n + nb:] - R_X @ R_X.transpose(-1, -2)
+        if self.scale is not None:
+            s = self.scale.unsqueeze(-1)
+            mean = self.offset.unsqueeze(-1) + s * mean
+            cov_XB = cov_XB * (s * s).unsqueeze(-1)
+            cov_XX = cov_XX * (s * s).unsqueeze(-1)
+        return mean, cov_XB, cov_XX
+
+
+def _supports_candidate_terms(model: Model) -> bool:
+    """Exact GPs whose posterior ``_CandidateTerms`` reproduces (else BoTorch's own path runs)."""
+    if isinstance(model, ModelListGP):
+        return all(_supports_candidate_terms(m) for m in model.models)
+    tf = getattr(model, "outcome_transform", None)
+    return (isinstance(model, SingleTaskGP) and len(model._input_batch_shape) == 0
+            and not getattr(getattr(model, "input_transform", None), "is_one_to_many", False)
+            and (tf is None or (type(tf) is Standardize and tf._outputs is None)))
+
+
+class CachedBaselineLogNEHVI(qLogNoisyExpectedHypervolumeImprovement):
+    """``qLogNoisyExpectedHypervolumeImprovement`` that does not recompute the baseline's posterior
+    at every evaluation.
+
+    BoTorch 0.18 computes the joint posterior of the whole baseline and the candidates at each
+    call (its TODO in ``_compute_posterior_samples_and_concat_pending``), although with
+    ``cache_root`` only the candidates' rows of it are used (``sample_cached_cholesky``). Here
+    those rows come from ``_CandidateTerms`` (the baseline's terms computed once per acquisition
+    function), and the samples are drawn as ``sample_cached_cholesky`` draws them, with the
+    same base samples, so values agree with BoTorch's to rounding. The first evaluation (per
+    candidate count) runs BoTorch's path on one candidate batch to set the sampler up and checks
+    that both paths agree; on any disagreement, or for a model ``_CandidateTerms`` does not cover,
+    BoTorch's path is used throughout.
+    """
+
+    _fast: tuple[Any, ...] | None = None  # (baseline_L, q_in, per-model terms, base samples, m x nb x nb L)
+    _fast_failed = False
+
+    def _compute_posterior_samples_and_concat_pending(self, X: Tensor) -> tuple[Tensor, Tensor]:
+        if self.X_pending is not None:  # pending points not in the baseline (cache_pending off): as BoTorch
+            num_pending = self.X_pending.shape[-2]
+            uncached = (num_pending + self._X_baseline.shape[-2] - self.X_baseline.shape[-2]
+                        if self.cache_pending else num_pending)
+            if uncached:
+                X = torch.cat([X, match_batch_shape(self.X_pending[..., num_pending - uncached:, :], X)], dim=-2)
+        if (self._fast_failed or not self._cache_root or not hasattr(self, "_baseline_L")
+                or not _supports_candidate_terms(self.model)):
+            return super()._compute_posterior_samples_and_concat_pending(X)
+        q = X.shape[-2]
+        fast = self._fast
+        if fast is None or fast[0] is not self._baseline_L or fast[1] != q or self.q_in != q:
+            if not self._set_up_fast(X):
+                return super()._compute_posterior_samples_and_concat_pending(X)
+        try:
+            return self._fast_samples(X), X
+        except (NanError, NotPSDError):  # as sample_cached_cholesky: BoTorch's path, which falls back to full sampling
+            return super()._compute_posterior_samples_and_concat_pending(X)
+
+    def _terms(self, X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        parts = [t(X) for t in self._fast[2]]
+        return tuple(torch.cat(p, dim=1) for p in zip(*parts)) if len(parts) > 1 else parts[0]
+
+    def _fast_samples(self, X: Tensor) -> Tensor:
+        """``batch x q x d`` -> ``sample_shape x batch x q x m`` samples at ``X`` (see ``sample_cached_cholesky``)."""
+        batch, q = X.shape[:-2], X.shape[-2]
+        mean, bl, br = self._terms(X.reshape(-1, q, X.shape[-1]))
+        L = self._fast[4]
+        bl_chol = torch.linalg.solve_triangular(L, bl.transpose(-1, -2), upper=False).transpose(-1, -2)
+        br_chol = psd_safe_cholesky(br - bl_chol @ bl_chol.transpose(-1, -2), max_tries=6)
+        new_Lq = torch.cat([bl_chol, br_chol], dim=-1)  # b x m x q x (nb + q)
+        res = (new_Lq @ self._fast[3]).add(mean.unsqueeze(-1))  # b x m x q x S
+        res = res.permute(-1, 0, -2, -3)  # S x b x q x m
+        if not torch.isfinite(res).all():
+            raise NanError("Samples contain nans or infs.")
+        return res.reshape(*res.shape[:1], *batch, *res.shape[-2:])
+
+    def _set_up_fast(self, X: Tensor) -> bool:
+        """Set the sampler up for ``q`` candidates on one batch of ``X`` through BoTorch's path and
+        check the fast path against it there; False (and BoTorch's path from now on) if they differ."""
+        q = X.shape[-2]
+        X1 = X.reshape(-1, q, X.shape[-1])[:1].detach()
+        X_full = torch.cat([match_batch_shape(self.X_baseline, X1), X1], dim=-2)
+        with torch.no_grad():
+            posterior = self.model.posterior(X_full)
+            self._set_sampler(q_in=q, posterior=posterior)
+            reference = self._get_f_X_samples(posterior=posterior, q_in=q)
+            base = _reshape_base_samples(self.sampler.base_samples, self.sampler.sample_shape, posterior)
+        base = base.reshape(-1, *base.shape[-3:])[0]  # m x (nb + q) x S, the same for every batch
+        L = self._baseline_L if self._baseline_L.dim() > 2 else self._baseline_L.unsqueeze(0)  # m x nb x nb
+        models = self.model.models if isinstance(self.model, ModelListGP) else [self.model]
+        try:
+            self._fast = (self._baseline_L, q, [_CandidateTerms(m, self.X_baseline) for m in models], base, L)
+            with torch.no_grad():
+                got = self._fast_samples(X1)
+        except (RuntimeError, ValueError, AttributeError):
+            # NotPSDError, NanError: the candidates' covariance given the baseline is numerically
+            # not PSD (an outcome learned almost exactly); BoTorch's path samples the joint then
+            got = None
+        ok = (got is not None and got.shape == reference.shape
+              and torch.allclose(got, reference, rtol=1e-6, atol=1e-6 * (1 + reference.abs().max().item())))
+        if not ok:
+            self._fast, self._fast_failed = None, True
+        return ok
+
+
 def row_keys(X: Tensor) -> set[bytes]:
     """``n x d`` encoded rows -> their identities (``qd.space.config_key``), for duplicate checks."""
     return {config_key(r) for r in X.detach().cpu().numpy().reshape(-1, X.shape[-1])}
 
 
 __all__ = ["DTYPE", "quiet", "CheapValues", "non_dominated", "prune_baseline", "ConditionalProjection", "SpaceGeometry", "as_tensor", "fit_gp",
-           "hyperparameters", "optimize_candidate", "row_keys", "WarmFits", "make_gp", "batched_gp"]
+           "hyperparameters", "optimize_candidate", "row_keys", "WarmFits", "make_gp", "batched_gp", "CachedBaselineLogNEHVI"]
