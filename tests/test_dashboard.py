@@ -14,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from optuna_dashboard import get_note
 
@@ -357,3 +358,60 @@ def test_the_mirrors_page_estimate_matches_optuna_dashboards_own_serialiser(tmp_
     trial = Mirror(store, problem)._frozen(cols, 0, set(), {})
     theirs = len(json.dumps(serialize_frozen_trial(0, trial, {}), default=str))
     assert abs(page_bytes(trial) - theirs) <= 0.15 * theirs, (page_bytes(trial), theirs)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "journal"])
+def test_bulk_mirror_writes_what_optunas_add_trials_writes(tmp_path, kind):
+    """``qd.mirror.add_trials`` (bulk inserts on RDB storages) leaves the same trials as
+    ``Study.add_trials``: numbers after the existing ones, values (infinite ones too), parameters
+    and distributions, attributes, times; and, as Optuna's RDB storage does, refuses a distribution
+    the study contradicts, writing nothing."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from storage_urls import delete_runs, storage_url, unique_name
+
+    from qd.mirror import add_trials
+    from qd.store import optuna_storage
+
+    rng = np.random.default_rng(0)
+
+    def trial(k):
+        params = {"x": float(rng.random()), "n": int(rng.integers(1, 9)), "c": str(rng.choice(["a", "b"]))}
+        dists = {"x": FloatDistribution(0, 1), "n": IntDistribution(1, 8), "c": CategoricalDistribution(["a", "b"])}
+        values = [float(rng.random()), float("inf") if k % 3 == 0 else float(rng.random())]
+        state = optuna.trial.TrialState.COMPLETE if k % 4 else optuna.trial.TrialState.FAIL
+        return optuna.trial.create_trial(state=state, values=values if state.name == "COMPLETE" else None,
+                                         params=params, distributions=dists,
+                                         user_attrs={"qd_number": k, "measures": {"m": k / 2}},
+                                         system_attrs={"constraints": [0.5 - k]})
+
+    trials = [trial(k) for k in range(30)]
+    if kind == "journal":
+        url = f"journal:///{tmp_path}/runs.log"
+    else:
+        url = storage_url(kind, tmp_path)
+    names = [unique_name("bulk-ours"), unique_name("bulk-optuna")]
+    try:
+        ours, theirs = (optuna.create_study(storage=optuna_storage(url), study_name=n,
+                                            directions=["minimize", "maximize"]) for n in names)
+        theirs.add_trials(trials[:1])
+        add_trials(ours, trials[:1])  # a study that already holds a trial
+        theirs.add_trials(trials[1:])
+        add_trials(ours, trials[1:])
+
+        def seen(study):
+            return [(t.number, t.state, t.values, t.params, t.distributions, t.user_attrs, t.system_attrs,
+                     t.datetime_start, t.datetime_complete) for t in optuna.load_study(
+                         study_name=study.study_name, storage=optuna_storage(url)).get_trials(deepcopy=False)]
+
+        assert seen(ours) == seen(theirs)
+        assert [t[0] for t in seen(ours)] == list(range(30))
+        if kind != "journal":  # Optuna's journal storage does not check distributions on add_trials
+            bad = optuna.trial.create_trial(values=[0.0, 1.0], params={"c": "a"},
+                                            distributions={"c": CategoricalDistribution(["a", "z"])})
+            with pytest.raises(ValueError, match="dynamic value space"):
+                add_trials(ours, [bad])
+            assert len(seen(ours)) == 30
+    finally:
+        if kind == "postgresql":
+            delete_runs(url, names)
