@@ -668,3 +668,29 @@ def test_cached_baseline_nehvi_falls_back_to_botorch_for_other_models():
     model, _, _ = s._model()
     assert _supports_candidate_terms(model)
     assert not _supports_candidate_terms(ModelList(model, GenericDeterministicModel(lambda X: X[..., :1])))
+
+
+def test_cached_baseline_nehvi_falling_back_adds_uncached_pending_points_once():
+    """With pending points kept out of the baseline (``max_iep``), BoTorch's path, when the cached
+    one is not used, sees each pending point once: the values are plain qLogNEHVI's."""
+    from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
+    from botorch.models import SingleTaskGP
+    from botorch.sampling import SobolQMCNormalSampler
+
+    from qd.strategies._botorch_common import CachedBaselineLogNEHVI
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.rand(12, 2, generator=g, dtype=torch.float64)
+    Y = torch.stack([X.sum(-1), (1 - X).prod(-1)], dim=-1)
+    model = SingleTaskGP(X, Y).eval()
+    pending = torch.rand(2, 2, generator=g, dtype=torch.float64)
+    candidates = torch.rand(5, 1, 2, generator=g, dtype=torch.float64)
+    values = []
+    for cls in (qLogNoisyExpectedHypervolumeImprovement, CachedBaselineLogNEHVI):
+        acqf = cls(model, ref_point=[0.0, 0.0], X_baseline=X, sampler=SobolQMCNormalSampler(torch.Size([32]), seed=1),
+                   X_pending=pending, max_iep=2, prune_baseline=False)
+        if cls is CachedBaselineLogNEHVI:
+            acqf._fast_failed = True
+        with torch.no_grad():
+            values.append(acqf(candidates))
+    assert torch.allclose(values[0], values[1]), values

@@ -608,24 +608,25 @@ class CachedBaselineLogNEHVI(qLogNoisyExpectedHypervolumeImprovement):
     _fast_failed = False
 
     def _compute_posterior_samples_and_concat_pending(self, X: Tensor) -> tuple[Tensor, Tensor]:
+        if (self._fast_failed or not self._cache_root or not hasattr(self, "_baseline_L")
+                or not _supports_candidate_terms(self.model)):
+            return super()._compute_posterior_samples_and_concat_pending(X)
+        X_in = X  # BoTorch's path adds the uncached pending points itself
         if self.X_pending is not None:  # pending points not in the baseline (cache_pending off): as BoTorch
             num_pending = self.X_pending.shape[-2]
             uncached = (num_pending + self._X_baseline.shape[-2] - self.X_baseline.shape[-2]
                         if self.cache_pending else num_pending)
             if uncached:
                 X = torch.cat([X, match_batch_shape(self.X_pending[..., num_pending - uncached:, :], X)], dim=-2)
-        if (self._fast_failed or not self._cache_root or not hasattr(self, "_baseline_L")
-                or not _supports_candidate_terms(self.model)):
-            return super()._compute_posterior_samples_and_concat_pending(X)
         q = X.shape[-2]
         fast = self._fast
         if fast is None or fast[0] is not self._baseline_L or fast[1] != q or self.q_in != q:
             if not self._set_up_fast(X):
-                return super()._compute_posterior_samples_and_concat_pending(X)
+                return super()._compute_posterior_samples_and_concat_pending(X_in)
         try:
             return self._fast_samples(X), X
         except (NanError, NotPSDError):  # as sample_cached_cholesky: BoTorch's path, which falls back to full sampling
-            return super()._compute_posterior_samples_and_concat_pending(X)
+            return super()._compute_posterior_samples_and_concat_pending(X_in)
 
     def _terms(self, X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         parts = [t(X) for t in self._fast[2]]
