@@ -434,10 +434,10 @@ def set_study_system_attrs(storage: optuna.storages.BaseStorage, study_id: int, 
     ``set_study_system_attr``: a figure of 200 KB is a hundred commits), one by one elsewhere."""
     import json
 
-    from optuna.storages import RDBStorage
+    from qd.mirror import rdb_backend
 
-    backend = getattr(storage, "_backend", storage)  # optuna's _CachedStorage wraps an RDBStorage
-    if not isinstance(backend, RDBStorage):
+    backend = rdb_backend(storage)
+    if backend is None:
         for key, value in attrs.items():
             storage.set_study_system_attr(study_id, key, value)
         return

@@ -181,7 +181,16 @@ class Mirror:
         return trial
 
 
-__all__ = ["Mirror", "MIRROR_ALL", "MIRROR_CAP", "add_trials"]
+__all__ = ["Mirror", "MIRROR_ALL", "MIRROR_CAP", "add_trials", "rdb_backend"]
+
+
+def rdb_backend(storage: Any) -> Any:
+    """The ``RDBStorage`` behind an Optuna storage (Optuna's ``_CachedStorage`` wraps one), or None
+    for any other storage (journal, in-memory): where qd may write Optuna's tables in bulk."""
+    from optuna.storages import RDBStorage
+
+    backend = getattr(storage, "_backend", storage)
+    return backend if isinstance(backend, RDBStorage) else None
 
 
 def add_trials(study: optuna.Study, trials: Sequence[optuna.trial.FrozenTrial]) -> None:
@@ -197,10 +206,8 @@ def add_trials(study: optuna.Study, trials: Sequence[optuna.trial.FrozenTrial]) 
         study: The study to write into.
         trials: Finished trials (``optuna.trial.create_trial``), in the order they get numbers.
     """
-    from optuna.storages import RDBStorage
-
-    backend = getattr(study._storage, "_backend", study._storage)  # optuna's _CachedStorage wraps an RDBStorage
-    if not isinstance(backend, RDBStorage):
+    backend = rdb_backend(study._storage)
+    if backend is None:
         study.add_trials(trials)
         return
     if not trials:
