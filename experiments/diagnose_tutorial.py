@@ -69,6 +69,7 @@ import numpy as np
 import torch
 
 import qd.strategies._botorch_common as common
+import qd.strategies.botorch_mobo as botorch_mobo
 from qd.registry import get_problem
 from qd.results import hypervolume
 from qd.store import Trial
@@ -122,9 +123,119 @@ def gp_summary(model) -> list[dict[str, Any]]:
         if not hasattr(gp, "likelihood"):
             continue
         noise = gp.likelihood.noise.detach().reshape(-1)
+        kernel = getattr(gp.covar_module, "base_kernel", gp.covar_module)  # a ScaleKernel holds one
         out.append({"noise": float(noise.mean()),
-                    "ls": [round(float(v), 3) for v in gp.covar_module.lengthscale.detach().reshape(-1)]})
+                    "ls": [round(float(v), 3) for v in kernel.lengthscale.detach().reshape(-1)]})
     return out
+
+
+# --- variants of qd's strategy (``--variant``), each a change of one part, for the tail study -----
+
+def _variant_warp() -> None:
+    """Learned Kumaraswamy input warping (BoTorch's ``Warp``) in every GP; warps kept in warm starts."""
+    from botorch.models.transforms.input import Warp
+    from gpytorch.priors import LogNormalPrior
+
+    plain = common.make_gp
+
+    def make_gp(X, Y, geometry, Yvar=None):
+        if geometry.projection is not None or geometry.has_categoricals:
+            return plain(X, Y, geometry, Yvar)
+        d = X.shape[-1]
+        warp = Warp(d=d, indices=list(range(d)), bounds=torch.stack([torch.zeros(d), torch.ones(d)]).double(),
+                    concentration1_prior=LogNormalPrior(0.0, 0.75**0.5),
+                    concentration0_prior=LogNormalPrior(0.0, 0.75**0.5))
+        return common.SingleTaskGP(X, Y, train_Yvar=Yvar, outcome_transform=common.Standardize(m=Y.shape[-1]),
+                                   input_transform=warp)
+
+    def hyperparameters(model):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()
+                if not k.startswith("outcome_transform") and not (k.startswith("input_transform")
+                                                                   and "concentration" not in k)}
+
+    common.make_gp, common.hyperparameters = make_gp, hyperparameters
+    botorch_mobo.batched_gp = lambda *args, **kwargs: None  # one warp per output: a ModelListGP
+
+
+def _variant_matern() -> None:
+    """Matern-5/2 with Gamma priors and an output scale (BoTorch's default before 0.12) instead of RBF."""
+    import botorch.models.utils.gpytorch_modules as modules
+
+    plain = common.make_gp
+
+    def make_gp(X, Y, geometry, Yvar=None):
+        if geometry.projection is not None or geometry.has_categoricals:
+            return plain(X, Y, geometry, Yvar)
+        likelihood = modules.get_gaussian_likelihood_with_gamma_prior() if Yvar is None else None
+        return common.SingleTaskGP(X, Y, train_Yvar=Yvar, likelihood=likelihood,
+                                   covar_module=modules.get_matern_kernel_with_gamma_prior(X.shape[-1]),
+                                   outcome_transform=common.Standardize(m=Y.shape[-1]))
+
+    common.make_gp = make_gp
+    botorch_mobo.batched_gp = lambda *args, **kwargs: None
+
+
+def _variant_parego() -> None:
+    """Every 4th proposal by qLogNParEGO (a random Chebyshev scalarisation), the rest by qLogNEHVI."""
+    propose = botorch_mobo.BoTorch._propose
+
+    def _propose(self, X_pending):
+        self._proposals = getattr(self, "_proposals", 0) + 1
+        if self._proposals % 4 or self.acquisition != "nehvi":
+            return propose(self, X_pending)
+        self.acquisition = "parego"
+        try:
+            return propose(self, X_pending)
+        finally:
+            self.acquisition = "nehvi"
+
+    botorch_mobo.BoTorch._propose = _propose
+
+
+def _variant_refpad() -> None:
+    """The acquisition's reference point pushed out by 10% of (best observed - reference point)."""
+    reference_point = botorch_mobo.BoTorch.reference_point
+
+    def padded(self):
+        ref = reference_point(self)
+        if not self._F:
+            return ref
+        best = torch.as_tensor(np.max(np.asarray(self._F), axis=0), dtype=ref.dtype)
+        return ref - 0.1 * (best - ref).clamp_min(0)
+
+    botorch_mobo.BoTorch.reference_point = padded
+
+
+def _variant_winsorize() -> None:
+    """Objectives winsorised on their bad side before fitting, by Ax's rule for objective thresholds."""
+    model = botorch_mobo.BoTorch._model
+
+    def winsorised(self):
+        if self._fitted is not None and self._fitted[0] == self._version:
+            return self._fitted[1:]
+        raw, ref = self._Y, self.reference_point()
+        Y = np.array(raw, dtype=float)
+        for k, i in enumerate(self._expensive):
+            q1, q3 = np.percentile(Y[:, k], 25, method="lower"), np.percentile(Y[:, k], 75, method="higher")
+            low = min(q1, float(ref[i]))
+            Y[:, k] = np.maximum(Y[:, k], low - 1.5 * (q3 - low))
+        self._Y = Y.tolist()
+        try:
+            return model(self)
+        finally:
+            self._Y = raw
+
+    botorch_mobo.BoTorch._model = winsorised
+
+
+def _variant_botorch_posterior() -> None:
+    """qLogNEHVI computes the joint posterior of baseline and candidates as BoTorch does (no cached baseline)."""
+    common.CachedBaselineLogNEHVI._fast_failed = True
+
+
+VARIANTS = {"warp": _variant_warp, "matern": _variant_matern, "parego": _variant_parego,
+            "refpad": _variant_refpad, "winsorize": _variant_winsorize,
+            "botorch-posterior": _variant_botorch_posterior}
 
 
 def initial_points(seed: int, problem) -> list[dict]:
@@ -267,16 +378,29 @@ def main(argv: list[str] | None = None) -> int:
                     help="known: the GPs get the true noise variances (default for the reference loop); "
                          "inferred: they fit it (default for the qd loop)")
     ap.add_argument("--botorch-options", type=json.loads, default={}, help="qd loop only: JSON strategy options")
+    ap.add_argument("--variant", default="", help="qd loop only: comma-separated changes to qd's strategy, "
+                    f"from {', '.join(VARIANTS)} (see their functions)")
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--out", type=Path, default=None, help="append the closing JSON line here")
+    ap.add_argument("--summarise", type=Path, nargs="+", default=None,
+                    help="print min / median / max and misses per loop and variant of these --out files, run nothing")
     args = ap.parse_args(argv)
+    if args.summarise:
+        return summarise(args.summarise)
     torch.set_num_threads(1)
+    variants = [v for v in args.variant.split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            ap.error(f"--variant: {v!r} is not one of {', '.join(VARIANTS)}")
     if args.seeds is not None:
         return run_seeds(args, argv if argv is not None else sys.argv[1:])
     if args.loop == "qd":
+        for v in variants:  # in this process only: each --seeds job applies them again
+            VARIANTS[v]()
         row = run_qd(args.seed, args.botorch_options, args.batches, 4, known_noise=args.noise == "known")
         row["noise"] = args.noise or ("known" if "noise" in args.botorch_options
                                       and args.botorch_options["noise"] != "inferred" else "inferred")
+        row["variant"] = args.variant
     else:
         row = run_reference(args.seed, args.noise or "known", args.batches, 4)
     summary = {k: v for k, v in row.items() if k != "per_batch"}
@@ -284,6 +408,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
+    return 0
+
+
+def summarise(paths: list[Path]) -> int:
+    """One line per (loop, variant) over the rows of ``paths``: seeds, min / median / max, misses."""
+    groups: dict[str, list[float]] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            label = "botorch reference" if row.get("loop") == "reference" else f"qd {row.get('variant') or 'defaults'}"
+            groups.setdefault(f"{path.name}: {label}", []).append(row["hypervolume"])
+    for label, hvs in groups.items():
+        print(f"{label:60s} seeds {len(hvs):2d}  min {min(hvs):.3f}  median {float(np.median(hvs)):.3f}  "
+              f"max {max(hvs):.3f}  below 57.0: {sum(h < 57.0 for h in hvs):2d}  below 56.0: {sum(h < 56.0 for h in hvs):2d}")
     return 0
 
 
