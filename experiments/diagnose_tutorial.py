@@ -52,7 +52,18 @@ Findings (10 seeds, 0-9; hypervolume as printed):
   beside it, in the same runs, min 51.883, median 57.364, 8 below 57.0 and 6 below 56.0. The
   medians agree; the tail (how deep a miss goes) did not there. On a 2-core machine (torch
   2.13) the defaults on seeds 0-9 ended min 56.643 with none below 56.0, and refitting every GP
-  from its defaults at each ask still ended seed 8 at 49.760: what makes a miss deep is open.
+  from its defaults at each ask still ended seed 8 at 49.760.
+- One change at a time (``--variant``: input warping, Matern-5/2, a ParEGO share, a padded
+  reference point, winsorising, BoTorch's own posterior path; 16-20 seeds each on the 16-core
+  machine, ``docs/results/tutorial/h200_cpu_variants.jsonl``): every median 57.2-57.7, every one
+  1-5 seeds below 56.0; none removes the tail.
+- Both loops side by side on seeds 0-19 on the 2-core machine (torch 2.13,
+  ``cpu2_defaults_beside_reference.jsonl``): qd min 52.434, median 57.469, 6 below 57.0, 2 below
+  56.0; BoTorch's loop min 54.287, median 57.498, 6 below 57.0, 2 below 56.0. Deep misses are the
+  protocol's, in either loop: the front's edge on x2 = 1 lies within one Branin noise sd, and a few
+  high draws there make the GPs rank the face below the interior next to it.
+
+``--summarise FILE ...`` re-prints min / median / max and misses per loop and variant.
 """
 
 from __future__ import annotations
@@ -282,13 +293,13 @@ def run_qd(seed: int, options: dict[str, Any], n_batches: int, q: int, known_noi
         hv = hypervolume(np.array(true_values), problem.directions, problem.reference_point)
         row = {"batch": b, "n": len(true_values) - q, "hv_after": round(hv, 3), "ask_s": round(dt, 2),
                "gps": gp_summary(model), "log_acq_joint": round(joint, 3), "fits": fits,
-               "batch_x": X_batch.numpy().round(4).tolist()}
+               "batch_x": X_batch.numpy().round(4).tolist(), "duplicates_replaced": strat.duplicates_replaced}
         per_batch.append(row)
         fit_note = "; ".join(f"n={f['n']} {'/'.join(f['attempts'])}{' W' + str(f['warnings']) if f['warnings'] else ''}"
                              f"{' E ' + f['error'] if f['error'] else ''}" for f in fits) or "conditioned"
         print(f"batch {b:2d} n={row['n']:3d} HV {hv:7.3f}  acq {joint:8.3f}  "
               + "  ".join(f"gp{i}: noise {g['noise']:.4f} ls {g['ls']}" for i, g in enumerate(row["gps"]))
-              + f"  fits: {fit_note}", flush=True)
+              + f"  fits: {fit_note}  duplicates replaced {strat.duplicates_replaced}", flush=True)
     hv = hypervolume(np.array(true_values), problem.directions, problem.reference_point)
     return {"loop": "qd", "seed": seed, "options": options, "hypervolume": hv, "per_batch": per_batch}
 
