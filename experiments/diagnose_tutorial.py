@@ -26,6 +26,9 @@ Examples::
 
     python experiments/diagnose_tutorial.py --loop qd --seed 2
     python experiments/diagnose_tutorial.py --loop reference --noise known --seed 2
+    python experiments/diagnose_tutorial.py --loop qd --noise known --seeds 0-19 --jobs 16 --variant warp \
+        --out warp.jsonl
+    python experiments/diagnose_tutorial.py --summarise warp.jsonl docs/results/tutorial/*.jsonl
     python experiments/diagnose_tutorial.py --loop qd --seeds 0-9 --jobs 10 --botorch-options \
         '{"noise": {"branin": 15.19, "currin": 0.63}, "num_restarts": 10, "raw_samples": 512,
           "mc_samples": 128}'
@@ -428,7 +431,9 @@ def summarise(paths: list[Path]) -> int:
     for path in paths:
         for line in path.read_text().splitlines():
             row = json.loads(line)
-            label = "botorch reference" if row.get("loop") == "reference" else f"qd {row.get('variant') or 'defaults'}"
+            changes = [row.get("variant") or "", json.dumps(row["options"]) if row.get("options") else ""]
+            label = ("botorch reference" if row.get("loop") == "reference"
+                     else f"qd {' '.join(c for c in changes if c) or 'defaults'}")
             groups.setdefault(f"{path.name}: {label}", []).append(row["hypervolume"])
     for label, hvs in groups.items():
         print(f"{label:60s} seeds {len(hvs):2d}  min {min(hvs):.3f}  median {float(np.median(hvs)):.3f}  "
