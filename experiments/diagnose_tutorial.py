@@ -139,22 +139,34 @@ def gp_summary(model) -> list[dict[str, Any]]:
         noise = gp.likelihood.noise.detach().reshape(-1)
         kernel = getattr(gp.covar_module, "base_kernel", gp.covar_module)  # a ScaleKernel holds one
         out.append({"noise": float(noise.mean()),
-                    "ls": [round(float(v), 3) for v in kernel.lengthscale.detach().reshape(-1)]})
+                    "ls": [round(float(v), 3) for v in kernel.lengthscale.detach().reshape(-1)],
+                    "kernel": type(gp.covar_module).__name__ + (f"({type(kernel).__name__})" if kernel
+                                                                is not gp.covar_module else ""),
+                    "input_transform": type(getattr(gp, "input_transform", None)).__name__})
     return out
 
 
 # --- variants of qd's strategy (``--variant``), each a change of one part, for the tail study -----
+
+def _replace_continuous_gp(build) -> None:
+    """qd's GPs on continuous spaces become ``build(X, Y, Yvar)``, one per output (a ModelListGP)."""
+    plain = common.make_gp
+
+    def make_gp(X, Y, geometry, Yvar=None):
+        if geometry.projection is not None or geometry.has_categoricals:
+            return plain(X, Y, geometry, Yvar)
+        return build(X, Y, Yvar)
+
+    common.make_gp = make_gp
+    botorch_mobo.batched_gp = lambda *args, **kwargs: None  # keep the per-output models as built
+
 
 def _variant_warp() -> None:
     """Learned Kumaraswamy input warping (BoTorch's ``Warp``) in every GP; warps kept in warm starts."""
     from botorch.models.transforms.input import Warp
     from gpytorch.priors import LogNormalPrior
 
-    plain = common.make_gp
-
-    def make_gp(X, Y, geometry, Yvar=None):
-        if geometry.projection is not None or geometry.has_categoricals:
-            return plain(X, Y, geometry, Yvar)
+    def build(X, Y, Yvar):
         d = X.shape[-1]
         warp = Warp(d=d, indices=list(range(d)), bounds=torch.stack([torch.zeros(d), torch.ones(d)]).double(),
                     concentration1_prior=LogNormalPrior(0.0, 0.75**0.5),
@@ -167,26 +179,21 @@ def _variant_warp() -> None:
                 if not k.startswith("outcome_transform") and not (k.startswith("input_transform")
                                                                    and "concentration" not in k)}
 
-    common.make_gp, common.hyperparameters = make_gp, hyperparameters
-    botorch_mobo.batched_gp = lambda *args, **kwargs: None  # one warp per output: a ModelListGP
+    _replace_continuous_gp(build)
+    common.hyperparameters = hyperparameters
 
 
 def _variant_matern() -> None:
     """Matern-5/2 with Gamma priors and an output scale (BoTorch's default before 0.12) instead of RBF."""
     import botorch.models.utils.gpytorch_modules as modules
 
-    plain = common.make_gp
-
-    def make_gp(X, Y, geometry, Yvar=None):
-        if geometry.projection is not None or geometry.has_categoricals:
-            return plain(X, Y, geometry, Yvar)
+    def build(X, Y, Yvar):
         likelihood = modules.get_gaussian_likelihood_with_gamma_prior() if Yvar is None else None
         return common.SingleTaskGP(X, Y, train_Yvar=Yvar, likelihood=likelihood,
                                    covar_module=modules.get_matern_kernel_with_gamma_prior(X.shape[-1]),
                                    outcome_transform=common.Standardize(m=Y.shape[-1]))
 
-    common.make_gp = make_gp
-    botorch_mobo.batched_gp = lambda *args, **kwargs: None
+    _replace_continuous_gp(build)
 
 
 def _variant_parego() -> None:
@@ -225,8 +232,6 @@ def _variant_winsorize() -> None:
     model = botorch_mobo.BoTorch._model
 
     def winsorised(self):
-        if self._fitted is not None and self._fitted[0] == self._version:
-            return self._fitted[1:]
         raw, ref = self._Y, self.reference_point()
         Y = np.array(raw, dtype=float)
         for k, i in enumerate(self._expensive):
@@ -436,9 +441,14 @@ def summarise(paths: list[Path]) -> int:
                      else f"qd {' '.join(c for c in changes if c) or 'defaults'}")
             groups.setdefault(f"{path.name}: {label}", []).append(row["hypervolume"])
     for label, hvs in groups.items():
-        print(f"{label:60s} seeds {len(hvs):2d}  min {min(hvs):.3f}  median {float(np.median(hvs)):.3f}  "
-              f"max {max(hvs):.3f}  below 57.0: {sum(h < 57.0 for h in hvs):2d}  below 56.0: {sum(h < 56.0 for h in hvs):2d}")
+        print(f"{label:60s} {misses_line(hvs)}")
     return 0
+
+
+def misses_line(hvs: list[float]) -> str:
+    """Seeds, min / median / max hypervolume and how many ended below 57.0 and 56.0."""
+    return (f"seeds {len(hvs):2d}  min {min(hvs):.3f}  median {float(np.median(hvs)):.3f}  max {max(hvs):.3f}  "
+            f"below 57.0: {sum(h < 57.0 for h in hvs):2d}  below 56.0: {sum(h < 56.0 for h in hvs):2d}")
 
 
 def seed_list(text: str) -> list[int]:
@@ -481,8 +491,7 @@ def run_seeds(args: argparse.Namespace, argv: list[str]) -> int:
     for line in lines:
         print(line, flush=True)
         hvs.append(json.loads(line)["hypervolume"])
-    print(f"{len(hvs)} seeds ({args.seeds}): hypervolume min {min(hvs):.3f} median {float(np.median(hvs)):.3f} "
-          f"max {max(hvs):.3f}; below 57.0: {sum(h < 57.0 for h in hvs)}", flush=True)
+    print(f"--seeds {args.seeds}: {misses_line(hvs)}", flush=True)
     return 0
 
 

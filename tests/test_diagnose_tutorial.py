@@ -32,6 +32,10 @@ def test_variants_run_one_batch_and_record_themselves(tmp_path, variant):
     assert math.isfinite(row["hypervolume"]) and row["hypervolume"] >= 0
     (batch,) = row["per_batch"]
     assert len(batch["batch_x"]) == 4 and batch["gps"] and all(g["ls"] for g in batch["gps"])
+    # the model the variant asks for is the one that was fitted (one GP per objective)
+    expected = {"warp,parego,refpad,botorch-posterior": ("RBFKernel", "Warp"),
+                "matern,winsorize": ("ScaleKernel(MaternKernel)", "NoneType")}[variant]
+    assert [(g["kernel"], g["input_transform"]) for g in batch["gps"]] == [expected, expected]
 
 
 def test_an_unknown_variant_is_refused_naming_the_allowed_ones():
